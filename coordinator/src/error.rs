@@ -1,0 +1,113 @@
+//! The coordinator's errors, what an operator can do about each, and the one table
+//! that maps them to gRPC codes.
+
+use shoal_proto::{SpecError, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the input has no data rows ({objects} object(s) under `{pattern}`)")]
+    EmptyInput { pattern: String, objects: usize },
+    #[error("no rows are left after cleaning: read {read} rows, dropped {dropped}; check input.columns and input.clean")]
+    NothingKept { read: u64, dropped: String },
+    #[error("segments.k = {k} but the input has only {users} users: lower k or add data")]
+    TooFewUsers { k: u32, users: u64 },
+    #[error("output.path `{url}` is a file; it must be a folder (or a prefix in an object store)")]
+    OutputIsFile { url: String },
+    #[error("{object}: cannot read the Parquet footer: {source}")]
+    ParquetFooter {
+        object: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("{object}: cannot tell the format from the name; set input.format to \"csv\" or \"parquet\"")]
+    UnknownFormat { object: String },
+    #[error("writing {file}: {reason}")]
+    Write { file: String, reason: String },
+    #[error("no worker registered within {seconds} s; start workers with `shoal worker --coordinator URL`")]
+    NoWorkers { seconds: u64 },
+    #[error("worker {worker} ({address}) failed in {step}: {status}")]
+    Worker {
+        worker: String,
+        address: String,
+        step: &'static str,
+        status: tonic::Status,
+    },
+    #[error("cannot connect to worker {worker} at {address}: {source}")]
+    Connect {
+        worker: String,
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("worker {worker} answered {step} inconsistently: {detail}")]
+    Protocol {
+        worker: String,
+        step: &'static str,
+        detail: String,
+    },
+    #[error("the job was cancelled")]
+    Cancelled,
+    #[error("no job {0}")]
+    UnknownJob(String),
+    #[error("worker speaks protocol version {worker}; this coordinator speaks version {coordinator}: run the same shoal version on both")]
+    ProtocolVersion { worker: u32, coordinator: u32 },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+}
+
+impl CoordinatorError {
+    /// Whether the same step may succeed when tried again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CoordinatorError::Store(e) => e.is_retryable(),
+            CoordinatorError::Worker { status, .. } => matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::FailedPrecondition | tonic::Code::DeadlineExceeded
+            ),
+            CoordinatorError::Connect { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The one table from errors to gRPC codes.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            CoordinatorError::Spec(_)
+            | CoordinatorError::EmptyInput { .. }
+            | CoordinatorError::NothingKept { .. }
+            | CoordinatorError::TooFewUsers { .. }
+            | CoordinatorError::OutputIsFile { .. }
+            | CoordinatorError::ParquetFooter { .. }
+            | CoordinatorError::UnknownFormat { .. } => Code::InvalidArgument,
+            CoordinatorError::Store(StoreError::Io { .. }) => Code::Unavailable,
+            CoordinatorError::Store(_) => Code::InvalidArgument,
+            CoordinatorError::Write { .. } | CoordinatorError::Protocol { .. } => Code::Internal,
+            CoordinatorError::NoWorkers { .. } | CoordinatorError::Connect { .. } => Code::Unavailable,
+            CoordinatorError::Worker { status, .. } => status.code(),
+            CoordinatorError::Cancelled => Code::Cancelled,
+            CoordinatorError::UnknownJob(_) => Code::NotFound,
+            CoordinatorError::ProtocolVersion { .. } => Code::FailedPrecondition,
+            CoordinatorError::Bind { .. } | CoordinatorError::Serve(_) => Code::Internal,
+            CoordinatorError::ShuttingDown => Code::Unavailable,
+        }
+    }
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}

@@ -1,0 +1,595 @@
+//! One job, end to end, driven by the coordinator: plan, ingest, load, scale,
+//! k-means|| initialisation, Lloyd rounds, finalize, write. The coordinator pushes
+//! every step to the workers and merges their answers in shard order.
+
+use crate::kmeans;
+use crate::output::{self, PhaseTimes, Report};
+use crate::state::{Progress, StateHandle, WorkerEntry};
+use crate::CoordinatorError;
+use futures::future::try_join_all;
+#[allow(deprecated)]
+use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+use shoal_proto::pb::worker_service_client::WorkerServiceClient;
+use shoal_proto::pb::{self, PointRef};
+use shoal_proto::spec::Format;
+use shoal_proto::store::{self, InputObject};
+use shoal_proto::{hash, JobId, JobSpec, MAX_MESSAGE_BYTES};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{info, info_span, warn, Instrument};
+
+/// Parquet row groups are grouped into splits of about this many bytes.
+const SPLIT_BYTES: u64 = 64 * 1024 * 1024;
+/// k-means|| rounds (Bahmani et al. suggest a handful).
+const INIT_ROUNDS: u32 = 5;
+/// Weighted k-means++ restarts on the candidate set.
+const INIT_STARTS: usize = 10;
+/// Users in the silhouette sample.
+const SILHOUETTE_SAMPLE: u32 = 10_000;
+const ATTEMPT: u32 = 1;
+
+pub struct JobContext {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: StateHandle,
+    pub cancel: CancellationToken,
+}
+
+/// Runs the job; on cancellation the in-flight step is abandoned.
+pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
+    let span = info_span!("job", job = %ctx.id, name = %ctx.spec.name);
+    let crew = std::sync::Mutex::new(Vec::<Member>::new());
+    let result = tokio::select! {
+        _ = ctx.cancel.cancelled() => Err(CoordinatorError::Cancelled),
+        r = drive(&ctx, &crew).instrument(span.clone()) => r,
+    };
+    // Best effort: workers forget the job, staging is removed.
+    let members = std::mem::take(&mut *crew.lock().expect("crew lock"));
+    for m in &members {
+        let mut c = m.client.clone();
+        let _ = c.release_job(pb::ReleaseJobRequest { job_id: ctx.id.to_string() }).await;
+    }
+    if let Ok(staging) = store::resolve(&ctx.spec.staging_for(&ctx.id)) {
+        if let Err(e) = staging.delete_all().await {
+            warn!(parent: &span, error = %e, "could not remove the staging prefix");
+        }
+    }
+    result
+}
+
+#[derive(Clone)]
+struct Member {
+    worker: WorkerEntry,
+    client: WorkerServiceClient<Channel>,
+}
+
+impl Member {
+    async fn call<T, F, Fut>(&self, step: &'static str, f: F) -> Result<T, CoordinatorError>
+    where
+        F: FnOnce(WorkerServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        f(self.client.clone()).await.map(|r| r.into_inner()).map_err(|status| CoordinatorError::Worker {
+            worker: self.worker.id.to_string(),
+            address: self.worker.address.clone(),
+            step,
+            status,
+        })
+    }
+}
+
+async fn connect(worker: WorkerEntry) -> Result<Member, CoordinatorError> {
+    let endpoint = Channel::from_shared(worker.address.clone())
+        .map_err(|e| CoordinatorError::Protocol {
+            worker: worker.id.to_string(),
+            step: "connect",
+            detail: format!("bad address {}: {e}", worker.address),
+        })?
+        .connect_timeout(Duration::from_secs(10));
+    let channel = endpoint.connect().await.map_err(|source| CoordinatorError::Connect {
+        worker: worker.id.to_string(),
+        address: worker.address.clone(),
+        source,
+    })?;
+    let client = WorkerServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(Member { worker, client })
+}
+
+async fn wait_for_workers(state: &StateHandle) -> Result<Vec<WorkerEntry>, CoordinatorError> {
+    let deadline = Instant::now() + state.config.worker_wait;
+    loop {
+        let workers = state.workers().await?;
+        if !workers.is_empty() {
+            return Ok(workers);
+        }
+        if Instant::now() >= deadline {
+            return Err(CoordinatorError::NoWorkers {
+                seconds: state.config.worker_wait.as_secs(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Driver<'a> {
+    ctx: &'a JobContext,
+    crew: Vec<Member>,
+    shards: u32,
+}
+
+impl Driver<'_> {
+    fn progress(&self, p: Progress) {
+        self.ctx.state.progress(&self.ctx.id, p);
+    }
+
+    fn phase(&self, phase: &'static str) {
+        info!(phase, "phase");
+        self.progress(Progress {
+            phase: Some(phase),
+            ..Default::default()
+        });
+    }
+
+    /// The member owning `shard`: shards are placed round-robin over the workers.
+    fn owner(&self, shard: u32) -> usize {
+        shard as usize % self.crew.len()
+    }
+
+    fn shards_of(&self, member: usize) -> Vec<u32> {
+        (0..self.shards).filter(|s| self.owner(*s) == member).collect()
+    }
+
+    /// Calls every member concurrently; answers come back in member order.
+    async fn all<T, F, Fut>(&self, step: &'static str, f: F) -> Result<Vec<T>, CoordinatorError>
+    where
+        F: Fn(usize, WorkerServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let f = &f;
+        try_join_all(self.crew.iter().enumerate().map(|(i, m)| m.call(step, move |c| f(i, c)))).await
+    }
+
+    fn job_id(&self) -> String {
+        self.ctx.id.to_string()
+    }
+}
+
+async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> Result<(), CoordinatorError> {
+    let spec = &ctx.spec;
+    let started = Instant::now();
+    let mut times = PhaseTimes::default();
+
+    // ---- plan
+    let t = Instant::now();
+    ctx.state.progress(&ctx.id, Progress { phase: Some("plan"), ..Default::default() });
+    let output = store::resolve(&spec.output.path)?;
+    if output.head().await?.is_some() {
+        return Err(CoordinatorError::OutputIsFile { url: output.url() });
+    }
+    // The folder must not look complete while this job writes into it.
+    output::clear_previous(&output).await?;
+    let staging_url = spec.staging_for(&ctx.id);
+    let staging = store::resolve(&staging_url)?;
+    let inputs = store::list_inputs(&spec.input.interactions).await?;
+    let splits = plan_splits(spec, &inputs).await?;
+    info!(objects = inputs.len(), splits = splits.len(), "planned");
+    let workers = wait_for_workers(&ctx.state).await?;
+    let crew = try_join_all(workers.into_iter().map(connect)).await?;
+    *crew_slot.lock().expect("crew lock") = crew.clone();
+    let d = Driver {
+        ctx,
+        crew,
+        shards: spec.cluster.shards,
+    };
+    d.progress(Progress { workers: Some(d.crew.len() as u32), ..Default::default() });
+    times.add("plan", t);
+
+    // ---- ingest
+    let t = Instant::now();
+    d.phase("ingest");
+    let job_ctx = pb::JobContext {
+        job_id: d.job_id(),
+        spec_toml: spec.to_toml(),
+        staging: staging.url(),
+    };
+    let per_member: Vec<Vec<pb::Split>> = (0..d.crew.len())
+        .map(|m| splits.iter().filter(|s| s.index as usize % d.crew.len() == m).cloned().collect())
+        .collect();
+    let answers = d
+        .all("ingest", |m, mut c| {
+            let req = pb::IngestRequest {
+                job: Some(job_ctx.clone()),
+                attempt: ATTEMPT,
+                splits: per_member[m].clone(),
+            };
+            async move { c.ingest(req).await }
+        })
+        .await?;
+    let mut split_results: Vec<pb::SplitResult> = answers.into_iter().flat_map(|a| a.splits).collect();
+    split_results.sort_by_key(|s| s.split);
+    let rows = output::RowTally::from_splits(&split_results);
+    d.progress(Progress { rows_read: Some(rows.read), ..Default::default() });
+    if rows.read == 0 {
+        return Err(CoordinatorError::EmptyInput {
+            pattern: spec.input.interactions.clone(),
+            objects: inputs.len(),
+        });
+    }
+    if rows.kept == 0 {
+        return Err(CoordinatorError::NothingKept {
+            read: rows.read,
+            dropped: rows.dropped_text(),
+        });
+    }
+    let reference_ms = split_results
+        .iter()
+        .filter(|s| s.counts.as_ref().is_some_and(|c| c.kept > 0))
+        .map(|s| s.max_time_ms)
+        .max()
+        .unwrap_or(0);
+    info!(read = rows.read, kept = rows.kept, "ingested");
+    times.add("ingest", t);
+
+    // ---- load
+    let t = Instant::now();
+    d.phase("load");
+    let loaded = d
+        .all("load", |m, mut c| {
+            let req = pb::LoadShardsRequest {
+                job: Some(job_ctx.clone()),
+                attempt: ATTEMPT,
+                shards: d.shards_of(m),
+                reference_time_ms: reference_ms,
+            };
+            async move { c.load_shards(req).await }
+        })
+        .await?;
+    let dims = loaded.first().map(|l| l.dims as usize).unwrap_or(0);
+    let mut stats: BTreeMap<u32, pb::ShardStats> = BTreeMap::new();
+    for (m, l) in loaded.into_iter().enumerate() {
+        if l.dims as usize != dims {
+            return Err(CoordinatorError::Protocol {
+                worker: d.crew[m].worker.id.to_string(),
+                step: "load",
+                detail: format!("{} dimensions, others have {dims}", l.dims),
+            });
+        }
+        for s in l.shards {
+            stats.insert(s.shard, s);
+        }
+    }
+    if stats.len() != d.shards as usize {
+        return Err(CoordinatorError::Protocol {
+            worker: "(all)".into(),
+            step: "load",
+            detail: format!("{} of {} shards reported", stats.len(), d.shards),
+        });
+    }
+    let shard_users: Vec<u64> = stats.values().map(|s| s.users).collect();
+    let users: u64 = shard_users.iter().sum();
+    d.progress(Progress { users: Some(users), ..Default::default() });
+    let k = spec.segments.k as usize;
+    if users < k as u64 {
+        return Err(CoordinatorError::TooFewUsers { k: spec.segments.k, users });
+    }
+    times.add("load", t);
+
+    // ---- scale: one reduce round
+    let t = Instant::now();
+    d.phase("scale");
+    let moments: Vec<Vec<pb::Moments>> = stats.values().map(|s| s.moments.clone()).collect();
+    let (mean, scale, _) = kmeans::merge_moments(&moments, dims);
+    d.all("scale", |_, mut c| {
+        let req = pb::StandardizeRequest {
+            job_id: d.job_id(),
+            attempt: ATTEMPT,
+            mean: mean.clone(),
+            scale: scale.clone(),
+        };
+        async move { c.standardize(req).await }
+    })
+    .await?;
+    times.add("scale", t);
+
+    // ---- init: k-means||
+    let t = Instant::now();
+    d.phase("init");
+    let seed = spec.segments.seed;
+    let (candidates, n_candidates) = kmeans_parallel(&d, k, dims, seed, &shard_users).await?;
+    let weights = candidate_weights(&d, &candidates, dims).await?;
+    let mut centroids = kmeans::recluster(&candidates, dims, &weights, k, seed, INIT_STARTS);
+    times.add("init", t);
+
+    // ---- Lloyd rounds
+    let t = Instant::now();
+    d.phase("lloyd");
+    // scikit-learn's tolerance: relative to the mean variance of the features,
+    // which is 1 for every standardised feature and 0 for a constant one.
+    let mean_var = scale.iter().map(|s| if *s == 1.0 { 0.0 } else { 1.0 }).sum::<f64>() / dims as f64;
+    let tol = spec.segments.tol * if mean_var > 0.0 { mean_var } else { 1.0 };
+    let mut inertia_per_iteration = Vec::new();
+    let mut converged = false;
+    let mut reseeds = 0usize;
+    for round in 0..spec.segments.max_iter {
+        let partials = d
+            .all("lloyd", |m, mut c| {
+                let _ = m;
+                let req = pb::LloydStepRequest {
+                    job_id: d.job_id(),
+                    attempt: ATTEMPT,
+                    round,
+                    k: k as u32,
+                    dims: dims as u32,
+                    centroids: centroids.clone(),
+                    far_points: k as u32,
+                };
+                async move { c.lloyd_step(req).await }
+            })
+            .await?;
+        let partials = in_shard_order(partials.into_iter().flat_map(|p| p.shards), d.shards, "lloyd", |p| p.shard)?;
+        let r = kmeans::merge_round(&centroids, k, dims, &partials);
+        inertia_per_iteration.push(r.inertia);
+        reseeds += r.reseeded.len();
+        centroids = r.centroids;
+        d.progress(Progress {
+            iteration: Some(round + 1),
+            inertia: Some(r.inertia),
+            phase_progress: Some(f64::from(round + 1) / f64::from(spec.segments.max_iter)),
+            ..Default::default()
+        });
+        if r.reseeded.is_empty() && r.shift <= tol {
+            converged = true;
+            break;
+        }
+    }
+    let iterations = inertia_per_iteration.len() as u32;
+    info!(iterations, converged, "k-means done");
+    times.add("lloyd", t);
+
+    // ---- finalize: segments ordered by monetary centroid, highest first
+    let t = Instant::now();
+    d.phase("finalize");
+    let money = dims - 1;
+    let mut order: Vec<usize> = (0..k).collect();
+    order.sort_by(|&a, &b| centroids[b * dims + money].total_cmp(&centroids[a * dims + money]).then(a.cmp(&b)));
+    let centroids: Vec<f32> = order.iter().flat_map(|&c| centroids[c * dims..(c + 1) * dims].to_vec()).collect();
+    let finals = d
+        .all("finalize", |_, mut c| {
+            let req = pb::FinalizeRequest {
+                job_id: d.job_id(),
+                attempt: ATTEMPT,
+                k: k as u32,
+                dims: dims as u32,
+                centroids: centroids.clone(),
+                output: output.url(),
+                sample_size: SILHOUETTE_SAMPLE,
+                seed,
+            };
+            async move { c.finalize(req).await }
+        })
+        .await?;
+    let finals = in_shard_order(finals.into_iter().flat_map(|f| f.shards), d.shards, "finalize", |f| f.shard)?;
+    let summary = output::summarize(&finals, &centroids, k, dims, &mean, &scale, SILHOUETTE_SAMPLE as usize);
+    times.add("finalize", t);
+
+    // ---- write
+    let t = Instant::now();
+    d.phase("write");
+    times.add("write", t);
+    let report = Report::new(
+        ctx,
+        &rows,
+        users,
+        dims,
+        &mean,
+        &scale,
+        output::KmeansFacts {
+            k,
+            iterations,
+            converged,
+            inertia: summary.inertia,
+            inertia_per_iteration,
+            candidates: n_candidates,
+            init_rounds: INIT_ROUNDS,
+            reseeded_clusters: reseeds,
+        },
+        &summary,
+        times,
+        started,
+        d.crew.len(),
+        reference_ms,
+    );
+    output::write_all(ctx, &output, &inputs, &finals, &summary, &centroids, dims, report).await?;
+    info!(output = %output.url(), seconds = started.elapsed().as_secs_f64(), "outputs written");
+    Ok(())
+}
+
+/// Puts per-shard answers in shard order, checking every shard answered once.
+fn in_shard_order<T>(
+    items: impl Iterator<Item = T>,
+    shards: u32,
+    step: &'static str,
+    shard_of: impl Fn(&T) -> u32,
+) -> Result<Vec<T>, CoordinatorError> {
+    let mut by: BTreeMap<u32, T> = BTreeMap::new();
+    for item in items {
+        let s = shard_of(&item);
+        if by.insert(s, item).is_some() {
+            return Err(CoordinatorError::Protocol {
+                worker: "(all)".into(),
+                step,
+                detail: format!("shard {s} answered twice"),
+            });
+        }
+    }
+    if by.len() != shards as usize {
+        return Err(CoordinatorError::Protocol {
+            worker: "(all)".into(),
+            step,
+            detail: format!("{} of {shards} shards answered", by.len()),
+        });
+    }
+    Ok(by.into_values().collect())
+}
+
+/// Cuts the input objects into splits: one per CSV object (a gzip stream cannot be
+/// split), Parquet row groups grouped into splits of about [`SPLIT_BYTES`].
+async fn plan_splits(spec: &JobSpec, inputs: &[InputObject]) -> Result<Vec<pb::Split>, CoordinatorError> {
+    let mut splits = Vec::new();
+    for obj in inputs {
+        let named = Format::from_name(&obj.url);
+        let (format, gzip) = match (spec.input.format, named) {
+            (Some(f), Some((nf, gz))) if f == nf => (f, gz),
+            (Some(f), _) => (f, obj.url.to_ascii_lowercase().ends_with(".gz")),
+            (None, Some(x)) => x,
+            (None, None) => return Err(CoordinatorError::UnknownFormat { object: obj.url.clone() }),
+        };
+        match format {
+            Format::Csv => splits.push(pb::Split {
+                index: splits.len() as u32,
+                object: obj.url.clone(),
+                size: obj.size,
+                format: "csv".into(),
+                row_groups: Vec::new(),
+                gzip,
+            }),
+            Format::Parquet => {
+                let loc = store::resolve(&obj.url)?;
+                // ParquetObjectReader is deprecated in favour of a hand-written
+                // AsyncFileReader; it remains the maintained object_store adapter for now.
+                #[allow(deprecated)]
+                let reader = ParquetObjectReader::new(loc.store.clone(), loc.path.clone()).with_file_size(obj.size);
+                let builder = ParquetRecordBatchStreamBuilder::new(reader)
+                    .await
+                    .map_err(|source| CoordinatorError::ParquetFooter { object: obj.url.clone(), source })?;
+                let mut group: Vec<u32> = Vec::new();
+                let mut bytes = 0u64;
+                let groups = builder.metadata().row_groups();
+                for (i, rg) in groups.iter().enumerate() {
+                    group.push(i as u32);
+                    bytes += rg.compressed_size().max(0) as u64;
+                    if bytes >= SPLIT_BYTES || i + 1 == groups.len() {
+                        splits.push(pb::Split {
+                            index: splits.len() as u32,
+                            object: obj.url.clone(),
+                            size: bytes,
+                            format: "parquet".into(),
+                            row_groups: std::mem::take(&mut group),
+                            gzip: false,
+                        });
+                        bytes = 0;
+                    }
+                }
+            }
+        }
+    }
+    Ok(splits)
+}
+
+/// k-means|| (Bahmani et al. 2012): a first point drawn uniformly, then
+/// `INIT_ROUNDS` rounds that each sample every point with probability
+/// min(1, l * cost / total cost), l = 2k. Returns the candidates (row-major).
+async fn kmeans_parallel(
+    d: &Driver<'_>,
+    k: usize,
+    dims: usize,
+    seed: u64,
+    shard_users: &[u64],
+) -> Result<(Vec<f32>, usize), CoordinatorError> {
+    let users: u64 = shard_users.iter().sum();
+    // first center: the user at a seeded global position (shard order, then row)
+    let mut pos = hash::key(seed, &[0x1417]) % users;
+    let mut first = PointRef::default();
+    for (s, &n) in shard_users.iter().enumerate() {
+        if pos < n {
+            first = PointRef { shard: s as u32, index: pos };
+            break;
+        }
+        pos -= n;
+    }
+    let owner = &d.crew[d.owner(first.shard)];
+    let got = owner
+        .call("init", |mut c| {
+            let req = pb::GetPointsRequest { job_id: d.job_id(), points: vec![first] };
+            async move { c.get_points(req).await }
+        })
+        .await?;
+    let mut candidates = got.values;
+    let mut new_centers = candidates.clone();
+    let oversampling = 2.0 * k as f64;
+    for round in 1..=INIT_ROUNDS {
+        let costs = d
+            .all("init", |_, mut c| {
+                let req = pb::InitCostsRequest {
+                    job_id: d.job_id(),
+                    attempt: ATTEMPT,
+                    round,
+                    dims: dims as u32,
+                    new_centers: new_centers.clone(),
+                };
+                async move { c.init_costs(req).await }
+            })
+            .await?;
+        let costs = in_shard_order(costs.into_iter().flat_map(|c| c.shards), d.shards, "init", |c| c.shard)?;
+        let total: f64 = costs.iter().map(|c| c.cost).sum();
+        d.progress(Progress {
+            phase_progress: Some(f64::from(round) / f64::from(INIT_ROUNDS)),
+            ..Default::default()
+        });
+        if total <= 0.0 {
+            break;
+        }
+        let sampled = d
+            .all("init", |_, mut c| {
+                let req = pb::InitSampleRequest {
+                    job_id: d.job_id(),
+                    attempt: ATTEMPT,
+                    round,
+                    total_cost: total,
+                    oversampling,
+                    seed,
+                };
+                async move { c.init_sample(req).await }
+            })
+            .await?;
+        let mut points: Vec<pb::SampledPoint> = sampled.into_iter().flat_map(|s| s.points).collect();
+        points.sort_by_key(|p| p.point.map(|r| (r.shard, r.index)));
+        new_centers = points.iter().flat_map(|p| p.values.iter().copied()).collect();
+        candidates.extend_from_slice(&new_centers);
+    }
+    let n = candidates.len() / dims;
+    info!(candidates = n, "k-means|| candidates");
+    Ok((candidates, n))
+}
+
+/// The weight of each candidate: how many users are nearest to it.
+async fn candidate_weights(d: &Driver<'_>, candidates: &[f32], dims: usize) -> Result<Vec<f64>, CoordinatorError> {
+    let c = candidates.len() / dims;
+    let partials = d
+        .all("init", |_, mut cl| {
+            let req = pb::LloydStepRequest {
+                job_id: d.job_id(),
+                attempt: ATTEMPT,
+                round: u32::MAX,
+                k: c as u32,
+                dims: dims as u32,
+                centroids: candidates.to_vec(),
+                far_points: 0,
+            };
+            async move { cl.lloyd_step(req).await }
+        })
+        .await?;
+    let partials = in_shard_order(partials.into_iter().flat_map(|p| p.shards), d.shards, "init", |p| p.shard)?;
+    let mut weights = vec![0.0f64; c];
+    for p in &partials {
+        for (w, n) in weights.iter_mut().zip(&p.counts) {
+            *w += *n as f64;
+        }
+    }
+    Ok(weights)
+}

@@ -1,0 +1,457 @@
+//! Job-level outputs the coordinator writes: `segments.parquet`,
+//! `centroids.parquet`, `report.json`, and last of all the `_SUCCESS` manifest.
+
+use crate::job::JobContext;
+use crate::kmeans;
+use crate::CoordinatorError;
+use arrow::array::{Array, ArrayRef, Float32Builder, Float64Array, ListBuilder, UInt32Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use serde::Serialize;
+use shoal_proto::manifest::{FileEntry, InputEntry, Manifest, MANIFEST, MANIFEST_VERSION};
+use shoal_proto::pb;
+use shoal_proto::sketch::Sketch;
+use shoal_proto::store::{self, InputObject, Location};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Files a job writes at the top of its output folder (besides the manifest).
+const JOB_FILES: [&str; 3] = ["segments.parquet", "centroids.parquet", "report.json"];
+const ASSIGNMENTS: &str = "assignments.parquet";
+
+/// Removes the manifest first, then the outputs of an earlier run, so the folder
+/// never looks complete while a job writes into it. Other objects are left alone.
+pub async fn clear_previous(output: &Location) -> Result<(), CoordinatorError> {
+    output.child(MANIFEST).delete().await?;
+    for f in JOB_FILES {
+        output.child(f).delete().await?;
+    }
+    output.child(ASSIGNMENTS).delete_all().await?;
+    Ok(())
+}
+
+/// Rows read, kept and dropped by reason, over all splits.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RowTally {
+    pub read: u64,
+    pub kept: u64,
+    pub dropped: BTreeMap<String, u64>,
+}
+
+impl RowTally {
+    pub fn from_splits(splits: &[pb::SplitResult]) -> Self {
+        let mut t = RowTally::default();
+        for c in splits.iter().filter_map(|s| s.counts.as_ref()) {
+            t.read += c.read;
+            t.kept += c.kept;
+            for (reason, n) in &c.dropped {
+                *t.dropped.entry(reason.clone()).or_default() += n;
+            }
+        }
+        t
+    }
+
+    pub fn dropped_text(&self) -> String {
+        if self.dropped.is_empty() {
+            return "none".into();
+        }
+        self.dropped.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Seconds spent per phase, in order.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhaseTimes(pub Vec<(String, f64)>);
+
+impl PhaseTimes {
+    pub fn add(&mut self, phase: &str, since: Instant) {
+        self.0.push((phase.to_string(), since.elapsed().as_secs_f64()));
+    }
+}
+
+/// Per-segment figures merged from the workers.
+#[derive(Debug, Clone, Serialize)]
+pub struct SegmentSummary {
+    pub segment: u32,
+    pub size: u64,
+    pub share: f64,
+    pub recency_days_mean: f64,
+    pub recency_days_median: f64,
+    pub frequency_mean: f64,
+    pub frequency_median: f64,
+    pub monetary_mean: f64,
+    pub monetary_median: f64,
+    /// The centroid mapped back to original units (recency days, orders, money).
+    pub centroid_recency_days: f64,
+    pub centroid_frequency: f64,
+    pub centroid_monetary: f64,
+}
+
+pub struct Summary {
+    pub segments: Vec<SegmentSummary>,
+    pub inertia: f64,
+    pub silhouette: Option<f64>,
+    pub silhouette_sample: usize,
+    pub davies_bouldin: Option<f64>,
+    pub calinski_harabasz: Option<f64>,
+}
+
+/// Merges the finalize answers (in shard order) into segment figures and metrics.
+pub fn summarize(
+    finals: &[pb::ShardFinal],
+    centroids: &[f32],
+    k: usize,
+    dims: usize,
+    mean: &[f64],
+    scale: &[f64],
+    sample_size: usize,
+) -> Summary {
+    let mut count = vec![0u64; k];
+    let mut rfm_sum = vec![[0.0f64; 3]; k];
+    let mut sketches = vec![[Sketch::default(), Sketch::default(), Sketch::default()]; k];
+    let mut dist_sum = vec![0.0f64; k];
+    let mut inertia_c = vec![0.0f64; k];
+    let mut feat_sum = vec![0.0f64; k * dims];
+    let mut sample: Vec<&pb::SamplePoint> = Vec::new();
+    for f in finals {
+        for (c, s) in f.segments.iter().enumerate().take(k) {
+            count[c] += s.count;
+            for j in 0..3 {
+                rfm_sum[c][j] += s.rfm_sum.get(j).copied().unwrap_or(0.0);
+                if let Some(sk) = s.rfm_sketch.get(j) {
+                    sketches[c][j].merge(&Sketch::from_proto(sk));
+                }
+            }
+            dist_sum[c] += s.distance_sum;
+            inertia_c[c] += s.inertia;
+            for (j, v) in s.feature_sum.iter().enumerate().take(dims) {
+                feat_sum[c * dims + j] += v;
+            }
+        }
+        sample.extend(f.sample.iter());
+    }
+    let users: u64 = count.iter().sum();
+    let inertia: f64 = inertia_c.iter().sum();
+    let original = |c: usize, j: usize| {
+        let y = f64::from(centroids[c * dims + j]) * scale[j] + mean[j];
+        // features are log1p (sign-preserving for money): undo it
+        y.signum() * y.abs().exp_m1()
+    };
+    let segments = (0..k)
+        .map(|c| {
+            let n = count[c].max(1) as f64;
+            let med = |j: usize| sketches[c][j].quantile(0.5).unwrap_or(0.0);
+            SegmentSummary {
+                segment: c as u32,
+                size: count[c],
+                share: if users > 0 { count[c] as f64 / users as f64 } else { 0.0 },
+                recency_days_mean: rfm_sum[c][0] / n,
+                recency_days_median: med(0),
+                frequency_mean: rfm_sum[c][1] / n,
+                frequency_median: med(1),
+                monetary_mean: rfm_sum[c][2] / n,
+                monetary_median: med(2),
+                centroid_recency_days: original(c, 0),
+                centroid_frequency: original(c, 1),
+                centroid_monetary: original(c, 2),
+            }
+        })
+        .collect();
+    // Metrics. Cluster member means for Calinski–Harabasz; the within-cluster sum of
+    // squares around the means follows from the one around the centroids.
+    let means: Vec<f64> = (0..k * dims)
+        .map(|i| {
+            let c = i / dims;
+            if count[c] > 0 { feat_sum[i] / count[c] as f64 } else { 0.0 }
+        })
+        .collect();
+    let within: f64 = (0..k)
+        .map(|c| {
+            let off: f64 = (0..dims)
+                .map(|j| (means[c * dims + j] - f64::from(centroids[c * dims + j])).powi(2))
+                .sum();
+            inertia_c[c] - count[c] as f64 * off
+        })
+        .sum();
+    let scatter: Vec<f64> = (0..k).map(|c| if count[c] > 0 { dist_sum[c] / count[c] as f64 } else { 0.0 }).collect();
+    sample.sort_by_key(|s| s.key);
+    sample.truncate(sample_size);
+    let pts: Vec<f32> = sample.iter().flat_map(|s| s.values.iter().copied()).collect();
+    let labels: Vec<u32> = sample.iter().map(|s| s.label).collect();
+    Summary {
+        segments,
+        inertia,
+        silhouette: kmeans::silhouette(&pts, dims, &labels, k),
+        silhouette_sample: sample.len(),
+        davies_bouldin: kmeans::davies_bouldin(centroids, dims, &scatter, &count),
+        calinski_harabasz: kmeans::calinski_harabasz(&means, dims, &count, within.max(0.0)),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KmeansFacts {
+    pub k: usize,
+    pub iterations: u32,
+    pub converged: bool,
+    /// Sum of squared distances of users to their segment's centroid (scaled space).
+    pub inertia: f64,
+    pub inertia_per_iteration: Vec<f64>,
+    pub candidates: usize,
+    pub init_rounds: u32,
+    pub reseeded_clusters: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Quality {
+    pub silhouette: Option<f64>,
+    pub silhouette_sample: usize,
+    pub davies_bouldin: Option<f64>,
+    pub calinski_harabasz: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Scaling {
+    pub transform: &'static str,
+    pub mean: Vec<f64>,
+    pub scale: Vec<f64>,
+}
+
+/// `report.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub job_id: String,
+    pub name: String,
+    pub shoal_version: &'static str,
+    pub spec: shoal_proto::JobSpec,
+    pub rows: RowTally,
+    pub users: u64,
+    /// Recency is measured from this instant (latest event in the input), RFC 3339.
+    pub reference_time: String,
+    pub features: Vec<&'static str>,
+    pub scaling: Scaling,
+    pub kmeans: KmeansFacts,
+    pub quality: Quality,
+    pub segments: Vec<SegmentSummary>,
+    pub workers: usize,
+    pub shards: u32,
+    /// Seconds per phase, and `total`.
+    pub seconds: BTreeMap<String, f64>,
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &JobContext,
+        rows: &RowTally,
+        users: u64,
+        dims: usize,
+        mean: &[f64],
+        scale: &[f64],
+        kmeans: KmeansFacts,
+        summary: &Summary,
+        times: PhaseTimes,
+        started: Instant,
+        workers: usize,
+        reference_ms: i64,
+    ) -> Report {
+        let mut seconds: BTreeMap<String, f64> = times.0.into_iter().collect();
+        seconds.insert("total".into(), started.elapsed().as_secs_f64());
+        let reference_time = rfc3339(reference_ms);
+        debug_assert_eq!(dims, ctx.spec.feature_names().len());
+        Report {
+            job_id: ctx.id.to_string(),
+            name: ctx.spec.name.clone(),
+            shoal_version: env!("CARGO_PKG_VERSION"),
+            spec: ctx.spec.clone(),
+            rows: rows.clone(),
+            users,
+            reference_time,
+            features: ctx.spec.feature_names(),
+            scaling: Scaling {
+                transform: "log1p, then (x - mean) / scale",
+                mean: mean.to_vec(),
+                scale: scale.to_vec(),
+            },
+            kmeans,
+            quality: Quality {
+                silhouette: summary.silhouette,
+                silhouette_sample: summary.silhouette_sample,
+                davies_bouldin: summary.davies_bouldin,
+                calinski_harabasz: summary.calinski_harabasz,
+            },
+            segments: summary.segments.clone(),
+            workers,
+            shards: ctx.spec.cluster.shards,
+            seconds,
+        }
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+fn segments_batch(segments: &[SegmentSummary]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let f64col = |f: fn(&SegmentSummary) -> f64| -> ArrayRef { Arc::new(Float64Array::from_iter_values(segments.iter().map(f))) };
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("segment", DataType::UInt32, false),
+        Field::new("size", DataType::UInt64, false),
+        Field::new("share", DataType::Float64, false),
+        Field::new("recency_days_mean", DataType::Float64, false),
+        Field::new("recency_days_median", DataType::Float64, false),
+        Field::new("frequency_mean", DataType::Float64, false),
+        Field::new("frequency_median", DataType::Float64, false),
+        Field::new("monetary_mean", DataType::Float64, false),
+        Field::new("monetary_median", DataType::Float64, false),
+        Field::new("centroid_recency_days", DataType::Float64, false),
+        Field::new("centroid_frequency", DataType::Float64, false),
+        Field::new("centroid_monetary", DataType::Float64, false),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(UInt32Array::from_iter_values(segments.iter().map(|s| s.segment))),
+            Arc::new(UInt64Array::from_iter_values(segments.iter().map(|s| s.size))),
+            f64col(|s| s.share),
+            f64col(|s| s.recency_days_mean),
+            f64col(|s| s.recency_days_median),
+            f64col(|s| s.frequency_mean),
+            f64col(|s| s.frequency_median),
+            f64col(|s| s.monetary_mean),
+            f64col(|s| s.monetary_median),
+            f64col(|s| s.centroid_recency_days),
+            f64col(|s| s.centroid_frequency),
+            f64col(|s| s.centroid_monetary),
+        ],
+    )
+}
+
+fn centroids_batch(centroids: &[f32], dims: usize, sizes: &[u64]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let k = centroids.len() / dims;
+    let mut list = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+    for c in centroids.chunks_exact(dims) {
+        list.values().append_slice(c);
+        list.append(true);
+    }
+    let list = list.finish();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("segment", DataType::UInt32, false),
+        Field::new("size", DataType::UInt64, false),
+        Field::new("centroid", list.data_type().clone(), false),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(UInt32Array::from_iter_values(0..k as u32)),
+            Arc::new(UInt64Array::from_iter_values(sizes.iter().copied())),
+            Arc::new(list),
+        ],
+    )
+}
+
+fn write_err(file: &str, e: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::Write {
+        file: file.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+async fn put_parquet(output: &Location, name: &str, batch: RecordBatch) -> Result<FileEntry, CoordinatorError> {
+    let rows = batch.num_rows() as u64;
+    let bytes = store::encode_parquet(batch.schema(), &[batch]).map_err(|e| write_err(name, e))?;
+    let len = bytes.len() as u64;
+    output.child(name).put(bytes.into()).await?;
+    Ok(FileEntry {
+        path: name.to_string(),
+        rows,
+        bytes: len,
+    })
+}
+
+/// Writes the job-level files, checks every worker-written file exists with the
+/// size it reported, and writes the manifest last.
+#[allow(clippy::too_many_arguments)]
+pub async fn write_all(
+    ctx: &JobContext,
+    output: &Location,
+    inputs: &[InputObject],
+    finals: &[pb::ShardFinal],
+    summary: &Summary,
+    centroids: &[f32],
+    dims: usize,
+    report: Report,
+) -> Result<(), CoordinatorError> {
+    let mut files = Vec::new();
+    for f in finals {
+        if let Some(w) = &f.file {
+            let meta = output.child(&w.path).head().await?;
+            match meta {
+                Some(m) if m.size == w.bytes => {}
+                other => {
+                    return Err(write_err(
+                        &w.path,
+                        format!("the worker reported {} bytes, the store has {:?}", w.bytes, other.map(|m| m.size)),
+                    ))
+                }
+            }
+            files.push(FileEntry {
+                path: w.path.clone(),
+                rows: w.rows,
+                bytes: w.bytes,
+            });
+        }
+    }
+    let sizes: Vec<u64> = summary.segments.iter().map(|s| s.size).collect();
+    files.push(put_parquet(output, "segments.parquet", segments_batch(&summary.segments).map_err(|e| write_err("segments.parquet", e))?).await?);
+    files.push(put_parquet(output, "centroids.parquet", centroids_batch(centroids, dims, &sizes).map_err(|e| write_err("centroids.parquet", e))?).await?);
+    let json = serde_json::to_vec_pretty(&report).map_err(|e| write_err("report.json", e))?;
+    let len = json.len() as u64;
+    output.child("report.json").put(json.into()).await?;
+    files.push(FileEntry {
+        path: "report.json".into(),
+        rows: 1,
+        bytes: len,
+    });
+    let input: Vec<InputEntry> = inputs
+        .iter()
+        .map(|i| InputEntry {
+            url: i.url.clone(),
+            size: i.size,
+            e_tag: i.e_tag.clone(),
+            last_modified_unix_ms: i.last_modified_ms,
+        })
+        .collect();
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        job_id: ctx.id.to_string(),
+        name: ctx.spec.name.clone(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+        shoal_version: env!("CARGO_PKG_VERSION").to_string(),
+        spec: ctx.spec.clone(),
+        input_fingerprint: Manifest::fingerprint(&input),
+        input,
+        files,
+    };
+    output.child(MANIFEST).put(manifest.to_json().into_bytes().into()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        // 2011-12-09 12:50:00 UTC, the last event of the Online Retail log
+        assert_eq!(rfc3339(1_323_435_000_000), "2011-12-09T12:50:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+    }
+}

@@ -1,0 +1,434 @@
+//! The coordinator's state, owned by one task: the event loop is the only writer of
+//! the worker registry and of every job's record. gRPC handlers and job drivers
+//! talk to it through [`StateHandle`].
+
+use crate::job::{self, JobContext};
+use crate::CoordinatorError;
+use shoal_proto::pb::{self, JobState, JobStatus};
+use shoal_proto::{JobId, JobSpec, WorkerId, PROTOCOL_VERSION};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// A live worker as the coordinator knows it.
+#[derive(Debug, Clone)]
+pub struct WorkerEntry {
+    pub id: WorkerId,
+    pub address: String,
+    pub backend: String,
+    pub threads: u32,
+    last_seen: Instant,
+    last_seen_unix_ms: i64,
+}
+
+/// A change a job driver reports.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub phase: Option<&'static str>,
+    pub phase_progress: Option<f64>,
+    pub iteration: Option<u32>,
+    pub inertia: Option<f64>,
+    pub rows_read: Option<u64>,
+    pub users: Option<u64>,
+    pub workers: Option<u32>,
+}
+
+enum Event {
+    Register {
+        req: pb::RegisterRequest,
+        reply: oneshot::Sender<Result<pb::RegisterResponse, CoordinatorError>>,
+    },
+    Heartbeat {
+        worker: WorkerId,
+        reply: oneshot::Sender<bool>,
+    },
+    Workers {
+        reply: oneshot::Sender<Vec<WorkerEntry>>,
+    },
+    Submit {
+        spec: JobSpec,
+        reply: oneshot::Sender<JobId>,
+    },
+    Get {
+        job: JobId,
+        reply: oneshot::Sender<Option<JobStatus>>,
+    },
+    Watch {
+        job: JobId,
+        reply: oneshot::Sender<Option<watch::Receiver<JobStatus>>>,
+    },
+    List {
+        reply: oneshot::Sender<Vec<JobStatus>>,
+    },
+    Cancel {
+        job: JobId,
+        reply: oneshot::Sender<Option<JobStatus>>,
+    },
+    Progress {
+        job: JobId,
+        progress: Progress,
+    },
+    Finished {
+        job: JobId,
+        result: Result<(), CoordinatorError>,
+    },
+    Tick,
+}
+
+/// Settings of the coordinator's state machine.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    pub heartbeat_interval: Duration,
+    /// A worker not heard from for this long is dropped.
+    pub worker_timeout: Duration,
+    /// Jobs running at once; the rest wait in FIFO order.
+    pub max_running_jobs: usize,
+    /// How long a job waits for a first worker.
+    pub worker_wait: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            heartbeat_interval: Duration::from_millis(1000),
+            worker_timeout: Duration::from_secs(10),
+            max_running_jobs: 1,
+            worker_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Cheap, cloneable access to the state loop.
+#[derive(Clone)]
+pub struct StateHandle {
+    tx: mpsc::UnboundedSender<Event>,
+    pub config: StateConfig,
+}
+
+impl StateHandle {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Result<T, CoordinatorError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| CoordinatorError::ShuttingDown)?;
+        rx.await.map_err(|_| CoordinatorError::ShuttingDown)
+    }
+
+    pub async fn register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, CoordinatorError> {
+        self.ask(|reply| Event::Register { req, reply }).await?
+    }
+
+    pub async fn heartbeat(&self, worker: WorkerId) -> Result<bool, CoordinatorError> {
+        self.ask(|reply| Event::Heartbeat { worker, reply }).await
+    }
+
+    /// Live workers, ordered by id.
+    pub async fn workers(&self) -> Result<Vec<WorkerEntry>, CoordinatorError> {
+        self.ask(|reply| Event::Workers { reply }).await
+    }
+
+    pub async fn submit(&self, spec: JobSpec) -> Result<JobId, CoordinatorError> {
+        self.ask(|reply| Event::Submit { spec, reply }).await
+    }
+
+    pub async fn get(&self, job: JobId) -> Result<Option<JobStatus>, CoordinatorError> {
+        self.ask(|reply| Event::Get { job, reply }).await
+    }
+
+    pub async fn watch(&self, job: JobId) -> Result<Option<watch::Receiver<JobStatus>>, CoordinatorError> {
+        self.ask(|reply| Event::Watch { job, reply }).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<JobStatus>, CoordinatorError> {
+        self.ask(|reply| Event::List { reply }).await
+    }
+
+    pub async fn cancel(&self, job: JobId) -> Result<Option<JobStatus>, CoordinatorError> {
+        self.ask(|reply| Event::Cancel { job, reply }).await
+    }
+
+    /// Reports progress of a running job (fire and forget).
+    pub fn progress(&self, job: &JobId, progress: Progress) {
+        let _ = self.tx.send(Event::Progress {
+            job: job.clone(),
+            progress,
+        });
+    }
+
+    fn finished(&self, job: JobId, result: Result<(), CoordinatorError>) {
+        let _ = self.tx.send(Event::Finished { job, result });
+    }
+}
+
+struct JobRecord {
+    spec: JobSpec,
+    status: watch::Sender<JobStatus>,
+    cancel: CancellationToken,
+}
+
+struct State {
+    config: StateConfig,
+    workers: BTreeMap<WorkerId, WorkerEntry>,
+    next_worker: u64,
+    jobs: BTreeMap<JobId, JobRecord>,
+    queue: VecDeque<JobId>,
+    running: usize,
+    handle: StateHandle,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Starts the state loop; it ends when `shutdown` is cancelled (cancelling running jobs).
+pub fn spawn_state(config: StateConfig, tasks: TaskTracker, shutdown: CancellationToken) -> StateHandle {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let handle = StateHandle { tx, config: config.clone() };
+    let mut state = State {
+        config,
+        workers: BTreeMap::new(),
+        next_worker: 1,
+        jobs: BTreeMap::new(),
+        queue: VecDeque::new(),
+        running: 0,
+        handle: handle.clone(),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let ticker = handle.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(ticker.config.heartbeat_interval);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    for record in state.jobs.values() {
+                        record.cancel.cancel();
+                    }
+                    break;
+                }
+                _ = tick.tick() => state.on(Event::Tick),
+                event = rx.recv() => match event {
+                    Some(event) => state.on(event),
+                    None => break,
+                },
+            }
+        }
+    });
+    handle
+}
+
+impl State {
+    fn on(&mut self, event: Event) {
+        match event {
+            Event::Register { req, reply } => {
+                let _ = reply.send(self.register(req));
+            }
+            Event::Heartbeat { worker, reply } => {
+                let known = match self.workers.get_mut(&worker) {
+                    Some(w) => {
+                        w.last_seen = Instant::now();
+                        w.last_seen_unix_ms = now_ms();
+                        true
+                    }
+                    None => false,
+                };
+                let _ = reply.send(known);
+            }
+            Event::Workers { reply } => {
+                let _ = reply.send(self.workers.values().cloned().collect());
+            }
+            Event::Submit { spec, reply } => {
+                let id = JobId::generate();
+                let status = JobStatus {
+                    job_id: id.to_string(),
+                    name: spec.name.clone(),
+                    state: JobState::Queued as i32,
+                    phase: "queued".into(),
+                    output: spec.output.path.clone(),
+                    submitted_unix_ms: now_ms(),
+                    ..Default::default()
+                };
+                let (tx, _) = watch::channel(status);
+                info!(job = %id, name = %spec.name, "job queued");
+                self.jobs.insert(
+                    id.clone(),
+                    JobRecord {
+                        spec,
+                        status: tx,
+                        cancel: self.shutdown.child_token(),
+                    },
+                );
+                self.queue.push_back(id.clone());
+                let _ = reply.send(id);
+                self.start_queued();
+            }
+            Event::Get { job, reply } => {
+                let _ = reply.send(self.jobs.get(&job).map(|r| r.status.borrow().clone()));
+            }
+            Event::Watch { job, reply } => {
+                let _ = reply.send(self.jobs.get(&job).map(|r| r.status.subscribe()));
+            }
+            Event::List { reply } => {
+                let _ = reply.send(self.jobs.values().map(|r| r.status.borrow().clone()).collect());
+            }
+            Event::Cancel { job, reply } => {
+                let status = self.jobs.get(&job).map(|record| {
+                    record.cancel.cancel();
+                    let queued = record.status.borrow().state == JobState::Queued as i32;
+                    if queued {
+                        record.status.send_modify(|s| {
+                            s.state = JobState::Cancelled as i32;
+                            s.error = "cancelled before it started".into();
+                            s.finished_unix_ms = now_ms();
+                        });
+                    }
+                    record.status.borrow().clone()
+                });
+                self.queue.retain(|j| j != &job);
+                let _ = reply.send(status);
+            }
+            Event::Progress { job, progress } => {
+                if let Some(record) = self.jobs.get(&job) {
+                    record.status.send_modify(|s| {
+                        if let Some(phase) = progress.phase {
+                            if s.phase != phase {
+                                s.phase = phase.into();
+                                s.phase_progress = 0.0;
+                            }
+                        }
+                        if let Some(p) = progress.phase_progress {
+                            s.phase_progress = p;
+                        }
+                        if let Some(i) = progress.iteration {
+                            s.iteration = i;
+                        }
+                        if let Some(x) = progress.inertia {
+                            s.inertia = x;
+                        }
+                        if let Some(r) = progress.rows_read {
+                            s.rows_read = r;
+                        }
+                        if let Some(u) = progress.users {
+                            s.users = u;
+                        }
+                        if let Some(w) = progress.workers {
+                            s.workers = w;
+                        }
+                    });
+                }
+            }
+            Event::Finished { job, result } => {
+                self.running = self.running.saturating_sub(1);
+                if let Some(record) = self.jobs.get(&job) {
+                    record.status.send_modify(|s| {
+                        s.finished_unix_ms = now_ms();
+                        match &result {
+                            Ok(()) => {
+                                s.state = JobState::Succeeded as i32;
+                                s.phase = "done".into();
+                                s.phase_progress = 1.0;
+                            }
+                            Err(CoordinatorError::Cancelled) => {
+                                s.state = JobState::Cancelled as i32;
+                                s.error = "cancelled".into();
+                            }
+                            Err(e) => {
+                                s.state = JobState::Failed as i32;
+                                s.error = e.to_string();
+                            }
+                        }
+                    });
+                }
+                match &result {
+                    Ok(()) => info!(job = %job, "job succeeded"),
+                    Err(e) => warn!(job = %job, error = %e, "job did not succeed"),
+                }
+                self.start_queued();
+            }
+            Event::Tick => {
+                let timeout = self.config.worker_timeout;
+                self.workers.retain(|id, w| {
+                    let alive = w.last_seen.elapsed() <= timeout;
+                    if !alive {
+                        warn!(worker = %id, address = %w.address, "worker missed its heartbeats; dropped");
+                    }
+                    alive
+                });
+            }
+        }
+    }
+
+    fn register(&mut self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, CoordinatorError> {
+        if req.protocol_version != PROTOCOL_VERSION {
+            warn!(address = %req.address, version = req.protocol_version, "refused a worker of another protocol version");
+            return Err(CoordinatorError::ProtocolVersion {
+                worker: req.protocol_version,
+                coordinator: PROTOCOL_VERSION,
+            });
+        }
+        // A worker that re-registers from the same address replaces its old entry.
+        self.workers.retain(|_, w| w.address != req.address);
+        let id = WorkerId::new(self.next_worker);
+        self.next_worker += 1;
+        info!(worker = %id, address = %req.address, backend = %req.backend, "worker registered");
+        self.workers.insert(
+            id.clone(),
+            WorkerEntry {
+                id: id.clone(),
+                address: req.address,
+                backend: req.backend,
+                threads: req.threads,
+                last_seen: Instant::now(),
+                last_seen_unix_ms: now_ms(),
+            },
+        );
+        Ok(pb::RegisterResponse {
+            worker_id: id.to_string(),
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
+        })
+    }
+
+    fn start_queued(&mut self) {
+        while self.running < self.config.max_running_jobs.max(1) {
+            let Some(id) = self.queue.pop_front() else { break };
+            let Some(record) = self.jobs.get(&id) else { continue };
+            if record.cancel.is_cancelled() {
+                continue;
+            }
+            self.running += 1;
+            record.status.send_modify(|s| {
+                s.state = JobState::Running as i32;
+                s.phase = "starting".into();
+            });
+            let ctx = JobContext {
+                id: id.clone(),
+                spec: record.spec.clone(),
+                state: self.handle.clone(),
+                cancel: record.cancel.clone(),
+            };
+            let handle = self.handle.clone();
+            self.tasks.spawn(async move {
+                let result = job::run(ctx).await;
+                handle.finished(id, result);
+            });
+        }
+    }
+}
+
+impl WorkerEntry {
+    pub fn to_proto(&self) -> pb::WorkerInfo {
+        pb::WorkerInfo {
+            worker_id: self.id.to_string(),
+            address: self.address.clone(),
+            backend: self.backend.clone(),
+            threads: self.threads,
+            last_heartbeat_unix_ms: self.last_seen_unix_ms,
+        }
+    }
+}

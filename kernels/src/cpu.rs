@@ -1,0 +1,918 @@
+//! The CPU backend: points stay in host memory, work is spread over rayon.
+//!
+//! `assign` works on fixed tiles of [`TILE_ROWS`] points. Up to [`DIRECT_MAX_D`]
+//! features it computes every distance directly (one loop specialised per `d`);
+//! above, it computes a tile against a block of [`CENTROID_BLOCK`] centroids as one
+//! `sgemm` using `‖x‖² − 2x·c + ‖c‖²`, then keeps the running best and second best.
+//! Before the GEMM, points and centroids are shifted by the mean of the centroids,
+//! so the norms stay of the order of the distances and the cancellation error stays
+//! small even for features far from 0 (a year, a price). The distances reported for
+//! the best and second best are then recomputed directly from the original values.
+//!
+//! Every step works on one point at a time (the GEMM computes each dot product with
+//! the same sequence of operations whatever the number of rows in the tile), so
+//! a point's result never depends on the tile it landed in or on the threads.
+//!
+//! `partial_sums` accumulates fixed chunks of [`SUM_CHUNK_ROWS`] points in parallel
+//! and merges the chunk partials sequentially in chunk order.
+
+use rayon::prelude::*;
+
+use crate::{Backend, KernelError, NO_SECOND, Nearest, PartialSums, Resident};
+
+const NAME: &str = "cpu";
+
+/// Points per parallel work item of `assign`.
+const TILE_ROWS: usize = 256;
+/// Up to this many features distances are computed directly; above, with a GEMM.
+const DIRECT_MAX_D: usize = 16;
+/// Centroids per GEMM call: keeps the `TILE_ROWS x CENTROID_BLOCK` dot products
+/// (128 KiB) in cache while the tile's best and second best are updated.
+const CENTROID_BLOCK: usize = 128;
+/// Points per partial of `partial_sums`. A constant, so that the order in which
+/// the sums are added does not depend on the number of threads.
+const SUM_CHUNK_ROWS: usize = 4096;
+/// Upper bound on the memory held by chunk partials waiting to be merged.
+const PARTIALS_BUDGET_BYTES: usize = 256 << 20;
+/// Independent accumulators of [`lane_sq_dist`] (one AVX register of f32).
+const LANES: usize = 8;
+
+/// Points as uploaded to the CPU backend.
+struct HostPoints {
+    d: usize,
+    /// Row-major `n x d`.
+    values: Vec<f32>,
+}
+
+impl HostPoints {
+    fn n(&self) -> usize {
+        self.values.len() / self.d
+    }
+}
+
+/// The CPU implementation of [`Backend`]: host memory and rayon's thread pool (the
+/// one the calls are made from).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend {
+    _private: (),
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend { _private: () }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn upload(&self, points: &[f32], d: usize) -> Result<Resident, KernelError> {
+        if d == 0 {
+            return Err(KernelError::Shape("points need at least one feature (d = 0)".into()));
+        }
+        if !points.len().is_multiple_of(d) {
+            return Err(KernelError::Shape(format!(
+                "{} values are not a whole number of rows of {d} features",
+                points.len()
+            )));
+        }
+        if let Some(pos) = points.par_iter().position_first(|v| !v.is_finite()) {
+            return Err(KernelError::NonFinitePoint {
+                row: pos / d,
+                col: pos % d,
+                value: points[pos],
+            });
+        }
+        let n = points.len() / d;
+        tracing::trace!(n, d, "uploading points to the cpu backend");
+        let host = HostPoints {
+            d,
+            values: points.to_vec(),
+        };
+        Ok(Resident::new(n, d, NAME, Box::new(host)))
+    }
+
+    fn download_rows(&self, points: &Resident, rows: &[u32]) -> Result<Vec<f32>, KernelError> {
+        let host = points.downcast::<HostPoints>(NAME)?;
+        let (n, d) = (host.n(), host.d);
+        if let Some(&row) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(KernelError::Shape(format!(
+                "row {row} was requested but only {n} points are uploaded"
+            )));
+        }
+        let mut out = Vec::with_capacity(rows.len() * d);
+        for &row in rows {
+            let start = row as usize * d;
+            out.extend_from_slice(&host.values[start..start + d]);
+        }
+        Ok(out)
+    }
+
+    fn assign(&self, points: &Resident, centroids: &[f32], k: usize, out: &mut [Nearest]) -> Result<(), KernelError> {
+        let host = points.downcast::<HostPoints>(NAME)?;
+        let (n, d) = (host.n(), host.d);
+        if k == 0 {
+            return Err(KernelError::EmptyCentroids);
+        }
+        if k >= NO_SECOND as usize {
+            return Err(KernelError::Shape(format!(
+                "k = {k} centroids do not fit 32-bit centroid indices"
+            )));
+        }
+        if k.checked_mul(d) != Some(centroids.len()) {
+            return Err(KernelError::Shape(format!(
+                "{} centroid values are not k x d = {k} x {d}",
+                centroids.len()
+            )));
+        }
+        if out.len() != n {
+            return Err(KernelError::Shape(format!(
+                "room for {} results but {n} points are uploaded",
+                out.len()
+            )));
+        }
+        if let Some(pos) = centroids.iter().position(|v| !v.is_finite()) {
+            return Err(KernelError::NonFiniteCentroid {
+                row: pos / d,
+                col: pos % d,
+                value: centroids[pos],
+            });
+        }
+        let gemm = d > DIRECT_MAX_D;
+        tracing::trace!(n, d, k, gemm, "assigning points on the cpu backend");
+        if n == 0 {
+            return Ok(());
+        }
+        if gemm {
+            assign_gemm(&host.values, d, centroids, k, out);
+        } else {
+            assign_direct(&host.values, d, centroids, k, out);
+        }
+        Ok(())
+    }
+
+    fn partial_sums(&self, points: &Resident, labels: &[u32], k: usize) -> Result<PartialSums, KernelError> {
+        let host = points.downcast::<HostPoints>(NAME)?;
+        let (n, d) = (host.n(), host.d);
+        if k == 0 {
+            return Err(KernelError::EmptyCentroids);
+        }
+        if labels.len() != n {
+            return Err(KernelError::Shape(format!(
+                "{} labels for {n} uploaded points",
+                labels.len()
+            )));
+        }
+        if let Some(row) = labels.par_iter().position_first(|&l| l as usize >= k) {
+            return Err(KernelError::Shape(format!(
+                "point {row} has label {} but there are only k = {k} centroids",
+                labels[row]
+            )));
+        }
+        tracing::trace!(n, d, k, "partial sums on the cpu backend");
+
+        let chunks = n.div_ceil(SUM_CHUNK_ROWS);
+        let partial_bytes = (k * d + k) * 8;
+        // How many chunk partials are computed before being merged: only bounds the
+        // memory, the merge order is the chunk order whatever this is.
+        let batch = (rayon::current_num_threads() * 4)
+            .min(PARTIALS_BUDGET_BYTES / partial_bytes.max(1))
+            .max(1);
+
+        let mut total = PartialSums::zeros(k, d);
+        let mut first = 0;
+        while first < chunks {
+            let last = (first + batch).min(chunks);
+            let partials: Vec<PartialSums> = (first..last)
+                .into_par_iter()
+                .map(|c| {
+                    let rows = c * SUM_CHUNK_ROWS..((c + 1) * SUM_CHUNK_ROWS).min(n);
+                    chunk_sums(&host.values[rows.start * d..rows.end * d], d, &labels[rows], k)
+                })
+                .collect();
+            for p in &partials {
+                total.merge(p);
+            }
+            first = last;
+        }
+        Ok(total)
+    }
+}
+
+/// Sums and counts of one chunk, sequentially.
+fn chunk_sums(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
+    let mut p = PartialSums::zeros(k, d);
+    for (x, &label) in points.chunks_exact(d).zip(labels) {
+        let label = label as usize;
+        p.counts[label] += 1;
+        for (s, &v) in p.sums[label * d..(label + 1) * d].iter_mut().zip(x) {
+            *s += f64::from(v);
+        }
+    }
+    p
+}
+
+/// Nothing seen yet (both indices `NO_SECOND`).
+const EMPTY: Nearest = Nearest {
+    best: NO_SECOND,
+    best_dist: f32::INFINITY,
+    second: NO_SECOND,
+    second_dist: f32::INFINITY,
+};
+
+/// Offers centroid `j` at `dist` to the running best and second best. Centroids
+/// must be offered in index order: with strict comparisons, ties keep the lower
+/// index.
+#[inline(always)]
+fn offer(s: &mut Nearest, j: u32, dist: f32) {
+    if dist < s.best_dist {
+        s.second = s.best;
+        s.second_dist = s.best_dist;
+        s.best = j;
+        s.best_dist = dist;
+    } else if dist < s.second_dist {
+        s.second = j;
+        s.second_dist = dist;
+    }
+}
+
+/// Completes a running best when some distances were infinite (they never beat
+/// the initial infinity): the lowest such indices fill the empty places.
+#[inline(always)]
+fn finish(mut s: Nearest, k: usize) -> Nearest {
+    if s.best == NO_SECOND {
+        s.best = 0;
+    }
+    if k >= 2 && s.second == NO_SECOND {
+        s.second = if s.best == 0 { 1 } else { 0 };
+    }
+    s
+}
+
+/// Squared distance accumulated in f32 one feature after the other, exactly as
+/// [`crate::reference::squared_distance`].
+#[inline(always)]
+fn seq_sq_dist(x: &[f32], c: &[f32]) -> f32 {
+    let mut acc = 0.0f32;
+    for (a, b) in x.iter().zip(c) {
+        let t = a - b;
+        acc += t * t;
+    }
+    acc
+}
+
+/// Squared distance with [`LANES`] independent accumulators (vectorises), summed
+/// in a fixed tree.
+#[inline]
+fn lane_sq_dist(x: &[f32], c: &[f32]) -> f32 {
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (cc, cr) = c.as_chunks::<LANES>();
+    let mut acc = [0.0f32; LANES];
+    for (a, b) in xc.iter().zip(cc) {
+        for l in 0..LANES {
+            let t = a[l] - b[l];
+            acc[l] += t * t;
+        }
+    }
+    for (l, (a, b)) in xr.iter().zip(cr).enumerate() {
+        let t = a - b;
+        acc[l] += t * t;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+/// Squared norm, with the same accumulators as [`lane_sq_dist`].
+#[inline]
+fn lane_sq_norm(x: &[f32]) -> f32 {
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let mut acc = [0.0f32; LANES];
+    for a in xc {
+        for l in 0..LANES {
+            acc[l] += a[l] * a[l];
+        }
+    }
+    for (l, a) in xr.iter().enumerate() {
+        acc[l] += a * a;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+// ---------------------------------------------------------------------------
+// Small d: direct distances.
+
+/// Nearest and second nearest of `x` among all centroids, by direct distances.
+#[inline(always)]
+fn nearest_direct(x: &[f32], centroids: &[f32], d: usize, k: usize) -> Nearest {
+    let mut s = EMPTY;
+    for (j, c) in centroids.chunks_exact(d).enumerate() {
+        offer(&mut s, j as u32, seq_sq_dist(x, c));
+    }
+    finish(s, k)
+}
+
+/// The direct loop with `d` known at compile time, so it is fully unrolled.
+fn direct_tiles<const D: usize>(points: &[f32], centroids: &[f32], k: usize, out: &mut [Nearest]) {
+    out.par_chunks_mut(TILE_ROWS)
+        .zip(points.par_chunks(TILE_ROWS * D))
+        .for_each(|(out, tile)| {
+            for (o, x) in out.iter_mut().zip(tile.chunks_exact(D)) {
+                *o = nearest_direct(x, centroids, D, k);
+            }
+        });
+}
+
+fn assign_direct(points: &[f32], d: usize, centroids: &[f32], k: usize, out: &mut [Nearest]) {
+    macro_rules! by_d {
+        ($($n:literal)*) => {
+            match d {
+                $($n => direct_tiles::<$n>(points, centroids, k, out),)*
+                _ => out
+                    .par_chunks_mut(TILE_ROWS)
+                    .zip(points.par_chunks(TILE_ROWS * d))
+                    .for_each(|(out, tile)| {
+                        for (o, x) in out.iter_mut().zip(tile.chunks_exact(d)) {
+                            *o = nearest_direct(x, centroids, d, k);
+                        }
+                    }),
+            }
+        };
+    }
+    by_d!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+}
+
+// ---------------------------------------------------------------------------
+// Larger d: GEMM on tiles.
+
+/// Centroids prepared once per `assign` for the GEMM path.
+struct ShiftedCentroids {
+    /// Mean of the centroids, subtracted from points and centroids.
+    shift: Vec<f32>,
+    /// `centroid - shift`, row-major `k x d`.
+    values: Vec<f32>,
+    /// Squared norms of `values`.
+    norms: Vec<f32>,
+}
+
+impl ShiftedCentroids {
+    fn new(centroids: &[f32], d: usize, k: usize) -> Self {
+        let mut mean = vec![0.0f64; d];
+        for c in centroids.chunks_exact(d) {
+            for (m, &v) in mean.iter_mut().zip(c) {
+                *m += f64::from(v);
+            }
+        }
+        let shift: Vec<f32> = mean.iter().map(|&m| (m / k as f64) as f32).collect();
+        let values: Vec<f32> = centroids
+            .chunks_exact(d)
+            .flat_map(|c| c.iter().zip(&shift).map(|(&v, &s)| v - s))
+            .collect();
+        let norms = values.chunks_exact(d).map(lane_sq_norm).collect();
+        ShiftedCentroids { shift, values, norms }
+    }
+}
+
+/// Per-task buffers of the GEMM path.
+struct GemmScratch {
+    /// The tile minus the shift, row-major `TILE_ROWS x d`.
+    points: Vec<f32>,
+    /// Squared norms of `points`.
+    norms: Vec<f32>,
+    /// Dot products of the tile with a block of centroids, `TILE_ROWS x CENTROID_BLOCK`.
+    dots: Vec<f32>,
+}
+
+impl GemmScratch {
+    fn new(d: usize) -> Self {
+        GemmScratch {
+            points: vec![0.0; TILE_ROWS * d],
+            norms: vec![0.0; TILE_ROWS],
+            dots: vec![0.0; TILE_ROWS * CENTROID_BLOCK],
+        }
+    }
+}
+
+fn assign_gemm(points: &[f32], d: usize, centroids: &[f32], k: usize, out: &mut [Nearest]) {
+    let shifted = ShiftedCentroids::new(centroids, d, k);
+    out.par_chunks_mut(TILE_ROWS)
+        .zip(points.par_chunks(TILE_ROWS * d))
+        .for_each_init(
+            || GemmScratch::new(d),
+            |scratch, (out, tile)| gemm_tile(tile, d, centroids, &shifted, k, out, scratch),
+        );
+}
+
+/// Nearest and second nearest of the `out.len()` points of `tile`.
+fn gemm_tile(
+    tile: &[f32],
+    d: usize,
+    centroids: &[f32],
+    shifted: &ShiftedCentroids,
+    k: usize,
+    out: &mut [Nearest],
+    scratch: &mut GemmScratch,
+) {
+    let m = out.len();
+    debug_assert_eq!(tile.len(), m * d);
+
+    let xs = &mut scratch.points[..m * d];
+    for (dst, src) in xs.chunks_exact_mut(d).zip(tile.chunks_exact(d)) {
+        for ((t, &v), &s) in dst.iter_mut().zip(src).zip(&shifted.shift) {
+            *t = v - s;
+        }
+    }
+    let xs = &*xs;
+    let x_norms = &mut scratch.norms[..m];
+    for (norm, x) in x_norms.iter_mut().zip(xs.chunks_exact(d)) {
+        *norm = lane_sq_norm(x);
+    }
+
+    out.fill(EMPTY);
+    let blocks = shifted
+        .values
+        .chunks(CENTROID_BLOCK * d)
+        .zip(shifted.norms.chunks(CENTROID_BLOCK));
+    for (b, (block, c_norms)) in blocks.enumerate() {
+        let first = b * CENTROID_BLOCK;
+        let nb = c_norms.len();
+        let dots = &mut scratch.dots[..m * nb];
+        // SAFETY: sgemm reads A = `xs` as m x d with strides (d, 1): its last
+        // element is at (m-1)*d + d-1 < xs.len() = m*d. It reads B as the d x nb
+        // matrix whose column j is centroid `first + j` of `block`, with strides
+        // (1, d): last element at (d-1) + (nb-1)*d < block.len() = nb*d. It writes
+        // C = `dots` as m x nb with strides (nb, 1): last element at (m-1)*nb +
+        // nb-1 < dots.len() = m*nb. `dots` is borrowed mutably here, so it aliases
+        // neither input; beta = 0, so its old contents are never read.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                d,
+                nb,
+                1.0,
+                xs.as_ptr(),
+                d as isize,
+                1,
+                block.as_ptr(),
+                1,
+                d as isize,
+                0.0,
+                dots.as_mut_ptr(),
+                nb as isize,
+                1,
+            );
+        }
+        for (i, (s, row)) in out.iter_mut().zip(dots.chunks_exact(nb)).enumerate() {
+            let x_norm = x_norms[i];
+            for (jj, (&dot, &c_norm)) in row.iter().zip(c_norms).enumerate() {
+                let j = first + jj;
+                let mut dist = (x_norm - 2.0 * dot) + c_norm;
+                if !dist.is_finite() {
+                    // Overflow in the expanded form (huge features): the direct
+                    // form overflows only if the distance itself does.
+                    dist = lane_sq_dist(&tile[i * d..(i + 1) * d], &centroids[j * d..(j + 1) * d]);
+                }
+                offer(s, j as u32, dist.max(0.0));
+            }
+        }
+    }
+
+    for (s, x) in out.iter_mut().zip(tile.chunks_exact(d)) {
+        refine(s, x, centroids, d);
+        *s = finish(*s, k);
+    }
+}
+
+/// Replaces the expanded-form distances of the best and second best by direct
+/// ones, and restores their order.
+#[inline]
+fn refine(s: &mut Nearest, x: &[f32], centroids: &[f32], d: usize) {
+    let exact = |j: u32| {
+        let j = j as usize;
+        lane_sq_dist(x, &centroids[j * d..(j + 1) * d])
+    };
+    if s.best != NO_SECOND {
+        s.best_dist = exact(s.best);
+    }
+    if s.second != NO_SECOND {
+        s.second_dist = exact(s.second);
+        if s.second_dist < s.best_dist || (s.second_dist == s.best_dist && s.second < s.best) {
+            std::mem::swap(&mut s.best, &mut s.second);
+            std::mem::swap(&mut s.best_dist, &mut s.second_dist);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference;
+
+    /// splitmix64: small, deterministic, good enough for test data.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        /// Uniform in [-1, 1).
+        fn unit(&mut self) -> f32 {
+            ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next_u64() % n as u64) as usize
+        }
+        fn values(&mut self, len: usize) -> Vec<f32> {
+            (0..len).map(|_| self.unit()).collect()
+        }
+    }
+
+    fn bits(n: &Nearest) -> (u32, u32, u32, u32) {
+        (n.best, n.best_dist.to_bits(), n.second, n.second_dist.to_bits())
+    }
+
+    fn close(got: f32, want: f32) -> bool {
+        (got == want) || (got - want).abs() <= 1e-4 * want.abs() + 1e-5
+    }
+
+    fn cpu_assign(points: &[f32], d: usize, centroids: &[f32], k: usize) -> Vec<Nearest> {
+        let cpu = CpuBackend::new();
+        let resident = cpu.upload(points, d).unwrap();
+        let mut out = vec![Nearest::default(); resident.n()];
+        cpu.assign(&resident, centroids, k, &mut out).unwrap();
+        out
+    }
+
+    /// Checks one backend result against the reference. Indices may differ only
+    /// on a near-tie: the distance (by the reference) to the centroid the backend
+    /// chose must equal the reference's within tolerance.
+    fn check_against_reference(points: &[f32], d: usize, centroids: &[f32], k: usize, got: &[Nearest], what: &str) {
+        let want = reference::assign(points, d, centroids, k);
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let x = &points[i * d..(i + 1) * d];
+            let ref_dist = |j: u32| reference::squared_distance(x, &centroids[j as usize * d..(j as usize + 1) * d]);
+            let ctx = || format!("{what}: point {i}: got {g:?}, reference {w:?}");
+
+            assert!((g.best as usize) < k, "{}", ctx());
+            assert!(g.best_dist >= 0.0, "{}", ctx());
+            assert!(close(g.best_dist, w.best_dist), "best distance differs: {}", ctx());
+            if g.best != w.best {
+                assert!(close(ref_dist(g.best), w.best_dist), "best differs without a near-tie: {}", ctx());
+            }
+            if k == 1 {
+                assert_eq!(g.second, NO_SECOND, "{}", ctx());
+                assert_eq!(g.second_dist, f32::INFINITY, "{}", ctx());
+                continue;
+            }
+            assert!((g.second as usize) < k && g.second != g.best, "{}", ctx());
+            assert!(g.second_dist >= g.best_dist, "{}", ctx());
+            assert!(close(g.second_dist, w.second_dist), "second distance differs: {}", ctx());
+            if g.second != w.second {
+                assert!(close(ref_dist(g.second), w.second_dist), "second differs without a near-tie: {}", ctx());
+            }
+        }
+    }
+
+    #[test]
+    fn assign_matches_reference_on_random_data() {
+        let mut rng = Rng(1);
+        for &n in &[1, 255, 256, 257, 1000] {
+            for &d in &[1, 2, 3, 7, 16, 17, 64, 100] {
+                for &k in &[1, 2, 7, 130] {
+                    let points = rng.values(n * d);
+                    let centroids = rng.values(k * d);
+                    let got = cpu_assign(&points, d, &centroids, k);
+                    check_against_reference(&points, d, &centroids, k, &got, &format!("n={n} d={d} k={k}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn assign_is_accurate_for_features_far_from_zero() {
+        // Values near 1000 with a spread of 1: the expanded form without the shift
+        // would lose the distances in the rounding of ‖x‖² ≈ 6.4e7.
+        let mut rng = Rng(2);
+        let (n, d, k) = (500, 64, 20);
+        let points: Vec<f32> = rng.values(n * d).iter().map(|v| 1000.0 + v).collect();
+        let centroids: Vec<f32> = rng.values(k * d).iter().map(|v| 1000.0 + 0.3 * v).collect();
+        let got = cpu_assign(&points, d, &centroids, k);
+        check_against_reference(&points, d, &centroids, k, &got, "offset data");
+    }
+
+    #[test]
+    fn direct_path_is_bit_identical_to_reference() {
+        let mut rng = Rng(3);
+        for d in 1..=DIRECT_MAX_D {
+            let (n, k) = (300, 9);
+            let points = rng.values(n * d);
+            let centroids = rng.values(k * d);
+            let got = cpu_assign(&points, d, &centroids, k);
+            let want = reference::assign(&points, d, &centroids, k);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(bits(g), bits(w), "d={d}: {g:?} vs {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn duplicate_centroids_tie_to_lowest_index() {
+        let mut rng = Rng(4);
+        for &d in &[3, 64] {
+            let distinct = rng.values(5 * d);
+            // Centroid j is copy `pattern[j]` of the distinct ones.
+            let pattern = [1, 0, 1, 3, 2, 0, 4, 3, 1, 2, 4, 4];
+            let k = pattern.len();
+            let centroids: Vec<f32> = pattern.iter().flat_map(|&p| distinct[p * d..(p + 1) * d].to_vec()).collect();
+            let first_of = |p: usize| pattern.iter().position(|&q| q == p).unwrap();
+            let second_of = |p: usize| first_of(p) + 1 + pattern[first_of(p) + 1..].iter().position(|&q| q == p).unwrap();
+
+            let points = rng.values(600 * d);
+            let got = cpu_assign(&points, d, &centroids, k);
+            check_against_reference(&points, d, &centroids, k, &got, &format!("duplicates d={d}"));
+            for g in &got {
+                let p = pattern[g.best as usize];
+                assert_eq!(g.best as usize, first_of(p), "d={d}: {g:?}");
+                assert_eq!(g.second as usize, second_of(p), "d={d}: {g:?}");
+                assert_eq!(g.best_dist.to_bits(), g.second_dist.to_bits(), "d={d}: {g:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn duplicate_points_get_identical_results() {
+        let mut rng = Rng(5);
+        for &d in &[3, 64] {
+            let k = 10;
+            let distinct = rng.values(7 * d);
+            let picks: Vec<usize> = (0..900).map(|_| rng.below(7)).collect();
+            let points: Vec<f32> = picks.iter().flat_map(|&p| distinct[p * d..(p + 1) * d].to_vec()).collect();
+            let centroids = rng.values(k * d);
+            let got = cpu_assign(&points, d, &centroids, k);
+            check_against_reference(&points, d, &centroids, k, &got, &format!("duplicate points d={d}"));
+            let alone = cpu_assign(&distinct, d, &centroids, k);
+            for (g, &p) in got.iter().zip(&picks) {
+                assert_eq!(bits(g), bits(&alone[p]), "d={d}");
+            }
+        }
+    }
+
+    #[test]
+    fn single_centroid_has_no_second() {
+        let mut rng = Rng(6);
+        for &d in &[1, 3, 64] {
+            let points = rng.values(257 * d);
+            let centroid = rng.values(d);
+            let got = cpu_assign(&points, d, &centroid, 1);
+            check_against_reference(&points, d, &centroid, 1, &got, &format!("k=1 d={d}"));
+            assert!(got.iter().all(|g| g.best == 0 && g.second == NO_SECOND && g.second_dist == f32::INFINITY));
+        }
+    }
+
+    #[test]
+    fn centroids_equal_to_points_are_found_at_distance_zero() {
+        // k = n: every point is a centroid.
+        let mut rng = Rng(7);
+        for &d in &[1, 3, 64, 100] {
+            let n = 257;
+            let points = rng.values(n * d);
+            let got = cpu_assign(&points, d, &points, n);
+            check_against_reference(&points, d, &points, n, &got, &format!("k=n d={d}"));
+            for (i, g) in got.iter().enumerate() {
+                // Random f32 features: no two points coincide, even at d = 1.
+                assert_eq!((g.best as usize, g.best_dist), (i, 0.0), "d={d}: {g:?}");
+                assert!(g.second_dist > 0.0, "d={d}: {g:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn many_centroid_blocks() {
+        let mut rng = Rng(8);
+        let (n, d, k) = (300, 40, 3 * CENTROID_BLOCK + 5);
+        let points = rng.values(n * d);
+        let centroids = rng.values(k * d);
+        let got = cpu_assign(&points, d, &centroids, k);
+        check_against_reference(&points, d, &centroids, k, &got, "many blocks");
+    }
+
+    #[test]
+    fn overflowing_distances_are_infinite_not_nan() {
+        for &d in &[2, 64] {
+            // The point sits on centroid 2; centroids 0 and 1 are out of f32 range.
+            let point = vec![1e20f32; d];
+            let mut centroids = vec![-1e20f32; 2 * d];
+            centroids.extend(&point);
+            let got = cpu_assign(&point, d, &centroids, 3);
+            let want = Nearest {
+                best: 2,
+                best_dist: 0.0,
+                second: 0,
+                second_dist: f32::INFINITY,
+            };
+            assert_eq!(got, vec![want], "d={d}");
+            assert_eq!(got, reference::assign(&point, d, &centroids, 3), "d={d}");
+
+            // Every centroid at infinity: lowest indices.
+            let got = cpu_assign(&point, d, &centroids[..2 * d], 2);
+            assert_eq!(got, reference::assign(&point, d, &centroids[..2 * d], 2), "d={d}");
+            assert_eq!((got[0].best, got[0].second), (0, 1), "d={d}");
+        }
+    }
+
+    #[test]
+    fn same_point_same_bits_alone_or_in_a_batch() {
+        let mut rng = Rng(9);
+        // 300 > the 256 features of one matrixmultiply depth block.
+        for &d in &[3, 17, 64, 300] {
+            let k = 150;
+            let n = 1000;
+            let centroids = rng.values(k * d);
+            let batch = rng.values(n * d);
+            let in_batch = cpu_assign(&batch, d, &centroids, k);
+            for &i in &[0, 1, 5, 255, 256, 257, 511, 700, n - 1] {
+                let alone = cpu_assign(&batch[i * d..(i + 1) * d], d, &centroids, k);
+                assert_eq!(bits(&alone[0]), bits(&in_batch[i]), "d={d}, point {i}");
+                // And shifted to another place in another batch.
+                let mut other = rng.values(40 * d);
+                other.extend_from_slice(&batch[i * d..(i + 1) * d]);
+                let elsewhere = cpu_assign(&other, d, &centroids, k);
+                assert_eq!(bits(&elsewhere[40]), bits(&in_batch[i]), "d={d}, point {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_thread_count() {
+        let mut rng = Rng(10);
+        let cpu = CpuBackend::new();
+        for &d in &[3, 64] {
+            let (n, k) = (3 * SUM_CHUNK_ROWS + 77, 12);
+            // Magnitudes from 2^-40 to 2^40 make the f64 sums round, so the order of
+            // additions shows.
+            let points: Vec<f32> = (0..n * d)
+                .map(|_| rng.unit() * 2f32.powi(rng.below(81) as i32 - 40))
+                .collect();
+            let labels: Vec<u32> = (0..n).map(|_| rng.below(k) as u32).collect();
+            let centroids = rng.values(k * d);
+            let resident = cpu.upload(&points, d).unwrap();
+
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let sums = cpu.partial_sums(&resident, &labels, k).unwrap();
+                    let mut near = vec![Nearest::default(); n];
+                    cpu.assign(&resident, &centroids, k, &mut near).unwrap();
+                    (sums, near)
+                })
+            };
+            let (sums1, near1) = run(1);
+            for threads in [2, 3] {
+                let (sums, near) = run(threads);
+                let as_bits = |p: &PartialSums| p.sums.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(as_bits(&sums1), as_bits(&sums), "d={d}, {threads} threads");
+                assert_eq!(sums1.counts, sums.counts, "d={d}, {threads} threads");
+                let near_bits = |v: &[Nearest]| v.iter().map(bits).collect::<Vec<_>>();
+                assert_eq!(near_bits(&near1), near_bits(&near), "d={d}, {threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn partial_sums_match_reference() {
+        let mut rng = Rng(11);
+        let cpu = CpuBackend::new();
+        for &n in &[0, 1, 255, SUM_CHUNK_ROWS - 1, SUM_CHUNK_ROWS, SUM_CHUNK_ROWS + 1, 10_000] {
+            for &(d, k) in &[(1, 1), (3, 5), (64, 7), (2, 300)] {
+                let points = rng.values(n * d);
+                let labels: Vec<u32> = (0..n).map(|_| rng.below(k) as u32).collect();
+                let resident = cpu.upload(&points, d).unwrap();
+                let got = cpu.partial_sums(&resident, &labels, k).unwrap();
+                let want = reference::partial_sums(&points, d, &labels, k);
+                assert_eq!((got.k, got.d), (k, d));
+                assert_eq!(got.counts, want.counts, "n={n} d={d} k={k}");
+                for (g, w) in got.sums.iter().zip(&want.sums) {
+                    assert!((g - w).abs() <= 1e-9 * w.abs().max(1.0), "n={n} d={d} k={k}: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_points_are_rejected_with_their_position() {
+        let cpu = CpuBackend::new();
+        let d = 4;
+        for (pos, bad) in [(3 * d + 2, f32::NAN), (0, f32::INFINITY), (8 * d + 3, f32::NEG_INFINITY)] {
+            let mut points = Rng(12).values(10 * d);
+            points[pos] = bad;
+            // A later bad value must not hide the first one.
+            points[10 * d - 1] = f32::NAN;
+            let err = cpu.upload(&points, d).unwrap_err();
+            match err {
+                KernelError::NonFinitePoint { row, col, value } => {
+                    assert_eq!((row, col), (pos / d, pos % d));
+                    assert_eq!(value.to_bits(), bad.to_bits());
+                }
+                other => panic!("unexpected error {other:?}"),
+            }
+            let message = err.to_string();
+            assert!(message.contains(&format!("point {}, feature {}", pos / d, pos % d)), "{message}");
+        }
+    }
+
+    #[test]
+    fn non_finite_centroids_are_rejected_with_their_position() {
+        let cpu = CpuBackend::new();
+        for &d in &[3, 64] {
+            let resident = cpu.upload(&Rng(13).values(20 * d), d).unwrap();
+            let mut out = vec![Nearest::default(); 20];
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut centroids = Rng(14).values(4 * d);
+                centroids[2 * d + 1] = bad;
+                match cpu.assign(&resident, &centroids, 4, &mut out) {
+                    Err(KernelError::NonFiniteCentroid { row: 2, col: 1, value }) => {
+                        assert_eq!(value.to_bits(), bad.to_bits());
+                    }
+                    other => panic!("d={d}: unexpected {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shape_errors() {
+        let cpu = CpuBackend::new();
+        assert!(matches!(cpu.upload(&[1.0, 2.0, 3.0], 2), Err(KernelError::Shape(_))));
+        assert!(matches!(cpu.upload(&[1.0], 0), Err(KernelError::Shape(_))));
+
+        let resident = cpu.upload(&[0.0; 12], 3).unwrap();
+        assert_eq!((resident.n(), resident.d()), (4, 3));
+        let mut out = vec![Nearest::default(); 4];
+        assert!(matches!(cpu.assign(&resident, &[], 0, &mut out), Err(KernelError::EmptyCentroids)));
+        assert!(matches!(cpu.assign(&resident, &[0.0; 5], 2, &mut out), Err(KernelError::Shape(_))));
+        assert!(matches!(
+            cpu.assign(&resident, &[0.0; 6], 2, &mut out[..3]),
+            Err(KernelError::Shape(_))
+        ));
+        assert!(cpu.assign(&resident, &[0.0; 6], 2, &mut out).is_ok());
+
+        assert!(matches!(
+            cpu.partial_sums(&resident, &[0, 0, 0], 1),
+            Err(KernelError::Shape(_))
+        ));
+        assert!(matches!(cpu.partial_sums(&resident, &[0; 4], 0), Err(KernelError::EmptyCentroids)));
+    }
+
+    #[test]
+    fn labels_out_of_range_are_rejected() {
+        let cpu = CpuBackend::new();
+        let resident = cpu.upload(&Rng(15).values(6 * 2), 2).unwrap();
+        let err = cpu.partial_sums(&resident, &[0, 1, 2, 3, 1, 0], 3).unwrap_err();
+        assert!(matches!(err, KernelError::Shape(_)), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("point 3") && message.contains("label 3"), "{message}");
+    }
+
+    #[test]
+    fn empty_upload_works() {
+        let cpu = CpuBackend::new();
+        let resident = cpu.upload(&[], 5).unwrap();
+        assert_eq!(resident.n(), 0);
+        cpu.assign(&resident, &[0.0; 10], 2, &mut []).unwrap();
+        assert_eq!(cpu.partial_sums(&resident, &[], 2).unwrap(), PartialSums::zeros(2, 5));
+        assert!(cpu.download_rows(&resident, &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn download_rows_copies_rows_and_rejects_bad_indices() {
+        let cpu = CpuBackend::new();
+        let points = Rng(16).values(7 * 3);
+        let resident = cpu.upload(&points, 3).unwrap();
+        let got = cpu.download_rows(&resident, &[6, 0, 6, 2]).unwrap();
+        let want: Vec<f32> = [6, 0, 6, 2].iter().flat_map(|&r| points[r * 3..r * 3 + 3].to_vec()).collect();
+        assert_eq!(got, want);
+        assert!(matches!(cpu.download_rows(&resident, &[1, 7]), Err(KernelError::Shape(_))));
+    }
+
+    #[test]
+    fn points_of_another_backend_are_rejected() {
+        let cpu = CpuBackend::new();
+        assert_eq!(cpu.name(), "cpu");
+        let foreign = Resident::new(1, 1, "cuda:0", Box::new(()));
+        let mut out = vec![Nearest::default()];
+        assert!(matches!(
+            cpu.assign(&foreign, &[0.0], 1, &mut out),
+            Err(KernelError::ForeignPoints("cuda:0"))
+        ));
+        assert!(matches!(cpu.partial_sums(&foreign, &[0], 1), Err(KernelError::ForeignPoints(_))));
+        assert!(matches!(cpu.download_rows(&foreign, &[0]), Err(KernelError::ForeignPoints(_))));
+        // Right name, wrong storage.
+        let wrong = Resident::new(1, 1, "cpu", Box::new(()));
+        assert!(matches!(cpu.download_rows(&wrong, &[0]), Err(KernelError::ForeignPoints(_))));
+    }
+}

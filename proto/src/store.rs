@@ -1,0 +1,341 @@
+//! Where data lives. Every path in a spec is a local path, a `file://` URL or (with
+//! S3 support) an `s3://` URL; all I/O goes through `object_store`, so nothing
+//! assumes a local filesystem.
+
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("`{url}` is not a usable location: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("`{url}`: the `{scheme}://` scheme is not supported; use a local path or file:// URL")]
+    Unsupported { url: String, scheme: String },
+    #[error("no input objects match `{pattern}` (looked for a file, a folder and a glob)")]
+    NoInputs { pattern: String },
+    #[error("`{pattern}` is not a valid glob: {reason}")]
+    BadGlob { pattern: String, reason: String },
+    #[error("object store error at `{url}`: {source}")]
+    Io {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+impl StoreError {
+    pub fn io(url: impl Into<String>, source: object_store::Error) -> Self {
+        StoreError::Io {
+            url: url.into(),
+            source,
+        }
+    }
+
+    /// Whether trying the same call again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. }
+            if !matches!(source, object_store::Error::NotFound { .. } | object_store::Error::InvalidPath { .. }))
+    }
+}
+
+/// A location in an object store: the store, the path inside it, and its URL.
+#[derive(Clone)]
+pub struct Location {
+    pub store: Arc<dyn ObjectStore>,
+    pub path: Path,
+    /// Scheme and authority, e.g. `file://`, to rebuild URLs of children.
+    root: String,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url())
+    }
+}
+
+impl Location {
+    /// The URL of this location.
+    pub fn url(&self) -> String {
+        self.url_of(&self.path)
+    }
+
+    /// The URL of another path in the same store.
+    pub fn url_of(&self, path: &Path) -> String {
+        format!("{}/{}", self.root, path)
+    }
+
+    /// A location below this one; `rel` is `/`-separated.
+    pub fn child(&self, rel: &str) -> Location {
+        let mut path = self.path.clone();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            path = path.join(part);
+        }
+        Location {
+            store: self.store.clone(),
+            path,
+            root: self.root.clone(),
+        }
+    }
+
+    /// The same store at another path.
+    pub fn at(&self, path: Path) -> Location {
+        Location {
+            store: self.store.clone(),
+            path,
+            root: self.root.clone(),
+        }
+    }
+
+    /// The path of `full` relative to this location (for manifests).
+    pub fn relative(&self, full: &Path) -> String {
+        match full.prefix_match(&self.path) {
+            Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
+            None => full.to_string(),
+        }
+    }
+
+    pub async fn put(&self, bytes: bytes::Bytes) -> Result<(), StoreError> {
+        self.store
+            .put(&self.path, bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::io(self.url(), e))
+    }
+
+    pub async fn get(&self) -> Result<bytes::Bytes, StoreError> {
+        let url = self.url();
+        let got = self.store.get(&self.path).await.map_err(|e| StoreError::io(&url, e))?;
+        got.bytes().await.map_err(|e| StoreError::io(url, e))
+    }
+
+    /// Metadata of the object here, or `None` when there is none.
+    pub async fn head(&self) -> Result<Option<object_store::ObjectMeta>, StoreError> {
+        match self.store.head(&self.path).await {
+            Ok(meta) => Ok(Some(meta)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(StoreError::io(self.url(), e)),
+        }
+    }
+
+    /// Every object below this location, sorted by path.
+    pub async fn list(&self) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
+        let mut all: Vec<_> = match self.store.list(Some(&self.path)).try_collect().await {
+            Ok(all) => all,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(StoreError::io(self.url(), e)),
+        };
+        all.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(all)
+    }
+
+    /// Deletes every object below this location (and the object here, if any).
+    pub async fn delete_all(&self) -> Result<(), StoreError> {
+        for meta in self.list().await? {
+            match self.store.delete(&meta.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(StoreError::io(self.url_of(&meta.location), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the object here if it exists.
+    pub async fn delete(&self) -> Result<(), StoreError> {
+        match self.store.delete(&self.path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::io(self.url(), e)),
+        }
+    }
+}
+
+/// Resolves a path or URL to a store and a path in it.
+pub fn resolve(url_or_path: &str) -> Result<Location, StoreError> {
+    let s = url_or_path.trim();
+    let local = if let Some(rest) = s.strip_prefix("file://") {
+        rest.to_string()
+    } else if let Some((scheme, _)) = s.split_once("://") {
+        return Err(StoreError::Unsupported {
+            url: s.to_string(),
+            scheme: scheme.to_string(),
+        });
+    } else {
+        s.to_string()
+    };
+    let fs_path = std::path::Path::new(&local);
+    let abs = if fs_path.is_absolute() {
+        fs_path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| StoreError::InvalidUrl {
+                url: s.to_string(),
+                reason: format!("relative path and no working directory: {e}"),
+            })?
+            .join(fs_path)
+    };
+    let path = Path::from_absolute_path(&abs).map_err(|e| StoreError::InvalidUrl {
+        url: s.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(Location {
+        store: local_store(),
+        path,
+        root: "file://".to_string(),
+    })
+}
+
+fn local_store() -> Arc<dyn ObjectStore> {
+    static STORE: std::sync::OnceLock<Arc<dyn ObjectStore>> = std::sync::OnceLock::new();
+    STORE
+        .get_or_init(|| Arc::new(LocalFileSystem::new()))
+        .clone()
+}
+
+/// One input object found by [`list_inputs`].
+#[derive(Debug, Clone)]
+pub struct InputObject {
+    pub url: String,
+    pub size: u64,
+    pub e_tag: Option<String>,
+    pub last_modified_ms: i64,
+}
+
+fn is_glob(s: &str) -> bool {
+    s.contains(['*', '?', '[', '{'])
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.filename()
+        .is_some_and(|name| name.starts_with('_') || name.starts_with('.'))
+}
+
+fn to_input(loc: &Location, meta: object_store::ObjectMeta) -> InputObject {
+    InputObject {
+        url: loc.url_of(&meta.location),
+        size: meta.size,
+        e_tag: meta.e_tag,
+        last_modified_ms: meta.last_modified.timestamp_millis(),
+    }
+}
+
+/// The objects a spec's `input.interactions` names: one file, every object under a
+/// folder (names starting with `_` or `.` skipped), or every object matching a glob.
+/// Sorted by URL, so splits are planned the same way every time.
+pub async fn list_inputs(pattern: &str) -> Result<Vec<InputObject>, StoreError> {
+    let pattern = pattern.trim();
+    let mut found = Vec::new();
+    if is_glob(pattern) {
+        // List from the longest prefix without glob characters, then match.
+        let cut = pattern.find(['*', '?', '[', '{']).unwrap_or(pattern.len());
+        let dir_end = pattern[..cut].rfind('/').map(|i| i + 1).unwrap_or(0);
+        let base = resolve(&pattern[..dir_end.max(1)])?;
+        let glob_text = format!("{}/{}", base.path, &pattern[dir_end..]);
+        let glob = globset::GlobBuilder::new(glob_text.trim_start_matches('/'))
+            .literal_separator(true)
+            .build()
+            .map_err(|e| StoreError::BadGlob {
+                pattern: pattern.to_string(),
+                reason: e.to_string(),
+            })?
+            .compile_matcher();
+        for meta in base.list().await? {
+            if glob.is_match(meta.location.as_ref()) && !is_hidden(&meta.location) {
+                found.push(to_input(&base, meta));
+            }
+        }
+    } else {
+        let loc = resolve(pattern)?;
+        if let Some(meta) = loc.head().await? {
+            found.push(to_input(&loc, meta));
+        } else {
+            for meta in loc.list().await? {
+                let rel = loc.relative(&meta.location);
+                let hidden = rel.split('/').any(|p| p.starts_with('_') || p.starts_with('.'));
+                if !hidden {
+                    found.push(to_input(&loc, meta));
+                }
+            }
+        }
+    }
+    if found.is_empty() {
+        return Err(StoreError::NoInputs {
+            pattern: pattern.to_string(),
+        });
+    }
+    found.sort_by(|a, b| a.url.cmp(&b.url));
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lists_file_folder_and_glob() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("logs/2024")).unwrap();
+        std::fs::write(root.join("logs/a.csv"), "x\n1\n").unwrap();
+        std::fs::write(root.join("logs/2024/b.csv"), "x\n2\n").unwrap();
+        std::fs::write(root.join("logs/_SUCCESS"), "").unwrap();
+        std::fs::write(root.join("logs/c.parquet"), "x").unwrap();
+
+        let one = list_inputs(&root.join("logs/a.csv").display().to_string()).await.unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].size, 4);
+        assert!(one[0].url.starts_with("file:///"), "{}", one[0].url);
+
+        let folder = list_inputs(&root.join("logs").display().to_string()).await.unwrap();
+        let names: Vec<_> = folder.iter().map(|o| o.url.rsplit('/').next().unwrap().to_string()).collect();
+        assert_eq!(names, vec!["b.csv", "a.csv", "c.parquet"]);
+
+        let glob = list_inputs(&format!("{}/logs/*.csv", root.display())).await.unwrap();
+        assert_eq!(glob.len(), 1, "* does not cross folders");
+        let deep = list_inputs(&format!("{}/logs/**/*.csv", root.display())).await.unwrap();
+        assert_eq!(deep.len(), 2);
+
+        let url = format!("file://{}", root.join("logs/a.csv").display());
+        assert_eq!(list_inputs(&url).await.unwrap().len(), 1);
+
+        let err = list_inputs(&root.join("nothing-here").display().to_string()).await.unwrap_err();
+        assert!(matches!(err, StoreError::NoInputs { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn put_get_relative_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = resolve(&dir.path().join("out").display().to_string()).unwrap();
+        let f = out.child("a/b.txt");
+        f.put(bytes::Bytes::from_static(b"hi")).await.unwrap();
+        assert_eq!(&f.get().await.unwrap()[..], b"hi");
+        assert_eq!(out.relative(&f.path), "a/b.txt");
+        assert!(f.head().await.unwrap().is_some());
+        out.delete_all().await.unwrap();
+        assert!(f.head().await.unwrap().is_none());
+    }
+
+    #[test]
+    fn unsupported_scheme_is_named() {
+        let err = resolve("gs://bucket/x").unwrap_err().to_string();
+        assert!(err.contains("gs://"), "{err}");
+    }
+}
+
+/// Encodes record batches as one Parquet file (zstd-compressed) in memory.
+pub fn encode_parquet(
+    schema: arrow::datatypes::SchemaRef,
+    batches: &[arrow::record_batch::RecordBatch],
+) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .build();
+    let mut buf = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, Some(props))?;
+    for b in batches {
+        writer.write(b)?;
+    }
+    writer.close()?;
+    Ok(buf)
+}

@@ -1,0 +1,271 @@
+//! `shoal`: the one command-line tool. It parses arguments, sets up tracing and
+//! calls into the crates; everything else lives in them.
+
+mod client;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use shoal_coordinator::{spawn_coordinator, CoordinatorConfig, StateConfig};
+use shoal_kernels::{Backend, CpuBackend};
+use shoal_proto::spec::DEMO_SPEC;
+use shoal_proto::JobSpec;
+use shoal_worker::{spawn_worker, WorkerConfig};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "Customer segmentation from behaviour, at cluster scale")]
+struct Cli {
+    /// Log format: human-readable text, or JSON lines for log collectors.
+    #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `shoal_worker=debug`.
+    #[arg(long, global = true, env = "SHOAL_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Segment the bundled Online Retail log with in-process workers over loopback gRPC.
+    Demo {
+        /// Workers to start.
+        #[arg(long, env = "SHOAL_WORKERS", default_value_t = 2)]
+        workers: u32,
+        /// Output folder (default: out/online-retail).
+        #[arg(long, env = "SHOAL_OUTPUT")]
+        output: Option<String>,
+    },
+    /// Run a job spec with a coordinator and workers in this process (loopback gRPC).
+    Run {
+        /// The job spec (TOML).
+        #[arg(env = "SHOAL_SPEC")]
+        spec: PathBuf,
+        /// Workers to start (default: the spec's cluster.workers).
+        #[arg(long, env = "SHOAL_WORKERS")]
+        workers: Option<u32>,
+    },
+    /// Run a standing coordinator that operators submit jobs to and workers register with.
+    Coordinator {
+        #[arg(long, env = "SHOAL_LISTEN", default_value = "0.0.0.0:7070")]
+        listen: SocketAddr,
+        /// Jobs running at once; the others queue (FIFO).
+        #[arg(long, env = "SHOAL_MAX_RUNNING_JOBS", default_value_t = 1)]
+        max_running_jobs: usize,
+        /// Seconds without a heartbeat after which a worker is dropped.
+        #[arg(long, env = "SHOAL_WORKER_TIMEOUT_SECS", default_value_t = 10)]
+        worker_timeout_secs: u64,
+        /// Seconds a job waits for its first worker.
+        #[arg(long, env = "SHOAL_WORKER_WAIT_SECS", default_value_t = 60)]
+        worker_wait_secs: u64,
+    },
+    /// Run a worker that registers with a coordinator and does what it is told.
+    Worker {
+        /// The coordinator's URL, e.g. http://coordinator:7070
+        #[arg(long, env = "SHOAL_COORDINATOR")]
+        coordinator: String,
+        #[arg(long, env = "SHOAL_LISTEN", default_value = "0.0.0.0:7071")]
+        listen: SocketAddr,
+        /// URL the coordinator reaches this worker at (default: http://<listen address>).
+        #[arg(long, env = "SHOAL_ADVERTISE")]
+        advertise: Option<String>,
+    },
+    /// Submit a job spec to a standing coordinator.
+    Submit {
+        #[arg(env = "SHOAL_SPEC")]
+        spec: PathBuf,
+        #[arg(long, env = "SHOAL_COORDINATOR")]
+        coordinator: String,
+        /// Wait for the job to finish, showing its progress; exit 0 only on success.
+        #[arg(long, env = "SHOAL_WAIT")]
+        wait: bool,
+    },
+    /// Show a job's status.
+    Status {
+        job: String,
+        #[arg(long, env = "SHOAL_COORDINATOR")]
+        coordinator: String,
+    },
+}
+
+fn init_tracing(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format, &cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn cwd() -> Result<PathBuf, BoxError> {
+    Ok(std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?)
+}
+
+async fn run(command: Command) -> Result<ExitCode, BoxError> {
+    match command {
+        Command::Demo { workers, output } => {
+            // The bundled data lives in the repository; run from anywhere.
+            let base = if Path::new("data/online-retail").is_dir() {
+                cwd()?
+            } else {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            };
+            let mut spec = JobSpec::parse(DEMO_SPEC)?;
+            spec.resolve_paths(&base);
+            if let Some(out) = output {
+                spec.output.path = out;
+                spec.resolve_paths(&cwd()?);
+            }
+            run_in_process(spec, workers).await
+        }
+        Command::Run { spec, workers } => {
+            let spec = JobSpec::from_file(&spec, &cwd()?)?;
+            let workers = workers.unwrap_or(spec.cluster.workers);
+            run_in_process(spec, workers).await
+        }
+        Command::Coordinator {
+            listen,
+            max_running_jobs,
+            worker_timeout_secs,
+            worker_wait_secs,
+        } => {
+            let shutdown = CancellationToken::new();
+            let config = CoordinatorConfig {
+                listen,
+                state: StateConfig {
+                    max_running_jobs,
+                    worker_timeout: Duration::from_secs(worker_timeout_secs),
+                    worker_wait: Duration::from_secs(worker_wait_secs),
+                    ..StateConfig::default()
+                },
+            };
+            let handle = spawn_coordinator(config, shutdown.clone()).await?;
+            eprintln!("shoal coordinator listening on {}", handle.url());
+            stop_on_signal(shutdown);
+            handle.wait().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker {
+            coordinator,
+            listen,
+            advertise,
+        } => {
+            let shutdown = CancellationToken::new();
+            let config = WorkerConfig {
+                listen,
+                coordinator,
+                advertise,
+                ..WorkerConfig::default()
+            };
+            let handle = spawn_worker(config, backend(), shutdown.clone()).await?;
+            eprintln!("shoal worker listening on {}", handle.addr);
+            stop_on_signal(shutdown);
+            handle.wait().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Submit { spec, coordinator, wait } => {
+            let spec = JobSpec::from_file(&spec, &cwd()?)?;
+            let mut client = client::Client::connect(&coordinator).await?;
+            let job = client.submit(&spec).await?;
+            println!("{job}");
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let status = client.watch(&job).await?;
+            client::finish(&status).await
+        }
+        Command::Status { job, coordinator } => {
+            let mut client = client::Client::connect(&coordinator).await?;
+            let status = client.status(&job).await?;
+            println!("{}", client::describe(&status));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn backend() -> Arc<dyn Backend> {
+    Arc::new(CpuBackend::new())
+}
+
+fn stop_on_signal(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        shutdown.cancel();
+    });
+}
+
+/// A coordinator and `workers` workers in this process, on loopback ports, talking
+/// real gRPC; the job is submitted and watched through the operators' API.
+async fn run_in_process(spec: JobSpec, workers: u32) -> Result<ExitCode, BoxError> {
+    let shutdown = CancellationToken::new();
+    let coordinator = spawn_coordinator(CoordinatorConfig::default(), shutdown.clone()).await?;
+    let url = coordinator.url();
+    let mut handles = Vec::new();
+    for _ in 0..workers.max(1) {
+        let config = WorkerConfig {
+            coordinator: url.clone(),
+            ..WorkerConfig::default()
+        };
+        handles.push(spawn_worker(config, backend(), shutdown.clone()).await?);
+    }
+    stop_on_signal(shutdown.clone());
+    let mut client = client::Client::connect(&url).await?;
+    client.wait_for_workers(workers.max(1) as usize, Duration::from_secs(30)).await?;
+    let job = client.submit(&spec).await?;
+    let status = client.watch(&job).await?;
+    let code = client::finish(&status).await;
+    shutdown.cancel();
+    for h in handles {
+        let _ = h.wait().await;
+    }
+    let _ = coordinator.wait().await;
+    code
+}

@@ -1,0 +1,118 @@
+//! The worker's errors. Each says what went wrong and where, classifies itself as
+//! retryable or not, and maps to a gRPC status in one table ([`WorkerError::code`]).
+
+use shoal_kernels::KernelError;
+use shoal_proto::{SpecError, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("column `{column}` (input.columns.{field}) not found in {file}; columns are: {}", present.join(", "))]
+    MissingColumn {
+        file: String,
+        field: &'static str,
+        column: String,
+        present: Vec<String>,
+    },
+    #[error("{file}, row {row}: {reason}: {detail} (input.clean.on_bad_rows = \"fail\"; set it to \"skip\" to drop and count such rows)")]
+    BadRow {
+        file: String,
+        /// 1-based data row (the header is not counted).
+        row: u64,
+        reason: &'static str,
+        detail: String,
+    },
+    #[error("{file}: column `{column}` has type {data_type}, which cannot hold {field} values")]
+    ColumnType {
+        file: String,
+        field: &'static str,
+        column: String,
+        data_type: String,
+    },
+    #[error("{file}: cannot read CSV: {source}")]
+    Csv {
+        file: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    #[error("{file}: cannot read gzip: {source}")]
+    Gzip {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: cannot read or write Parquet: {source}")]
+    Parquet {
+        file: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("{file}: {source}")]
+    Arrow {
+        file: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    #[error("this worker holds no state for job {job}: it was restarted or never loaded the job's shards")]
+    UnknownJob { job: String },
+    #[error("this worker does not hold shard {shard} of job {job}")]
+    UnknownShard { job: String, shard: u32 },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("the job was cancelled")]
+    Cancelled,
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("coordinator {coordinator} refused this worker: {message}")]
+    Refused { coordinator: String, message: String },
+}
+
+impl WorkerError {
+    /// Whether the coordinator may retry the step (on this or another worker).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            WorkerError::Store(e) => e.is_retryable(),
+            WorkerError::UnknownJob { .. } | WorkerError::UnknownShard { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The one table from errors to gRPC codes.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            WorkerError::Spec(_)
+            | WorkerError::MissingColumn { .. }
+            | WorkerError::BadRow { .. }
+            | WorkerError::ColumnType { .. }
+            | WorkerError::Csv { .. }
+            | WorkerError::Gzip { .. }
+            | WorkerError::Parquet { .. }
+            | WorkerError::Arrow { .. }
+            | WorkerError::Kernel(_)
+            | WorkerError::InvalidRequest(_) => Code::InvalidArgument,
+            WorkerError::Store(StoreError::Io { .. }) => Code::Unavailable,
+            WorkerError::Store(_) => Code::InvalidArgument,
+            WorkerError::UnknownJob { .. } | WorkerError::UnknownShard { .. } => Code::FailedPrecondition,
+            WorkerError::Cancelled => Code::Cancelled,
+            WorkerError::Bind { .. } | WorkerError::Serve(_) | WorkerError::Refused { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<WorkerError> for tonic::Status {
+    fn from(e: WorkerError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}

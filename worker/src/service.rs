@@ -1,0 +1,576 @@
+//! The gRPC `WorkerService`: every step of a job, as the coordinator pushes it.
+//! The worker keeps per-job state (its shards' users, RFM and resident points) and
+//! nothing else; the coordinator decides what runs next.
+
+use crate::load::{self, ShardRfm, DIMS};
+use crate::{ingest, staging, WorkerError};
+use arrow::array::{ArrayRef, Float32Array, Float64Array, StringArray, UInt32Array, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use futures::StreamExt;
+use shoal_kernels::{Backend, Nearest, Resident, NO_SECOND};
+use shoal_proto::pb::worker_service_server::WorkerService;
+use shoal_proto::pb::{self, PointRef};
+use shoal_proto::sketch::Sketch;
+use shoal_proto::{hash, store, JobSpec};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use tokio::sync::OwnedMutexGuard;
+use tonic::{Request, Response, Status};
+use tracing::{info, info_span, Instrument};
+
+/// One user shard held by this worker.
+struct Shard {
+    rfm: ShardRfm,
+    /// log-scaled features, row-major `DIMS` per user (before standardisation)
+    log_features: Vec<f64>,
+    points: Option<Resident>,
+    /// k-means|| cost of every point: squared distance to the nearest chosen center
+    costs: Vec<f32>,
+    nearest: Vec<Nearest>,
+}
+
+impl Shard {
+    fn points(&self, job: &str, shard: u32) -> Result<&Resident, WorkerError> {
+        self.points.as_ref().ok_or_else(|| {
+            WorkerError::InvalidRequest(format!("job {job} shard {shard} is not standardised yet"))
+        })
+    }
+}
+
+struct JobState {
+    shards: BTreeMap<u32, Shard>,
+}
+
+type JobHandle = Arc<tokio::sync::Mutex<JobState>>;
+
+/// The worker's service state.
+#[derive(Clone)]
+pub struct WorkerServiceImpl {
+    backend: Arc<dyn Backend>,
+    jobs: Arc<Mutex<HashMap<String, JobHandle>>>,
+    /// splits read at once by one Ingest call
+    ingest_parallelism: usize,
+}
+
+impl WorkerServiceImpl {
+    pub fn new(backend: Arc<dyn Backend>, ingest_parallelism: usize) -> Self {
+        WorkerServiceImpl {
+            backend,
+            jobs: Arc::default(),
+            ingest_parallelism: ingest_parallelism.max(1),
+        }
+    }
+
+    fn job_handle(&self, job: &str) -> Result<JobHandle, WorkerError> {
+        self.jobs
+            .lock()
+            .expect("job map lock")
+            .get(job)
+            .cloned()
+            .ok_or_else(|| WorkerError::UnknownJob { job: job.to_string() })
+    }
+
+    async fn lock(&self, job: &str) -> Result<OwnedMutexGuard<JobState>, WorkerError> {
+        Ok(self.job_handle(job)?.lock_owned().await)
+    }
+
+    /// Runs `f` on the job's state on a blocking thread (the work is CPU-bound).
+    async fn with_job<T, F>(&self, job: &str, f: F) -> Result<T, WorkerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut JobState, &dyn Backend) -> Result<T, WorkerError> + Send + 'static,
+    {
+        let mut guard = self.lock(job).await?;
+        let backend = self.backend.clone();
+        tokio::task::spawn_blocking(move || f(&mut guard, backend.as_ref()))
+            .await
+            .map_err(|e| WorkerError::InvalidRequest(format!("step panicked: {e}")))?
+    }
+
+    /// Number of jobs this worker holds state for.
+    pub fn jobs_held(&self) -> usize {
+        self.jobs.lock().expect("job map lock").len()
+    }
+}
+
+fn check_dims(dims: u32, values: usize, what: &str) -> Result<usize, WorkerError> {
+    let d = dims as usize;
+    if d != DIMS {
+        return Err(WorkerError::InvalidRequest(format!("{what}: {d} dimensions, this worker's features have {DIMS}")));
+    }
+    if values % d != 0 {
+        return Err(WorkerError::InvalidRequest(format!("{what}: {values} values is not a multiple of {d}")));
+    }
+    Ok(values / d)
+}
+
+fn parse_context(ctx: Option<&pb::JobContext>) -> Result<(String, JobSpec, store::Location), WorkerError> {
+    let ctx = ctx.ok_or_else(|| WorkerError::InvalidRequest("missing job context".into()))?;
+    let spec = JobSpec::parse(&ctx.spec_toml)?;
+    let staging = store::resolve(&ctx.staging)?;
+    Ok((ctx.job_id.clone(), spec, staging))
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerServiceImpl {
+    async fn ingest(&self, req: Request<pb::IngestRequest>) -> Result<Response<pb::IngestResponse>, Status> {
+        let req = req.into_inner();
+        let (job, spec, staging) = parse_context(req.job.as_ref())?;
+        let span = info_span!("ingest", job = %job, attempt = req.attempt, phase = "ingest");
+        let spec = Arc::new(spec);
+        let staging = Arc::new(staging);
+        async move {
+            let mut results: Vec<pb::SplitResult> = futures::stream::iter(req.splits.into_iter())
+                .map(|split| {
+                    let (spec, staging) = (spec.clone(), staging.clone());
+                    // each split on its own task, so parsing runs on all cores
+                    tokio::spawn(async move { ingest::ingest_split(&spec, &split, &staging).await })
+                })
+                .buffer_unordered(self.ingest_parallelism)
+                .map(|joined| joined.map_err(|e| WorkerError::InvalidRequest(format!("ingest task failed: {e}")))?)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
+            results.sort_by_key(|r| r.split);
+            let rows: u64 = results.iter().filter_map(|r| r.counts.as_ref()).map(|c| c.read).sum();
+            info!(splits = results.len(), rows, "ingested");
+            Ok(Response::new(pb::IngestResponse { splits: results }))
+        }
+        .instrument(span)
+        .await
+        .map_err(|e: WorkerError| e.into())
+    }
+
+    async fn load_shards(&self, req: Request<pb::LoadShardsRequest>) -> Result<Response<pb::LoadShardsResponse>, Status> {
+        let req = req.into_inner();
+        let (job, _spec, staging) = parse_context(req.job.as_ref())?;
+        let span = info_span!("load", job = %job, attempt = req.attempt, phase = "load");
+        async move {
+            let mut loaded = BTreeMap::new();
+            let mut stats = Vec::new();
+            for &shard in &req.shards {
+                let batches = staging::read_shard(&staging, shard).await?;
+                let reference = req.reference_time_ms;
+                let (rfm, feats) = tokio::task::spawn_blocking(move || {
+                    let rfm = load::aggregate(&batches, reference)?;
+                    let feats = rfm.log_features();
+                    Ok::<_, WorkerError>((rfm, feats))
+                })
+                .await
+                .map_err(|e| WorkerError::InvalidRequest(format!("load panicked: {e}")))??;
+                stats.push(pb::ShardStats {
+                    shard,
+                    users: rfm.len() as u64,
+                    moments: load::moments(&feats, DIMS),
+                });
+                loaded.insert(
+                    shard,
+                    Shard {
+                        rfm,
+                        log_features: feats,
+                        points: None,
+                        costs: Vec::new(),
+                        nearest: Vec::new(),
+                    },
+                );
+            }
+            let users: u64 = stats.iter().map(|s| s.users).sum();
+            info!(shards = req.shards.len(), users, "loaded");
+            // A reload replaces what the worker held for the job.
+            let handle = Arc::new(tokio::sync::Mutex::new(JobState { shards: loaded }));
+            self.jobs.lock().expect("job map lock").insert(job.clone(), handle);
+            Ok(Response::new(pb::LoadShardsResponse {
+                shards: stats,
+                dims: DIMS as u32,
+            }))
+        }
+        .instrument(span)
+        .await
+        .map_err(|e: WorkerError| e.into())
+    }
+
+    async fn standardize(&self, req: Request<pb::StandardizeRequest>) -> Result<Response<pb::StandardizeResponse>, Status> {
+        let req = req.into_inner();
+        if req.mean.len() != DIMS || req.scale.len() != DIMS {
+            return Err(WorkerError::InvalidRequest(format!("scaling needs {DIMS} means and scales")).into());
+        }
+        self.with_job(&req.job_id, move |job, backend| {
+            for shard in job.shards.values_mut() {
+                let scaled: Vec<f32> = shard
+                    .log_features
+                    .chunks_exact(DIMS)
+                    .flat_map(|row| row.iter().enumerate().map(|(j, x)| ((x - req.mean[j]) / req.scale[j]) as f32))
+                    .collect();
+                shard.points = Some(backend.upload(&scaled, DIMS)?);
+                shard.costs = vec![f32::INFINITY; shard.rfm.len()];
+                shard.nearest = vec![Nearest::default(); shard.rfm.len()];
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(pb::StandardizeResponse {}))
+    }
+
+    async fn get_points(&self, req: Request<pb::GetPointsRequest>) -> Result<Response<pb::GetPointsResponse>, Status> {
+        let req = req.into_inner();
+        let job_id = req.job_id.clone();
+        let values = self
+            .with_job(&req.job_id, move |job, backend| {
+                let mut values = Vec::with_capacity(req.points.len() * DIMS);
+                for p in &req.points {
+                    let shard = job
+                        .shards
+                        .get(&p.shard)
+                        .ok_or(WorkerError::UnknownShard { job: job_id.clone(), shard: p.shard })?;
+                    let row = u32::try_from(p.index)
+                        .map_err(|_| WorkerError::InvalidRequest(format!("point index {} out of range", p.index)))?;
+                    values.extend(backend.download_rows(shard.points(&job_id, p.shard)?, &[row])?);
+                }
+                Ok(values)
+            })
+            .await?;
+        Ok(Response::new(pb::GetPointsResponse { dims: DIMS as u32, values }))
+    }
+
+    async fn init_costs(&self, req: Request<pb::InitCostsRequest>) -> Result<Response<pb::InitCostsResponse>, Status> {
+        let req = req.into_inner();
+        let k = check_dims(req.dims, req.new_centers.len(), "new centers")?;
+        let job_id = req.job_id.clone();
+        let shards = self
+            .with_job(&req.job_id, move |job, backend| {
+                let mut out = Vec::new();
+                for (&id, shard) in job.shards.iter_mut() {
+                    if k > 0 && !shard.rfm.is_empty() {
+                        let points = shard.points.as_ref().ok_or_else(|| {
+                            WorkerError::InvalidRequest(format!("job {job_id} shard {id} is not standardised yet"))
+                        })?;
+                        backend.assign(points, &req.new_centers, k, &mut shard.nearest)?;
+                        for (c, n) in shard.costs.iter_mut().zip(&shard.nearest) {
+                            *c = c.min(n.best_dist);
+                        }
+                    }
+                    let cost: f64 = shard.costs.iter().map(|c| f64::from(*c)).sum();
+                    out.push(pb::ShardCost { shard: id, cost });
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(Response::new(pb::InitCostsResponse { shards }))
+    }
+
+    async fn init_sample(&self, req: Request<pb::InitSampleRequest>) -> Result<Response<pb::InitSampleResponse>, Status> {
+        let req = req.into_inner();
+        if !(req.total_cost.is_finite() && req.total_cost >= 0.0 && req.oversampling > 0.0) {
+            return Err(WorkerError::InvalidRequest("sampling needs a finite total cost and positive oversampling".into()).into());
+        }
+        let job_id = req.job_id.clone();
+        let points = self
+            .with_job(&req.job_id, move |job, backend| {
+                let mut out = Vec::new();
+                if req.total_cost == 0.0 {
+                    return Ok(out);
+                }
+                for (&id, shard) in job.shards.iter() {
+                    let mut rows = Vec::new();
+                    for (i, cost) in shard.costs.iter().enumerate() {
+                        let p = (req.oversampling * f64::from(*cost) / req.total_cost).min(1.0);
+                        let u = hash::unit(hash::key(req.seed, &[u64::from(req.round), u64::from(id), i as u64]));
+                        if u < p {
+                            rows.push(i as u32);
+                        }
+                    }
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let values = backend.download_rows(shard.points(&job_id, id)?, &rows)?;
+                    for (row, v) in rows.iter().zip(values.chunks_exact(DIMS)) {
+                        out.push(pb::SampledPoint {
+                            point: Some(PointRef { shard: id, index: u64::from(*row) }),
+                            values: v.to_vec(),
+                        });
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(Response::new(pb::InitSampleResponse { points }))
+    }
+
+    async fn lloyd_step(&self, req: Request<pb::LloydStepRequest>) -> Result<Response<pb::LloydStepResponse>, Status> {
+        let req = req.into_inner();
+        let k = check_dims(req.dims, req.centroids.len(), "centroids")?;
+        if k != req.k as usize || k == 0 {
+            return Err(WorkerError::InvalidRequest(format!("k = {} but {} centroids were sent", req.k, k)).into());
+        }
+        let job_id = req.job_id.clone();
+        let shards = self
+            .with_job(&req.job_id, move |job, backend| {
+                let mut out = Vec::new();
+                for (&id, shard) in job.shards.iter_mut() {
+                    if shard.rfm.is_empty() {
+                        out.push(pb::ShardPartial {
+                            shard: id,
+                            sums: vec![0.0; k * DIMS],
+                            counts: vec![0; k],
+                            inertia: 0.0,
+                            far: Vec::new(),
+                        });
+                        continue;
+                    }
+                    let points = shard.points.as_ref().ok_or_else(|| {
+                        WorkerError::InvalidRequest(format!("job {job_id} shard {id} is not standardised yet"))
+                    })?;
+                    backend.assign(points, &req.centroids, k, &mut shard.nearest)?;
+                    let labels: Vec<u32> = shard.nearest.iter().map(|n| n.best).collect();
+                    let partial = backend.partial_sums(points, &labels, k)?;
+                    let inertia: f64 = shard.nearest.iter().map(|n| f64::from(n.best_dist)).sum();
+                    let far_rows = farthest(&shard.nearest, req.far_points as usize);
+                    let values = backend.download_rows(points, &far_rows)?;
+                    let far = far_rows
+                        .iter()
+                        .zip(values.chunks_exact(DIMS))
+                        .map(|(&row, v)| pb::FarPoint {
+                            point: Some(PointRef { shard: id, index: u64::from(row) }),
+                            label: shard.nearest[row as usize].best,
+                            distance: f64::from(shard.nearest[row as usize].best_dist),
+                            values: v.to_vec(),
+                        })
+                        .collect();
+                    out.push(pb::ShardPartial {
+                        shard: id,
+                        sums: partial.sums,
+                        counts: partial.counts,
+                        inertia,
+                        far,
+                    });
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(Response::new(pb::LloydStepResponse { shards }))
+    }
+
+    async fn finalize(&self, req: Request<pb::FinalizeRequest>) -> Result<Response<pb::FinalizeResponse>, Status> {
+        let req = req.into_inner();
+        let k = check_dims(req.dims, req.centroids.len(), "centroids")?;
+        if k != req.k as usize || k == 0 {
+            return Err(WorkerError::InvalidRequest(format!("k = {} but {} centroids were sent", req.k, k)).into());
+        }
+        let output = store::resolve(&req.output).map_err(WorkerError::from)?;
+        let span = info_span!("finalize", job = %req.job_id, attempt = req.attempt, phase = "finalize");
+        let job_id = req.job_id.clone();
+        let req = Arc::new(req);
+        let (finals, files) = {
+            let req = req.clone();
+            self.with_job(&job_id.clone(), move |job, backend| {
+                let mut finals = Vec::new();
+                let mut files = Vec::new();
+                for (&id, shard) in job.shards.iter_mut() {
+                    if shard.rfm.is_empty() {
+                        finals.push(pb::ShardFinal { shard: id, segments: empty_segments(k), sample: Vec::new(), file: None });
+                        continue;
+                    }
+                    let points = shard.points.as_ref().ok_or_else(|| {
+                        WorkerError::InvalidRequest(format!("job {job_id} shard {id} is not standardised yet"))
+                    })?;
+                    backend.assign(points, &req.centroids, k, &mut shard.nearest)?;
+                    let all_rows: Vec<u32> = (0..shard.rfm.len() as u32).collect();
+                    let scaled = backend.download_rows(points, &all_rows)?;
+                    let segments = segment_partials(&shard.rfm, &scaled, &shard.nearest, k);
+                    let sample = sample_points(&shard.rfm, &shard.nearest, points, backend, req.seed, req.sample_size as usize)?;
+                    let bytes = assignments_parquet(&shard.rfm, &shard.nearest, k)?;
+                    let rel = format!("assignments.parquet/part-{id:05}.parquet");
+                    finals.push(pb::ShardFinal {
+                        shard: id,
+                        segments,
+                        sample,
+                        file: Some(pb::WrittenFile { path: rel.clone(), rows: shard.rfm.len() as u64, bytes: bytes.len() as u64 }),
+                    });
+                    files.push((rel, bytes));
+                }
+                Ok((finals, files))
+            })
+            .instrument(span.clone())
+            .await?
+        };
+        async {
+            for (rel, bytes) in files {
+                output.child(&rel).put(bytes.into()).await.map_err(WorkerError::from)?;
+            }
+            info!(shards = finals.len(), "assignments written");
+            Ok::<_, WorkerError>(())
+        }
+        .instrument(span)
+        .await?;
+        Ok(Response::new(pb::FinalizeResponse { shards: finals }))
+    }
+
+    async fn release_job(&self, req: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
+        let job = req.into_inner().job_id;
+        let removed = self.jobs.lock().expect("job map lock").remove(&job).is_some();
+        info!(job = %job, removed, "released job");
+        Ok(Response::new(pb::ReleaseJobResponse {}))
+    }
+}
+
+/// Rows of the `m` largest distances (ties: lower row first), largest first.
+fn farthest(nearest: &[Nearest], m: usize) -> Vec<u32> {
+    let m = m.min(nearest.len());
+    if m == 0 {
+        return Vec::new();
+    }
+    let mut rows: Vec<u32> = (0..nearest.len() as u32).collect();
+    let order = |a: &u32, b: &u32| {
+        nearest[*b as usize]
+            .best_dist
+            .total_cmp(&nearest[*a as usize].best_dist)
+            .then(a.cmp(b))
+    };
+    if m < rows.len() {
+        rows.select_nth_unstable_by(m - 1, order);
+        rows.truncate(m);
+    }
+    rows.sort_by(order);
+    rows
+}
+
+fn empty_segments(k: usize) -> Vec<pb::SegmentPartial> {
+    (0..k)
+        .map(|_| pb::SegmentPartial {
+            count: 0,
+            rfm_sum: vec![0.0; 3],
+            rfm_sketch: vec![Sketch::default().to_proto(); 3],
+            distance_sum: 0.0,
+            inertia: 0.0,
+            feature_sum: vec![0.0; DIMS],
+        })
+        .collect()
+}
+
+fn segment_partials(rfm: &ShardRfm, points: &[f32], nearest: &[Nearest], k: usize) -> Vec<pb::SegmentPartial> {
+    let mut feature_sum = vec![0.0f64; k * DIMS];
+    let mut count = vec![0u64; k];
+    let mut sums = vec![[0.0f64; 3]; k];
+    let mut sketches = vec![[Sketch::default(), Sketch::default(), Sketch::default()]; k];
+    let mut dist = vec![0.0f64; k];
+    let mut inertia = vec![0.0f64; k];
+    for (i, n) in nearest.iter().enumerate() {
+        let s = n.best as usize;
+        let v = [rfm.recency_days[i], rfm.frequency[i] as f64, rfm.monetary[i]];
+        count[s] += 1;
+        for j in 0..3 {
+            sums[s][j] += v[j];
+            sketches[s][j].add(v[j]);
+        }
+        for (j, x) in points[i * DIMS..(i + 1) * DIMS].iter().enumerate() {
+            feature_sum[s * DIMS + j] += f64::from(*x);
+        }
+        dist[s] += f64::from(n.best_dist).sqrt();
+        inertia[s] += f64::from(n.best_dist);
+    }
+    (0..k)
+        .map(|s| pb::SegmentPartial {
+            count: count[s],
+            rfm_sum: sums[s].to_vec(),
+            rfm_sketch: sketches[s].iter().map(Sketch::to_proto).collect(),
+            distance_sum: dist[s],
+            inertia: inertia[s],
+            feature_sum: feature_sum[s * DIMS..(s + 1) * DIMS].to_vec(),
+        })
+        .collect()
+}
+
+/// The shard's `size` users with the smallest `hash(seed, user)`: a sample whose
+/// union over shards, cut to the smallest keys, is the same however shards are placed.
+fn sample_points(
+    rfm: &ShardRfm,
+    nearest: &[Nearest],
+    points: &Resident,
+    backend: &dyn Backend,
+    seed: u64,
+    size: usize,
+) -> Result<Vec<pb::SamplePoint>, WorkerError> {
+    let mut keyed: Vec<(u64, u32)> = rfm
+        .users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (hash::key_str(seed, u), i as u32))
+        .collect();
+    let size = size.min(keyed.len());
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    if size < keyed.len() {
+        keyed.select_nth_unstable(size - 1);
+        keyed.truncate(size);
+    }
+    keyed.sort_unstable();
+    let rows: Vec<u32> = keyed.iter().map(|(_, r)| *r).collect();
+    let values = backend.download_rows(points, &rows)?;
+    Ok(keyed
+        .iter()
+        .zip(values.chunks_exact(DIMS))
+        .map(|((key, row), v)| pb::SamplePoint {
+            key: *key,
+            label: nearest[*row as usize].best,
+            values: v.to_vec(),
+        })
+        .collect())
+}
+
+/// Schema of `assignments.parquet` parts.
+pub fn assignments_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("segment", DataType::UInt32, false),
+        Field::new("distance", DataType::Float32, false),
+        Field::new("second_segment", DataType::UInt32, true),
+        Field::new("second_distance", DataType::Float32, true),
+        Field::new("recency_days", DataType::Float64, false),
+        Field::new("frequency", DataType::UInt64, false),
+        Field::new("monetary", DataType::Float64, false),
+    ]))
+}
+
+fn assignments_parquet(rfm: &ShardRfm, nearest: &[Nearest], k: usize) -> Result<Vec<u8>, WorkerError> {
+    let second = |n: &Nearest| (k > 1 && n.second != NO_SECOND).then_some(n.second);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rfm.users.iter())),
+        Arc::new(UInt32Array::from_iter_values(nearest.iter().map(|n| n.best))),
+        Arc::new(Float32Array::from_iter_values(nearest.iter().map(|n| n.best_dist.sqrt()))),
+        Arc::new(UInt32Array::from_iter(nearest.iter().map(second))),
+        Arc::new(Float32Array::from_iter(nearest.iter().map(|n| second(n).map(|_| n.second_dist.sqrt())))),
+        Arc::new(Float64Array::from(rfm.recency_days.clone())),
+        Arc::new(UInt64Array::from(rfm.frequency.clone())),
+        Arc::new(Float64Array::from(rfm.monetary.clone())),
+    ];
+    let batch = RecordBatch::try_new(assignments_schema(), columns).map_err(|source| WorkerError::Arrow {
+        file: "assignments.parquet".into(),
+        source,
+    })?;
+    store::encode_parquet(assignments_schema(), &[batch]).map_err(|source| WorkerError::Parquet {
+        file: "assignments.parquet".into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn near(d: &[f32]) -> Vec<Nearest> {
+        d.iter()
+            .map(|&best_dist| Nearest { best: 0, best_dist, second: 1, second_dist: best_dist + 1.0 })
+            .collect()
+    }
+
+    #[test]
+    fn farthest_breaks_ties_by_row() {
+        let n = near(&[1.0, 5.0, 3.0, 5.0, 0.0]);
+        assert_eq!(farthest(&n, 3), vec![1, 3, 2]);
+        assert_eq!(farthest(&n, 10), vec![1, 3, 2, 0, 4]);
+        assert!(farthest(&n, 0).is_empty());
+    }
+}

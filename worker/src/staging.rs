@@ -1,0 +1,472 @@
+//! The staged row format: what ingest writes and shard loading reads.
+//!
+//! Every input split routes its cleaned rows to user shards and writes one Parquet
+//! file per non-empty shard:
+//!
+//! ```text
+//! {staging}/ingest/shard-{shard:05}/split-{split:05}.parquet
+//! ```
+//!
+//! Each file is written with a single `put`, so a retried split overwrites the same
+//! objects and ingest is idempotent. A shard is the concatenation of its files in
+//! path order (= split order), rows in file order, so what a shard holds does not
+//! depend on which worker ingested which split.
+
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{ArrayRef, Float64Array, Int64Array, StringBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use shoal_proto::Location;
+use shoal_proto::hash::shard_of;
+
+use crate::error::WorkerError;
+
+/// Column names of the staged schema, in order.
+pub const USER: &str = "user";
+pub const TIME_MS: &str = "time_ms";
+pub const ORDER: &str = "order";
+pub const ITEM: &str = "item";
+pub const QUANTITY: &str = "quantity";
+pub const MONETARY: &str = "monetary";
+
+/// How many staged files of one split are uploaded at the same time.
+const PUT_CONCURRENCY: usize = 16;
+
+/// Rows per batch when reading staged files back.
+const READ_BATCH_ROWS: usize = 64 * 1024;
+
+/// The schema of every staged file:
+///
+/// | column     | type    | null | meaning                                              |
+/// |------------|---------|------|------------------------------------------------------|
+/// | `user`     | Utf8    | no   | user id as read (integer text with `user_as_integer`)|
+/// | `time_ms`  | Int64   | no   | event time, ms since the Unix epoch (UTC)            |
+/// | `order`    | Utf8    | yes  | order id; null without an order column               |
+/// | `item`     | Utf8    | yes  | item id; null without an item column                 |
+/// | `quantity` | Float64 | no   | 1.0 without a quantity column                        |
+/// | `monetary` | Float64 | no   | `amount`, or `quantity * price`                      |
+pub fn staged_schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new(USER, DataType::Utf8, false),
+                Field::new(TIME_MS, DataType::Int64, false),
+                Field::new(ORDER, DataType::Utf8, true),
+                Field::new(ITEM, DataType::Utf8, true),
+                Field::new(QUANTITY, DataType::Float64, false),
+                Field::new(MONETARY, DataType::Float64, false),
+            ]))
+        })
+        .clone()
+}
+
+/// The folder holding every staged file of `shard`.
+pub fn shard_prefix(staging: &Location, shard: u32) -> Location {
+    staging.child(&format!("ingest/shard-{shard:05}"))
+}
+
+/// The staged file of `split` for `shard`.
+pub fn split_file(staging: &Location, shard: u32, split: u32) -> Location {
+    shard_prefix(staging, shard).child(&split_file_name(split))
+}
+
+fn split_file_name(split: u32) -> String {
+    format!("split-{split:05}.parquet")
+}
+
+fn is_split_file_name(name: &str) -> bool {
+    name.strip_prefix("split-")
+        .and_then(|rest| rest.strip_suffix(".parquet"))
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// One cleaned row on its way to a shard. Strings are borrowed: the writer copies
+/// them straight into its column buffers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StagedRow<'a> {
+    pub user: &'a str,
+    pub time_ms: i64,
+    pub order: Option<&'a str>,
+    pub item: Option<&'a str>,
+    pub quantity: f64,
+    pub monetary: f64,
+}
+
+/// The column buffers of one shard.
+struct ShardBuffer {
+    user: StringBuilder,
+    time_ms: Vec<i64>,
+    order: StringBuilder,
+    item: StringBuilder,
+    quantity: Vec<f64>,
+    monetary: Vec<f64>,
+}
+
+impl ShardBuffer {
+    fn new() -> Self {
+        ShardBuffer {
+            user: StringBuilder::new(),
+            time_ms: Vec::new(),
+            order: StringBuilder::new(),
+            item: StringBuilder::new(),
+            quantity: Vec::new(),
+            monetary: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, row: &StagedRow<'_>) {
+        self.user.append_value(row.user);
+        self.time_ms.push(row.time_ms);
+        self.order.append_option(row.order);
+        self.item.append_option(row.item);
+        self.quantity.push(row.quantity);
+        self.monetary.push(row.monetary);
+    }
+
+    fn len(&self) -> usize {
+        self.time_ms.len()
+    }
+
+    fn finish(mut self) -> Result<RecordBatch, ArrowError> {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.user.finish()),
+            Arc::new(Int64Array::from(self.time_ms)),
+            Arc::new(self.order.finish()),
+            Arc::new(self.item.finish()),
+            Arc::new(Float64Array::from(self.quantity)),
+            Arc::new(Float64Array::from(self.monetary)),
+        ];
+        RecordBatch::try_new(staged_schema(), columns)
+    }
+}
+
+/// What [`SplitWriter::write`] put on the store for one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedFile {
+    pub shard: u32,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Routes the rows of one split to per-shard buffers (`shard_of(user, shards)`), then
+/// writes one Parquet file per non-empty shard.
+pub struct SplitWriter {
+    split: u32,
+    shards: u32,
+    buffers: Vec<Option<ShardBuffer>>,
+    rows: u64,
+}
+
+impl SplitWriter {
+    /// A writer for split `split` of a job with `shards` user shards (at least 1).
+    pub fn new(split: u32, shards: u32) -> Self {
+        assert!(shards > 0, "a job has at least one shard");
+        SplitWriter {
+            split,
+            shards,
+            buffers: (0..shards).map(|_| None).collect(),
+            rows: 0,
+        }
+    }
+
+    /// Buffers `row` in the shard of its user.
+    pub fn push(&mut self, row: StagedRow<'_>) {
+        let shard = shard_of(row.user, self.shards) as usize;
+        self.buffers[shard].get_or_insert_with(ShardBuffer::new).push(&row);
+        self.rows += 1;
+    }
+
+    /// Rows pushed so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Encodes each non-empty shard as one Parquet file and puts it at
+    /// [`split_file`], overwriting what an earlier attempt of the split wrote.
+    /// Returns the files written, in shard order.
+    pub async fn write(self, staging: &Location) -> Result<Vec<StagedFile>, WorkerError> {
+        let split = self.split;
+        let mut encoded = Vec::new();
+        for (shard, buffer) in self.buffers.into_iter().enumerate() {
+            let Some(buffer) = buffer.filter(|b| b.len() > 0) else {
+                continue;
+            };
+            let shard = shard as u32;
+            let loc = split_file(staging, shard, split);
+            let rows = buffer.len() as u64;
+            let batch = buffer.finish().map_err(|source| WorkerError::Arrow {
+                file: loc.url(),
+                source,
+            })?;
+            let bytes = encode_parquet(&batch).map_err(|source| WorkerError::Parquet {
+                file: loc.url(),
+                source,
+            })?;
+            encoded.push((loc, StagedFile {
+                shard,
+                rows,
+                bytes: bytes.len() as u64,
+            }, bytes));
+        }
+        let mut written: Vec<StagedFile> = futures::stream::iter(encoded)
+            .map(|(loc, file, bytes)| async move {
+                loc.put(bytes).await?;
+                Ok::<_, WorkerError>(file)
+            })
+            .buffer_unordered(PUT_CONCURRENCY)
+            .try_collect()
+            .await?;
+        written.sort_by_key(|f| f.shard);
+        Ok(written)
+    }
+}
+
+fn encode_parquet(batch: &RecordBatch) -> Result<Bytes, parquet::errors::ParquetError> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))?;
+    writer.write(batch)?;
+    Ok(Bytes::from(writer.into_inner()?))
+}
+
+/// Reads every staged row of `shard`: its files in path order (= split order), rows
+/// in file order, each batch with exactly [`staged_schema`]. An empty `Vec` when no
+/// split routed a row to the shard.
+pub async fn read_shard(staging: &Location, shard: u32) -> Result<Vec<RecordBatch>, WorkerError> {
+    let prefix = shard_prefix(staging, shard);
+    let expected = staged_schema();
+    let mut batches = Vec::new();
+    for meta in prefix.list().await? {
+        // Only our own files: object stores may show other objects (e.g. temporary
+        // uploads) below the prefix.
+        if !meta.location.filename().is_some_and(is_split_file_name) {
+            continue;
+        }
+        let file = prefix.at(meta.location);
+        let url = file.url();
+        let bytes = file.get().await?;
+        let parquet_err = |source| WorkerError::Parquet {
+            file: url.clone(),
+            source,
+        };
+        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(parquet_err)?
+            .with_batch_size(READ_BATCH_ROWS);
+        check_schema(builder.schema(), &expected).map_err(|source| WorkerError::Arrow {
+            file: url.clone(),
+            source,
+        })?;
+        for batch in builder.build().map_err(parquet_err)? {
+            let batch = batch.map_err(|source| WorkerError::Arrow {
+                file: url.clone(),
+                source,
+            })?;
+            let batch = RecordBatch::try_new(expected.clone(), batch.columns().to_vec())
+                .map_err(|source| WorkerError::Arrow {
+                    file: url.clone(),
+                    source,
+                })?;
+            batches.push(batch);
+        }
+    }
+    Ok(batches)
+}
+
+/// Field names, types and nullability must match; metadata may differ.
+fn check_schema(found: &Schema, expected: &Schema) -> Result<(), ArrowError> {
+    let same = found.fields().len() == expected.fields().len()
+        && found.fields().iter().zip(expected.fields()).all(|(f, e)| {
+            f.name() == e.name() && f.data_type() == e.data_type() && f.is_nullable() == e.is_nullable()
+        });
+    if same {
+        return Ok(());
+    }
+    let show = |s: &Schema| {
+        s.fields()
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {}{}",
+                    f.name(),
+                    f.data_type(),
+                    if f.is_nullable() { "" } else { " not null" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(ArrowError::SchemaError(format!(
+        "not a staged shard file: columns are [{}], expected [{}]; the staging prefix holds files of another shoal version or another program",
+        show(found),
+        show(expected)
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Float64Type, Int64Type};
+    use shoal_proto::store::resolve;
+
+    fn staging_in(dir: &tempfile::TempDir) -> Location {
+        resolve(&dir.path().join("staging").display().to_string()).unwrap()
+    }
+
+    type Row = (String, i64, Option<String>, Option<String>, f64, f64);
+
+    fn rows_of(batches: &[RecordBatch]) -> Vec<Row> {
+        let mut out = Vec::new();
+        for b in batches {
+            let user = b.column(0).as_string::<i32>();
+            let time = b.column(1).as_primitive::<Int64Type>();
+            let order = b.column(2).as_string::<i32>();
+            let item = b.column(3).as_string::<i32>();
+            let qty = b.column(4).as_primitive::<Float64Type>();
+            let money = b.column(5).as_primitive::<Float64Type>();
+            for i in 0..b.num_rows() {
+                out.push((
+                    user.value(i).to_string(),
+                    time.value(i),
+                    order.is_valid(i).then(|| order.value(i).to_string()),
+                    item.is_valid(i).then(|| item.value(i).to_string()),
+                    qty.value(i),
+                    money.value(i),
+                ));
+            }
+        }
+        out
+    }
+
+    fn sample_rows(n: usize) -> Vec<Row> {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("u{}", i % 37),
+                    1_000 * i as i64,
+                    (i % 3 != 0).then(|| format!("o{i}")),
+                    (i % 5 != 0).then(|| format!("i{}", i % 11)),
+                    (i % 4) as f64 + 1.0,
+                    i as f64 * 0.5,
+                )
+            })
+            .collect()
+    }
+
+    fn push_all(writer: &mut SplitWriter, rows: &[Row]) {
+        for r in rows {
+            writer.push(StagedRow {
+                user: &r.0,
+                time_ms: r.1,
+                order: r.2.as_deref(),
+                item: r.3.as_deref(),
+                quantity: r.4,
+                monetary: r.5,
+            });
+        }
+    }
+
+    #[test]
+    fn layout_is_zero_padded_per_shard_and_split() {
+        let staging = resolve("/tmp/x/staging").unwrap();
+        assert_eq!(
+            split_file(&staging, 3, 12).url(),
+            "file:///tmp/x/staging/ingest/shard-00003/split-00012.parquet"
+        );
+        assert_eq!(shard_prefix(&staging, 65_535).url(), "file:///tmp/x/staging/ingest/shard-65535");
+        assert!(is_split_file_name("split-00012.parquet"));
+        assert!(!is_split_file_name("split-00012.parquet#1"));
+        assert!(!is_split_file_name("other.parquet"));
+    }
+
+    #[tokio::test]
+    async fn rows_round_trip_by_shard_in_split_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = staging_in(&dir);
+        let shards = 4;
+        let first = sample_rows(500);
+        let second: Vec<Row> = sample_rows(300).into_iter().map(|mut r| {
+            r.1 += 10_000_000;
+            r
+        }).collect();
+        // Split 1 is written before split 0: reading must still follow split order.
+        let mut w1 = SplitWriter::new(1, shards);
+        push_all(&mut w1, &second);
+        w1.write(&staging).await.unwrap();
+        let mut w0 = SplitWriter::new(0, shards);
+        push_all(&mut w0, &first);
+        assert_eq!(w0.rows(), 500);
+        let files = w0.write(&staging).await.unwrap();
+        assert_eq!(files.iter().map(|f| f.rows).sum::<u64>(), 500);
+        assert!(files.windows(2).all(|w| w[0].shard < w[1].shard));
+
+        let mut total = 0;
+        for shard in 0..shards {
+            let batches = read_shard(&staging, shard).await.unwrap();
+            assert!(batches.iter().all(|b| b.schema() == staged_schema()));
+            let got = rows_of(&batches);
+            let want: Vec<Row> = first
+                .iter()
+                .chain(&second)
+                .filter(|r| shard_of(&r.0, shards) == shard)
+                .cloned()
+                .collect();
+            assert_eq!(got, want, "shard {shard}");
+            total += got.len();
+        }
+        assert_eq!(total, 800);
+    }
+
+    #[tokio::test]
+    async fn rewriting_a_split_overwrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = staging_in(&dir);
+        let rows = sample_rows(100);
+        for _ in 0..2 {
+            let mut w = SplitWriter::new(7, 2);
+            push_all(&mut w, &rows);
+            w.write(&staging).await.unwrap();
+        }
+        let mut n = 0;
+        for shard in 0..2 {
+            n += rows_of(&read_shard(&staging, shard).await.unwrap()).len();
+        }
+        assert_eq!(n, 100, "a retried split must not duplicate rows");
+    }
+
+    #[tokio::test]
+    async fn empty_shard_reads_as_no_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = staging_in(&dir);
+        assert!(read_shard(&staging, 0).await.unwrap().is_empty());
+        let written = SplitWriter::new(0, 3).write(&staging).await.unwrap();
+        assert!(written.is_empty(), "no rows, no files");
+        assert!(staging.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn foreign_file_in_a_shard_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = staging_in(&dir);
+        let batch = RecordBatch::try_from_iter([(
+            "user",
+            Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef,
+        )])
+        .unwrap();
+        let bytes = encode_parquet(&batch).unwrap();
+        let file = split_file(&staging, 0, 0);
+        file.put(bytes).await.unwrap();
+        let err = read_shard(&staging, 0).await.unwrap_err().to_string();
+        assert!(err.contains(&file.url()) && err.contains("not a staged shard file"), "{err}");
+    }
+}
