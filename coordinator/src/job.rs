@@ -56,6 +56,12 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
         if let Err(e) = staging.delete_all().await {
             warn!(parent: &span, error = %e, "could not remove the staging prefix");
         }
+        staging.remove_empty_folders();
+    }
+    if ctx.spec.cluster.staging.is_none() {
+        if let Ok(base) = store::resolve(&ctx.spec.staging_base()) {
+            base.remove_empty_folders();
+        }
     }
     result
 }

@@ -446,14 +446,17 @@ impl JobSpec {
         names
     }
 
-    /// The staging prefix of a job.
-    pub fn staging_for(&self, job: &crate::JobId) -> String {
-        let base = self
-            .cluster
+    /// Where jobs of this spec stage rows: `cluster.staging`, or `<output.path>/_staging`.
+    pub fn staging_base(&self) -> String {
+        self.cluster
             .staging
             .clone()
-            .unwrap_or_else(|| format!("{}/_staging", self.output.path.trim_end_matches('/')));
-        format!("{}/{}", base.trim_end_matches('/'), job)
+            .unwrap_or_else(|| format!("{}/_staging", self.output.path.trim_end_matches('/')))
+    }
+
+    /// The staging prefix of a job.
+    pub fn staging_for(&self, job: &crate::JobId) -> String {
+        format!("{}/{}", self.staging_base().trim_end_matches('/'), job)
     }
 }
 

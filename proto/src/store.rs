@@ -142,6 +142,24 @@ impl Location {
         Ok(())
     }
 
+    /// On a local filesystem, removes the folders below and at this location that
+    /// hold no files any more (object stores have no folders: nothing to do there).
+    pub fn remove_empty_folders(&self) {
+        if self.root != "file://" {
+            return;
+        }
+        fn prune(dir: &std::path::Path) -> bool {
+            let Ok(entries) = std::fs::read_dir(dir) else { return false };
+            let mut empty = true;
+            for e in entries.flatten() {
+                let p = e.path();
+                empty &= p.is_dir() && prune(&p);
+            }
+            empty && std::fs::remove_dir(dir).is_ok()
+        }
+        prune(&std::path::Path::new("/").join(self.path.as_ref()));
+    }
+
     /// Deletes the object here if it exists.
     pub async fn delete(&self) -> Result<(), StoreError> {
         match self.store.delete(&self.path).await {

@@ -19,8 +19,8 @@ use arrow::array::{
 use arrow::compute::cast;
 use arrow::csv::reader::Decoder;
 use arrow::datatypes::{
-    DataType, Date32Type, Field, Float16Type, Float32Type, Float64Type, Int64Type, Schema,
-    TimeUnit, TimestampMillisecondType,
+    DataType, Date32Type, Field, Float32Type, Float64Type, Int64Type, Schema, TimeUnit,
+    TimestampMillisecondType,
 };
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
@@ -44,7 +44,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio_util::io::StreamReader;
 
 use crate::error::WorkerError;
-use crate::staging::{StagedRow, SplitWriter};
+use crate::staging::{SplitWriter, StagedRow};
 
 /// Rows per decoded batch.
 const BATCH_ROWS: usize = 8192;
@@ -102,7 +102,10 @@ impl DropReason {
     pub fn is_bad(self) -> bool {
         !matches!(
             self,
-            DropReason::MissingUser | DropReason::CancelledOrder | DropReason::QuantityBelowMin | DropReason::PriceAtOrBelowMin
+            DropReason::MissingUser
+                | DropReason::CancelledOrder
+                | DropReason::QuantityBelowMin
+                | DropReason::PriceAtOrBelowMin
         )
     }
 }
@@ -351,7 +354,11 @@ impl Numbers {
                     Num::Missing
                 } else {
                     let v = a.value(i);
-                    if v.is_finite() { Num::Value(v) } else { Num::Bad }
+                    if v.is_finite() {
+                        Num::Value(v)
+                    } else {
+                        Num::Bad
+                    }
                 }
             }
             Numbers::Text(t) => match t.get(i).map(str::trim) {
@@ -479,7 +486,10 @@ fn times(array: &ArrayRef) -> Result<Option<Times>, ArrowError> {
         // Timestamps are UTC instants whatever their zone: keep the zone, change
         // the unit, and the values are ms since the epoch.
         DataType::Timestamp(_, tz) => {
-            let ms = cast(&array, &DataType::Timestamp(TimeUnit::Millisecond, tz.clone()))?;
+            let ms = cast(
+                &array,
+                &DataType::Timestamp(TimeUnit::Millisecond, tz.clone()),
+            )?;
             let ms = ms.as_primitive::<TimestampMillisecondType>();
             Int64Array::new(ms.values().clone(), ms.nulls().cloned())
         }
@@ -525,13 +535,21 @@ impl Prepared {
                 }),
             }
         }
-        let required = |role: Role| WorkerError::Spec(SpecError::Invalid {
-            field: if role == Role::User { "input.columns.user" } else { "input.columns.time" },
-            message: "is required".to_string(),
-        });
+        let required = |role: Role| {
+            WorkerError::Spec(SpecError::Invalid {
+                field: if role == Role::User {
+                    "input.columns.user"
+                } else {
+                    "input.columns.time"
+                },
+                message: "is required".to_string(),
+            })
+        };
         Ok(Prepared {
-            user: get(plan, columns, file, Role::User, user_text)?.ok_or_else(|| required(Role::User))?,
-            time: get(plan, columns, file, Role::Time, times)?.ok_or_else(|| required(Role::Time))?,
+            user: get(plan, columns, file, Role::User, user_text)?
+                .ok_or_else(|| required(Role::User))?,
+            time: get(plan, columns, file, Role::Time, times)?
+                .ok_or_else(|| required(Role::Time))?,
             order: get(plan, columns, file, Role::Order, id_text)?,
             item: get(plan, columns, file, Role::Item, id_text)?,
             quantity: get(plan, columns, file, Role::Quantity, numbers)?,
@@ -565,10 +583,13 @@ impl TimeParser {
         let format = match time_format {
             None => None,
             Some(f) => {
-                let items = StrftimeItems::new(f).parse_to_owned().map_err(|e| SpecError::Invalid {
-                    field: "input.time_format",
-                    message: format!("`{f}` is not a valid strftime format: {e}"),
-                })?;
+                let items =
+                    StrftimeItems::new(f)
+                        .parse_to_owned()
+                        .map_err(|e| SpecError::Invalid {
+                            field: "input.time_format",
+                            message: format!("`{f}` is not a valid strftime format: {e}"),
+                        })?;
                 Some((f.to_string(), items))
             }
         };
@@ -600,10 +621,11 @@ fn parse_with_items(items: &[Item<'static>], s: &str) -> Option<i64> {
     match parsed.to_naive_datetime_with_offset(0) {
         Ok(t) => Some(t.and_utc().timestamp_millis()),
         // A format without a time of day: the date at midnight.
-        Err(_) => parsed
-            .to_naive_date()
-            .ok()
-            .map(|d| d.and_time(chrono::NaiveTime::MIN).and_utc().timestamp_millis()),
+        Err(_) => parsed.to_naive_date().ok().map(|d| {
+            d.and_time(chrono::NaiveTime::MIN)
+                .and_utc()
+                .timestamp_millis()
+        }),
     }
 }
 
@@ -695,7 +717,9 @@ pub fn parse_iso_ms(s: &str) -> Option<i64> {
     if hour > 23 || minute > 59 || second > 59 {
         return None;
     }
-    ms += i64::from(hour) * 3_600_000 + i64::from(minute) * 60_000 + i64::from(second) * 1000
+    ms += i64::from(hour) * 3_600_000
+        + i64::from(minute) * 60_000
+        + i64::from(second) * 1000
         + i64::from(millis);
     match b.get(i) {
         None => {}
@@ -737,7 +761,10 @@ pub fn canonical_integer(s: &str, out: &mut String) -> bool {
         _ => (false, s),
     };
     let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b == b'0') {
+    if int.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b == b'0')
+    {
         return false;
     }
     let int = int.trim_start_matches('0');
@@ -867,10 +894,17 @@ impl<'a> Cleaner<'a> {
             };
 
             // 3. order
-            let order = cols.order.as_ref().and_then(|c| c.get(i)).filter(|o| !o.is_empty());
+            let order = cols
+                .order
+                .as_ref()
+                .and_then(|c| c.get(i))
+                .filter(|o| !o.is_empty());
             if let Some(o) = order {
                 let o = o.trim_start();
-                if drop_order_prefixes.iter().any(|p| o.starts_with(p.as_str())) {
+                if drop_order_prefixes
+                    .iter()
+                    .any(|p| o.starts_with(p.as_str()))
+                {
                     drop_row!(DropReason::CancelledOrder, Role::Order, format!("`{o}`"));
                 }
             }
@@ -884,7 +918,9 @@ impl<'a> Cleaner<'a> {
                     a.value(i)
                 }
                 Times::Text(t) => match t.get(i).map(str::trim) {
-                    None | Some("") => drop_row!(DropReason::MissingTime, Role::Time, describe_text(t.get(i))),
+                    None | Some("") => {
+                        drop_row!(DropReason::MissingTime, Role::Time, describe_text(t.get(i)))
+                    }
                     Some(s) => match time.parse(s) {
                         Some(ms) => ms,
                         None => drop_row!(
@@ -950,7 +986,11 @@ impl<'a> Cleaner<'a> {
                 (None, Some(p)) => quantity * p,
                 (None, None) => 0.0,
             };
-            let item = cols.item.as_ref().and_then(|c| c.get(i)).filter(|s| !s.is_empty());
+            let item = cols
+                .item
+                .as_ref()
+                .and_then(|c| c.get(i))
+                .filter(|s| !s.is_empty());
             writer.push(StagedRow {
                 user,
                 time_ms,
@@ -978,7 +1018,9 @@ fn stream_error(file: &str, gzip: bool, e: std::io::Error) -> WorkerError {
         .is_some_and(|inner| inner.is::<object_store::Error>());
     if is_store {
         let inner = e.into_inner().expect("checked above");
-        let store = inner.downcast::<object_store::Error>().expect("checked above");
+        let store = inner
+            .downcast::<object_store::Error>()
+            .expect("checked above");
         return StoreError::io(file, *store).into();
     }
     if gzip {
@@ -1078,7 +1120,11 @@ async fn read_csv(
             break end;
         }
     };
-    let bom = if head.starts_with(b"\xEF\xBB\xBF") { 3 } else { 0 };
+    let bom = if head.starts_with(b"\xEF\xBB\xBF") {
+        3
+    } else {
+        0
+    };
     let schema = Arc::new(csv_schema(&head[bom..end.max(bom)], file)?);
     let plan = Plan::new(spec, &schema, file)?;
 
@@ -1099,12 +1145,17 @@ async fn read_csv(
         Ok(())
     };
     // Feeds bytes to the decoder, cleaning every full batch.
-    let feed = |decoder: &mut Decoder, cleaner: &mut Cleaner<'_>, buf: &[u8]| -> Result<usize, WorkerError> {
+    let feed = |decoder: &mut Decoder,
+                cleaner: &mut Cleaner<'_>,
+                buf: &[u8]|
+     -> Result<usize, WorkerError> {
         let n = decoder.decode(buf).map_err(csv_err)?;
         if decoder.capacity() == 0 {
             flush(decoder, cleaner)?;
         } else if n == 0 && !buf.is_empty() {
-            return Err(csv_err(ArrowError::CsvError("the CSV decoder made no progress".to_string())));
+            return Err(csv_err(ArrowError::CsvError(
+                "the CSV decoder made no progress".to_string(),
+            )));
         }
         Ok(n)
     };
@@ -1306,10 +1357,1011 @@ async fn read_parquet(
         .build()
         .map_err(|e| parquet_error(file, e))?;
     let row_number = |index: u64| file_row(&segments, index);
-    while let Some(batch) = stream.try_next().await.map_err(|e| parquet_error(file, e))? {
+    while let Some(batch) = stream
+        .try_next()
+        .await
+        .map_err(|e| parquet_error(file, e))?
+    {
         let batch: RecordBatch = batch;
         let cols = Prepared::new(&plan, batch.columns(), file)?;
         cleaner.batch(&plan, &cols, batch.num_rows(), &row_number)?;
     }
     Ok(fetched.load(Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::staging::read_shard;
+    use arrow::array::{Float64Builder, Int64Builder, TimestampMicrosecondArray};
+    use arrow::datatypes::Float64Type;
+    use chrono::{NaiveDate, TimeZone};
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::WriterProperties;
+    use shoal_proto::hash::shard_of;
+    use shoal_proto::spec::DEMO_SPEC;
+    use std::collections::{BTreeMap, BTreeSet};
+    use tokio::io::AsyncWriteExt;
+
+    const SHARDS: u32 = 4;
+
+    /// The demo spec with integer user ids and a few shards.
+    fn retail_spec() -> JobSpec {
+        let mut spec = JobSpec::parse(DEMO_SPEC).unwrap();
+        spec.input.user_as_integer = true;
+        spec.cluster.shards = SHARDS;
+        spec.validate().unwrap();
+        spec
+    }
+
+    fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> i64 {
+        chrono::Utc
+            .with_ymd_and_hms(y, mo, d, h, mi, s)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    // One row per reason, in the order of the checks, and kept rows around them.
+    const RETAIL_CSV: &str = "\
+InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country
+536365,85123A,WHITE HANGING HEART T-LIGHT HOLDER,6,2010-12-01 08:26:00,2.55,17850.0,United Kingdom
+536366,22633,\"HAND WARMER, UNION JACK\",6,2010-12-01 08:28:00,1.85,17850.0,United Kingdom
+536367,84879,\"ASSORTED \"\"COLOUR\"\" BIRD\",32,2010-12-01T08:34:00Z,1.69,13047,France
+536368,22960,JAR,3,2010-12-01,4.25,,United Kingdom
+536369,22961,JAR,3,2010-12-01,4.25,   ,United Kingdom
+536370,22962,JAR,3,2010-12-01,4.25,12a,United Kingdom
+536371,22963,JAR,3,2010-12-01,4.25,12.5,United Kingdom
+C536372,22964,JAR,-1,2010-12-01 09:00,4.25,12583.0,France
+536373,22965,JAR,3,,4.25,12583.0,France
+536374,22966,JAR,3,yesterday,4.25,12583.0,France
+536375,22967,JAR,many,2010-12-02 10:00,4.25,12583.0,France
+536376,22968,JAR,,2010-12-02 10:00,4.25,12583.0,France
+536377,22969,JAR,0,2010-12-02 10:00,4.25,12583.0,France
+536378,22970,JAR,2,2010-12-02 10:00,,12583.0,France
+536379,22971,JAR,2,2010-12-02 10:00,NaN,12583.0,France
+536380,22972,JAR,2,2010-12-02 10:00,0.0,12583.0,France
+536381,22973,JAR,2,2010-12-02 10:00,-1,12583.0,France
+536382,,JAR,2,2011-12-09 12:50:00+01:00,3.5,12583.0,France
+";
+
+    type Row = (String, i64, Option<String>, Option<String>, f64, f64);
+
+    /// The kept rows of RETAIL_CSV, written out by hand.
+    fn retail_kept() -> Vec<Row> {
+        let s = |x: &str| Some(x.to_string());
+        vec![
+            (
+                "17850".into(),
+                utc(2010, 12, 1, 8, 26, 0),
+                s("536365"),
+                s("85123A"),
+                6.0,
+                6.0 * 2.55,
+            ),
+            (
+                "17850".into(),
+                utc(2010, 12, 1, 8, 28, 0),
+                s("536366"),
+                s("22633"),
+                6.0,
+                6.0 * 1.85,
+            ),
+            (
+                "13047".into(),
+                utc(2010, 12, 1, 8, 34, 0),
+                s("536367"),
+                s("84879"),
+                32.0,
+                32.0 * 1.69,
+            ),
+            (
+                "12583".into(),
+                utc(2011, 12, 9, 11, 50, 0),
+                s("536382"),
+                None,
+                2.0,
+                2.0 * 3.5,
+            ),
+        ]
+    }
+
+    fn dropped(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    fn dropped_of(result: &pb::SplitResult) -> BTreeMap<String, u64> {
+        result
+            .counts
+            .as_ref()
+            .unwrap()
+            .dropped
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    fn check_balance(result: &pb::SplitResult) {
+        let c = result.counts.as_ref().unwrap();
+        assert_eq!(
+            c.read,
+            c.kept + c.dropped.values().sum::<u64>(),
+            "read = kept + dropped"
+        );
+    }
+
+    /// Every staged row of every shard, checking each sits in its user's shard.
+    async fn staged_rows(staging: &Location, shards: u32) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for shard in 0..shards {
+            for b in read_shard(staging, shard).await.unwrap() {
+                let user = b.column(0).as_string::<i32>();
+                let time = b.column(1).as_primitive::<Int64Type>();
+                let order = b.column(2).as_string::<i32>();
+                let item = b.column(3).as_string::<i32>();
+                let qty = b.column(4).as_primitive::<Float64Type>();
+                let money = b.column(5).as_primitive::<Float64Type>();
+                for i in 0..b.num_rows() {
+                    assert_eq!(
+                        shard_of(user.value(i), shards),
+                        shard,
+                        "row routed to its user's shard"
+                    );
+                    rows.push((
+                        user.value(i).to_string(),
+                        time.value(i),
+                        order.is_valid(i).then(|| order.value(i).to_string()),
+                        item.is_valid(i).then(|| item.value(i).to_string()),
+                        qty.value(i),
+                        money.value(i),
+                    ));
+                }
+            }
+        }
+        rows.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        rows
+    }
+
+    fn sorted(mut rows: Vec<Row>) -> Vec<Row> {
+        rows.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        rows
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        staging: Location,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let staging = resolve(&dir.path().join("staging").display().to_string()).unwrap();
+            Fixture { dir, staging }
+        }
+
+        async fn put(&self, name: &str, bytes: Vec<u8>) -> String {
+            let loc =
+                resolve(&self.dir.path().join("in").join(name).display().to_string()).unwrap();
+            loc.put(Bytes::from(bytes)).await.unwrap();
+            loc.url()
+        }
+    }
+
+    fn split_of(object: &str, format: &str, gzip: bool) -> pb::Split {
+        pb::Split {
+            index: 3,
+            object: object.to_string(),
+            size: 0,
+            format: format.to_string(),
+            row_groups: Vec::new(),
+            gzip,
+        }
+    }
+
+    async fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut enc = async_compression::tokio::write::GzipEncoder::new(Vec::new());
+        enc.write_all(data).await.unwrap();
+        enc.shutdown().await.unwrap();
+        enc.into_inner()
+    }
+
+    fn retail_csv_dropped() -> BTreeMap<String, u64> {
+        dropped(&[
+            ("missing_user", 2),
+            ("bad_user", 2),
+            ("cancelled_order", 1),
+            ("missing_time", 1),
+            ("bad_time", 1),
+            ("bad_quantity", 2),
+            ("quantity_below_min", 1),
+            ("bad_price", 2),
+            ("price_at_or_below_min", 2),
+        ])
+    }
+
+    async fn check_retail_csv(object: &str, gzip: bool, object_bytes: u64) {
+        let fx = Fixture::new();
+        let spec = retail_spec();
+        let split = split_of(object, "csv", gzip);
+        let result = ingest_split(&spec, &split, &fx.staging).await.unwrap();
+        let counts = result.counts.clone().unwrap();
+        assert_eq!(result.split, 3);
+        assert_eq!(counts.read, 18);
+        assert_eq!(counts.kept, 4);
+        assert_eq!(dropped_of(&result), retail_csv_dropped());
+        check_balance(&result);
+        assert_eq!(result.min_time_ms, utc(2010, 12, 1, 8, 26, 0));
+        assert_eq!(result.max_time_ms, utc(2011, 12, 9, 11, 50, 0));
+        assert_eq!(result.bytes_read, object_bytes);
+        assert_eq!(
+            staged_rows(&fx.staging, SHARDS).await,
+            sorted(retail_kept())
+        );
+    }
+
+    #[tokio::test]
+    async fn csv_counts_every_drop_reason_and_stages_kept_rows() {
+        let fx = Fixture::new();
+        let url = fx.put("retail.csv", RETAIL_CSV.as_bytes().to_vec()).await;
+        check_retail_csv(&url, false, RETAIL_CSV.len() as u64).await;
+    }
+
+    #[tokio::test]
+    async fn gzip_csv_single_and_multi_member_read_the_same() {
+        let fx = Fixture::new();
+        let one = gzip(RETAIL_CSV.as_bytes()).await;
+        let one_len = one.len() as u64;
+        let url = fx.put("retail.csv.gz", one).await;
+        check_retail_csv(&url, true, one_len).await;
+
+        // Two gzip members, cut in the middle of a record.
+        let cut = RETAIL_CSV.find("HAND WARMER").unwrap() + 4;
+        let mut two = gzip(&RETAIL_CSV.as_bytes()[..cut]).await;
+        two.extend(gzip(&RETAIL_CSV.as_bytes()[cut..]).await);
+        let two_len = two.len() as u64;
+        let url = fx.put("retail-2.csv.gz", two).await;
+        check_retail_csv(&url, true, two_len).await;
+    }
+
+    #[tokio::test]
+    async fn amount_column_is_the_monetary_value() {
+        let fx = Fixture::new();
+        let csv = "user,time,amount\r\na,2024-01-01,10.5\r\nb,2024-01-02,oops\r\nc,2024-01-03,\r\nd,2024-01-04,-2\r\n";
+        let url = fx.put("a.csv", csv.as_bytes().to_vec()).await;
+        let mut spec = retail_spec();
+        spec.input.user_as_integer = false;
+        spec.input.columns = Columns {
+            user: "user".into(),
+            time: "time".into(),
+            amount: "amount".into(),
+            ..Columns::default()
+        };
+        spec.input.clean = Default::default();
+        spec.validate().unwrap();
+        let result = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap();
+        assert_eq!(result.counts.as_ref().unwrap().kept, 2);
+        assert_eq!(dropped_of(&result), dropped(&[("bad_amount", 2)]));
+        check_balance(&result);
+        let day = |d| utc(2024, 1, d, 0, 0, 0);
+        assert_eq!(
+            staged_rows(&fx.staging, SHARDS).await,
+            vec![
+                ("a".into(), day(1), None, None, 1.0, 10.5),
+                ("d".into(), day(4), None, None, 1.0, -2.0),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_column_lists_the_columns_present() {
+        let fx = Fixture::new();
+        let url = fx.put("retail.csv", RETAIL_CSV.as_bytes().to_vec()).await;
+        let mut spec = retail_spec();
+        spec.input.columns.price = "Price".into();
+        let err = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap_err();
+        match &err {
+            WorkerError::MissingColumn {
+                file,
+                field,
+                column,
+                present,
+            } => {
+                assert_eq!(file, &url);
+                assert_eq!(*field, "price");
+                assert_eq!(column, "Price");
+                assert_eq!(present.len(), 8);
+                assert!(present.contains(&"UnitPrice".to_string()));
+            }
+            other => panic!("expected MissingColumn, got {other}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains("InvoiceNo, StockCode, Description") && text.contains(&url),
+            "{text}"
+        );
+        assert!(
+            staged_rows(&fx.staging, SHARDS).await.is_empty(),
+            "nothing staged on error"
+        );
+    }
+
+    #[tokio::test]
+    async fn column_names_match_ignoring_case_and_spaces() {
+        let fx = Fixture::new();
+        let csv = RETAIL_CSV.replacen("CustomerID", " customerid ", 1);
+        let url = fx.put("retail.csv", csv.into_bytes()).await;
+        let mut spec = retail_spec();
+        spec.input.columns.quantity = "QUANTITY".into();
+        let result = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap();
+        assert_eq!(result.counts.unwrap().kept, 4);
+    }
+
+    #[tokio::test]
+    async fn fail_on_bad_rows_names_file_row_and_value() {
+        let fx = Fixture::new();
+        let url = fx.put("retail.csv", RETAIL_CSV.as_bytes().to_vec()).await;
+        let mut spec = retail_spec();
+        spec.input.clean.on_bad_rows = OnBadRows::Fail;
+        let err = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap_err();
+        // Rows 4 and 5 have no user: a cleaning drop, not a bad row.
+        match &err {
+            WorkerError::BadRow {
+                file,
+                row,
+                reason,
+                detail,
+            } => {
+                assert_eq!(file, &url);
+                assert_eq!(*row, 6);
+                assert_eq!(*reason, "bad_user");
+                assert!(
+                    detail.contains("`12a`") && detail.contains("CustomerID"),
+                    "{detail}"
+                );
+            }
+            other => panic!("expected BadRow, got {other}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains(&url) && text.contains("row 6"), "{text}");
+
+        // Without user_as_integer the first bad row is the missing time.
+        spec.input.user_as_integer = false;
+        let err = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                WorkerError::BadRow {
+                    row: 9,
+                    reason: "missing_time",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn quoted_fields_keep_commas_quotes_and_line_breaks() {
+        let fx = Fixture::new();
+        let csv = "user,when,what,qty,price\r\n\
+\"Smith, John\",2024-01-02,\"line one\r\nline two, still one field\",1,2.5\r\n\
+\"O\"\"Brien\",2024-01-03T10:00:00.250Z,plain,2,1\r\n\
+x,not-a-date,x,1,1";
+        let url = fx.put("q.csv", csv.as_bytes().to_vec()).await;
+        let mut spec = retail_spec();
+        spec.input.user_as_integer = false;
+        spec.input.columns = Columns {
+            user: "user".into(),
+            time: "when".into(),
+            item: "what".into(),
+            quantity: "qty".into(),
+            price: "price".into(),
+            ..Columns::default()
+        };
+        spec.input.clean = Default::default();
+        spec.validate().unwrap();
+        let result = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap();
+        assert_eq!(dropped_of(&result), dropped(&[("bad_time", 1)]));
+        assert_eq!(
+            staged_rows(&fx.staging, SHARDS).await,
+            sorted(vec![
+                (
+                    "Smith, John".into(),
+                    utc(2024, 1, 2, 0, 0, 0),
+                    None,
+                    Some("line one\r\nline two, still one field".into()),
+                    1.0,
+                    2.5
+                ),
+                (
+                    "O\"Brien".into(),
+                    utc(2024, 1, 3, 10, 0, 0) + 250,
+                    None,
+                    Some("plain".into()),
+                    2.0,
+                    2.0
+                ),
+            ])
+        );
+        // The bad row is the third data row, though it starts on line 5.
+        spec.input.clean.on_bad_rows = OnBadRows::Fail;
+        let err = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                WorkerError::BadRow {
+                    row: 3,
+                    reason: "bad_time",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not-a-date"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn header_only_and_bom_files() {
+        let fx = Fixture::new();
+        let header = RETAIL_CSV.lines().next().unwrap();
+        let url = fx.put("empty.csv", header.as_bytes().to_vec()).await;
+        let result = ingest_split(&retail_spec(), &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap();
+        assert_eq!(result.counts.as_ref().unwrap().read, 0);
+        assert_eq!((result.min_time_ms, result.max_time_ms), (0, 0));
+
+        let mut with_bom = b"\xEF\xBB\xBF".to_vec();
+        with_bom.extend_from_slice(RETAIL_CSV.as_bytes());
+        let url = fx.put("bom.csv", with_bom).await;
+        let result = ingest_split(&retail_spec(), &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap();
+        assert_eq!(
+            result.counts.unwrap().kept,
+            4,
+            "a BOM does not hide the first column"
+        );
+    }
+
+    /// The Parquet twin of RETAIL_CSV, typed, in row groups of 4 rows.
+    async fn retail_parquet(fx: &Fixture) -> String {
+        #[allow(clippy::type_complexity)]
+        let rows: Vec<(
+            &str,
+            Option<&str>,
+            Option<i64>,
+            Option<i64>,
+            Option<f64>,
+            Option<f64>,
+        )> = vec![
+            (
+                "536365",
+                Some("85123A"),
+                Some(6),
+                Some(utc(2010, 12, 1, 8, 26, 0)),
+                Some(2.55),
+                Some(17850.0),
+            ),
+            (
+                "536366",
+                Some("22633"),
+                Some(6),
+                Some(utc(2010, 12, 1, 8, 28, 0)),
+                Some(1.85),
+                Some(17850.0),
+            ),
+            (
+                "536368",
+                Some("22960"),
+                Some(3),
+                Some(utc(2010, 12, 1, 0, 0, 0)),
+                Some(4.25),
+                None,
+            ),
+            (
+                "536371",
+                Some("22963"),
+                Some(3),
+                Some(utc(2010, 12, 1, 0, 0, 0)),
+                Some(4.25),
+                Some(12.5),
+            ),
+            (
+                "C536372",
+                Some("22964"),
+                Some(-1),
+                Some(utc(2010, 12, 1, 9, 0, 0)),
+                Some(4.25),
+                Some(12583.0),
+            ),
+            (
+                "536373",
+                Some("22965"),
+                Some(3),
+                None,
+                Some(4.25),
+                Some(12583.0),
+            ),
+            (
+                "536376",
+                Some("22968"),
+                None,
+                Some(utc(2010, 12, 2, 10, 0, 0)),
+                Some(4.25),
+                Some(12583.0),
+            ),
+            (
+                "536377",
+                Some("22969"),
+                Some(0),
+                Some(utc(2010, 12, 2, 10, 0, 0)),
+                Some(4.25),
+                Some(12583.0),
+            ),
+            (
+                "536378",
+                Some("22970"),
+                Some(2),
+                Some(utc(2010, 12, 2, 10, 0, 0)),
+                None,
+                Some(12583.0),
+            ),
+            (
+                "536379",
+                Some("22971"),
+                Some(2),
+                Some(utc(2010, 12, 2, 10, 0, 0)),
+                Some(f64::NAN),
+                Some(12583.0),
+            ),
+            (
+                "536380",
+                Some("22972"),
+                Some(2),
+                Some(utc(2010, 12, 2, 10, 0, 0)),
+                Some(0.0),
+                Some(12583.0),
+            ),
+            (
+                "536367",
+                Some("84879"),
+                Some(32),
+                Some(utc(2010, 12, 1, 8, 34, 0)),
+                Some(1.69),
+                Some(13047.0),
+            ),
+            (
+                "536381",
+                Some("22973"),
+                Some(2),
+                Some(utc(2010, 12, 2, 10, 0, 0)),
+                Some(f64::INFINITY),
+                Some(12583.0),
+            ),
+            (
+                "536382",
+                None,
+                Some(2),
+                Some(utc(2011, 12, 9, 11, 50, 0)),
+                Some(3.5),
+                Some(12583.0),
+            ),
+        ];
+        let mut qty = Int64Builder::new();
+        let mut price = Float64Builder::new();
+        let mut user = Float64Builder::new();
+        for r in &rows {
+            qty.append_option(r.2);
+            price.append_option(r.4);
+            user.append_option(r.5);
+        }
+        let time: TimestampMicrosecondArray =
+            rows.iter().map(|r| r.3.map(|ms| ms * 1000)).collect();
+        let batch = RecordBatch::try_from_iter([
+            (
+                "InvoiceNo",
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))) as ArrayRef,
+            ),
+            (
+                "StockCode",
+                Arc::new(StringArray::from_iter(rows.iter().map(|r| r.1))) as ArrayRef,
+            ),
+            ("Quantity", Arc::new(qty.finish()) as ArrayRef),
+            (
+                "InvoiceDate",
+                Arc::new(time.with_timezone("UTC")) as ArrayRef,
+            ),
+            ("UnitPrice", Arc::new(price.finish()) as ArrayRef),
+            ("CustomerID", Arc::new(user.finish()) as ArrayRef),
+        ])
+        .unwrap();
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(4))
+            .build();
+        let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        let bytes = writer.into_inner().unwrap();
+        fx.put("retail.parquet", bytes).await
+    }
+
+    #[tokio::test]
+    async fn parquet_with_typed_columns_stages_the_same_rows_as_csv() {
+        let fx = Fixture::new();
+        let url = retail_parquet(&fx).await;
+        let split = split_of(&url, "parquet", false);
+        let result = ingest_split(&retail_spec(), &split, &fx.staging)
+            .await
+            .unwrap();
+        let counts = result.counts.clone().unwrap();
+        assert_eq!((counts.read, counts.kept), (14, 4));
+        assert_eq!(
+            dropped_of(&result),
+            dropped(&[
+                ("missing_user", 1),
+                ("bad_user", 1),
+                ("cancelled_order", 1),
+                ("missing_time", 1),
+                ("bad_quantity", 1),
+                ("quantity_below_min", 1),
+                ("bad_price", 3),
+                ("price_at_or_below_min", 1),
+            ])
+        );
+        check_balance(&result);
+        assert_eq!(result.min_time_ms, utc(2010, 12, 1, 8, 26, 0));
+        assert_eq!(result.max_time_ms, utc(2011, 12, 9, 11, 50, 0));
+        assert!(result.bytes_read > 0);
+        assert_eq!(
+            staged_rows(&fx.staging, SHARDS).await,
+            sorted(retail_kept())
+        );
+
+        // Without user_as_integer, float ids print as Rust prints them.
+        let fx2 = Fixture::new();
+        let mut spec = retail_spec();
+        spec.input.user_as_integer = false;
+        ingest_split(&spec, &split, &fx2.staging).await.unwrap();
+        let users: BTreeSet<String> = staged_rows(&fx2.staging, SHARDS)
+            .await
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        assert!(
+            users.contains("12.5") && users.contains("17850"),
+            "{users:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn parquet_row_groups_select_rows_and_number_bad_rows_in_the_file() {
+        let fx = Fixture::new();
+        let url = retail_parquet(&fx).await;
+        let mut split = split_of(&url, "parquet", false);
+        split.row_groups = vec![1];
+        let result = ingest_split(&retail_spec(), &split, &fx.staging)
+            .await
+            .unwrap();
+        assert_eq!(result.counts.as_ref().unwrap().read, 4);
+        assert_eq!(
+            dropped_of(&result),
+            dropped(&[
+                ("cancelled_order", 1),
+                ("missing_time", 1),
+                ("bad_quantity", 1),
+                ("quantity_below_min", 1),
+            ])
+        );
+        assert!(staged_rows(&fx.staging, SHARDS).await.is_empty());
+
+        split.row_groups = vec![3, 0];
+        let result = ingest_split(&retail_spec(), &split, &fx.staging)
+            .await
+            .unwrap();
+        assert_eq!(result.counts.as_ref().unwrap().read, 6);
+        assert_eq!(result.counts.as_ref().unwrap().kept, 3);
+
+        let mut spec = retail_spec();
+        spec.input.clean.on_bad_rows = OnBadRows::Fail;
+        split.row_groups = vec![2];
+        let err = ingest_split(&spec, &split, &fx.staging).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                WorkerError::BadRow {
+                    row: 9,
+                    reason: "bad_price",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        split.row_groups = vec![9];
+        let err = ingest_split(&retail_spec(), &split, &fx.staging)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WorkerError::InvalidRequest(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn parquet_column_of_an_unusable_type_is_named() {
+        let fx = Fixture::new();
+        let batch = RecordBatch::try_from_iter([
+            (
+                "CustomerID",
+                Arc::new(StringArray::from(vec!["1"])) as ArrayRef,
+            ),
+            (
+                "InvoiceDate",
+                Arc::new(Float64Array::from(vec![1.0])) as ArrayRef,
+            ),
+            (
+                "UnitPrice",
+                Arc::new(Float64Array::from(vec![1.0])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        let url = fx.put("t.parquet", writer.into_inner().unwrap()).await;
+        let mut spec = retail_spec();
+        spec.input.columns = Columns {
+            user: "CustomerID".into(),
+            time: "InvoiceDate".into(),
+            price: "UnitPrice".into(),
+            ..Columns::default()
+        };
+        spec.input.clean = Default::default();
+        let err = ingest_split(&spec, &split_of(&url, "parquet", false), &fx.staging)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, WorkerError::ColumnType { field: "time", column, .. } if column == "InvoiceDate"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn iso_times_in_every_default_form() {
+        let t = |s: &str| parse_iso_ms(s);
+        let base = utc(2010, 12, 1, 8, 26, 0);
+        assert_eq!(t("2010-12-01"), Some(utc(2010, 12, 1, 0, 0, 0)));
+        assert_eq!(t("2010-12-01 08:26"), Some(base));
+        assert_eq!(t("2010-12-01 08:26:00"), Some(base));
+        assert_eq!(t("2010-12-01T08:26:00"), Some(base));
+        assert_eq!(t("2010-12-01t08:26:00"), Some(base));
+        assert_eq!(t("  2010-12-01 08:26:00 \t"), Some(base));
+        assert_eq!(t("2010-12-01 08:26:07.5"), Some(base + 7_500));
+        assert_eq!(t("2010-12-01 08:26:07.123456789"), Some(base + 7_123));
+        assert_eq!(t("2010-12-01T08:26:00Z"), Some(base));
+        assert_eq!(t("2010-12-01T08:26:00.250z"), Some(base + 250));
+        assert_eq!(t("2010-12-01T08:26:00+01:00"), Some(base - 3_600_000));
+        assert_eq!(
+            t("2010-12-01T08:26:00-05:30"),
+            Some(base + 5 * 3_600_000 + 30 * 60_000)
+        );
+        assert_eq!(t("2010-12-01T08:26:00+0100"), Some(base - 3_600_000));
+        assert_eq!(t("2010-12-01 08:26+02"), Some(base - 7_200_000));
+        assert_eq!(t("2012-02-29"), Some(utc(2012, 2, 29, 0, 0, 0)));
+        assert_eq!(t("1969-12-31 23:59:59"), Some(-1000));
+        assert_eq!(t("1600-03-01"), Some(utc(1600, 3, 1, 0, 0, 0)));
+        for bad in [
+            "",
+            "yesterday",
+            "2011-02-29",
+            "2010-13-01",
+            "2010-00-10",
+            "2010-12-32",
+            "2010-12-01 24:00",
+            "2010-12-01 08:60",
+            "2010-12-01 08:26:60",
+            "2010-12-01 8:26",
+            "2010-12-01 08",
+            "2010-12-01 08:26:00.",
+            "2010-12-01 08:26:00 junk",
+            "2010-12-01T08:26:00+25:00",
+            "2010-12-01T08:26:00+01:",
+            "2010-12-01x",
+            "12/1/2010 8:26",
+            "20101201",
+            "2010-1-01",
+        ] {
+            assert_eq!(t(bad), None, "`{bad}` must not parse");
+        }
+    }
+
+    #[test]
+    fn iso_fast_path_agrees_with_chrono() {
+        // A brute-force twin: chrono formats, the fast path parses.
+        let mut ms = utc(1890, 1, 1, 0, 0, 0);
+        let end = utc(2110, 1, 1, 0, 0, 0);
+        let mut n = 0;
+        while ms < end {
+            let dt = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+            let naive = dt.naive_utc();
+            assert_eq!(
+                parse_iso_ms(&naive.format("%Y-%m-%d %H:%M:%S%.3f").to_string()),
+                Some(ms)
+            );
+            assert_eq!(parse_iso_ms(&dt.to_rfc3339()), Some(ms));
+            let date = naive.date();
+            assert_eq!(
+                parse_iso_ms(&date.format("%Y-%m-%d").to_string()),
+                Some(
+                    date.and_hms_opt(0, 0, 0)
+                        .unwrap()
+                        .and_utc()
+                        .timestamp_millis()
+                )
+            );
+            ms += 7_919_993_117; // ~92 days and an odd number of ms
+            n += 1;
+        }
+        assert!(n > 800);
+    }
+
+    #[test]
+    fn custom_time_formats() {
+        let p = TimeParser::new(Some("%d/%m/%Y %H:%M")).unwrap();
+        assert_eq!(
+            p.parse("01/12/2010 08:26"),
+            Some(utc(2010, 12, 1, 8, 26, 0))
+        );
+        assert_eq!(
+            p.parse(" 01/12/2010 08:26 "),
+            Some(utc(2010, 12, 1, 8, 26, 0))
+        );
+        assert_eq!(p.parse("2010-12-01 08:26"), None);
+        assert_eq!(p.parse("garbage"), None);
+
+        let date_only = TimeParser::new(Some("%m/%d/%Y")).unwrap();
+        assert_eq!(
+            date_only.parse("12/1/2010"),
+            Some(utc(2010, 12, 1, 0, 0, 0))
+        );
+        assert_eq!(date_only.parse("13/1/2010"), None);
+
+        let with_offset = TimeParser::new(Some("%Y-%m-%d %H:%M:%S %z")).unwrap();
+        assert_eq!(
+            with_offset.parse("2010-12-01 09:26:00 +0100"),
+            Some(utc(2010, 12, 1, 8, 26, 0))
+        );
+
+        let default = TimeParser::new(None).unwrap();
+        assert_eq!(default.parse("2010-12-01"), Some(utc(2010, 12, 1, 0, 0, 0)));
+
+        assert!(TimeParser::new(Some("%Q")).is_err());
+        let naive = NaiveDate::from_ymd_opt(2010, 12, 1).unwrap();
+        assert_eq!(
+            naive
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc()
+                .timestamp_millis(),
+            utc(2010, 12, 1, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn integer_user_ids() {
+        let mut out = String::new();
+        for (input, want) in [
+            ("17850.0", "17850"),
+            ("17850", "17850"),
+            (" 17850.000 ", "17850"),
+            ("17850.", "17850"),
+            ("007", "7"),
+            ("-12.0", "-12"),
+            ("+12", "12"),
+            ("-0", "0"),
+            ("0.0", "0"),
+            (
+                "123456789012345678901234567890",
+                "123456789012345678901234567890",
+            ),
+        ] {
+            assert!(canonical_integer(input, &mut out), "{input}");
+            assert_eq!(out, want, "{input}");
+        }
+        for bad in [
+            "17850.5", "1e3", "12a", "", "-", ".0", "1.0.0", "0x10", "１２",
+        ] {
+            assert!(
+                !canonical_integer(bad, &mut out),
+                "`{bad}` is not an integer"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_reasons_are_the_unparseable_ones() {
+        let bad: Vec<&str> = DropReason::ALL
+            .iter()
+            .filter(|r| r.is_bad())
+            .map(|r| r.as_str())
+            .collect();
+        assert_eq!(
+            bad,
+            [
+                "bad_user",
+                "missing_time",
+                "bad_time",
+                "bad_quantity",
+                "bad_price",
+                "bad_amount"
+            ]
+        );
+    }
+
+    /// The bundled Online Retail log with the demo cleaning reproduces the published
+    /// figures (data/online-retail/README.md, from UCI).
+    #[tokio::test]
+    async fn online_retail_with_demo_cleaning_matches_published_figures() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/online-retail/online_retail.csv.gz")
+            .canonicalize()
+            .expect("the Online Retail log is bundled under data/online-retail");
+        let path = path.to_str().unwrap();
+        let loc = resolve(path).unwrap();
+        let size = loc
+            .head()
+            .await
+            .unwrap()
+            .expect("the bundled Online Retail file")
+            .size;
+        let fx = Fixture::new();
+        let mut spec = JobSpec::parse(DEMO_SPEC).unwrap();
+        spec.input.interactions = path.to_string();
+        let (format, gzip) = Format::from_name(path).unwrap();
+        let split = pb::Split {
+            index: 0,
+            object: loc.url(),
+            size,
+            format: format.as_str().to_string(),
+            row_groups: Vec::new(),
+            gzip,
+        };
+        let started = std::time::Instant::now();
+        let result = ingest_split(&spec, &split, &fx.staging).await.unwrap();
+        let elapsed = started.elapsed();
+        let counts = result.counts.clone().unwrap();
+        assert_eq!(counts.read, 541_909);
+        assert_eq!(counts.kept, 397_884);
+        check_balance(&result);
+        assert_eq!(result.bytes_read, size);
+        assert_eq!(result.min_time_ms, utc(2010, 12, 1, 8, 26, 0));
+        assert_eq!(result.max_time_ms, utc(2011, 12, 9, 12, 50, 0));
+        assert_eq!(
+            counts.dropped.get("bad_time"),
+            None,
+            "every InvoiceDate parses"
+        );
+
+        let mut users = BTreeSet::new();
+        let mut rows = 0;
+        for shard in 0..spec.cluster.shards {
+            for b in read_shard(&fx.staging, shard).await.unwrap() {
+                rows += b.num_rows();
+                let col = b.column(0).as_string::<i32>();
+                users.extend(col.iter().flatten().map(str::to_string));
+            }
+        }
+        assert_eq!(rows, 397_884);
+        assert_eq!(users.len(), 4_338);
+        eprintln!("online retail: ingest took {elapsed:?}");
+    }
 }

@@ -181,7 +181,9 @@ impl SplitWriter {
     /// Buffers `row` in the shard of its user.
     pub fn push(&mut self, row: StagedRow<'_>) {
         let shard = shard_of(row.user, self.shards) as usize;
-        self.buffers[shard].get_or_insert_with(ShardBuffer::new).push(&row);
+        self.buffers[shard]
+            .get_or_insert_with(ShardBuffer::new)
+            .push(&row);
         self.rows += 1;
     }
 
@@ -211,11 +213,15 @@ impl SplitWriter {
                 file: loc.url(),
                 source,
             })?;
-            encoded.push((loc, StagedFile {
-                shard,
-                rows,
-                bytes: bytes.len() as u64,
-            }, bytes));
+            encoded.push((
+                loc,
+                StagedFile {
+                    shard,
+                    rows,
+                    bytes: bytes.len() as u64,
+                },
+                bytes,
+            ));
         }
         let mut written: Vec<StagedFile> = futures::stream::iter(encoded)
             .map(|(loc, file, bytes)| async move {
@@ -271,11 +277,12 @@ pub async fn read_shard(staging: &Location, shard: u32) -> Result<Vec<RecordBatc
                 file: url.clone(),
                 source,
             })?;
-            let batch = RecordBatch::try_new(expected.clone(), batch.columns().to_vec())
-                .map_err(|source| WorkerError::Arrow {
+            let batch = RecordBatch::try_new(expected.clone(), batch.columns().to_vec()).map_err(
+                |source| WorkerError::Arrow {
                     file: url.clone(),
                     source,
-                })?;
+                },
+            )?;
             batches.push(batch);
         }
     }
@@ -286,7 +293,9 @@ pub async fn read_shard(staging: &Location, shard: u32) -> Result<Vec<RecordBatc
 fn check_schema(found: &Schema, expected: &Schema) -> Result<(), ArrowError> {
     let same = found.fields().len() == expected.fields().len()
         && found.fields().iter().zip(expected.fields()).all(|(f, e)| {
-            f.name() == e.name() && f.data_type() == e.data_type() && f.is_nullable() == e.is_nullable()
+            f.name() == e.name()
+                && f.data_type() == e.data_type()
+                && f.is_nullable() == e.is_nullable()
         });
     if same {
         return Ok(());
@@ -383,7 +392,10 @@ mod tests {
             split_file(&staging, 3, 12).url(),
             "file:///tmp/x/staging/ingest/shard-00003/split-00012.parquet"
         );
-        assert_eq!(shard_prefix(&staging, 65_535).url(), "file:///tmp/x/staging/ingest/shard-65535");
+        assert_eq!(
+            shard_prefix(&staging, 65_535).url(),
+            "file:///tmp/x/staging/ingest/shard-65535"
+        );
         assert!(is_split_file_name("split-00012.parquet"));
         assert!(!is_split_file_name("split-00012.parquet#1"));
         assert!(!is_split_file_name("other.parquet"));
@@ -395,10 +407,13 @@ mod tests {
         let staging = staging_in(&dir);
         let shards = 4;
         let first = sample_rows(500);
-        let second: Vec<Row> = sample_rows(300).into_iter().map(|mut r| {
-            r.1 += 10_000_000;
-            r
-        }).collect();
+        let second: Vec<Row> = sample_rows(300)
+            .into_iter()
+            .map(|mut r| {
+                r.1 += 10_000_000;
+                r
+            })
+            .collect();
         // Split 1 is written before split 0: reading must still follow split order.
         let mut w1 = SplitWriter::new(1, shards);
         push_all(&mut w1, &second);
@@ -467,6 +482,9 @@ mod tests {
         let file = split_file(&staging, 0, 0);
         file.put(bytes).await.unwrap();
         let err = read_shard(&staging, 0).await.unwrap_err().to_string();
-        assert!(err.contains(&file.url()) && err.contains("not a staged shard file"), "{err}");
+        assert!(
+            err.contains(&file.url()) && err.contains("not a staged shard file"),
+            "{err}"
+        );
     }
 }
