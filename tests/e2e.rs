@@ -140,12 +140,11 @@ fn coordinator_process() -> (Proc, String) {
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(url) = line.strip_prefix("shoal coordinator listening on ") {
+            if !sent
+                && let Some(url) = line.strip_prefix("shoal coordinator listening on ") {
                     let _ = tx.send(url.trim().to_string());
                     sent = true;
                 }
-            }
         }
     });
     let url = rx.recv_timeout(Duration::from_secs(60)).expect("coordinator prints its address");

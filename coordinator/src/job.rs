@@ -58,11 +58,10 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
         }
         staging.remove_empty_folders();
     }
-    if ctx.spec.cluster.staging.is_none() {
-        if let Ok(base) = store::resolve(&ctx.spec.staging_base()) {
+    if ctx.spec.cluster.staging.is_none()
+        && let Ok(base) = store::resolve(&ctx.spec.staging_base()) {
             base.remove_empty_folders();
         }
-    }
     result
 }
 

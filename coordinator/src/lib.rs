@@ -80,7 +80,7 @@ pub async fn spawn_coordinator(config: CoordinatorConfig, shutdown: Cancellation
         )
         .add_service(RegistryServiceServer::new(services))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
     let server = tokio::spawn(async move { server.await.map_err(CoordinatorError::from) });

@@ -49,7 +49,7 @@ enum Event {
         reply: oneshot::Sender<Vec<WorkerEntry>>,
     },
     Submit {
-        spec: JobSpec,
+        spec: Box<JobSpec>,
         reply: oneshot::Sender<JobId>,
     },
     Get {
@@ -129,7 +129,7 @@ impl StateHandle {
     }
 
     pub async fn submit(&self, spec: JobSpec) -> Result<JobId, CoordinatorError> {
-        self.ask(|reply| Event::Submit { spec, reply }).await
+        self.ask(|reply| Event::Submit { spec: Box::new(spec), reply }).await
     }
 
     pub async fn get(&self, job: JobId) -> Result<Option<JobStatus>, CoordinatorError> {
@@ -259,7 +259,7 @@ impl State {
                 self.jobs.insert(
                     id.clone(),
                     JobRecord {
-                        spec,
+                        spec: *spec,
                         status: tx,
                         cancel: self.shutdown.child_token(),
                     },
@@ -296,12 +296,11 @@ impl State {
             Event::Progress { job, progress } => {
                 if let Some(record) = self.jobs.get(&job) {
                     record.status.send_modify(|s| {
-                        if let Some(phase) = progress.phase {
-                            if s.phase != phase {
+                        if let Some(phase) = progress.phase
+                            && s.phase != phase {
                                 s.phase = phase.into();
                                 s.phase_progress = 0.0;
                             }
-                        }
                         if let Some(p) = progress.phase_progress {
                             s.phase_progress = p;
                         }

@@ -426,14 +426,13 @@ impl JobSpec {
         if cl.workers == 0 {
             return Err(invalid("cluster.workers", "must be at least 1"));
         }
-        if let Some(staging) = &cl.staging {
-            if staging.trim().is_empty() {
+        if let Some(staging) = &cl.staging
+            && staging.trim().is_empty() {
                 return Err(invalid(
                     "cluster.staging",
                     "must name a folder or URL, or be left out",
                 ));
             }
-        }
         Ok(())
     }
 

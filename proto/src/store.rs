@@ -286,6 +286,23 @@ pub async fn list_inputs(pattern: &str) -> Result<Vec<InputObject>, StoreError> 
     Ok(found)
 }
 
+/// Encodes record batches as one Parquet file (zstd-compressed) in memory.
+pub fn encode_parquet(
+    schema: arrow::datatypes::SchemaRef,
+    batches: &[arrow::record_batch::RecordBatch],
+) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+        .build();
+    let mut buf = Vec::new();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, Some(props))?;
+    for b in batches {
+        writer.write(b)?;
+    }
+    writer.close()?;
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,21 +356,4 @@ mod tests {
         let err = resolve("gs://bucket/x").unwrap_err().to_string();
         assert!(err.contains("gs://"), "{err}");
     }
-}
-
-/// Encodes record batches as one Parquet file (zstd-compressed) in memory.
-pub fn encode_parquet(
-    schema: arrow::datatypes::SchemaRef,
-    batches: &[arrow::record_batch::RecordBatch],
-) -> Result<Vec<u8>, parquet::errors::ParquetError> {
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .build();
-    let mut buf = Vec::new();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, Some(props))?;
-    for b in batches {
-        writer.write(b)?;
-    }
-    writer.close()?;
-    Ok(buf)
 }

@@ -73,13 +73,11 @@ impl Cluster {
 pub async fn wait_for_workers(url: &str, n: usize) {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        if let Ok(mut c) = JobServiceClient::connect(url.to_string()).await {
-            if let Ok(r) = c.list_workers(ListWorkersRequest {}).await {
-                if r.into_inner().workers.len() >= n {
+        if let Ok(mut c) = JobServiceClient::connect(url.to_string()).await
+            && let Ok(r) = c.list_workers(ListWorkersRequest {}).await
+                && r.into_inner().workers.len() >= n {
                     return;
                 }
-            }
-        }
         assert!(Instant::now() < deadline, "{n} workers did not register in time");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

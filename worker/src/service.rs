@@ -99,7 +99,7 @@ fn check_dims(dims: u32, values: usize, what: &str) -> Result<usize, WorkerError
     if d != DIMS {
         return Err(WorkerError::InvalidRequest(format!("{what}: {d} dimensions, this worker's features have {DIMS}")));
     }
-    if values % d != 0 {
+    if !values.is_multiple_of(d) {
         return Err(WorkerError::InvalidRequest(format!("{what}: {values} values is not a multiple of {d}")));
     }
     Ok(values / d)
@@ -121,7 +121,7 @@ impl WorkerService for WorkerServiceImpl {
         let spec = Arc::new(spec);
         let staging = Arc::new(staging);
         async move {
-            let mut results: Vec<pb::SplitResult> = futures::stream::iter(req.splits.into_iter())
+            let mut results: Vec<pb::SplitResult> = futures::stream::iter(req.splits)
                 .map(|split| {
                     let (spec, staging) = (spec.clone(), staging.clone());
                     // each split on its own task, so parsing runs on all cores
