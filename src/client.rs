@@ -4,7 +4,7 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::{GetJobRequest, JobState, JobStatus, ListWorkersRequest, SubmitJobRequest};
-use shoal_proto::{store, JobSpec};
+use shoal_proto::{JobSpec, store};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -26,7 +26,9 @@ impl Client {
     pub async fn submit(&mut self, spec: &JobSpec) -> Result<String, BoxError> {
         let resp = self
             .inner
-            .submit_job(SubmitJobRequest { spec_toml: spec.to_toml() })
+            .submit_job(SubmitJobRequest {
+                spec_toml: spec.to_toml(),
+            })
             .await
             .map_err(|s| format!("the coordinator refused the job: {}", s.message()))?;
         Ok(resp.into_inner().job_id)
@@ -35,7 +37,9 @@ impl Client {
     pub async fn status(&mut self, job: &str) -> Result<JobStatus, BoxError> {
         let resp = self
             .inner
-            .get_job(GetJobRequest { job_id: job.to_string() })
+            .get_job(GetJobRequest {
+                job_id: job.to_string(),
+            })
             .await
             .map_err(|s| s.message().to_string())?;
         Ok(resp.into_inner())
@@ -45,12 +49,22 @@ impl Client {
     pub async fn wait_for_workers(&mut self, n: usize, limit: Duration) -> Result<(), BoxError> {
         let deadline = Instant::now() + limit;
         loop {
-            let have = self.inner.list_workers(ListWorkersRequest {}).await?.into_inner().workers.len();
+            let have = self
+                .inner
+                .list_workers(ListWorkersRequest {})
+                .await?
+                .into_inner()
+                .workers
+                .len();
             if have >= n {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("only {have} of {n} workers registered within {} s", limit.as_secs()).into());
+                return Err(format!(
+                    "only {have} of {n} workers registered within {} s",
+                    limit.as_secs()
+                )
+                .into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -60,12 +74,16 @@ impl Client {
     pub async fn watch(&mut self, job: &str) -> Result<JobStatus, BoxError> {
         let mut stream = self
             .inner
-            .watch_job(GetJobRequest { job_id: job.to_string() })
+            .watch_job(GetJobRequest {
+                job_id: job.to_string(),
+            })
             .await
             .map_err(|s| s.message().to_string())?
             .into_inner();
         let bar = ProgressBar::new_spinner();
-        bar.set_style(ProgressStyle::with_template("{spinner} {elapsed:>3} {msg}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed:>3} {msg}").expect("valid template"),
+        );
         bar.enable_steady_tick(Duration::from_millis(100));
         let mut last = None;
         while let Some(status) = stream.message().await? {
@@ -75,7 +93,9 @@ impl Client {
         bar.finish_and_clear();
         match last {
             Some(s) => Ok(s),
-            None => Err(format!("the coordinator ended the watch of {job} without a status").into()),
+            None => {
+                Err(format!("the coordinator ended the watch of {job} without a status").into())
+            }
         }
     }
 }
@@ -100,13 +120,22 @@ fn progress_line(s: &JobStatus) -> String {
         line.push_str(&format!(" · {} users", s.users));
     }
     if s.iteration > 0 {
-        line.push_str(&format!(" · iteration {} · inertia {:.1}", s.iteration, s.inertia));
+        line.push_str(&format!(
+            " · iteration {} · inertia {:.1}",
+            s.iteration, s.inertia
+        ));
     }
     line
 }
 
 pub fn describe(s: &JobStatus) -> String {
-    let mut text = format!("{} ({}): {} · phase {}", s.job_id, s.name, state_name(s), s.phase);
+    let mut text = format!(
+        "{} ({}): {} · phase {}",
+        s.job_id,
+        s.name,
+        state_name(s),
+        s.phase
+    );
     if !s.error.is_empty() {
         text.push_str(&format!("\nerror: {}", s.error));
     }
@@ -117,17 +146,28 @@ pub fn describe(s: &JobStatus) -> String {
 /// Prints the outcome: the segment table on success, the error otherwise.
 pub async fn finish(status: &JobStatus) -> Result<ExitCode, BoxError> {
     if status.state != JobState::Succeeded as i32 {
-        eprintln!("job {} {}: {}", status.job_id, state_name(status), status.error);
+        eprintln!(
+            "job {} {}: {}",
+            status.job_id,
+            state_name(status),
+            status.error
+        );
         return Ok(ExitCode::FAILURE);
     }
     let out = store::resolve(&status.output)?;
     let report: serde_json::Value = serde_json::from_slice(&out.child("report.json").get().await?)?;
     print_segments(&report);
     println!("\noutputs in {}", out.url());
-    println!("  assignments.parquet/  one row per user: segment, distances, recency, frequency, monetary");
-    println!("  segments.parquet      one row per segment: size, share, RFM mean and median, centroid");
+    println!(
+        "  assignments.parquet/  one row per user: segment, distances, recency, frequency, monetary"
+    );
+    println!(
+        "  segments.parquet      one row per segment: size, share, RFM mean and median, centroid"
+    );
     println!("  centroids.parquet     the centroids in scaled feature space");
-    println!("  report.json           rows read / kept / dropped, k-means figures, quality, timings");
+    println!(
+        "  report.json           rows read / kept / dropped, k-means figures, quality, timings"
+    );
     println!("  _SUCCESS              manifest: every file with its row count");
     Ok(ExitCode::SUCCESS)
 }

@@ -4,11 +4,11 @@
 mod client;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use shoal_coordinator::{spawn_coordinator, CoordinatorConfig, StateConfig};
+use shoal_coordinator::{CoordinatorConfig, StateConfig, spawn_coordinator};
 use shoal_kernels::{Backend, CpuBackend};
-use shoal_proto::spec::DEMO_SPEC;
 use shoal_proto::JobSpec;
-use shoal_worker::{spawn_worker, WorkerConfig};
+use shoal_proto::spec::DEMO_SPEC;
+use shoal_worker::{WorkerConfig, spawn_worker};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,7 +17,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "shoal", version, about = "Customer segmentation from behaviour, at cluster scale")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Customer segmentation from behaviour, at cluster scale"
+)]
 struct Cli {
     /// Log format: human-readable text, or JSON lines for log collectors.
     #[arg(long, global = true, env = "SHOAL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -99,8 +103,11 @@ enum Command {
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -110,7 +117,10 @@ fn init_tracing(format: LogFormat, filter: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format, &cli.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -194,7 +204,11 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             handle.wait().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Submit { spec, coordinator, wait } => {
+        Command::Submit {
+            spec,
+            coordinator,
+            wait,
+        } => {
             let spec = JobSpec::from_file(&spec, &cwd()?)?;
             let mut client = client::Client::connect(&coordinator).await?;
             let job = client.submit(&spec).await?;
@@ -223,14 +237,15 @@ fn stop_on_signal(shutdown: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        shutdown.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -258,7 +273,9 @@ async fn run_in_process(spec: JobSpec, workers: u32) -> Result<ExitCode, BoxErro
     }
     stop_on_signal(shutdown.clone());
     let mut client = client::Client::connect(&url).await?;
-    client.wait_for_workers(workers.max(1) as usize, Duration::from_secs(30)).await?;
+    client
+        .wait_for_workers(workers.max(1) as usize, Duration::from_secs(30))
+        .await?;
     let job = client.submit(&spec).await?;
     let status = client.watch(&job).await?;
     let code = client::finish(&status).await;

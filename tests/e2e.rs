@@ -33,11 +33,23 @@ async fn demo_data_gives_identical_assignments_with_1_and_3_workers() {
     let (one, r1) = &results[0];
     let (three, r3) = &results[1];
     assert_eq!(one.len(), 4_338);
-    assert_eq!(segments_of(one), segments_of(three), "assignments differ between 1 and 3 workers");
+    assert_eq!(
+        segments_of(one),
+        segments_of(three),
+        "assignments differ between 1 and 3 workers"
+    );
     assert_eq!(one, three, "distances and RFM must match bit for bit");
-    assert_eq!(r1["kmeans"]["inertia_per_iteration"], r3["kmeans"]["inertia_per_iteration"]);
+    assert_eq!(
+        r1["kmeans"]["inertia_per_iteration"],
+        r3["kmeans"]["inertia_per_iteration"]
+    );
     // every segment is used and sizes add up
-    let sizes: Vec<u64> = r1["segments"].as_array().unwrap().iter().map(|s| s["size"].as_u64().unwrap()).collect();
+    let sizes: Vec<u64> = r1["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["size"].as_u64().unwrap())
+        .collect();
     assert_eq!(sizes.len(), 6);
     assert!(sizes.iter().all(|s| *s > 0), "{sizes:?}");
     assert_eq!(sizes.iter().sum::<u64>(), 4_338);
@@ -53,12 +65,24 @@ async fn demo_outputs_have_a_manifest_listing_every_file_with_rows() {
     cluster.stop().await;
     let manifest = read_manifest(&out);
     let assignments = read_assignments(&out);
-    let parts: u64 = manifest.files.iter().filter(|f| f.path.starts_with("assignments.parquet/")).map(|f| f.rows).sum();
+    let parts: u64 = manifest
+        .files
+        .iter()
+        .filter(|f| f.path.starts_with("assignments.parquet/"))
+        .map(|f| f.rows)
+        .sum();
     assert_eq!(parts, assignments.len() as u64);
     for name in ["segments.parquet", "centroids.parquet", "report.json"] {
-        assert!(manifest.files.iter().any(|f| f.path == name), "manifest lacks {name}");
+        assert!(
+            manifest.files.iter().any(|f| f.path == name),
+            "manifest lacks {name}"
+        );
     }
-    let seg = manifest.files.iter().find(|f| f.path == "segments.parquet").unwrap();
+    let seg = manifest
+        .files
+        .iter()
+        .find(|f| f.path == "segments.parquet")
+        .unwrap();
     assert_eq!(seg.rows, 6);
     for f in &manifest.files {
         let len = std::fs::metadata(out.join(&f.path)).unwrap().len();
@@ -71,9 +95,15 @@ async fn demo_outputs_have_a_manifest_listing_every_file_with_rows() {
     // The report's figures are consistent with the assignments: inertia is the sum of
     // squared distances, and recency is measured from the last event of the log.
     let report = read_report(&out);
-    let inertia: f64 = assignments.values().map(|a| f64::from(a.distance).powi(2)).sum();
+    let inertia: f64 = assignments
+        .values()
+        .map(|a| f64::from(a.distance).powi(2))
+        .sum();
     let reported = report["kmeans"]["inertia"].as_f64().unwrap();
-    assert!((inertia - reported).abs() <= 1e-4 * reported, "{inertia} vs {reported}");
+    assert!(
+        (inertia - reported).abs() <= 1e-4 * reported,
+        "{inertia} vs {reported}"
+    );
     assert_eq!(report["reference_time"], "2011-12-09T12:50:00.000Z");
     assert!(assignments.values().any(|a| a.recency_days == 0.0));
     // Hand check of one well-known customer (UCI Online Retail, CustomerID 12346:
@@ -83,7 +113,11 @@ async fn demo_outputs_have_a_manifest_listing_every_file_with_rows() {
     assert_eq!(c.frequency, 1);
     assert!((c.monetary - 77_183.6).abs() < 1e-6, "{}", c.monetary);
     let expected_recency = (1_323_435_000_000f64 - 1_295_344_860_000f64) / 86_400_000.0;
-    assert!((c.recency_days - expected_recency).abs() < 1e-9, "{}", c.recency_days);
+    assert!(
+        (c.recency_days - expected_recency).abs() < 1e-9,
+        "{}",
+        c.recency_days
+    );
     let q = &report["quality"];
     assert_eq!(q["silhouette_sample"], 4_338);
     let s = q["silhouette"].as_f64().unwrap();
@@ -104,11 +138,18 @@ async fn planted_customer_groups_are_recovered() {
     cluster.stop().await;
     let got = read_assignments(&out);
     assert_eq!(got.len(), truth.len());
-    let (a, b): (Vec<usize>, Vec<usize>) = got.iter().map(|(u, r)| (truth[u], r.segment as usize)).unzip();
+    let (a, b): (Vec<usize>, Vec<usize>) = got
+        .iter()
+        .map(|(u, r)| (truth[u], r.segment as usize))
+        .unzip();
     let ari = adjusted_rand_index(&a, &b);
     assert!(ari >= 0.95, "adjusted Rand index {ari}");
     let report = read_report(&out);
-    assert_eq!(report["rows"]["dropped"]["bad_price"], 25, "{}", report["rows"]);
+    assert_eq!(
+        report["rows"]["dropped"]["bad_price"], 25,
+        "{}",
+        report["rows"]
+    );
 }
 
 struct Proc(Child);
@@ -140,14 +181,15 @@ fn coordinator_process() -> (Proc, String) {
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent
-                && let Some(url) = line.strip_prefix("shoal coordinator listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                    sent = true;
-                }
+            if !sent && let Some(url) = line.strip_prefix("shoal coordinator listening on ") {
+                let _ = tx.send(url.trim().to_string());
+                sent = true;
+            }
         }
     });
-    let url = rx.recv_timeout(Duration::from_secs(60)).expect("coordinator prints its address");
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("coordinator prints its address");
     (Proc(child), url)
 }
 
@@ -178,7 +220,13 @@ async fn three_worker_processes_started_by_hand() {
         let url = url.clone();
         move || {
             shoal()
-                .args(["submit", spec_path.to_str().unwrap(), "--coordinator", &url, "--wait"])
+                .args([
+                    "submit",
+                    spec_path.to_str().unwrap(),
+                    "--coordinator",
+                    &url,
+                    "--wait",
+                ])
                 .output()
                 .expect("run shoal submit")
         }
@@ -192,7 +240,10 @@ async fn three_worker_processes_started_by_hand() {
         String::from_utf8_lossy(&submitted.stderr)
     );
     let stdout = String::from_utf8_lossy(&submitted.stdout);
-    assert!(stdout.contains("median recency"), "prints the segment table: {stdout}");
+    assert!(
+        stdout.contains("median recency"),
+        "prints the segment table: {stdout}"
+    );
     assert_eq!(read_report(&out)["workers"], 3);
     let by_processes = read_assignments(&out);
 
@@ -202,13 +253,19 @@ async fn three_worker_processes_started_by_hand() {
     let status = run_job(&cluster.url, &planted_spec(&input, &out1, 4)).await;
     assert!(succeeded(&status), "{status:?}");
     cluster.stop().await;
-    assert_eq!(segments_of(&by_processes), segments_of(&read_assignments(&out1)));
+    assert_eq!(
+        segments_of(&by_processes),
+        segments_of(&read_assignments(&out1))
+    );
 }
 
 async fn failing(spec: &shoal_proto::JobSpec, cluster: &Cluster) -> String {
     let status = run_job(&cluster.url, spec).await;
     assert!(!succeeded(&status), "job should fail: {status:?}");
-    assert!(!Path::new(&spec.output.path).join("_SUCCESS").exists(), "a failed job leaves no _SUCCESS");
+    assert!(
+        !Path::new(&spec.output.path).join("_SUCCESS").exists(),
+        "a failed job leaves no _SUCCESS"
+    );
     status.error
 }
 
@@ -223,13 +280,19 @@ async fn bad_input_fails_with_clear_errors() {
     let mut spec = planted_spec(&log, &dir.path().join("o1"), 3);
     spec.input.columns.user = "CustomerID".into();
     let err = failing(&spec, &cluster).await;
-    assert!(err.contains("CustomerID") && err.contains("customer") && err.contains("unit_price"), "{err}");
+    assert!(
+        err.contains("CustomerID") && err.contains("customer") && err.contains("unit_price"),
+        "{err}"
+    );
 
     // on_bad_rows = "fail" names the file and the row
     let mut spec = planted_spec(&log, &dir.path().join("o2"), 3);
     spec.input.clean.on_bad_rows = shoal_proto::spec::OnBadRows::Fail;
     let err = failing(&spec, &cluster).await;
-    assert!(err.contains("log.csv") && err.contains("row ") && err.contains("not-a-price"), "{err}");
+    assert!(
+        err.contains("log.csv") && err.contains("row ") && err.contains("not-a-price"),
+        "{err}"
+    );
 
     // empty input: a header and no rows
     let empty = dir.path().join("empty.csv");
@@ -239,7 +302,10 @@ async fn bad_input_fails_with_clear_errors() {
 
     // k larger than the number of users
     let err = failing(&planted_spec(&log, &dir.path().join("o4"), 500), &cluster).await;
-    assert!(err.contains("segments.k = 500") && err.contains("80 users"), "{err}");
+    assert!(
+        err.contains("segments.k = 500") && err.contains("80 users"),
+        "{err}"
+    );
 
     // an output path that is a file
     let file = dir.path().join("not-a-folder");
@@ -248,7 +314,11 @@ async fn bad_input_fails_with_clear_errors() {
     assert!(err.contains("is a file"), "{err}");
 
     // no input at all
-    let err = failing(&planted_spec(&dir.path().join("missing/*.csv"), &dir.path().join("o5"), 3), &cluster).await;
+    let err = failing(
+        &planted_spec(&dir.path().join("missing/*.csv"), &dir.path().join("o5"), 3),
+        &cluster,
+    )
+    .await;
     assert!(err.contains("no input objects"), "{err}");
 
     cluster.stop().await;
@@ -269,8 +339,87 @@ async fn a_rerun_replaces_the_previous_outputs() {
     assert!(succeeded(&run_job(&cluster.url, &spec).await));
     assert!(started.elapsed() < DEADLINE);
     cluster.stop().await;
-    let parts = std::fs::read_dir(out.join("assignments.parquet")).unwrap().count();
+    let parts = std::fs::read_dir(out.join("assignments.parquet"))
+        .unwrap()
+        .count();
     assert_eq!(parts, 2, "parts of the earlier 12-shard run are gone");
     assert_eq!(read_assignments(&out).len(), 120);
-    assert_eq!(read_manifest(&out).files.iter().filter(|f| f.path.starts_with("assignments")).count(), 2);
+    assert_eq!(
+        read_manifest(&out)
+            .files
+            .iter()
+            .filter(|f| f.path.starts_with("assignments"))
+            .count(),
+        2
+    );
+}
+
+/// Rewrites a CSV log as Parquet with typed columns (Int64 quantity, Float64 price,
+/// Timestamp time) in several row groups.
+fn csv_to_parquet(csv: &Path, parquet_path: &Path) {
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use std::sync::Arc;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("order_id", DataType::Utf8, false),
+        Field::new("customer", DataType::Utf8, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Second, None), false),
+        Field::new("sku", DataType::Utf8, false),
+        Field::new("qty", DataType::Int64, false),
+        Field::new("unit_price", DataType::Float64, false),
+    ]));
+    let reader = arrow::csv::ReaderBuilder::new(schema.clone())
+        .with_header(true)
+        .with_batch_size(500)
+        .build(std::fs::File::open(csv).unwrap())
+        .unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(700))
+        .build();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(parquet_path).unwrap(),
+        schema,
+        Some(props),
+    )
+    .unwrap();
+    for batch in reader {
+        writer.write(&batch.unwrap()).unwrap();
+    }
+    writer.close().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_input_segments_like_the_same_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("log.csv");
+    write_planted_log(&csv, 100, 21, 0);
+    let pq_dir = dir.path().join("pq");
+    std::fs::create_dir_all(&pq_dir).unwrap();
+    csv_to_parquet(&csv, &pq_dir.join("part-0.parquet"));
+    let cluster = Cluster::start(2).await;
+    let from_csv = dir.path().join("out-csv");
+    let from_pq = dir.path().join("out-pq");
+    assert!(succeeded(
+        &run_job(&cluster.url, &planted_spec(&csv, &from_csv, 4)).await
+    ));
+    // a folder of Parquet files, format from the extension
+    let status = run_job(&cluster.url, &planted_spec(&pq_dir, &from_pq, 4)).await;
+    assert!(succeeded(&status), "{status:?}");
+    cluster.stop().await;
+    let a = read_assignments(&from_csv);
+    let b = read_assignments(&from_pq);
+    assert_eq!(a.len(), 400);
+    assert_eq!(segments_of(&a), segments_of(&b));
+    for (user, x) in &a {
+        let y = &b[user];
+        assert_eq!(x.frequency, y.frequency, "{user}");
+        assert!(
+            (x.monetary - y.monetary).abs() <= 1e-9 * x.monetary.abs(),
+            "{user}"
+        );
+        assert_eq!(x.recency_days, y.recency_days, "{user}");
+    }
+    assert_eq!(
+        read_report(&from_pq)["rows"]["read"],
+        read_report(&from_csv)["rows"]["read"]
+    );
 }

@@ -11,7 +11,9 @@ pub enum CoordinatorError {
     Store(#[from] StoreError),
     #[error("the input has no data rows ({objects} object(s) under `{pattern}`)")]
     EmptyInput { pattern: String, objects: usize },
-    #[error("no rows are left after cleaning: read {read} rows, dropped {dropped}; check input.columns and input.clean")]
+    #[error(
+        "no rows are left after cleaning: read {read} rows, dropped {dropped}; check input.columns and input.clean"
+    )]
     NothingKept { read: u64, dropped: String },
     #[error("segments.k = {k} but the input has only {users} users: lower k or add data")]
     TooFewUsers { k: u32, users: u64 },
@@ -23,11 +25,15 @@ pub enum CoordinatorError {
         #[source]
         source: parquet::errors::ParquetError,
     },
-    #[error("{object}: cannot tell the format from the name; set input.format to \"csv\" or \"parquet\"")]
+    #[error(
+        "{object}: cannot tell the format from the name; set input.format to \"csv\" or \"parquet\""
+    )]
     UnknownFormat { object: String },
     #[error("writing {file}: {reason}")]
     Write { file: String, reason: String },
-    #[error("no worker registered within {seconds} s; start workers with `shoal worker --coordinator URL`")]
+    #[error(
+        "no worker registered within {seconds} s; start workers with `shoal worker --coordinator URL`"
+    )]
     NoWorkers { seconds: u64 },
     #[error("worker {worker} ({address}) failed in {step}: {status}")]
     Worker {
@@ -53,7 +59,9 @@ pub enum CoordinatorError {
     Cancelled,
     #[error("no job {0}")]
     UnknownJob(String),
-    #[error("worker speaks protocol version {worker}; this coordinator speaks version {coordinator}: run the same shoal version on both")]
+    #[error(
+        "worker speaks protocol version {worker}; this coordinator speaks version {coordinator}: run the same shoal version on both"
+    )]
     ProtocolVersion { worker: u32, coordinator: u32 },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -74,7 +82,9 @@ impl CoordinatorError {
             CoordinatorError::Store(e) => e.is_retryable(),
             CoordinatorError::Worker { status, .. } => matches!(
                 status.code(),
-                tonic::Code::Unavailable | tonic::Code::FailedPrecondition | tonic::Code::DeadlineExceeded
+                tonic::Code::Unavailable
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::DeadlineExceeded
             ),
             CoordinatorError::Connect { .. } => true,
             _ => false,
@@ -95,7 +105,9 @@ impl CoordinatorError {
             CoordinatorError::Store(StoreError::Io { .. }) => Code::Unavailable,
             CoordinatorError::Store(_) => Code::InvalidArgument,
             CoordinatorError::Write { .. } | CoordinatorError::Protocol { .. } => Code::Internal,
-            CoordinatorError::NoWorkers { .. } | CoordinatorError::Connect { .. } => Code::Unavailable,
+            CoordinatorError::NoWorkers { .. } | CoordinatorError::Connect { .. } => {
+                Code::Unavailable
+            }
             CoordinatorError::Worker { status, .. } => status.code(),
             CoordinatorError::Cancelled => Code::Cancelled,
             CoordinatorError::UnknownJob(_) => Code::NotFound,

@@ -1,8 +1,8 @@
 //! The coordinator's gRPC services: `JobService` for operators and
 //! `RegistryService` for workers. Both are thin: they ask the state loop.
 
-use crate::state::StateHandle;
 use crate::CoordinatorError;
+use crate::state::StateHandle;
 use futures::Stream;
 use shoal_proto::pb::job_service_server::JobService;
 use shoal_proto::pb::registry_service_server::RegistryService;
@@ -25,13 +25,21 @@ fn terminal(s: &JobStatus) -> bool {
 
 #[tonic::async_trait]
 impl JobService for Services {
-    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let spec = JobSpec::parse(&req.into_inner().spec_toml).map_err(CoordinatorError::from)?;
         let id = self.state.submit(spec).await?;
-        Ok(Response::new(pb::SubmitJobResponse { job_id: id.to_string() }))
+        Ok(Response::new(pb::SubmitJobResponse {
+            job_id: id.to_string(),
+        }))
     }
 
-    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<JobStatus>, Status> {
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<JobStatus>, Status> {
         let id = req.into_inner().job_id;
         match self.state.get(JobId::from(id.clone())).await? {
             Some(s) => Ok(Response::new(s)),
@@ -41,7 +49,10 @@ impl JobService for Services {
 
     type WatchJobStream = Pin<Box<dyn Stream<Item = Result<JobStatus, Status>> + Send>>;
 
-    async fn watch_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+    async fn watch_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = req.into_inner().job_id;
         let Some(mut rx) = self.state.watch(JobId::from(id.clone())).await? else {
             return Err(CoordinatorError::UnknownJob(id).into());
@@ -61,7 +72,10 @@ impl JobService for Services {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn cancel_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<JobStatus>, Status> {
+    async fn cancel_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<JobStatus>, Status> {
         let id = req.into_inner().job_id;
         match self.state.cancel(JobId::from(id.clone())).await? {
             Some(s) => Ok(Response::new(s)),
@@ -69,12 +83,26 @@ impl JobService for Services {
         }
     }
 
-    async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
-        Ok(Response::new(pb::ListJobsResponse { jobs: self.state.list().await? }))
+    async fn list_jobs(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: self.state.list().await?,
+        }))
     }
 
-    async fn list_workers(&self, _: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self.state.workers().await?.iter().map(|w| w.to_proto()).collect();
+    async fn list_workers(
+        &self,
+        _: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self
+            .state
+            .workers()
+            .await?
+            .iter()
+            .map(|w| w.to_proto())
+            .collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 }
@@ -93,11 +121,17 @@ where
 
 #[tonic::async_trait]
 impl RegistryService for Services {
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         Ok(Response::new(self.state.register(req.into_inner()).await?))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         if req.protocol_version != shoal_proto::PROTOCOL_VERSION {
             return Err(CoordinatorError::ProtocolVersion {

@@ -2,24 +2,23 @@
 //! k-means|| initialisation, Lloyd rounds, finalize, write. The coordinator pushes
 //! every step to the workers and merges their answers in shard order.
 
+use crate::CoordinatorError;
 use crate::kmeans;
 use crate::output::{self, PhaseTimes, Report};
 use crate::state::{Progress, StateHandle, WorkerEntry};
-use crate::CoordinatorError;
 use futures::future::try_join_all;
-#[allow(deprecated)]
-use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
+use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use shoal_proto::pb::worker_service_client::WorkerServiceClient;
 use shoal_proto::pb::{self, PointRef};
 use shoal_proto::spec::Format;
 use shoal_proto::store::{self, InputObject};
-use shoal_proto::{hash, JobId, JobSpec, MAX_MESSAGE_BYTES};
+use shoal_proto::{JobId, JobSpec, MAX_MESSAGE_BYTES, hash};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{Instrument, info, info_span, warn};
 
 /// Parquet row groups are grouped into splits of about this many bytes.
 const SPLIT_BYTES: u64 = 64 * 1024 * 1024;
@@ -50,7 +49,11 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
     let members = std::mem::take(&mut *crew.lock().expect("crew lock"));
     for m in &members {
         let mut c = m.client.clone();
-        let _ = c.release_job(pb::ReleaseJobRequest { job_id: ctx.id.to_string() }).await;
+        let _ = c
+            .release_job(pb::ReleaseJobRequest {
+                job_id: ctx.id.to_string(),
+            })
+            .await;
     }
     if let Ok(staging) = store::resolve(&ctx.spec.staging_for(&ctx.id)) {
         if let Err(e) = staging.delete_all().await {
@@ -59,9 +62,10 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
         staging.remove_empty_folders();
     }
     if ctx.spec.cluster.staging.is_none()
-        && let Ok(base) = store::resolve(&ctx.spec.staging_base()) {
-            base.remove_empty_folders();
-        }
+        && let Ok(base) = store::resolve(&ctx.spec.staging_base())
+    {
+        base.remove_empty_folders();
+    }
     result
 }
 
@@ -77,12 +81,15 @@ impl Member {
         F: FnOnce(WorkerServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        f(self.client.clone()).await.map(|r| r.into_inner()).map_err(|status| CoordinatorError::Worker {
-            worker: self.worker.id.to_string(),
-            address: self.worker.address.clone(),
-            step,
-            status,
-        })
+        f(self.client.clone())
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|status| CoordinatorError::Worker {
+                worker: self.worker.id.to_string(),
+                address: self.worker.address.clone(),
+                step,
+                status,
+            })
     }
 }
 
@@ -94,11 +101,14 @@ async fn connect(worker: WorkerEntry) -> Result<Member, CoordinatorError> {
             detail: format!("bad address {}: {e}", worker.address),
         })?
         .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|source| CoordinatorError::Connect {
-        worker: worker.id.to_string(),
-        address: worker.address.clone(),
-        source,
-    })?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| CoordinatorError::Connect {
+            worker: worker.id.to_string(),
+            address: worker.address.clone(),
+            source,
+        })?;
     let client = WorkerServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -146,7 +156,9 @@ impl Driver<'_> {
     }
 
     fn shards_of(&self, member: usize) -> Vec<u32> {
-        (0..self.shards).filter(|s| self.owner(*s) == member).collect()
+        (0..self.shards)
+            .filter(|s| self.owner(*s) == member)
+            .collect()
     }
 
     /// Calls every member concurrently; answers come back in member order.
@@ -156,7 +168,13 @@ impl Driver<'_> {
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let f = &f;
-        try_join_all(self.crew.iter().enumerate().map(|(i, m)| m.call(step, move |c| f(i, c)))).await
+        try_join_all(
+            self.crew
+                .iter()
+                .enumerate()
+                .map(|(i, m)| m.call(step, move |c| f(i, c))),
+        )
+        .await
     }
 
     fn job_id(&self) -> String {
@@ -164,14 +182,23 @@ impl Driver<'_> {
     }
 }
 
-async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> Result<(), CoordinatorError> {
+async fn drive(
+    ctx: &JobContext,
+    crew_slot: &std::sync::Mutex<Vec<Member>>,
+) -> Result<(), CoordinatorError> {
     let spec = &ctx.spec;
     let started = Instant::now();
     let mut times = PhaseTimes::default();
 
     // ---- plan
     let t = Instant::now();
-    ctx.state.progress(&ctx.id, Progress { phase: Some("plan"), ..Default::default() });
+    ctx.state.progress(
+        &ctx.id,
+        Progress {
+            phase: Some("plan"),
+            ..Default::default()
+        },
+    );
     let output = store::resolve(&spec.output.path)?;
     if output.head().await?.is_some() {
         return Err(CoordinatorError::OutputIsFile { url: output.url() });
@@ -191,7 +218,10 @@ async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> R
         crew,
         shards: spec.cluster.shards,
     };
-    d.progress(Progress { workers: Some(d.crew.len() as u32), ..Default::default() });
+    d.progress(Progress {
+        workers: Some(d.crew.len() as u32),
+        ..Default::default()
+    });
     times.add("plan", t);
 
     // ---- ingest
@@ -203,7 +233,13 @@ async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> R
         staging: staging.url(),
     };
     let per_member: Vec<Vec<pb::Split>> = (0..d.crew.len())
-        .map(|m| splits.iter().filter(|s| s.index as usize % d.crew.len() == m).cloned().collect())
+        .map(|m| {
+            splits
+                .iter()
+                .filter(|s| s.index as usize % d.crew.len() == m)
+                .cloned()
+                .collect()
+        })
         .collect();
     let answers = d
         .all("ingest", |m, mut c| {
@@ -215,10 +251,14 @@ async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> R
             async move { c.ingest(req).await }
         })
         .await?;
-    let mut split_results: Vec<pb::SplitResult> = answers.into_iter().flat_map(|a| a.splits).collect();
+    let mut split_results: Vec<pb::SplitResult> =
+        answers.into_iter().flat_map(|a| a.splits).collect();
     split_results.sort_by_key(|s| s.split);
     let rows = output::RowTally::from_splits(&split_results);
-    d.progress(Progress { rows_read: Some(rows.read), ..Default::default() });
+    d.progress(Progress {
+        rows_read: Some(rows.read),
+        ..Default::default()
+    });
     if rows.read == 0 {
         return Err(CoordinatorError::EmptyInput {
             pattern: spec.input.interactions.clone(),
@@ -277,10 +317,16 @@ async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> R
     }
     let shard_users: Vec<u64> = stats.values().map(|s| s.users).collect();
     let users: u64 = shard_users.iter().sum();
-    d.progress(Progress { users: Some(users), ..Default::default() });
+    d.progress(Progress {
+        users: Some(users),
+        ..Default::default()
+    });
     let k = spec.segments.k as usize;
     if users < k as u64 {
-        return Err(CoordinatorError::TooFewUsers { k: spec.segments.k, users });
+        return Err(CoordinatorError::TooFewUsers {
+            k: spec.segments.k,
+            users,
+        });
     }
     times.add("load", t);
 
@@ -315,7 +361,11 @@ async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> R
     d.phase("lloyd");
     // scikit-learn's tolerance: relative to the mean variance of the features,
     // which is 1 for every standardised feature and 0 for a constant one.
-    let mean_var = scale.iter().map(|s| if *s == 1.0 { 0.0 } else { 1.0 }).sum::<f64>() / dims as f64;
+    let mean_var = scale
+        .iter()
+        .map(|s| if *s == 1.0 { 0.0 } else { 1.0 })
+        .sum::<f64>()
+        / dims as f64;
     let tol = spec.segments.tol * if mean_var > 0.0 { mean_var } else { 1.0 };
     let mut inertia_per_iteration = Vec::new();
     let mut converged = false;
@@ -336,7 +386,12 @@ async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> R
                 async move { c.lloyd_step(req).await }
             })
             .await?;
-        let partials = in_shard_order(partials.into_iter().flat_map(|p| p.shards), d.shards, "lloyd", |p| p.shard)?;
+        let partials = in_shard_order(
+            partials.into_iter().flat_map(|p| p.shards),
+            d.shards,
+            "lloyd",
+            |p| p.shard,
+        )?;
         let r = kmeans::merge_round(&centroids, k, dims, &partials);
         inertia_per_iteration.push(r.inertia);
         reseeds += r.reseeded.len();
@@ -361,8 +416,15 @@ async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> R
     d.phase("finalize");
     let money = dims - 1;
     let mut order: Vec<usize> = (0..k).collect();
-    order.sort_by(|&a, &b| centroids[b * dims + money].total_cmp(&centroids[a * dims + money]).then(a.cmp(&b)));
-    let centroids: Vec<f32> = order.iter().flat_map(|&c| centroids[c * dims..(c + 1) * dims].to_vec()).collect();
+    order.sort_by(|&a, &b| {
+        centroids[b * dims + money]
+            .total_cmp(&centroids[a * dims + money])
+            .then(a.cmp(&b))
+    });
+    let centroids: Vec<f32> = order
+        .iter()
+        .flat_map(|&c| centroids[c * dims..(c + 1) * dims].to_vec())
+        .collect();
     let finals = d
         .all("finalize", |_, mut c| {
             let req = pb::FinalizeRequest {
@@ -378,8 +440,21 @@ async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> R
             async move { c.finalize(req).await }
         })
         .await?;
-    let finals = in_shard_order(finals.into_iter().flat_map(|f| f.shards), d.shards, "finalize", |f| f.shard)?;
-    let summary = output::summarize(&finals, &centroids, k, dims, &mean, &scale, SILHOUETTE_SAMPLE as usize);
+    let finals = in_shard_order(
+        finals.into_iter().flat_map(|f| f.shards),
+        d.shards,
+        "finalize",
+        |f| f.shard,
+    )?;
+    let summary = output::summarize(
+        &finals,
+        &centroids,
+        k,
+        dims,
+        &mean,
+        &scale,
+        SILHOUETTE_SAMPLE as usize,
+    );
     times.add("finalize", t);
 
     // ---- write
@@ -409,7 +484,10 @@ async fn drive(ctx: &JobContext, crew_slot: &std::sync::Mutex<Vec<Member>>) -> R
         d.crew.len(),
         reference_ms,
     );
-    output::write_all(ctx, &output, &inputs, &finals, &summary, &centroids, dims, report).await?;
+    output::write_all(
+        ctx, &output, &inputs, &finals, &summary, &centroids, dims, report,
+    )
+    .await?;
     info!(output = %output.url(), seconds = started.elapsed().as_secs_f64(), "outputs written");
     Ok(())
 }
@@ -444,7 +522,10 @@ fn in_shard_order<T>(
 
 /// Cuts the input objects into splits: one per CSV object (a gzip stream cannot be
 /// split), Parquet row groups grouped into splits of about [`SPLIT_BYTES`].
-async fn plan_splits(spec: &JobSpec, inputs: &[InputObject]) -> Result<Vec<pb::Split>, CoordinatorError> {
+async fn plan_splits(
+    spec: &JobSpec,
+    inputs: &[InputObject],
+) -> Result<Vec<pb::Split>, CoordinatorError> {
     let mut splits = Vec::new();
     for obj in inputs {
         let named = Format::from_name(&obj.url);
@@ -452,7 +533,11 @@ async fn plan_splits(spec: &JobSpec, inputs: &[InputObject]) -> Result<Vec<pb::S
             (Some(f), Some((nf, gz))) if f == nf => (f, gz),
             (Some(f), _) => (f, obj.url.to_ascii_lowercase().ends_with(".gz")),
             (None, Some(x)) => x,
-            (None, None) => return Err(CoordinatorError::UnknownFormat { object: obj.url.clone() }),
+            (None, None) => {
+                return Err(CoordinatorError::UnknownFormat {
+                    object: obj.url.clone(),
+                });
+            }
         };
         match format {
             Format::Csv => splits.push(pb::Split {
@@ -465,13 +550,12 @@ async fn plan_splits(spec: &JobSpec, inputs: &[InputObject]) -> Result<Vec<pb::S
             }),
             Format::Parquet => {
                 let loc = store::resolve(&obj.url)?;
-                // ParquetObjectReader is deprecated in favour of a hand-written
-                // AsyncFileReader; it remains the maintained object_store adapter for now.
-                #[allow(deprecated)]
-                let reader = ParquetObjectReader::new(loc.store.clone(), loc.path.clone()).with_file_size(obj.size);
-                let builder = ParquetRecordBatchStreamBuilder::new(reader)
+                let builder = ParquetRecordBatchStreamBuilder::new(store::ParquetSource::new(&loc))
                     .await
-                    .map_err(|source| CoordinatorError::ParquetFooter { object: obj.url.clone(), source })?;
+                    .map_err(|source| CoordinatorError::ParquetFooter {
+                        object: obj.url.clone(),
+                        source,
+                    })?;
                 let mut group: Vec<u32> = Vec::new();
                 let mut bytes = 0u64;
                 let groups = builder.metadata().row_groups();
@@ -512,7 +596,10 @@ async fn kmeans_parallel(
     let mut first = PointRef::default();
     for (s, &n) in shard_users.iter().enumerate() {
         if pos < n {
-            first = PointRef { shard: s as u32, index: pos };
+            first = PointRef {
+                shard: s as u32,
+                index: pos,
+            };
             break;
         }
         pos -= n;
@@ -520,7 +607,10 @@ async fn kmeans_parallel(
     let owner = &d.crew[d.owner(first.shard)];
     let got = owner
         .call("init", |mut c| {
-            let req = pb::GetPointsRequest { job_id: d.job_id(), points: vec![first] };
+            let req = pb::GetPointsRequest {
+                job_id: d.job_id(),
+                points: vec![first],
+            };
             async move { c.get_points(req).await }
         })
         .await?;
@@ -540,7 +630,12 @@ async fn kmeans_parallel(
                 async move { c.init_costs(req).await }
             })
             .await?;
-        let costs = in_shard_order(costs.into_iter().flat_map(|c| c.shards), d.shards, "init", |c| c.shard)?;
+        let costs = in_shard_order(
+            costs.into_iter().flat_map(|c| c.shards),
+            d.shards,
+            "init",
+            |c| c.shard,
+        )?;
         let total: f64 = costs.iter().map(|c| c.cost).sum();
         d.progress(Progress {
             phase_progress: Some(f64::from(round) / f64::from(INIT_ROUNDS)),
@@ -562,9 +657,13 @@ async fn kmeans_parallel(
                 async move { c.init_sample(req).await }
             })
             .await?;
-        let mut points: Vec<pb::SampledPoint> = sampled.into_iter().flat_map(|s| s.points).collect();
+        let mut points: Vec<pb::SampledPoint> =
+            sampled.into_iter().flat_map(|s| s.points).collect();
         points.sort_by_key(|p| p.point.map(|r| (r.shard, r.index)));
-        new_centers = points.iter().flat_map(|p| p.values.iter().copied()).collect();
+        new_centers = points
+            .iter()
+            .flat_map(|p| p.values.iter().copied())
+            .collect();
         candidates.extend_from_slice(&new_centers);
     }
     let n = candidates.len() / dims;
@@ -573,7 +672,11 @@ async fn kmeans_parallel(
 }
 
 /// The weight of each candidate: how many users are nearest to it.
-async fn candidate_weights(d: &Driver<'_>, candidates: &[f32], dims: usize) -> Result<Vec<f64>, CoordinatorError> {
+async fn candidate_weights(
+    d: &Driver<'_>,
+    candidates: &[f32],
+    dims: usize,
+) -> Result<Vec<f64>, CoordinatorError> {
     let c = candidates.len() / dims;
     let partials = d
         .all("init", |_, mut cl| {
@@ -589,7 +692,12 @@ async fn candidate_weights(d: &Driver<'_>, candidates: &[f32], dims: usize) -> R
             async move { cl.lloyd_step(req).await }
         })
         .await?;
-    let partials = in_shard_order(partials.into_iter().flat_map(|p| p.shards), d.shards, "init", |p| p.shard)?;
+    let partials = in_shard_order(
+        partials.into_iter().flat_map(|p| p.shards),
+        d.shards,
+        "init",
+        |p| p.shard,
+    )?;
     let mut weights = vec![0.0f64; c];
     for p in &partials {
         for (w, n) in weights.iter_mut().zip(&p.counts) {

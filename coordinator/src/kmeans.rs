@@ -32,7 +32,11 @@ pub fn merge_moments(per_shard: &[Vec<pb::Moments>], dims: usize) -> (Vec<f64>, 
     let scale = total
         .iter()
         .map(|t| {
-            let var = if t.count > 0 { t.m2 / t.count as f64 } else { 0.0 };
+            let var = if t.count > 0 {
+                t.m2 / t.count as f64
+            } else {
+                0.0
+            };
             let sd = var.max(0.0).sqrt();
             if sd > 1e-12 { sd } else { 1.0 }
         })
@@ -88,7 +92,14 @@ fn draw(weights: &[f64], u: f64) -> usize {
 
 /// Greedy weighted k-means++ (as scikit-learn: 2 + ln k trials per step, keep the
 /// one that lowers the weighted potential most). `points` is row-major `n x d`.
-pub fn kmeans_pp(points: &[f32], d: usize, weights: &[f64], k: usize, draws_seed: u64, stream: u64) -> Vec<usize> {
+pub fn kmeans_pp(
+    points: &[f32],
+    d: usize,
+    weights: &[f64],
+    k: usize,
+    draws_seed: u64,
+    stream: u64,
+) -> Vec<usize> {
     let n = weights.len();
     let mut rng = Draws::new(draws_seed, stream);
     let trials = 2 + (k as f64).ln().floor() as usize;
@@ -101,7 +112,9 @@ pub fn kmeans_pp(points: &[f32], d: usize, weights: &[f64], k: usize, draws_seed
         let mut best: Option<(f64, usize, Vec<f64>)> = None;
         for _ in 0..trials {
             let cand = draw(&pot, rng.next());
-            let next: Vec<f64> = (0..n).map(|i| closest[i].min(sq_dist(row(i), row(cand)))).collect();
+            let next: Vec<f64> = (0..n)
+                .map(|i| closest[i].min(sq_dist(row(i), row(cand))))
+                .collect();
             let potential: f64 = next.iter().zip(weights).map(|(c, w)| c * w).sum();
             if best.as_ref().is_none_or(|b| potential < b.0) {
                 best = Some((potential, cand, next));
@@ -115,7 +128,13 @@ pub fn kmeans_pp(points: &[f32], d: usize, weights: &[f64], k: usize, draws_seed
 }
 
 /// Weighted Lloyd on a small candidate set; returns the centers and weighted cost.
-pub fn local_lloyd(points: &[f32], d: usize, weights: &[f64], mut centers: Vec<f32>, max_iter: usize) -> (Vec<f32>, f64) {
+pub fn local_lloyd(
+    points: &[f32],
+    d: usize,
+    weights: &[f64],
+    mut centers: Vec<f32>,
+    max_iter: usize,
+) -> (Vec<f32>, f64) {
     let n = weights.len();
     let k = centers.len() / d;
     let mut cost = f64::INFINITY;
@@ -163,11 +182,21 @@ pub fn nearest(p: &[f32], centers: &[f32], d: usize) -> (usize, f64) {
 /// Reduces k-means|| candidates to k centers: several seeded weighted k-means++
 /// starts, each refined by weighted Lloyd on the candidates; the lowest weighted
 /// cost wins.
-pub fn recluster(candidates: &[f32], d: usize, weights: &[f64], k: usize, seed: u64, starts: usize) -> Vec<f32> {
+pub fn recluster(
+    candidates: &[f32],
+    d: usize,
+    weights: &[f64],
+    k: usize,
+    seed: u64,
+    starts: usize,
+) -> Vec<f32> {
     let mut best: Option<(f64, Vec<f32>)> = None;
     for start in 0..starts.max(1) {
         let idx = kmeans_pp(candidates, d, weights, k, seed, start as u64);
-        let centers: Vec<f32> = idx.iter().flat_map(|&i| candidates[i * d..(i + 1) * d].iter().copied()).collect();
+        let centers: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| candidates[i * d..(i + 1) * d].iter().copied())
+            .collect();
         let (centers, cost) = local_lloyd(candidates, d, weights, centers, 100);
         if best.as_ref().is_none_or(|b| cost < b.0) {
             best = Some((cost, centers));
@@ -306,7 +335,11 @@ pub fn davies_bouldin(centers: &[f32], d: usize, scatter: &[f64], sizes: &[u64])
                 continue;
             }
             let sep = sq_dist(&centers[i * d..(i + 1) * d], &centers[j * d..(j + 1) * d]).sqrt();
-            let r = if sep > 0.0 { (scatter[i] + scatter[j]) / sep } else { f64::INFINITY };
+            let r = if sep > 0.0 {
+                (scatter[i] + scatter[j]) / sep
+            } else {
+                f64::INFINITY
+            };
             worst = worst.max(r);
         }
         total += worst;
@@ -332,7 +365,12 @@ pub fn calinski_harabasz(means: &[f64], d: usize, sizes: &[u64], within: f64) ->
     let between: f64 = sizes
         .iter()
         .enumerate()
-        .map(|(c, &s)| s as f64 * (0..d).map(|j| (means[c * d + j] - overall[j]).powi(2)).sum::<f64>())
+        .map(|(c, &s)| {
+            s as f64
+                * (0..d)
+                    .map(|j| (means[c * d + j] - overall[j]).powi(2))
+                    .sum::<f64>()
+        })
         .sum();
     if within <= 0.0 {
         return None;
@@ -367,8 +405,15 @@ mod tests {
                     continue;
                 }
                 for j in 0..d {
-                    let mean = members.iter().map(|&i| f64::from(points[i * d + j])).sum::<f64>() / members.len() as f64;
-                    cost += members.iter().map(|&i| (f64::from(points[i * d + j]) - mean).powi(2)).sum::<f64>();
+                    let mean = members
+                        .iter()
+                        .map(|&i| f64::from(points[i * d + j]))
+                        .sum::<f64>()
+                        / members.len() as f64;
+                    cost += members
+                        .iter()
+                        .map(|&i| (f64::from(points[i * d + j]) - mean).powi(2))
+                        .sum::<f64>();
                 }
             }
             best = best.min(cost);
@@ -378,17 +423,34 @@ mod tests {
 
     #[test]
     fn recluster_finds_the_brute_force_optimum() {
-        let p = pts(&[[0.0, 0.0], [0.2, 0.1], [5.0, 5.0], [5.1, 4.8], [9.0, 0.0], [9.3, 0.2], [4.0, 9.0]]);
+        let p = pts(&[
+            [0.0, 0.0],
+            [0.2, 0.1],
+            [5.0, 5.0],
+            [5.1, 4.8],
+            [9.0, 0.0],
+            [9.3, 0.2],
+            [4.0, 9.0],
+        ]);
         let w = vec![1.0; 7];
         let centers = recluster(&p, 2, &w, 3, 42, 10);
         let cost: f64 = p.chunks_exact(2).map(|x| nearest(x, &centers, 2).1).sum();
         let optimum = brute_force_cost(&p, 2, 3);
-        assert!((cost - optimum).abs() <= 1e-4 * optimum.max(1.0), "cost {cost} optimum {optimum}");
+        assert!(
+            (cost - optimum).abs() <= 1e-4 * optimum.max(1.0),
+            "cost {cost} optimum {optimum}"
+        );
     }
 
     #[test]
     fn kmeans_pp_is_seeded_and_distinct() {
-        let p = pts(&[[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [11.0, 0.0], [20.0, 0.0]]);
+        let p = pts(&[
+            [0.0, 0.0],
+            [1.0, 0.0],
+            [10.0, 0.0],
+            [11.0, 0.0],
+            [20.0, 0.0],
+        ]);
         let w = vec![1.0; 5];
         let a = kmeans_pp(&p, 2, &w, 3, 7, 0);
         assert_eq!(a, kmeans_pp(&p, 2, &w, 3, 7, 0));
@@ -402,13 +464,14 @@ mod tests {
     fn merge_round_matches_direct_means_and_reseeds() {
         // two shards; cluster 2 empty -> takes the farthest point (from cluster 0)
         let old = vec![0.0f32, 0.0, 10.0, 10.0, 100.0, 100.0];
-        let shard = |s: u32, sums: Vec<f64>, counts: Vec<u64>, far: Vec<pb::FarPoint>| pb::ShardPartial {
-            shard: s,
-            sums,
-            counts,
-            inertia: 1.0,
-            far,
-        };
+        let shard =
+            |s: u32, sums: Vec<f64>, counts: Vec<u64>, far: Vec<pb::FarPoint>| pb::ShardPartial {
+                shard: s,
+                sums,
+                counts,
+                inertia: 1.0,
+                far,
+            };
         let fp = |s: u32, i: u64, label: u32, dist: f64, v: [f32; 2]| pb::FarPoint {
             point: Some(pb::PointRef { shard: s, index: i }),
             label,
@@ -416,8 +479,18 @@ mod tests {
             values: v.to_vec(),
         };
         let parts = vec![
-            shard(0, vec![1.0, 1.0, 20.0, 20.0, 0.0, 0.0], vec![2, 2, 0], vec![fp(0, 1, 0, 2.0, [1.0, 1.0])]),
-            shard(1, vec![3.0, 0.0, 0.0, 0.0, 0.0, 0.0], vec![1, 0, 0], vec![fp(1, 0, 0, 9.0, [3.0, 0.0])]),
+            shard(
+                0,
+                vec![1.0, 1.0, 20.0, 20.0, 0.0, 0.0],
+                vec![2, 2, 0],
+                vec![fp(0, 1, 0, 2.0, [1.0, 1.0])],
+            ),
+            shard(
+                1,
+                vec![3.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                vec![1, 0, 0],
+                vec![fp(1, 0, 0, 9.0, [3.0, 0.0])],
+            ),
         ];
         let r = merge_round(&old, 3, 2, &parts);
         assert_eq!(r.reseeded, vec![2]);
@@ -431,7 +504,9 @@ mod tests {
 
     #[test]
     fn moments_merge_like_one_pass() {
-        let xs: Vec<f64> = (0..100).map(|i| (i as f64 * 0.37).sin() * 5.0 + 2.0).collect();
+        let xs: Vec<f64> = (0..100)
+            .map(|i| (i as f64 * 0.37).sin() * 5.0 + 2.0)
+            .collect();
         let one = |v: &[f64]| {
             let mut m = pb::Moments::default();
             for x in v {
@@ -442,7 +517,12 @@ mod tests {
             }
             m
         };
-        let parts = vec![vec![one(&xs[..30])], vec![one(&xs[30..31])], vec![pb::Moments::default()], vec![one(&xs[31..])]];
+        let parts = vec![
+            vec![one(&xs[..30])],
+            vec![one(&xs[30..31])],
+            vec![pb::Moments::default()],
+            vec![one(&xs[31..])],
+        ];
         let (mean, scale, n) = merge_moments(&parts, 1);
         let mu = xs.iter().sum::<f64>() / 100.0;
         let sd = (xs.iter().map(|x| (x - mu).powi(2)).sum::<f64>() / 100.0).sqrt();

@@ -13,9 +13,9 @@ pub mod state;
 pub use error::CoordinatorError;
 pub use state::StateConfig;
 
+use shoal_proto::MAX_MESSAGE_BYTES;
 use shoal_proto::pb::job_service_server::JobServiceServer;
 use shoal_proto::pb::registry_service_server::RegistryServiceServer;
-use shoal_proto::MAX_MESSAGE_BYTES;
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -60,15 +60,22 @@ impl CoordinatorHandle {
 }
 
 /// Binds the coordinator's port and starts its services and state loop.
-pub async fn spawn_coordinator(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<CoordinatorHandle, CoordinatorError> {
-    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| CoordinatorError::Bind {
-        addr: config.listen.to_string(),
-        source,
-    })?;
-    let addr = listener.local_addr().map_err(|source| CoordinatorError::Bind {
-        addr: config.listen.to_string(),
-        source,
-    })?;
+pub async fn spawn_coordinator(
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> Result<CoordinatorHandle, CoordinatorError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| CoordinatorError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| CoordinatorError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
     let tracker = TaskTracker::new();
     let state = state::spawn_state(config.state.clone(), tracker.clone(), shutdown.clone());
     let services = grpc::Services { state };
@@ -86,5 +93,9 @@ pub async fn spawn_coordinator(config: CoordinatorConfig, shutdown: Cancellation
     let server = tokio::spawn(async move { server.await.map_err(CoordinatorError::from) });
     tracker.close();
     info!(%addr, "coordinator listening");
-    Ok(CoordinatorHandle { addr, tracker, server })
+    Ok(CoordinatorHandle {
+        addr,
+        tracker,
+        server,
+    })
 }

@@ -1,14 +1,16 @@
 //! Job-level outputs the coordinator writes: `segments.parquet`,
 //! `centroids.parquet`, `report.json`, and last of all the `_SUCCESS` manifest.
 
+use crate::CoordinatorError;
 use crate::job::JobContext;
 use crate::kmeans;
-use crate::CoordinatorError;
-use arrow::array::{Array, ArrayRef, Float32Builder, Float64Array, ListBuilder, UInt32Array, UInt64Array};
+use arrow::array::{
+    Array, ArrayRef, Float32Builder, Float64Array, ListBuilder, UInt32Array, UInt64Array,
+};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
-use shoal_proto::manifest::{FileEntry, InputEntry, Manifest, MANIFEST, MANIFEST_VERSION};
+use shoal_proto::manifest::{FileEntry, InputEntry, MANIFEST, MANIFEST_VERSION, Manifest};
 use shoal_proto::pb;
 use shoal_proto::sketch::Sketch;
 use shoal_proto::store::{self, InputObject, Location};
@@ -56,7 +58,11 @@ impl RowTally {
         if self.dropped.is_empty() {
             return "none".into();
         }
-        self.dropped.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ")
+        self.dropped
+            .iter()
+            .map(|(r, n)| format!("{n} {r}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -66,7 +72,8 @@ pub struct PhaseTimes(pub Vec<(String, f64)>);
 
 impl PhaseTimes {
     pub fn add(&mut self, phase: &str, since: Instant) {
-        self.0.push((phase.to_string(), since.elapsed().as_secs_f64()));
+        self.0
+            .push((phase.to_string(), since.elapsed().as_secs_f64()));
     }
 }
 
@@ -145,7 +152,11 @@ pub fn summarize(
             SegmentSummary {
                 segment: c as u32,
                 size: count[c],
-                share: if users > 0 { count[c] as f64 / users as f64 } else { 0.0 },
+                share: if users > 0 {
+                    count[c] as f64 / users as f64
+                } else {
+                    0.0
+                },
                 recency_days_mean: rfm_sum[c][0] / n,
                 recency_days_median: med(0),
                 frequency_mean: rfm_sum[c][1] / n,
@@ -163,7 +174,11 @@ pub fn summarize(
     let means: Vec<f64> = (0..k * dims)
         .map(|i| {
             let c = i / dims;
-            if count[c] > 0 { feat_sum[i] / count[c] as f64 } else { 0.0 }
+            if count[c] > 0 {
+                feat_sum[i] / count[c] as f64
+            } else {
+                0.0
+            }
         })
         .collect();
     let within: f64 = (0..k)
@@ -174,10 +189,21 @@ pub fn summarize(
             inertia_c[c] - count[c] as f64 * off
         })
         .sum();
-    let scatter: Vec<f64> = (0..k).map(|c| if count[c] > 0 { dist_sum[c] / count[c] as f64 } else { 0.0 }).collect();
+    let scatter: Vec<f64> = (0..k)
+        .map(|c| {
+            if count[c] > 0 {
+                dist_sum[c] / count[c] as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
     sample.sort_by_key(|s| s.key);
     sample.truncate(sample_size);
-    let pts: Vec<f32> = sample.iter().flat_map(|s| s.values.iter().copied()).collect();
+    let pts: Vec<f32> = sample
+        .iter()
+        .flat_map(|s| s.values.iter().copied())
+        .collect();
     let labels: Vec<u32> = sample.iter().map(|s| s.label).collect();
     Summary {
         segments,
@@ -296,7 +322,9 @@ fn rfc3339(ms: i64) -> String {
 }
 
 fn segments_batch(segments: &[SegmentSummary]) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let f64col = |f: fn(&SegmentSummary) -> f64| -> ArrayRef { Arc::new(Float64Array::from_iter_values(segments.iter().map(f))) };
+    let f64col = |f: fn(&SegmentSummary) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(segments.iter().map(f)))
+    };
     let schema = Arc::new(Schema::new(vec![
         Field::new("segment", DataType::UInt32, false),
         Field::new("size", DataType::UInt64, false),
@@ -314,8 +342,12 @@ fn segments_batch(segments: &[SegmentSummary]) -> Result<RecordBatch, arrow::err
     RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(UInt32Array::from_iter_values(segments.iter().map(|s| s.segment))),
-            Arc::new(UInt64Array::from_iter_values(segments.iter().map(|s| s.size))),
+            Arc::new(UInt32Array::from_iter_values(
+                segments.iter().map(|s| s.segment),
+            )),
+            Arc::new(UInt64Array::from_iter_values(
+                segments.iter().map(|s| s.size),
+            )),
             f64col(|s| s.share),
             f64col(|s| s.recency_days_mean),
             f64col(|s| s.recency_days_median),
@@ -330,9 +362,17 @@ fn segments_batch(segments: &[SegmentSummary]) -> Result<RecordBatch, arrow::err
     )
 }
 
-fn centroids_batch(centroids: &[f32], dims: usize, sizes: &[u64]) -> Result<RecordBatch, arrow::error::ArrowError> {
+fn centroids_batch(
+    centroids: &[f32],
+    dims: usize,
+    sizes: &[u64],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     let k = centroids.len() / dims;
-    let mut list = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new("item", DataType::Float32, false)));
+    let mut list = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
+        "item",
+        DataType::Float32,
+        false,
+    )));
     for c in centroids.chunks_exact(dims) {
         list.values().append_slice(c);
         list.append(true);
@@ -360,7 +400,11 @@ fn write_err(file: &str, e: impl std::fmt::Display) -> CoordinatorError {
     }
 }
 
-async fn put_parquet(output: &Location, name: &str, batch: RecordBatch) -> Result<FileEntry, CoordinatorError> {
+async fn put_parquet(
+    output: &Location,
+    name: &str,
+    batch: RecordBatch,
+) -> Result<FileEntry, CoordinatorError> {
     let rows = batch.num_rows() as u64;
     let bytes = store::encode_parquet(batch.schema(), &[batch]).map_err(|e| write_err(name, e))?;
     let len = bytes.len() as u64;
@@ -394,8 +438,12 @@ pub async fn write_all(
                 other => {
                     return Err(write_err(
                         &w.path,
-                        format!("the worker reported {} bytes, the store has {:?}", w.bytes, other.map(|m| m.size)),
-                    ))
+                        format!(
+                            "the worker reported {} bytes, the store has {:?}",
+                            w.bytes,
+                            other.map(|m| m.size)
+                        ),
+                    ));
                 }
             }
             files.push(FileEntry {
@@ -406,8 +454,23 @@ pub async fn write_all(
         }
     }
     let sizes: Vec<u64> = summary.segments.iter().map(|s| s.size).collect();
-    files.push(put_parquet(output, "segments.parquet", segments_batch(&summary.segments).map_err(|e| write_err("segments.parquet", e))?).await?);
-    files.push(put_parquet(output, "centroids.parquet", centroids_batch(centroids, dims, &sizes).map_err(|e| write_err("centroids.parquet", e))?).await?);
+    files.push(
+        put_parquet(
+            output,
+            "segments.parquet",
+            segments_batch(&summary.segments).map_err(|e| write_err("segments.parquet", e))?,
+        )
+        .await?,
+    );
+    files.push(
+        put_parquet(
+            output,
+            "centroids.parquet",
+            centroids_batch(centroids, dims, &sizes)
+                .map_err(|e| write_err("centroids.parquet", e))?,
+        )
+        .await?,
+    );
     let json = serde_json::to_vec_pretty(&report).map_err(|e| write_err("report.json", e))?;
     let len = json.len() as u64;
     output.child("report.json").put(json.into()).await?;
@@ -439,7 +502,10 @@ pub async fn write_all(
         input,
         files,
     };
-    output.child(MANIFEST).put(manifest.to_json().into_bytes().into()).await?;
+    output
+        .child(MANIFEST)
+        .put(manifest.to_json().into_bytes().into())
+        .await?;
     Ok(())
 }
 

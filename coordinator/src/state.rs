@@ -2,10 +2,10 @@
 //! the worker registry and of every job's record. gRPC handlers and job drivers
 //! talk to it through [`StateHandle`].
 
-use crate::job::{self, JobContext};
 use crate::CoordinatorError;
+use crate::job::{self, JobContext};
 use shoal_proto::pb::{self, JobState, JobStatus};
-use shoal_proto::{JobId, JobSpec, WorkerId, PROTOCOL_VERSION};
+use shoal_proto::{JobId, JobSpec, PROTOCOL_VERSION, WorkerId};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -109,13 +109,21 @@ pub struct StateHandle {
 }
 
 impl StateHandle {
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Event) -> Result<T, CoordinatorError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Event,
+    ) -> Result<T, CoordinatorError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).map_err(|_| CoordinatorError::ShuttingDown)?;
+        self.tx
+            .send(make(reply))
+            .map_err(|_| CoordinatorError::ShuttingDown)?;
         rx.await.map_err(|_| CoordinatorError::ShuttingDown)
     }
 
-    pub async fn register(&self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, CoordinatorError> {
+    pub async fn register(
+        &self,
+        req: pb::RegisterRequest,
+    ) -> Result<pb::RegisterResponse, CoordinatorError> {
         self.ask(|reply| Event::Register { req, reply }).await?
     }
 
@@ -129,14 +137,21 @@ impl StateHandle {
     }
 
     pub async fn submit(&self, spec: JobSpec) -> Result<JobId, CoordinatorError> {
-        self.ask(|reply| Event::Submit { spec: Box::new(spec), reply }).await
+        self.ask(|reply| Event::Submit {
+            spec: Box::new(spec),
+            reply,
+        })
+        .await
     }
 
     pub async fn get(&self, job: JobId) -> Result<Option<JobStatus>, CoordinatorError> {
         self.ask(|reply| Event::Get { job, reply }).await
     }
 
-    pub async fn watch(&self, job: JobId) -> Result<Option<watch::Receiver<JobStatus>>, CoordinatorError> {
+    pub async fn watch(
+        &self,
+        job: JobId,
+    ) -> Result<Option<watch::Receiver<JobStatus>>, CoordinatorError> {
         self.ask(|reply| Event::Watch { job, reply }).await
     }
 
@@ -187,9 +202,16 @@ fn now_ms() -> i64 {
 }
 
 /// Starts the state loop; it ends when `shutdown` is cancelled (cancelling running jobs).
-pub fn spawn_state(config: StateConfig, tasks: TaskTracker, shutdown: CancellationToken) -> StateHandle {
+pub fn spawn_state(
+    config: StateConfig,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+) -> StateHandle {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let handle = StateHandle { tx, config: config.clone() };
+    let handle = StateHandle {
+        tx,
+        config: config.clone(),
+    };
     let mut state = State {
         config,
         workers: BTreeMap::new(),
@@ -275,7 +297,12 @@ impl State {
                 let _ = reply.send(self.jobs.get(&job).map(|r| r.status.subscribe()));
             }
             Event::List { reply } => {
-                let _ = reply.send(self.jobs.values().map(|r| r.status.borrow().clone()).collect());
+                let _ = reply.send(
+                    self.jobs
+                        .values()
+                        .map(|r| r.status.borrow().clone())
+                        .collect(),
+                );
             }
             Event::Cancel { job, reply } => {
                 let status = self.jobs.get(&job).map(|record| {
@@ -297,10 +324,11 @@ impl State {
                 if let Some(record) = self.jobs.get(&job) {
                     record.status.send_modify(|s| {
                         if let Some(phase) = progress.phase
-                            && s.phase != phase {
-                                s.phase = phase.into();
-                                s.phase_progress = 0.0;
-                            }
+                            && s.phase != phase
+                        {
+                            s.phase = phase.into();
+                            s.phase_progress = 0.0;
+                        }
                         if let Some(p) = progress.phase_progress {
                             s.phase_progress = p;
                         }
@@ -363,7 +391,10 @@ impl State {
         }
     }
 
-    fn register(&mut self, req: pb::RegisterRequest) -> Result<pb::RegisterResponse, CoordinatorError> {
+    fn register(
+        &mut self,
+        req: pb::RegisterRequest,
+    ) -> Result<pb::RegisterResponse, CoordinatorError> {
         if req.protocol_version != PROTOCOL_VERSION {
             warn!(address = %req.address, version = req.protocol_version, "refused a worker of another protocol version");
             return Err(CoordinatorError::ProtocolVersion {
@@ -395,8 +426,12 @@ impl State {
 
     fn start_queued(&mut self) {
         while self.running < self.config.max_running_jobs.max(1) {
-            let Some(id) = self.queue.pop_front() else { break };
-            let Some(record) = self.jobs.get(&id) else { continue };
+            let Some(id) = self.queue.pop_front() else {
+                break;
+            };
+            let Some(record) = self.jobs.get(&id) else {
+                continue;
+            };
             if record.cancel.is_cancelled() {
                 continue;
             }

@@ -70,7 +70,9 @@ impl Backend for CpuBackend {
 
     fn upload(&self, points: &[f32], d: usize) -> Result<Resident, KernelError> {
         if d == 0 {
-            return Err(KernelError::Shape("points need at least one feature (d = 0)".into()));
+            return Err(KernelError::Shape(
+                "points need at least one feature (d = 0)".into(),
+            ));
         }
         if !points.len().is_multiple_of(d) {
             return Err(KernelError::Shape(format!(
@@ -110,7 +112,13 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn assign(&self, points: &Resident, centroids: &[f32], k: usize, out: &mut [Nearest]) -> Result<(), KernelError> {
+    fn assign(
+        &self,
+        points: &Resident,
+        centroids: &[f32],
+        k: usize,
+        out: &mut [Nearest],
+    ) -> Result<(), KernelError> {
         let host = points.downcast::<HostPoints>(NAME)?;
         let (n, d) = (host.n(), host.d);
         if k == 0 {
@@ -153,7 +161,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn partial_sums(&self, points: &Resident, labels: &[u32], k: usize) -> Result<PartialSums, KernelError> {
+    fn partial_sums(
+        &self,
+        points: &Resident,
+        labels: &[u32],
+        k: usize,
+    ) -> Result<PartialSums, KernelError> {
         let host = points.downcast::<HostPoints>(NAME)?;
         let (n, d) = (host.n(), host.d);
         if k == 0 {
@@ -189,7 +202,12 @@ impl Backend for CpuBackend {
                 .into_par_iter()
                 .map(|c| {
                     let rows = c * SUM_CHUNK_ROWS..((c + 1) * SUM_CHUNK_ROWS).min(n);
-                    chunk_sums(&host.values[rows.start * d..rows.end * d], d, &labels[rows], k)
+                    chunk_sums(
+                        &host.values[rows.start * d..rows.end * d],
+                        d,
+                        &labels[rows],
+                        k,
+                    )
                 })
                 .collect();
             for p in &partials {
@@ -369,7 +387,11 @@ impl ShiftedCentroids {
             .flat_map(|c| c.iter().zip(&shift).map(|(&v, &s)| v - s))
             .collect();
         let norms = values.chunks_exact(d).map(lane_sq_norm).collect();
-        ShiftedCentroids { shift, values, norms }
+        ShiftedCentroids {
+            shift,
+            values,
+            norms,
+        }
     }
 }
 
@@ -532,7 +554,12 @@ mod tests {
     }
 
     fn bits(n: &Nearest) -> (u32, u32, u32, u32) {
-        (n.best, n.best_dist.to_bits(), n.second, n.second_dist.to_bits())
+        (
+            n.best,
+            n.best_dist.to_bits(),
+            n.second,
+            n.second_dist.to_bits(),
+        )
     }
 
     fn close(got: f32, want: f32) -> bool {
@@ -550,19 +577,36 @@ mod tests {
     /// Checks one backend result against the reference. Indices may differ only
     /// on a near-tie: the distance (by the reference) to the centroid the backend
     /// chose must equal the reference's within tolerance.
-    fn check_against_reference(points: &[f32], d: usize, centroids: &[f32], k: usize, got: &[Nearest], what: &str) {
+    fn check_against_reference(
+        points: &[f32],
+        d: usize,
+        centroids: &[f32],
+        k: usize,
+        got: &[Nearest],
+        what: &str,
+    ) {
         let want = reference::assign(points, d, centroids, k);
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let x = &points[i * d..(i + 1) * d];
-            let ref_dist = |j: u32| reference::squared_distance(x, &centroids[j as usize * d..(j as usize + 1) * d]);
+            let ref_dist = |j: u32| {
+                reference::squared_distance(x, &centroids[j as usize * d..(j as usize + 1) * d])
+            };
             let ctx = || format!("{what}: point {i}: got {g:?}, reference {w:?}");
 
             assert!((g.best as usize) < k, "{}", ctx());
             assert!(g.best_dist >= 0.0, "{}", ctx());
-            assert!(close(g.best_dist, w.best_dist), "best distance differs: {}", ctx());
+            assert!(
+                close(g.best_dist, w.best_dist),
+                "best distance differs: {}",
+                ctx()
+            );
             if g.best != w.best {
-                assert!(close(ref_dist(g.best), w.best_dist), "best differs without a near-tie: {}", ctx());
+                assert!(
+                    close(ref_dist(g.best), w.best_dist),
+                    "best differs without a near-tie: {}",
+                    ctx()
+                );
             }
             if k == 1 {
                 assert_eq!(g.second, NO_SECOND, "{}", ctx());
@@ -571,9 +615,17 @@ mod tests {
             }
             assert!((g.second as usize) < k && g.second != g.best, "{}", ctx());
             assert!(g.second_dist >= g.best_dist, "{}", ctx());
-            assert!(close(g.second_dist, w.second_dist), "second distance differs: {}", ctx());
+            assert!(
+                close(g.second_dist, w.second_dist),
+                "second distance differs: {}",
+                ctx()
+            );
             if g.second != w.second {
-                assert!(close(ref_dist(g.second), w.second_dist), "second differs without a near-tie: {}", ctx());
+                assert!(
+                    close(ref_dist(g.second), w.second_dist),
+                    "second differs without a near-tie: {}",
+                    ctx()
+                );
             }
         }
     }
@@ -587,7 +639,14 @@ mod tests {
                     let points = rng.values(n * d);
                     let centroids = rng.values(k * d);
                     let got = cpu_assign(&points, d, &centroids, k);
-                    check_against_reference(&points, d, &centroids, k, &got, &format!("n={n} d={d} k={k}"));
+                    check_against_reference(
+                        &points,
+                        d,
+                        &centroids,
+                        k,
+                        &got,
+                        &format!("n={n} d={d} k={k}"),
+                    );
                 }
             }
         }
@@ -628,18 +687,39 @@ mod tests {
             // Centroid j is copy `pattern[j]` of the distinct ones.
             let pattern = [1, 0, 1, 3, 2, 0, 4, 3, 1, 2, 4, 4];
             let k = pattern.len();
-            let centroids: Vec<f32> = pattern.iter().flat_map(|&p| distinct[p * d..(p + 1) * d].to_vec()).collect();
+            let centroids: Vec<f32> = pattern
+                .iter()
+                .flat_map(|&p| distinct[p * d..(p + 1) * d].to_vec())
+                .collect();
             let first_of = |p: usize| pattern.iter().position(|&q| q == p).unwrap();
-            let second_of = |p: usize| first_of(p) + 1 + pattern[first_of(p) + 1..].iter().position(|&q| q == p).unwrap();
+            let second_of = |p: usize| {
+                first_of(p)
+                    + 1
+                    + pattern[first_of(p) + 1..]
+                        .iter()
+                        .position(|&q| q == p)
+                        .unwrap()
+            };
 
             let points = rng.values(600 * d);
             let got = cpu_assign(&points, d, &centroids, k);
-            check_against_reference(&points, d, &centroids, k, &got, &format!("duplicates d={d}"));
+            check_against_reference(
+                &points,
+                d,
+                &centroids,
+                k,
+                &got,
+                &format!("duplicates d={d}"),
+            );
             for g in &got {
                 let p = pattern[g.best as usize];
                 assert_eq!(g.best as usize, first_of(p), "d={d}: {g:?}");
                 assert_eq!(g.second as usize, second_of(p), "d={d}: {g:?}");
-                assert_eq!(g.best_dist.to_bits(), g.second_dist.to_bits(), "d={d}: {g:?}");
+                assert_eq!(
+                    g.best_dist.to_bits(),
+                    g.second_dist.to_bits(),
+                    "d={d}: {g:?}"
+                );
             }
         }
     }
@@ -651,10 +731,20 @@ mod tests {
             let k = 10;
             let distinct = rng.values(7 * d);
             let picks: Vec<usize> = (0..900).map(|_| rng.below(7)).collect();
-            let points: Vec<f32> = picks.iter().flat_map(|&p| distinct[p * d..(p + 1) * d].to_vec()).collect();
+            let points: Vec<f32> = picks
+                .iter()
+                .flat_map(|&p| distinct[p * d..(p + 1) * d].to_vec())
+                .collect();
             let centroids = rng.values(k * d);
             let got = cpu_assign(&points, d, &centroids, k);
-            check_against_reference(&points, d, &centroids, k, &got, &format!("duplicate points d={d}"));
+            check_against_reference(
+                &points,
+                d,
+                &centroids,
+                k,
+                &got,
+                &format!("duplicate points d={d}"),
+            );
             let alone = cpu_assign(&distinct, d, &centroids, k);
             for (g, &p) in got.iter().zip(&picks) {
                 assert_eq!(bits(g), bits(&alone[p]), "d={d}");
@@ -670,7 +760,11 @@ mod tests {
             let centroid = rng.values(d);
             let got = cpu_assign(&points, d, &centroid, 1);
             check_against_reference(&points, d, &centroid, 1, &got, &format!("k=1 d={d}"));
-            assert!(got.iter().all(|g| g.best == 0 && g.second == NO_SECOND && g.second_dist == f32::INFINITY));
+            assert!(
+                got.iter().all(|g| g.best == 0
+                    && g.second == NO_SECOND
+                    && g.second_dist == f32::INFINITY)
+            );
         }
     }
 
@@ -720,7 +814,11 @@ mod tests {
 
             // Every centroid at infinity: lowest indices.
             let got = cpu_assign(&point, d, &centroids[..2 * d], 2);
-            assert_eq!(got, reference::assign(&point, d, &centroids[..2 * d], 2), "d={d}");
+            assert_eq!(
+                got,
+                reference::assign(&point, d, &centroids[..2 * d], 2),
+                "d={d}"
+            );
             assert_eq!((got[0].best, got[0].second), (0, 1), "d={d}");
         }
     }
@@ -763,7 +861,10 @@ mod tests {
             let resident = cpu.upload(&points, d).unwrap();
 
             let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
                 pool.install(|| {
                     let sums = cpu.partial_sums(&resident, &labels, k).unwrap();
                     let mut near = vec![Nearest::default(); n];
@@ -774,11 +875,16 @@ mod tests {
             let (sums1, near1) = run(1);
             for threads in [2, 3] {
                 let (sums, near) = run(threads);
-                let as_bits = |p: &PartialSums| p.sums.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let as_bits =
+                    |p: &PartialSums| p.sums.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(as_bits(&sums1), as_bits(&sums), "d={d}, {threads} threads");
                 assert_eq!(sums1.counts, sums.counts, "d={d}, {threads} threads");
                 let near_bits = |v: &[Nearest]| v.iter().map(bits).collect::<Vec<_>>();
-                assert_eq!(near_bits(&near1), near_bits(&near), "d={d}, {threads} threads");
+                assert_eq!(
+                    near_bits(&near1),
+                    near_bits(&near),
+                    "d={d}, {threads} threads"
+                );
             }
         }
     }
@@ -787,7 +893,15 @@ mod tests {
     fn partial_sums_match_reference() {
         let mut rng = Rng(11);
         let cpu = CpuBackend::new();
-        for &n in &[0, 1, 255, SUM_CHUNK_ROWS - 1, SUM_CHUNK_ROWS, SUM_CHUNK_ROWS + 1, 10_000] {
+        for &n in &[
+            0,
+            1,
+            255,
+            SUM_CHUNK_ROWS - 1,
+            SUM_CHUNK_ROWS,
+            SUM_CHUNK_ROWS + 1,
+            10_000,
+        ] {
             for &(d, k) in &[(1, 1), (3, 5), (64, 7), (2, 300)] {
                 let points = rng.values(n * d);
                 let labels: Vec<u32> = (0..n).map(|_| rng.below(k) as u32).collect();
@@ -797,7 +911,10 @@ mod tests {
                 assert_eq!((got.k, got.d), (k, d));
                 assert_eq!(got.counts, want.counts, "n={n} d={d} k={k}");
                 for (g, w) in got.sums.iter().zip(&want.sums) {
-                    assert!((g - w).abs() <= 1e-9 * w.abs().max(1.0), "n={n} d={d} k={k}: {g} vs {w}");
+                    assert!(
+                        (g - w).abs() <= 1e-9 * w.abs().max(1.0),
+                        "n={n} d={d} k={k}: {g} vs {w}"
+                    );
                 }
             }
         }
@@ -807,7 +924,11 @@ mod tests {
     fn non_finite_points_are_rejected_with_their_position() {
         let cpu = CpuBackend::new();
         let d = 4;
-        for (pos, bad) in [(3 * d + 2, f32::NAN), (0, f32::INFINITY), (8 * d + 3, f32::NEG_INFINITY)] {
+        for (pos, bad) in [
+            (3 * d + 2, f32::NAN),
+            (0, f32::INFINITY),
+            (8 * d + 3, f32::NEG_INFINITY),
+        ] {
             let mut points = Rng(12).values(10 * d);
             points[pos] = bad;
             // A later bad value must not hide the first one.
@@ -821,7 +942,10 @@ mod tests {
                 other => panic!("unexpected error {other:?}"),
             }
             let message = err.to_string();
-            assert!(message.contains(&format!("point {}, feature {}", pos / d, pos % d)), "{message}");
+            assert!(
+                message.contains(&format!("point {}, feature {}", pos / d, pos % d)),
+                "{message}"
+            );
         }
     }
 
@@ -835,7 +959,11 @@ mod tests {
                 let mut centroids = Rng(14).values(4 * d);
                 centroids[2 * d + 1] = bad;
                 match cpu.assign(&resident, &centroids, 4, &mut out) {
-                    Err(KernelError::NonFiniteCentroid { row: 2, col: 1, value }) => {
+                    Err(KernelError::NonFiniteCentroid {
+                        row: 2,
+                        col: 1,
+                        value,
+                    }) => {
                         assert_eq!(value.to_bits(), bad.to_bits());
                     }
                     other => panic!("d={d}: unexpected {other:?}"),
@@ -847,14 +975,23 @@ mod tests {
     #[test]
     fn shape_errors() {
         let cpu = CpuBackend::new();
-        assert!(matches!(cpu.upload(&[1.0, 2.0, 3.0], 2), Err(KernelError::Shape(_))));
+        assert!(matches!(
+            cpu.upload(&[1.0, 2.0, 3.0], 2),
+            Err(KernelError::Shape(_))
+        ));
         assert!(matches!(cpu.upload(&[1.0], 0), Err(KernelError::Shape(_))));
 
         let resident = cpu.upload(&[0.0; 12], 3).unwrap();
         assert_eq!((resident.n(), resident.d()), (4, 3));
         let mut out = vec![Nearest::default(); 4];
-        assert!(matches!(cpu.assign(&resident, &[], 0, &mut out), Err(KernelError::EmptyCentroids)));
-        assert!(matches!(cpu.assign(&resident, &[0.0; 5], 2, &mut out), Err(KernelError::Shape(_))));
+        assert!(matches!(
+            cpu.assign(&resident, &[], 0, &mut out),
+            Err(KernelError::EmptyCentroids)
+        ));
+        assert!(matches!(
+            cpu.assign(&resident, &[0.0; 5], 2, &mut out),
+            Err(KernelError::Shape(_))
+        ));
         assert!(matches!(
             cpu.assign(&resident, &[0.0; 6], 2, &mut out[..3]),
             Err(KernelError::Shape(_))
@@ -865,17 +1002,25 @@ mod tests {
             cpu.partial_sums(&resident, &[0, 0, 0], 1),
             Err(KernelError::Shape(_))
         ));
-        assert!(matches!(cpu.partial_sums(&resident, &[0; 4], 0), Err(KernelError::EmptyCentroids)));
+        assert!(matches!(
+            cpu.partial_sums(&resident, &[0; 4], 0),
+            Err(KernelError::EmptyCentroids)
+        ));
     }
 
     #[test]
     fn labels_out_of_range_are_rejected() {
         let cpu = CpuBackend::new();
         let resident = cpu.upload(&Rng(15).values(6 * 2), 2).unwrap();
-        let err = cpu.partial_sums(&resident, &[0, 1, 2, 3, 1, 0], 3).unwrap_err();
+        let err = cpu
+            .partial_sums(&resident, &[0, 1, 2, 3, 1, 0], 3)
+            .unwrap_err();
         assert!(matches!(err, KernelError::Shape(_)), "{err:?}");
         let message = err.to_string();
-        assert!(message.contains("point 3") && message.contains("label 3"), "{message}");
+        assert!(
+            message.contains("point 3") && message.contains("label 3"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -884,7 +1029,10 @@ mod tests {
         let resident = cpu.upload(&[], 5).unwrap();
         assert_eq!(resident.n(), 0);
         cpu.assign(&resident, &[0.0; 10], 2, &mut []).unwrap();
-        assert_eq!(cpu.partial_sums(&resident, &[], 2).unwrap(), PartialSums::zeros(2, 5));
+        assert_eq!(
+            cpu.partial_sums(&resident, &[], 2).unwrap(),
+            PartialSums::zeros(2, 5)
+        );
         assert!(cpu.download_rows(&resident, &[]).unwrap().is_empty());
     }
 
@@ -894,9 +1042,15 @@ mod tests {
         let points = Rng(16).values(7 * 3);
         let resident = cpu.upload(&points, 3).unwrap();
         let got = cpu.download_rows(&resident, &[6, 0, 6, 2]).unwrap();
-        let want: Vec<f32> = [6, 0, 6, 2].iter().flat_map(|&r| points[r * 3..r * 3 + 3].to_vec()).collect();
+        let want: Vec<f32> = [6, 0, 6, 2]
+            .iter()
+            .flat_map(|&r| points[r * 3..r * 3 + 3].to_vec())
+            .collect();
         assert_eq!(got, want);
-        assert!(matches!(cpu.download_rows(&resident, &[1, 7]), Err(KernelError::Shape(_))));
+        assert!(matches!(
+            cpu.download_rows(&resident, &[1, 7]),
+            Err(KernelError::Shape(_))
+        ));
     }
 
     #[test]
@@ -909,10 +1063,19 @@ mod tests {
             cpu.assign(&foreign, &[0.0], 1, &mut out),
             Err(KernelError::ForeignPoints("cuda:0"))
         ));
-        assert!(matches!(cpu.partial_sums(&foreign, &[0], 1), Err(KernelError::ForeignPoints(_))));
-        assert!(matches!(cpu.download_rows(&foreign, &[0]), Err(KernelError::ForeignPoints(_))));
+        assert!(matches!(
+            cpu.partial_sums(&foreign, &[0], 1),
+            Err(KernelError::ForeignPoints(_))
+        ));
+        assert!(matches!(
+            cpu.download_rows(&foreign, &[0]),
+            Err(KernelError::ForeignPoints(_))
+        ));
         // Right name, wrong storage.
         let wrong = Resident::new(1, 1, "cpu", Box::new(()));
-        assert!(matches!(cpu.download_rows(&wrong, &[0]), Err(KernelError::ForeignPoints(_))));
+        assert!(matches!(
+            cpu.download_rows(&wrong, &[0]),
+            Err(KernelError::ForeignPoints(_))
+        ));
     }
 }

@@ -22,7 +22,9 @@ pub const NO_SECOND: u32 = u32::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("point {row}, feature {col} is {value}: features must be finite numbers (check the input for NaN or infinite values)")]
+    #[error(
+        "point {row}, feature {col} is {value}: features must be finite numbers (check the input for NaN or infinite values)"
+    )]
     NonFinitePoint { row: usize, col: usize, value: f32 },
     #[error("centroid {row}, feature {col} is {value}: centroids must be finite")]
     NonFiniteCentroid { row: usize, col: usize, value: f32 },
@@ -76,7 +78,11 @@ impl PartialSums {
 
     /// Adds `other` into `self` (the caller fixes the order of merges).
     pub fn merge(&mut self, other: &PartialSums) {
-        assert_eq!((self.k, self.d), (other.k, other.d), "merging partial sums of different shapes");
+        assert_eq!(
+            (self.k, self.d),
+            (other.k, other.d),
+            "merging partial sums of different shapes"
+        );
         for (a, b) in self.sums.iter_mut().zip(&other.sums) {
             *a += *b;
         }
@@ -95,8 +101,18 @@ pub struct Resident {
 }
 
 impl Resident {
-    pub fn new(n: usize, d: usize, backend: &'static str, inner: Box<dyn std::any::Any + Send + Sync>) -> Self {
-        Resident { n, d, backend, inner }
+    pub fn new(
+        n: usize,
+        d: usize,
+        backend: &'static str,
+        inner: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Self {
+        Resident {
+            n,
+            d,
+            backend,
+            inner,
+        }
     }
     pub fn n(&self) -> usize {
         self.n
@@ -135,8 +151,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Nearest and second-nearest of every point among `k` centroids (row-major
     /// `k x d`); `out.len()` must be `n`. Never materialises the n x k matrix.
-    fn assign(&self, points: &Resident, centroids: &[f32], k: usize, out: &mut [Nearest]) -> Result<(), KernelError>;
+    fn assign(
+        &self,
+        points: &Resident,
+        centroids: &[f32],
+        k: usize,
+        out: &mut [Nearest],
+    ) -> Result<(), KernelError>;
 
     /// Sums (f64) and counts of the points per label; labels must be `< k`.
-    fn partial_sums(&self, points: &Resident, labels: &[u32], k: usize) -> Result<PartialSums, KernelError>;
+    fn partial_sums(
+        &self,
+        points: &Resident,
+        labels: &[u32],
+        k: usize,
+    ) -> Result<PartialSums, KernelError>;
 }

@@ -9,7 +9,11 @@ use crate::{NO_SECOND, Nearest, PartialSums};
 
 /// Squared Euclidean distance, accumulated in f32 one feature after the other.
 pub fn squared_distance(x: &[f32], c: &[f32]) -> f32 {
-    assert_eq!(x.len(), c.len(), "point and centroid have different lengths");
+    assert_eq!(
+        x.len(),
+        c.len(),
+        "point and centroid have different lengths"
+    );
     let mut acc = 0.0f32;
     for (a, b) in x.iter().zip(c) {
         let t = a - b;
@@ -33,7 +37,10 @@ pub fn assign(points: &[f32], d: usize, centroids: &[f32], k: usize) -> Vec<Near
     points
         .chunks_exact(d)
         .map(|x| {
-            let dist: Vec<f32> = centroids.chunks_exact(d).map(|c| squared_distance(x, c)).collect();
+            let dist: Vec<f32> = centroids
+                .chunks_exact(d)
+                .map(|c| squared_distance(x, c))
+                .collect();
 
             let mut best = 0;
             for j in 1..k {
@@ -74,7 +81,11 @@ pub fn assign(points: &[f32], d: usize, centroids: &[f32], k: usize) -> Vec<Near
 /// If `d` is 0, the shapes disagree, or a label is not below `k`.
 pub fn partial_sums(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
     assert!(d >= 1, "d must be at least 1");
-    assert_eq!(points.len(), labels.len() * d, "one label per point is needed");
+    assert_eq!(
+        points.len(),
+        labels.len() * d,
+        "one label per point is needed"
+    );
 
     let mut out = PartialSums::zeros(k, d);
     for (x, &label) in points.chunks_exact(d).zip(labels) {

@@ -52,7 +52,11 @@ mod tests {
         assert!(a < 8);
         let spread: std::collections::BTreeSet<u32> =
             (0..1000).map(|i| shard_of(&i.to_string(), 8)).collect();
-        assert_eq!(spread.len(), 8, "1000 users must reach every one of 8 shards");
+        assert_eq!(
+            spread.len(),
+            8,
+            "1000 users must reach every one of 8 shards"
+        );
     }
 
     #[test]

@@ -45,7 +45,12 @@ impl Manifest {
     pub fn fingerprint(input: &[InputEntry]) -> String {
         let mut text = String::new();
         for i in input {
-            text.push_str(&format!("{}\t{}\t{}\n", i.url, i.size, i.e_tag.as_deref().unwrap_or("")));
+            text.push_str(&format!(
+                "{}\t{}\t{}\n",
+                i.url,
+                i.size,
+                i.e_tag.as_deref().unwrap_or("")
+            ));
         }
         crate::hash::fingerprint(text.as_bytes())
     }

@@ -102,7 +102,12 @@ impl Sketch {
     pub fn from_proto(p: &pb::Sketch) -> Sketch {
         Sketch {
             zeros: p.zeros,
-            positive: p.keys.iter().copied().zip(p.counts.iter().copied()).collect(),
+            positive: p
+                .keys
+                .iter()
+                .copied()
+                .zip(p.counts.iter().copied())
+                .collect(),
             negative: p
                 .negative_keys
                 .iter()

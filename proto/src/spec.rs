@@ -10,7 +10,10 @@ pub enum SpecError {
     #[error("job spec is not valid TOML or has an unknown or mistyped field: {0}")]
     Parse(#[from] toml::de::Error),
     #[error("job spec field `{field}`: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("cannot read job spec {path}: {source}")]
     Read {
         path: String,
@@ -383,7 +386,10 @@ impl JobSpec {
         }
         if let Some(q) = clean.min_quantity {
             if !q.is_finite() {
-                return Err(invalid("input.clean.min_quantity", "must be a finite number"));
+                return Err(invalid(
+                    "input.clean.min_quantity",
+                    "must be a finite number",
+                ));
             }
             if cols.quantity().is_none() {
                 return Err(invalid(
@@ -397,7 +403,10 @@ impl JobSpec {
                 return Err(invalid("input.clean.min_price", "must be a finite number"));
             }
             if cols.price().is_none() {
-                return Err(invalid("input.clean.min_price", "needs input.columns.price"));
+                return Err(invalid(
+                    "input.clean.min_price",
+                    "needs input.columns.price",
+                ));
             }
         }
         let seg = &self.segments;
@@ -427,12 +436,13 @@ impl JobSpec {
             return Err(invalid("cluster.workers", "must be at least 1"));
         }
         if let Some(staging) = &cl.staging
-            && staging.trim().is_empty() {
-                return Err(invalid(
-                    "cluster.staging",
-                    "must name a folder or URL, or be left out",
-                ));
-            }
+            && staging.trim().is_empty()
+        {
+            return Err(invalid(
+                "cluster.staging",
+                "must name a folder or URL, or be left out",
+            ));
+        }
         Ok(())
     }
 
@@ -506,11 +516,16 @@ mod tests {
     }
 
     fn err_of(text: &str) -> String {
-        JobSpec::parse(text).expect_err("must be rejected").to_string()
+        JobSpec::parse(text)
+            .expect_err("must be rejected")
+            .to_string()
     }
 
     fn with(replace: &str, by: &str) -> String {
-        assert!(DEMO_SPEC.contains(replace), "test edits a line that exists: {replace}");
+        assert!(
+            DEMO_SPEC.contains(replace),
+            "test edits a line that exists: {replace}"
+        );
         DEMO_SPEC.replacen(replace, by, 1)
     }
 
@@ -525,7 +540,11 @@ mod tests {
         assert_eq!(s.input.clean.min_quantity, Some(1.0));
         assert_eq!(s.segments.k, 6);
         assert_eq!(s.cluster.shards, 8);
-        assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s, "round-trips through TOML");
+        assert_eq!(
+            JobSpec::parse(&s.to_toml()).unwrap(),
+            s,
+            "round-trips through TOML"
+        );
     }
 
     #[test]
@@ -554,23 +573,56 @@ path = "out"
         let cases: Vec<(String, &str)> = vec![
             (with("name = \"online-retail\"", "name = \"\""), "`name`"),
             (with("format = \"csv\"", "format = \"xml\""), "csv"),
-            (with("user = \"CustomerID\"", "user = \"\""), "input.columns.user"),
-            (with("time = \"InvoiceDate\"", "time = \"\""), "input.columns.time"),
-            (with("price = \"UnitPrice\"", "price = \"\""), "input.columns.price"),
             (
-                with("price = \"UnitPrice\"", "price = \"UnitPrice\"\namount = \"Total\""),
+                with("user = \"CustomerID\"", "user = \"\""),
+                "input.columns.user",
+            ),
+            (
+                with("time = \"InvoiceDate\"", "time = \"\""),
+                "input.columns.time",
+            ),
+            (
+                with("price = \"UnitPrice\"", "price = \"\""),
+                "input.columns.price",
+            ),
+            (
+                with(
+                    "price = \"UnitPrice\"",
+                    "price = \"UnitPrice\"\namount = \"Total\"",
+                ),
                 "input.columns.amount",
             ),
-            (with("order = \"InvoiceNo\"", "order = \"\""), "input.clean.drop_order_prefixes"),
             (
-                with("drop_order_prefixes = [\"C\"]", "drop_order_prefixes = [\"\"]"),
+                with("order = \"InvoiceNo\"", "order = \"\""),
                 "input.clean.drop_order_prefixes",
             ),
-            (with("quantity = \"Quantity\"", "quantity = \"\""), "input.clean.min_quantity"),
-            (with("min_quantity = 1", "min_quantity = nan"), "input.clean.min_quantity"),
-            (with("min_price = 0.0", "min_price = inf"), "input.clean.min_price"),
-            (with("on_bad_rows = \"skip\"", "on_bad_rows = \"ignore\""), "skip"),
-            (with("path = \"out/online-retail\"", "path = \"\""), "output.path"),
+            (
+                with(
+                    "drop_order_prefixes = [\"C\"]",
+                    "drop_order_prefixes = [\"\"]",
+                ),
+                "input.clean.drop_order_prefixes",
+            ),
+            (
+                with("quantity = \"Quantity\"", "quantity = \"\""),
+                "input.clean.min_quantity",
+            ),
+            (
+                with("min_quantity = 1", "min_quantity = nan"),
+                "input.clean.min_quantity",
+            ),
+            (
+                with("min_price = 0.0", "min_price = inf"),
+                "input.clean.min_price",
+            ),
+            (
+                with("on_bad_rows = \"skip\"", "on_bad_rows = \"ignore\""),
+                "skip",
+            ),
+            (
+                with("path = \"out/online-retail\"", "path = \"\""),
+                "output.path",
+            ),
             (with("rfm = true", "rfm = false"), "features.rfm"),
             (with("k = 6", "k = 0"), "segments.k"),
             (with("k = 6", "k = 100000"), "segments.k"),
@@ -580,11 +632,20 @@ path = "out"
             (with("seed = 42", "seed = \"x\""), "seed"),
             (with("shards = 8", "shards = 0"), "cluster.shards"),
             (with("workers = 2", "workers = 0"), "cluster.workers"),
-            (with("workers = 2", "workers = 2\nstaging = \" \""), "cluster.staging"),
-            (with("[cluster]", "[cluster]\nnodes = 3"), "nodes"),
-            (with("[input.clean]", "[input.clean]\nmax_price = 3"), "max_price"),
             (
-                with("interactions = \"data/online-retail/online_retail.csv.gz\"", "interactions = \"\""),
+                with("workers = 2", "workers = 2\nstaging = \" \""),
+                "cluster.staging",
+            ),
+            (with("[cluster]", "[cluster]\nnodes = 3"), "nodes"),
+            (
+                with("[input.clean]", "[input.clean]\nmax_price = 3"),
+                "max_price",
+            ),
+            (
+                with(
+                    "interactions = \"data/online-retail/online_retail.csv.gz\"",
+                    "interactions = \"\"",
+                ),
                 "input.interactions",
             ),
             (
@@ -594,7 +655,10 @@ path = "out"
         ];
         for (text, needle) in cases {
             let err = err_of(&text);
-            assert!(err.contains(needle), "error `{err}` should mention `{needle}`");
+            assert!(
+                err.contains(needle),
+                "error `{err}` should mention `{needle}`"
+            );
         }
     }
 
@@ -610,7 +674,10 @@ path = "out"
     fn relative_paths_resolve_against_base() {
         let mut s = demo();
         s.resolve_paths(Path::new("/srv/shoal"));
-        assert_eq!(s.input.interactions, "/srv/shoal/data/online-retail/online_retail.csv.gz");
+        assert_eq!(
+            s.input.interactions,
+            "/srv/shoal/data/online-retail/online_retail.csv.gz"
+        );
         assert_eq!(s.output.path, "/srv/shoal/out/online-retail");
         let mut u = demo();
         u.output.path = "file:///tmp/x".into();
@@ -622,7 +689,10 @@ path = "out"
     fn format_from_names() {
         assert_eq!(Format::from_name("a/b.csv.gz"), Some((Format::Csv, true)));
         assert_eq!(Format::from_name("a/b.CSV"), Some((Format::Csv, false)));
-        assert_eq!(Format::from_name("b.parquet"), Some((Format::Parquet, false)));
+        assert_eq!(
+            Format::from_name("b.parquet"),
+            Some((Format::Parquet, false))
+        );
         assert_eq!(Format::from_name("b.json"), None);
     }
 }

@@ -2,11 +2,18 @@
 //! S3 support) an `s3://` URL; all I/O goes through `object_store`, so nothing
 //! assumes a local filesystem.
 
-use futures::TryStreamExt;
+use futures::future::BoxFuture;
+use futures::{FutureExt, TryStreamExt};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::async_reader::{AsyncFileReader, MetadataSuffixFetch};
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
+use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -92,7 +99,10 @@ impl Location {
     /// The path of `full` relative to this location (for manifests).
     pub fn relative(&self, full: &Path) -> String {
         match full.prefix_match(&self.path) {
-            Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
+            Some(parts) => parts
+                .map(|p| p.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
             None => full.to_string(),
         }
     }
@@ -107,7 +117,11 @@ impl Location {
 
     pub async fn get(&self) -> Result<bytes::Bytes, StoreError> {
         let url = self.url();
-        let got = self.store.get(&self.path).await.map_err(|e| StoreError::io(&url, e))?;
+        let got = self
+            .store
+            .get(&self.path)
+            .await
+            .map_err(|e| StoreError::io(&url, e))?;
         got.bytes().await.map_err(|e| StoreError::io(url, e))
     }
 
@@ -149,7 +163,9 @@ impl Location {
             return;
         }
         fn prune(dir: &std::path::Path) -> bool {
-            let Ok(entries) = std::fs::read_dir(dir) else { return false };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return false;
+            };
             let mut empty = true;
             for e in entries.flatten() {
                 let p = e.path();
@@ -270,7 +286,9 @@ pub async fn list_inputs(pattern: &str) -> Result<Vec<InputObject>, StoreError> 
         } else {
             for meta in loc.list().await? {
                 let rel = loc.relative(&meta.location);
-                let hidden = rel.split('/').any(|p| p.starts_with('_') || p.starts_with('.'));
+                let hidden = rel
+                    .split('/')
+                    .any(|p| p.starts_with('_') || p.starts_with('.'));
                 if !hidden {
                     found.push(to_input(&loc, meta));
                 }
@@ -303,6 +321,109 @@ pub fn encode_parquet(
     Ok(buf)
 }
 
+/// A Parquet object read through `object_store`: the `AsyncFileReader` the Parquet
+/// async reader wants, counting the bytes it fetches.
+pub struct ParquetSource {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    fetched: Arc<AtomicU64>,
+}
+
+impl ParquetSource {
+    pub fn new(loc: &Location) -> Self {
+        ParquetSource {
+            store: loc.store.clone(),
+            path: loc.path.clone(),
+            fetched: Arc::default(),
+        }
+    }
+
+    /// The running count of bytes fetched.
+    pub fn fetched(&self) -> Arc<AtomicU64> {
+        self.fetched.clone()
+    }
+
+    fn count(&self, n: usize) {
+        self.fetched.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+fn to_parquet_error(e: object_store::Error) -> ParquetError {
+    ParquetError::External(Box::new(e))
+}
+
+impl AsyncFileReader for ParquetSource {
+    fn get_bytes(
+        &mut self,
+        range: Range<u64>,
+    ) -> BoxFuture<'_, parquet::errors::Result<bytes::Bytes>> {
+        async move {
+            let bytes = self
+                .store
+                .get_range(&self.path, range)
+                .await
+                .map_err(to_parquet_error)?;
+            self.count(bytes.len());
+            Ok(bytes)
+        }
+        .boxed()
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<bytes::Bytes>>> {
+        async move {
+            let all = self
+                .store
+                .get_ranges(&self.path, &ranges)
+                .await
+                .map_err(to_parquet_error)?;
+            self.count(all.iter().map(bytes::Bytes::len).sum());
+            Ok(all)
+        }
+        .boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        async move {
+            let metadata = ParquetMetaDataReader::new()
+                .with_arrow_reader_options(options)
+                .load_via_suffix_and_finish(self)
+                .await?;
+            Ok(Arc::new(metadata))
+        }
+        .boxed()
+    }
+}
+
+/// Reads the footer without knowing the object's size, via suffix requests.
+impl MetadataSuffixFetch for &mut ParquetSource {
+    fn fetch_suffix(
+        &mut self,
+        suffix: usize,
+    ) -> BoxFuture<'_, parquet::errors::Result<bytes::Bytes>> {
+        let options = GetOptions {
+            range: Some(GetRange::Suffix(suffix as u64)),
+            ..Default::default()
+        };
+        async move {
+            let got = self
+                .store
+                .get_opts(&self.path, options)
+                .await
+                .map_err(to_parquet_error)?;
+            let bytes = got.bytes().await.map_err(to_parquet_error)?;
+            self.count(bytes.len());
+            Ok(bytes)
+        }
+        .boxed()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,24 +438,37 @@ mod tests {
         std::fs::write(root.join("logs/_SUCCESS"), "").unwrap();
         std::fs::write(root.join("logs/c.parquet"), "x").unwrap();
 
-        let one = list_inputs(&root.join("logs/a.csv").display().to_string()).await.unwrap();
+        let one = list_inputs(&root.join("logs/a.csv").display().to_string())
+            .await
+            .unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].size, 4);
         assert!(one[0].url.starts_with("file:///"), "{}", one[0].url);
 
-        let folder = list_inputs(&root.join("logs").display().to_string()).await.unwrap();
-        let names: Vec<_> = folder.iter().map(|o| o.url.rsplit('/').next().unwrap().to_string()).collect();
+        let folder = list_inputs(&root.join("logs").display().to_string())
+            .await
+            .unwrap();
+        let names: Vec<_> = folder
+            .iter()
+            .map(|o| o.url.rsplit('/').next().unwrap().to_string())
+            .collect();
         assert_eq!(names, vec!["b.csv", "a.csv", "c.parquet"]);
 
-        let glob = list_inputs(&format!("{}/logs/*.csv", root.display())).await.unwrap();
+        let glob = list_inputs(&format!("{}/logs/*.csv", root.display()))
+            .await
+            .unwrap();
         assert_eq!(glob.len(), 1, "* does not cross folders");
-        let deep = list_inputs(&format!("{}/logs/**/*.csv", root.display())).await.unwrap();
+        let deep = list_inputs(&format!("{}/logs/**/*.csv", root.display()))
+            .await
+            .unwrap();
         assert_eq!(deep.len(), 2);
 
         let url = format!("file://{}", root.join("logs/a.csv").display());
         assert_eq!(list_inputs(&url).await.unwrap().len(), 1);
 
-        let err = list_inputs(&root.join("nothing-here").display().to_string()).await.unwrap_err();
+        let err = list_inputs(&root.join("nothing-here").display().to_string())
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::NoInputs { .. }), "{err}");
     }
 

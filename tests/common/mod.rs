@@ -5,12 +5,12 @@
 
 use arrow::array::{Array, Float64Array, StringArray, UInt32Array, UInt64Array};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use shoal_coordinator::{spawn_coordinator, CoordinatorConfig, CoordinatorHandle};
+use shoal_coordinator::{CoordinatorConfig, CoordinatorHandle, spawn_coordinator};
 use shoal_kernels::CpuBackend;
+use shoal_proto::JobSpec;
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::{GetJobRequest, JobState, JobStatus, ListWorkersRequest, SubmitJobRequest};
-use shoal_proto::JobSpec;
-use shoal_worker::{spawn_worker, WorkerConfig, WorkerHandle};
+use shoal_worker::{WorkerConfig, WorkerHandle, spawn_worker};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,11 @@ impl Cluster {
                 coordinator: url.clone(),
                 ..WorkerConfig::default()
             };
-            handles.push(spawn_worker(cfg, Arc::new(CpuBackend::new()), shutdown.clone()).await.expect("worker starts"));
+            handles.push(
+                spawn_worker(cfg, Arc::new(CpuBackend::new()), shutdown.clone())
+                    .await
+                    .expect("worker starts"),
+            );
         }
         wait_for_workers(&url, workers).await;
         Cluster {
@@ -75,33 +79,48 @@ pub async fn wait_for_workers(url: &str, n: usize) {
     loop {
         if let Ok(mut c) = JobServiceClient::connect(url.to_string()).await
             && let Ok(r) = c.list_workers(ListWorkersRequest {}).await
-                && r.into_inner().workers.len() >= n {
-                    return;
-                }
-        assert!(Instant::now() < deadline, "{n} workers did not register in time");
+            && r.into_inner().workers.len() >= n
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} workers did not register in time"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Submits a spec and polls until the job ends.
 pub async fn run_job(url: &str, spec: &JobSpec) -> JobStatus {
-    let mut c = JobServiceClient::connect(url.to_string()).await.expect("connect");
+    let mut c = JobServiceClient::connect(url.to_string())
+        .await
+        .expect("connect");
     let id = c
-        .submit_job(SubmitJobRequest { spec_toml: spec.to_toml() })
+        .submit_job(SubmitJobRequest {
+            spec_toml: spec.to_toml(),
+        })
         .await
         .expect("submit")
         .into_inner()
         .job_id;
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let s = c.get_job(GetJobRequest { job_id: id.clone() }).await.expect("get").into_inner();
+        let s = c
+            .get_job(GetJobRequest { job_id: id.clone() })
+            .await
+            .expect("get")
+            .into_inner();
         if [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
             .iter()
             .any(|t| *t as i32 == s.state)
         {
             return s;
         }
-        assert!(Instant::now() < deadline, "job {id} did not finish in time: {s:?}");
+        assert!(
+            Instant::now() < deadline,
+            "job {id} did not finish in time: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -131,16 +150,26 @@ pub fn read_assignments(out: &Path) -> BTreeMap<String, Assigned> {
     parts.sort();
     for part in parts {
         let file = std::fs::File::open(&part).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
         for batch in reader {
             let b = batch.unwrap();
-            let col = |n: &str| b.column_by_name(n).unwrap_or_else(|| panic!("column {n}")).clone();
+            let col = |n: &str| {
+                b.column_by_name(n)
+                    .unwrap_or_else(|| panic!("column {n}"))
+                    .clone()
+            };
             let user = col("user_id");
             let user = user.as_any().downcast_ref::<StringArray>().unwrap();
             let seg = col("segment");
             let seg = seg.as_any().downcast_ref::<UInt32Array>().unwrap();
             let dist = col("distance");
-            let dist = dist.as_any().downcast_ref::<arrow::array::Float32Array>().unwrap();
+            let dist = dist
+                .as_any()
+                .downcast_ref::<arrow::array::Float32Array>()
+                .unwrap();
             let r = col("recency_days");
             let r = r.as_any().downcast_ref::<Float64Array>().unwrap();
             let f = col("frequency");
@@ -166,7 +195,8 @@ pub fn read_assignments(out: &Path) -> BTreeMap<String, Assigned> {
 }
 
 pub fn read_report(out: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json")).expect("valid JSON")
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).expect("report.json"))
+        .expect("valid JSON")
 }
 
 pub fn read_manifest(out: &Path) -> shoal_proto::manifest::Manifest {
@@ -223,16 +253,37 @@ pub struct Group {
 /// occasional wholesalers would.
 pub fn planted_groups() -> Vec<Group> {
     vec![
-        Group { recency_days: 3.0, orders: 25.0, order_value: 400.0 },
-        Group { recency_days: 40.0, orders: 6.0, order_value: 60.0 },
-        Group { recency_days: 250.0, orders: 1.0, order_value: 25.0 },
-        Group { recency_days: 120.0, orders: 3.0, order_value: 3000.0 },
+        Group {
+            recency_days: 3.0,
+            orders: 25.0,
+            order_value: 400.0,
+        },
+        Group {
+            recency_days: 40.0,
+            orders: 6.0,
+            order_value: 60.0,
+        },
+        Group {
+            recency_days: 250.0,
+            orders: 1.0,
+            order_value: 25.0,
+        },
+        Group {
+            recency_days: 120.0,
+            orders: 3.0,
+            order_value: 3000.0,
+        },
     ]
 }
 
 /// Writes a CSV interaction log with `per_group` users in each planted group, and
 /// `bad_rows` rows with an unparseable price. Returns the truth (user -> group).
-pub fn write_planted_log(path: &Path, per_group: usize, seed: u64, bad_rows: usize) -> HashMap<String, usize> {
+pub fn write_planted_log(
+    path: &Path,
+    per_group: usize,
+    seed: u64,
+    bad_rows: usize,
+) -> HashMap<String, usize> {
     let mut rng = Rng::new(seed);
     let mut truth = HashMap::new();
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
@@ -245,25 +296,43 @@ pub fn write_planted_log(path: &Path, per_group: usize, seed: u64, bad_rows: usi
         for u in 0..per_group {
             let user = format!("c{g}{u:05}");
             truth.insert(user.clone(), g);
-            let orders = (group.orders * (0.15 * rng.normal()).exp()).round().max(1.0) as usize;
+            let orders = (group.orders * (0.15 * rng.normal()).exp())
+                .round()
+                .max(1.0) as usize;
             let recency = group.recency_days * (0.15 * rng.normal()).exp();
             let last = end - recency;
             for o in 0..orders {
                 // the last order at `last`, the others spread over the year before it
-                let day = if o == 0 { last } else { last - 365.0 * rng.unit() };
+                let day = if o == 0 {
+                    last
+                } else {
+                    last - 365.0 * rng.unit()
+                };
                 let value = group.order_value * (0.15 * rng.normal()).exp();
                 let lines = 1 + (rng.next_u64() % 3) as usize;
                 order_no += 1;
                 for _ in 0..lines {
                     let qty = 1 + rng.next_u64() % 4;
                     let price = value / lines as f64 / qty as f64;
-                    writeln!(f, "{order_no},{user},{},SKU{},{qty},{price:.4}", iso(day), rng.next_u64() % 500).unwrap();
+                    writeln!(
+                        f,
+                        "{order_no},{user},{},SKU{},{qty},{price:.4}",
+                        iso(day),
+                        rng.next_u64() % 500
+                    )
+                    .unwrap();
                 }
             }
         }
     }
     for i in 0..bad_rows {
-        writeln!(f, "999{i:03},c0{:05},{},SKU1,1,not-a-price", i % per_group.max(1), iso(end - 1.0)).unwrap();
+        writeln!(
+            f,
+            "999{i:03},c0{:05},{},SKU1,1,not-a-price",
+            i % per_group.max(1),
+            iso(end - 1.0)
+        )
+        .unwrap();
     }
     f.flush().unwrap();
     truth
@@ -294,7 +363,12 @@ fn iso(days: f64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 pub fn planted_spec(input: &Path, out: &Path, k: u32) -> JobSpec {
@@ -354,12 +428,20 @@ pub fn adjusted_rand_index(a: &[usize], b: &[usize]) -> f64 {
 fn ari_of_known_labelings() {
     assert!((adjusted_rand_index(&[0, 0, 1, 1], &[1, 1, 0, 0]) - 1.0).abs() < 1e-12);
     // scikit-learn: adjusted_rand_score([0, 0, 1, 1], [0, 0, 1, 2]) = 0.5714285714285715
-    assert!((adjusted_rand_index(&[0, 0, 1, 1], &[0, 0, 1, 2]) - 0.571_428_571_428_571_5).abs() < 1e-12);
+    assert!(
+        (adjusted_rand_index(&[0, 0, 1, 1], &[0, 0, 1, 2]) - 0.571_428_571_428_571_5).abs() < 1e-12
+    );
 }
 
 #[test]
 fn iso_dates_round_trip() {
-    assert_eq!(iso(chrono_free_epoch_days(2024, 6, 30) as f64 + 0.5), "2024-06-30 12:00:00");
+    assert_eq!(
+        iso(chrono_free_epoch_days(2024, 6, 30) as f64 + 0.5),
+        "2024-06-30 12:00:00"
+    );
     assert_eq!(iso(0.0), "1970-01-01 00:00:00");
-    assert_eq!(iso(chrono_free_epoch_days(2000, 2, 29) as f64), "2000-02-29 00:00:00");
+    assert_eq!(
+        iso(chrono_free_epoch_days(2000, 2, 29) as f64),
+        "2000-02-29 00:00:00"
+    );
 }

@@ -19,7 +19,9 @@ pub enum WorkerError {
         column: String,
         present: Vec<String>,
     },
-    #[error("{file}, row {row}: {reason}: {detail} (input.clean.on_bad_rows = \"fail\"; set it to \"skip\" to drop and count such rows)")]
+    #[error(
+        "{file}, row {row}: {reason}: {detail} (input.clean.on_bad_rows = \"fail\"; set it to \"skip\" to drop and count such rows)"
+    )]
     BadRow {
         file: String,
         /// 1-based data row (the header is not counted).
@@ -58,7 +60,9 @@ pub enum WorkerError {
         #[source]
         source: arrow::error::ArrowError,
     },
-    #[error("this worker holds no state for job {job}: it was restarted or never loaded the job's shards")]
+    #[error(
+        "this worker holds no state for job {job}: it was restarted or never loaded the job's shards"
+    )]
     UnknownJob { job: String },
     #[error("this worker does not hold shard {shard} of job {job}")]
     UnknownShard { job: String, shard: u32 },
@@ -75,7 +79,10 @@ pub enum WorkerError {
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("coordinator {coordinator} refused this worker: {message}")]
-    Refused { coordinator: String, message: String },
+    Refused {
+        coordinator: String,
+        message: String,
+    },
 }
 
 impl WorkerError {
@@ -104,9 +111,13 @@ impl WorkerError {
             | WorkerError::InvalidRequest(_) => Code::InvalidArgument,
             WorkerError::Store(StoreError::Io { .. }) => Code::Unavailable,
             WorkerError::Store(_) => Code::InvalidArgument,
-            WorkerError::UnknownJob { .. } | WorkerError::UnknownShard { .. } => Code::FailedPrecondition,
+            WorkerError::UnknownJob { .. } | WorkerError::UnknownShard { .. } => {
+                Code::FailedPrecondition
+            }
             WorkerError::Cancelled => Code::Cancelled,
-            WorkerError::Bind { .. } | WorkerError::Serve(_) | WorkerError::Refused { .. } => Code::Internal,
+            WorkerError::Bind { .. } | WorkerError::Serve(_) | WorkerError::Refused { .. } => {
+                Code::Internal
+            }
         }
     }
 }

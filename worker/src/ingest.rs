@@ -7,7 +7,6 @@
 //! times) fail the split when `input.clean.on_bad_rows = "fail"`; cleaning drops
 //! (missing users, cancellations, values below the minimums) never do.
 
-use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,20 +24,14 @@ use arrow::datatypes::{
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use async_compression::tokio::bufread::GzipDecoder;
-use bytes::Bytes;
 use chrono::format::{Item, Parsed, StrftimeItems};
-use futures::future::BoxFuture;
-use futures::{FutureExt, TryStreamExt};
-use object_store::path::Path;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
-use parquet::arrow::arrow_reader::ArrowReaderOptions;
-use parquet::arrow::async_reader::{AsyncFileReader, MetadataSuffixFetch};
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
 use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use parquet::errors::ParquetError;
-use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
 use shoal_proto::pb;
 use shoal_proto::spec::{Columns, Format, JobSpec, OnBadRows};
-use shoal_proto::store::resolve;
+use shoal_proto::store::{ParquetSource, resolve};
 use shoal_proto::{Location, SpecError, StoreError};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio_util::io::StreamReader;
@@ -1182,10 +1175,6 @@ async fn read_csv(
 // ---------------------------------------------------------------------------
 // Parquet
 
-fn to_parquet_error(e: object_store::Error) -> ParquetError {
-    ParquetError::External(Box::new(e))
-}
-
 /// Object-store failures under Parquet stay store errors (retryable).
 fn parquet_error(file: &str, e: ParquetError) -> WorkerError {
     match e {
@@ -1200,85 +1189,6 @@ fn parquet_error(file: &str, e: ParquetError) -> WorkerError {
             file: file.to_string(),
             source,
         },
-    }
-}
-
-/// Reads a Parquet object through `object_store`, counting the bytes fetched.
-struct ObjectReader {
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-    fetched: Arc<AtomicU64>,
-}
-
-impl ObjectReader {
-    fn count(&self, n: usize) {
-        self.fetched.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-impl AsyncFileReader for ObjectReader {
-    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        async move {
-            let bytes = self
-                .store
-                .get_range(&self.path, range)
-                .await
-                .map_err(to_parquet_error)?;
-            self.count(bytes.len());
-            Ok(bytes)
-        }
-        .boxed()
-    }
-
-    fn get_byte_ranges(
-        &mut self,
-        ranges: Vec<Range<u64>>,
-    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
-        async move {
-            let all = self
-                .store
-                .get_ranges(&self.path, &ranges)
-                .await
-                .map_err(to_parquet_error)?;
-            self.count(all.iter().map(Bytes::len).sum());
-            Ok(all)
-        }
-        .boxed()
-    }
-
-    fn get_metadata<'a>(
-        &'a mut self,
-        options: Option<&'a ArrowReaderOptions>,
-    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
-        async move {
-            let metadata = ParquetMetaDataReader::new()
-                .with_arrow_reader_options(options)
-                .load_via_suffix_and_finish(self)
-                .await?;
-            Ok(Arc::new(metadata))
-        }
-        .boxed()
-    }
-}
-
-/// Reads the footer without knowing the object's size, via suffix requests.
-impl MetadataSuffixFetch for &mut ObjectReader {
-    fn fetch_suffix(&mut self, suffix: usize) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        let options = GetOptions {
-            range: Some(GetRange::Suffix(suffix as u64)),
-            ..Default::default()
-        };
-        async move {
-            let got = self
-                .store
-                .get_opts(&self.path, options)
-                .await
-                .map_err(to_parquet_error)?;
-            let bytes = got.bytes().await.map_err(to_parquet_error)?;
-            self.count(bytes.len());
-            Ok(bytes)
-        }
-        .boxed()
     }
 }
 
@@ -1305,12 +1215,8 @@ async fn read_parquet(
     cleaner: &mut Cleaner<'_>,
 ) -> Result<u64, WorkerError> {
     let file = split.object.as_str();
-    let fetched = Arc::new(AtomicU64::new(0));
-    let reader = ObjectReader {
-        store: loc.store.clone(),
-        path: loc.path.clone(),
-        fetched: fetched.clone(),
-    };
+    let reader = ParquetSource::new(loc);
+    let fetched = reader.fetched();
     let builder = ParquetRecordBatchStreamBuilder::new(reader)
         .await
         .map_err(|e| parquet_error(file, e))?;
@@ -1375,6 +1281,7 @@ mod tests {
     use crate::staging::read_shard;
     use arrow::array::{Float64Builder, Int64Builder, TimestampMicrosecondArray};
     use arrow::datatypes::Float64Type;
+    use bytes::Bytes;
     use chrono::TimeZone;
     use parquet::arrow::ArrowWriter;
     use parquet::file::properties::WriterProperties;

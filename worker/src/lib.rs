@@ -13,4 +13,4 @@ pub mod load;
 pub mod server;
 pub mod service;
 
-pub use server::{spawn_worker, WorkerConfig, WorkerHandle};
+pub use server::{WorkerConfig, WorkerHandle, spawn_worker};

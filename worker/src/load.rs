@@ -59,7 +59,11 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, W
     batch
         .column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| WorkerError::InvalidRequest(format!("staged batch lacks column `{name}` of the expected type")))
+        .ok_or_else(|| {
+            WorkerError::InvalidRequest(format!(
+                "staged batch lacks column `{name}` of the expected type"
+            ))
+        })
 }
 
 /// Aggregates the staged rows of a shard. `reference_ms` is the latest event time in
@@ -113,7 +117,8 @@ pub fn aggregate(batches: &[RecordBatch], reference_ms: i64) -> Result<ShardRfm,
     for (user, i) in users {
         let i = i as usize;
         out.users.push(user);
-        out.recency_days.push(((reference_ms - last_ms[i]) as f64 / MS_PER_DAY).max(0.0));
+        out.recency_days
+            .push(((reference_ms - last_ms[i]) as f64 / MS_PER_DAY).max(0.0));
         out.frequency.push(frequency[i]);
         out.monetary.push(monetary[i]);
     }
@@ -190,7 +195,11 @@ mod tests {
 
     #[test]
     fn frequency_counts_events_without_orders() {
-        let b = batch(&[("u", DAY, None, 1.0), ("u", DAY, None, 1.0), ("v", 2 * DAY, None, 2.0)]);
+        let b = batch(&[
+            ("u", DAY, None, 1.0),
+            ("u", DAY, None, 1.0),
+            ("v", 2 * DAY, None, 2.0),
+        ]);
         let rfm = aggregate(&[b], 2 * DAY).unwrap();
         assert_eq!(rfm.frequency, vec![2, 1]);
         assert_eq!(rfm.recency_days, vec![1.0, 0.0]);

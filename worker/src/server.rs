@@ -1,8 +1,8 @@
 //! Running a worker: the gRPC server on its port, and the registration / heartbeat
 //! loop towards the coordinator. `shoal worker` and `shoal run` start the same code.
 
-use crate::service::WorkerServiceImpl;
 use crate::WorkerError;
+use crate::service::WorkerServiceImpl;
 use shoal_kernels::Backend;
 use shoal_proto::pb::registry_service_client::RegistryServiceClient;
 use shoal_proto::pb::worker_service_server::WorkerServiceServer;
@@ -70,15 +70,20 @@ pub async fn spawn_worker(
     backend: Arc<dyn Backend>,
     shutdown: CancellationToken,
 ) -> Result<WorkerHandle, WorkerError> {
-    let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|source| WorkerError::Bind {
-        addr: config.listen.to_string(),
-        source,
-    })?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| WorkerError::Bind {
+            addr: config.listen.to_string(),
+            source,
+        })?;
     let addr = listener.local_addr().map_err(|source| WorkerError::Bind {
         addr: config.listen.to_string(),
         source,
     })?;
-    let advertise = config.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
     let threads = rayon::current_num_threads();
     let service = WorkerServiceImpl::new(backend.clone(), threads.max(1));
     let tracker = TaskTracker::new();
@@ -100,7 +105,10 @@ pub async fn spawn_worker(
         tracker.spawn(async move {
             if let Err(e) = server.await {
                 error!(error = %e, "worker gRPC server failed");
-                fatal.lock().expect("fatal lock").get_or_insert(WorkerError::Serve(e));
+                fatal
+                    .lock()
+                    .expect("fatal lock")
+                    .get_or_insert(WorkerError::Serve(e));
                 shutdown.cancel();
             }
         });
@@ -141,7 +149,10 @@ pub async fn spawn_worker(
 /// Registers (retrying while the coordinator is unreachable), then heartbeats; a
 /// heartbeat the coordinator does not recognise leads to registering again. Returns
 /// only on a refusal.
-async fn registration_loop(coordinator: String, register: RegisterRequest) -> Result<(), WorkerError> {
+async fn registration_loop(
+    coordinator: String,
+    register: RegisterRequest,
+) -> Result<(), WorkerError> {
     let retry = Duration::from_millis(250);
     loop {
         let mut client = match RegistryServiceClient::connect(coordinator.clone()).await {
@@ -154,7 +165,15 @@ async fn registration_loop(coordinator: String, register: RegisterRequest) -> Re
         };
         let registered = match client.register(register.clone()).await {
             Ok(r) => r.into_inner(),
-            Err(status) if matches!(status.code(), tonic::Code::FailedPrecondition | tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument) => {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::FailedPrecondition
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
                 return Err(WorkerError::Refused {
                     coordinator,
                     message: status.message().to_string(),

@@ -2,22 +2,22 @@
 //! The worker keeps per-job state (its shards' users, RFM and resident points) and
 //! nothing else; the coordinator decides what runs next.
 
-use crate::load::{self, ShardRfm, DIMS};
-use crate::{ingest, staging, WorkerError};
+use crate::load::{self, DIMS, ShardRfm};
+use crate::{WorkerError, ingest, staging};
 use arrow::array::{ArrayRef, Float32Array, Float64Array, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use futures::StreamExt;
-use shoal_kernels::{Backend, Nearest, Resident, NO_SECOND};
+use shoal_kernels::{Backend, NO_SECOND, Nearest, Resident};
 use shoal_proto::pb::worker_service_server::WorkerService;
 use shoal_proto::pb::{self, PointRef};
 use shoal_proto::sketch::Sketch;
-use shoal_proto::{hash, store, JobSpec};
+use shoal_proto::{JobSpec, hash, store};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
 use tonic::{Request, Response, Status};
-use tracing::{info, info_span, Instrument};
+use tracing::{Instrument, info, info_span};
 
 /// One user shard held by this worker.
 struct Shard {
@@ -68,7 +68,9 @@ impl WorkerServiceImpl {
             .expect("job map lock")
             .get(job)
             .cloned()
-            .ok_or_else(|| WorkerError::UnknownJob { job: job.to_string() })
+            .ok_or_else(|| WorkerError::UnknownJob {
+                job: job.to_string(),
+            })
     }
 
     async fn lock(&self, job: &str) -> Result<OwnedMutexGuard<JobState>, WorkerError> {
@@ -97,15 +99,21 @@ impl WorkerServiceImpl {
 fn check_dims(dims: u32, values: usize, what: &str) -> Result<usize, WorkerError> {
     let d = dims as usize;
     if d != DIMS {
-        return Err(WorkerError::InvalidRequest(format!("{what}: {d} dimensions, this worker's features have {DIMS}")));
+        return Err(WorkerError::InvalidRequest(format!(
+            "{what}: {d} dimensions, this worker's features have {DIMS}"
+        )));
     }
     if !values.is_multiple_of(d) {
-        return Err(WorkerError::InvalidRequest(format!("{what}: {values} values is not a multiple of {d}")));
+        return Err(WorkerError::InvalidRequest(format!(
+            "{what}: {values} values is not a multiple of {d}"
+        )));
     }
     Ok(values / d)
 }
 
-fn parse_context(ctx: Option<&pb::JobContext>) -> Result<(String, JobSpec, store::Location), WorkerError> {
+fn parse_context(
+    ctx: Option<&pb::JobContext>,
+) -> Result<(String, JobSpec, store::Location), WorkerError> {
     let ctx = ctx.ok_or_else(|| WorkerError::InvalidRequest("missing job context".into()))?;
     let spec = JobSpec::parse(&ctx.spec_toml)?;
     let staging = store::resolve(&ctx.staging)?;
@@ -114,7 +122,10 @@ fn parse_context(ctx: Option<&pb::JobContext>) -> Result<(String, JobSpec, store
 
 #[tonic::async_trait]
 impl WorkerService for WorkerServiceImpl {
-    async fn ingest(&self, req: Request<pb::IngestRequest>) -> Result<Response<pb::IngestResponse>, Status> {
+    async fn ingest(
+        &self,
+        req: Request<pb::IngestRequest>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
         let req = req.into_inner();
         let (job, spec, staging) = parse_context(req.job.as_ref())?;
         let span = info_span!("ingest", job = %job, attempt = req.attempt, phase = "ingest");
@@ -128,13 +139,21 @@ impl WorkerService for WorkerServiceImpl {
                     tokio::spawn(async move { ingest::ingest_split(&spec, &split, &staging).await })
                 })
                 .buffer_unordered(self.ingest_parallelism)
-                .map(|joined| joined.map_err(|e| WorkerError::InvalidRequest(format!("ingest task failed: {e}")))?)
+                .map(|joined| {
+                    joined.map_err(|e| {
+                        WorkerError::InvalidRequest(format!("ingest task failed: {e}"))
+                    })?
+                })
                 .collect::<Vec<_>>()
                 .await
                 .into_iter()
                 .collect::<Result<_, _>>()?;
             results.sort_by_key(|r| r.split);
-            let rows: u64 = results.iter().filter_map(|r| r.counts.as_ref()).map(|c| c.read).sum();
+            let rows: u64 = results
+                .iter()
+                .filter_map(|r| r.counts.as_ref())
+                .map(|c| c.read)
+                .sum();
             info!(splits = results.len(), rows, "ingested");
             Ok(Response::new(pb::IngestResponse { splits: results }))
         }
@@ -143,7 +162,10 @@ impl WorkerService for WorkerServiceImpl {
         .map_err(|e: WorkerError| e.into())
     }
 
-    async fn load_shards(&self, req: Request<pb::LoadShardsRequest>) -> Result<Response<pb::LoadShardsResponse>, Status> {
+    async fn load_shards(
+        &self,
+        req: Request<pb::LoadShardsRequest>,
+    ) -> Result<Response<pb::LoadShardsResponse>, Status> {
         let req = req.into_inner();
         let (job, _spec, staging) = parse_context(req.job.as_ref())?;
         let span = info_span!("load", job = %job, attempt = req.attempt, phase = "load");
@@ -180,7 +202,10 @@ impl WorkerService for WorkerServiceImpl {
             info!(shards = req.shards.len(), users, "loaded");
             // A reload replaces what the worker held for the job.
             let handle = Arc::new(tokio::sync::Mutex::new(JobState { shards: loaded }));
-            self.jobs.lock().expect("job map lock").insert(job.clone(), handle);
+            self.jobs
+                .lock()
+                .expect("job map lock")
+                .insert(job.clone(), handle);
             Ok(Response::new(pb::LoadShardsResponse {
                 shards: stats,
                 dims: DIMS as u32,
@@ -191,17 +216,27 @@ impl WorkerService for WorkerServiceImpl {
         .map_err(|e: WorkerError| e.into())
     }
 
-    async fn standardize(&self, req: Request<pb::StandardizeRequest>) -> Result<Response<pb::StandardizeResponse>, Status> {
+    async fn standardize(
+        &self,
+        req: Request<pb::StandardizeRequest>,
+    ) -> Result<Response<pb::StandardizeResponse>, Status> {
         let req = req.into_inner();
         if req.mean.len() != DIMS || req.scale.len() != DIMS {
-            return Err(WorkerError::InvalidRequest(format!("scaling needs {DIMS} means and scales")).into());
+            return Err(WorkerError::InvalidRequest(format!(
+                "scaling needs {DIMS} means and scales"
+            ))
+            .into());
         }
         self.with_job(&req.job_id, move |job, backend| {
             for shard in job.shards.values_mut() {
                 let scaled: Vec<f32> = shard
                     .log_features
                     .chunks_exact(DIMS)
-                    .flat_map(|row| row.iter().enumerate().map(|(j, x)| ((x - req.mean[j]) / req.scale[j]) as f32))
+                    .flat_map(|row| {
+                        row.iter()
+                            .enumerate()
+                            .map(|(j, x)| ((x - req.mean[j]) / req.scale[j]) as f32)
+                    })
                     .collect();
                 shard.points = Some(backend.upload(&scaled, DIMS)?);
                 shard.costs = vec![f32::INFINITY; shard.rfm.len()];
@@ -213,28 +248,38 @@ impl WorkerService for WorkerServiceImpl {
         Ok(Response::new(pb::StandardizeResponse {}))
     }
 
-    async fn get_points(&self, req: Request<pb::GetPointsRequest>) -> Result<Response<pb::GetPointsResponse>, Status> {
+    async fn get_points(
+        &self,
+        req: Request<pb::GetPointsRequest>,
+    ) -> Result<Response<pb::GetPointsResponse>, Status> {
         let req = req.into_inner();
         let job_id = req.job_id.clone();
         let values = self
             .with_job(&req.job_id, move |job, backend| {
                 let mut values = Vec::with_capacity(req.points.len() * DIMS);
                 for p in &req.points {
-                    let shard = job
-                        .shards
-                        .get(&p.shard)
-                        .ok_or(WorkerError::UnknownShard { job: job_id.clone(), shard: p.shard })?;
-                    let row = u32::try_from(p.index)
-                        .map_err(|_| WorkerError::InvalidRequest(format!("point index {} out of range", p.index)))?;
+                    let shard = job.shards.get(&p.shard).ok_or(WorkerError::UnknownShard {
+                        job: job_id.clone(),
+                        shard: p.shard,
+                    })?;
+                    let row = u32::try_from(p.index).map_err(|_| {
+                        WorkerError::InvalidRequest(format!("point index {} out of range", p.index))
+                    })?;
                     values.extend(backend.download_rows(shard.points(&job_id, p.shard)?, &[row])?);
                 }
                 Ok(values)
             })
             .await?;
-        Ok(Response::new(pb::GetPointsResponse { dims: DIMS as u32, values }))
+        Ok(Response::new(pb::GetPointsResponse {
+            dims: DIMS as u32,
+            values,
+        }))
     }
 
-    async fn init_costs(&self, req: Request<pb::InitCostsRequest>) -> Result<Response<pb::InitCostsResponse>, Status> {
+    async fn init_costs(
+        &self,
+        req: Request<pb::InitCostsRequest>,
+    ) -> Result<Response<pb::InitCostsResponse>, Status> {
         let req = req.into_inner();
         let k = check_dims(req.dims, req.new_centers.len(), "new centers")?;
         let job_id = req.job_id.clone();
@@ -244,7 +289,9 @@ impl WorkerService for WorkerServiceImpl {
                 for (&id, shard) in job.shards.iter_mut() {
                     if k > 0 && !shard.rfm.is_empty() {
                         let points = shard.points.as_ref().ok_or_else(|| {
-                            WorkerError::InvalidRequest(format!("job {job_id} shard {id} is not standardised yet"))
+                            WorkerError::InvalidRequest(format!(
+                                "job {job_id} shard {id} is not standardised yet"
+                            ))
                         })?;
                         backend.assign(points, &req.new_centers, k, &mut shard.nearest)?;
                         for (c, n) in shard.costs.iter_mut().zip(&shard.nearest) {
@@ -260,10 +307,16 @@ impl WorkerService for WorkerServiceImpl {
         Ok(Response::new(pb::InitCostsResponse { shards }))
     }
 
-    async fn init_sample(&self, req: Request<pb::InitSampleRequest>) -> Result<Response<pb::InitSampleResponse>, Status> {
+    async fn init_sample(
+        &self,
+        req: Request<pb::InitSampleRequest>,
+    ) -> Result<Response<pb::InitSampleResponse>, Status> {
         let req = req.into_inner();
         if !(req.total_cost.is_finite() && req.total_cost >= 0.0 && req.oversampling > 0.0) {
-            return Err(WorkerError::InvalidRequest("sampling needs a finite total cost and positive oversampling".into()).into());
+            return Err(WorkerError::InvalidRequest(
+                "sampling needs a finite total cost and positive oversampling".into(),
+            )
+            .into());
         }
         let job_id = req.job_id.clone();
         let points = self
@@ -276,7 +329,10 @@ impl WorkerService for WorkerServiceImpl {
                     let mut rows = Vec::new();
                     for (i, cost) in shard.costs.iter().enumerate() {
                         let p = (req.oversampling * f64::from(*cost) / req.total_cost).min(1.0);
-                        let u = hash::unit(hash::key(req.seed, &[u64::from(req.round), u64::from(id), i as u64]));
+                        let u = hash::unit(hash::key(
+                            req.seed,
+                            &[u64::from(req.round), u64::from(id), i as u64],
+                        ));
                         if u < p {
                             rows.push(i as u32);
                         }
@@ -287,7 +343,10 @@ impl WorkerService for WorkerServiceImpl {
                     let values = backend.download_rows(shard.points(&job_id, id)?, &rows)?;
                     for (row, v) in rows.iter().zip(values.chunks_exact(DIMS)) {
                         out.push(pb::SampledPoint {
-                            point: Some(PointRef { shard: id, index: u64::from(*row) }),
+                            point: Some(PointRef {
+                                shard: id,
+                                index: u64::from(*row),
+                            }),
                             values: v.to_vec(),
                         });
                     }
@@ -298,11 +357,18 @@ impl WorkerService for WorkerServiceImpl {
         Ok(Response::new(pb::InitSampleResponse { points }))
     }
 
-    async fn lloyd_step(&self, req: Request<pb::LloydStepRequest>) -> Result<Response<pb::LloydStepResponse>, Status> {
+    async fn lloyd_step(
+        &self,
+        req: Request<pb::LloydStepRequest>,
+    ) -> Result<Response<pb::LloydStepResponse>, Status> {
         let req = req.into_inner();
         let k = check_dims(req.dims, req.centroids.len(), "centroids")?;
         if k != req.k as usize || k == 0 {
-            return Err(WorkerError::InvalidRequest(format!("k = {} but {} centroids were sent", req.k, k)).into());
+            return Err(WorkerError::InvalidRequest(format!(
+                "k = {} but {} centroids were sent",
+                req.k, k
+            ))
+            .into());
         }
         let job_id = req.job_id.clone();
         let shards = self
@@ -320,7 +386,9 @@ impl WorkerService for WorkerServiceImpl {
                         continue;
                     }
                     let points = shard.points.as_ref().ok_or_else(|| {
-                        WorkerError::InvalidRequest(format!("job {job_id} shard {id} is not standardised yet"))
+                        WorkerError::InvalidRequest(format!(
+                            "job {job_id} shard {id} is not standardised yet"
+                        ))
                     })?;
                     backend.assign(points, &req.centroids, k, &mut shard.nearest)?;
                     let labels: Vec<u32> = shard.nearest.iter().map(|n| n.best).collect();
@@ -332,7 +400,10 @@ impl WorkerService for WorkerServiceImpl {
                         .iter()
                         .zip(values.chunks_exact(DIMS))
                         .map(|(&row, v)| pb::FarPoint {
-                            point: Some(PointRef { shard: id, index: u64::from(row) }),
+                            point: Some(PointRef {
+                                shard: id,
+                                index: u64::from(row),
+                            }),
                             label: shard.nearest[row as usize].best,
                             distance: f64::from(shard.nearest[row as usize].best_dist),
                             values: v.to_vec(),
@@ -352,14 +423,22 @@ impl WorkerService for WorkerServiceImpl {
         Ok(Response::new(pb::LloydStepResponse { shards }))
     }
 
-    async fn finalize(&self, req: Request<pb::FinalizeRequest>) -> Result<Response<pb::FinalizeResponse>, Status> {
+    async fn finalize(
+        &self,
+        req: Request<pb::FinalizeRequest>,
+    ) -> Result<Response<pb::FinalizeResponse>, Status> {
         let req = req.into_inner();
         let k = check_dims(req.dims, req.centroids.len(), "centroids")?;
         if k != req.k as usize || k == 0 {
-            return Err(WorkerError::InvalidRequest(format!("k = {} but {} centroids were sent", req.k, k)).into());
+            return Err(WorkerError::InvalidRequest(format!(
+                "k = {} but {} centroids were sent",
+                req.k, k
+            ))
+            .into());
         }
         let output = store::resolve(&req.output).map_err(WorkerError::from)?;
-        let span = info_span!("finalize", job = %req.job_id, attempt = req.attempt, phase = "finalize");
+        let span =
+            info_span!("finalize", job = %req.job_id, attempt = req.attempt, phase = "finalize");
         let job_id = req.job_id.clone();
         let req = Arc::new(req);
         let (finals, files) = {
@@ -369,24 +448,42 @@ impl WorkerService for WorkerServiceImpl {
                 let mut files = Vec::new();
                 for (&id, shard) in job.shards.iter_mut() {
                     if shard.rfm.is_empty() {
-                        finals.push(pb::ShardFinal { shard: id, segments: empty_segments(k), sample: Vec::new(), file: None });
+                        finals.push(pb::ShardFinal {
+                            shard: id,
+                            segments: empty_segments(k),
+                            sample: Vec::new(),
+                            file: None,
+                        });
                         continue;
                     }
                     let points = shard.points.as_ref().ok_or_else(|| {
-                        WorkerError::InvalidRequest(format!("job {job_id} shard {id} is not standardised yet"))
+                        WorkerError::InvalidRequest(format!(
+                            "job {job_id} shard {id} is not standardised yet"
+                        ))
                     })?;
                     backend.assign(points, &req.centroids, k, &mut shard.nearest)?;
                     let all_rows: Vec<u32> = (0..shard.rfm.len() as u32).collect();
                     let scaled = backend.download_rows(points, &all_rows)?;
                     let segments = segment_partials(&shard.rfm, &scaled, &shard.nearest, k);
-                    let sample = sample_points(&shard.rfm, &shard.nearest, points, backend, req.seed, req.sample_size as usize)?;
+                    let sample = sample_points(
+                        &shard.rfm,
+                        &shard.nearest,
+                        points,
+                        backend,
+                        req.seed,
+                        req.sample_size as usize,
+                    )?;
                     let bytes = assignments_parquet(&shard.rfm, &shard.nearest, k)?;
                     let rel = format!("assignments.parquet/part-{id:05}.parquet");
                     finals.push(pb::ShardFinal {
                         shard: id,
                         segments,
                         sample,
-                        file: Some(pb::WrittenFile { path: rel.clone(), rows: shard.rfm.len() as u64, bytes: bytes.len() as u64 }),
+                        file: Some(pb::WrittenFile {
+                            path: rel.clone(),
+                            rows: shard.rfm.len() as u64,
+                            bytes: bytes.len() as u64,
+                        }),
                     });
                     files.push((rel, bytes));
                 }
@@ -397,7 +494,11 @@ impl WorkerService for WorkerServiceImpl {
         };
         async {
             for (rel, bytes) in files {
-                output.child(&rel).put(bytes.into()).await.map_err(WorkerError::from)?;
+                output
+                    .child(&rel)
+                    .put(bytes.into())
+                    .await
+                    .map_err(WorkerError::from)?;
             }
             info!(shards = finals.len(), "assignments written");
             Ok::<_, WorkerError>(())
@@ -407,9 +508,17 @@ impl WorkerService for WorkerServiceImpl {
         Ok(Response::new(pb::FinalizeResponse { shards: finals }))
     }
 
-    async fn release_job(&self, req: Request<pb::ReleaseJobRequest>) -> Result<Response<pb::ReleaseJobResponse>, Status> {
+    async fn release_job(
+        &self,
+        req: Request<pb::ReleaseJobRequest>,
+    ) -> Result<Response<pb::ReleaseJobResponse>, Status> {
         let job = req.into_inner().job_id;
-        let removed = self.jobs.lock().expect("job map lock").remove(&job).is_some();
+        let removed = self
+            .jobs
+            .lock()
+            .expect("job map lock")
+            .remove(&job)
+            .is_some();
         info!(job = %job, removed, "released job");
         Ok(Response::new(pb::ReleaseJobResponse {}))
     }
@@ -449,7 +558,12 @@ fn empty_segments(k: usize) -> Vec<pb::SegmentPartial> {
         .collect()
 }
 
-fn segment_partials(rfm: &ShardRfm, points: &[f32], nearest: &[Nearest], k: usize) -> Vec<pb::SegmentPartial> {
+fn segment_partials(
+    rfm: &ShardRfm,
+    points: &[f32],
+    nearest: &[Nearest],
+    k: usize,
+) -> Vec<pb::SegmentPartial> {
     let mut feature_sum = vec![0.0f64; k * DIMS];
     let mut count = vec![0u64; k];
     let mut sums = vec![[0.0f64; 3]; k];
@@ -458,7 +572,11 @@ fn segment_partials(rfm: &ShardRfm, points: &[f32], nearest: &[Nearest], k: usiz
     let mut inertia = vec![0.0f64; k];
     for (i, n) in nearest.iter().enumerate() {
         let s = n.best as usize;
-        let v = [rfm.recency_days[i], rfm.frequency[i] as f64, rfm.monetary[i]];
+        let v = [
+            rfm.recency_days[i],
+            rfm.frequency[i] as f64,
+            rfm.monetary[i],
+        ];
         count[s] += 1;
         for j in 0..3 {
             sums[s][j] += v[j];
@@ -534,21 +652,35 @@ pub fn assignments_schema() -> Arc<Schema> {
     ]))
 }
 
-fn assignments_parquet(rfm: &ShardRfm, nearest: &[Nearest], k: usize) -> Result<Vec<u8>, WorkerError> {
+fn assignments_parquet(
+    rfm: &ShardRfm,
+    nearest: &[Nearest],
+    k: usize,
+) -> Result<Vec<u8>, WorkerError> {
     let second = |n: &Nearest| (k > 1 && n.second != NO_SECOND).then_some(n.second);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(rfm.users.iter())),
-        Arc::new(UInt32Array::from_iter_values(nearest.iter().map(|n| n.best))),
-        Arc::new(Float32Array::from_iter_values(nearest.iter().map(|n| n.best_dist.sqrt()))),
+        Arc::new(UInt32Array::from_iter_values(
+            nearest.iter().map(|n| n.best),
+        )),
+        Arc::new(Float32Array::from_iter_values(
+            nearest.iter().map(|n| n.best_dist.sqrt()),
+        )),
         Arc::new(UInt32Array::from_iter(nearest.iter().map(second))),
-        Arc::new(Float32Array::from_iter(nearest.iter().map(|n| second(n).map(|_| n.second_dist.sqrt())))),
+        Arc::new(Float32Array::from_iter(
+            nearest
+                .iter()
+                .map(|n| second(n).map(|_| n.second_dist.sqrt())),
+        )),
         Arc::new(Float64Array::from(rfm.recency_days.clone())),
         Arc::new(UInt64Array::from(rfm.frequency.clone())),
         Arc::new(Float64Array::from(rfm.monetary.clone())),
     ];
-    let batch = RecordBatch::try_new(assignments_schema(), columns).map_err(|source| WorkerError::Arrow {
-        file: "assignments.parquet".into(),
-        source,
+    let batch = RecordBatch::try_new(assignments_schema(), columns).map_err(|source| {
+        WorkerError::Arrow {
+            file: "assignments.parquet".into(),
+            source,
+        }
     })?;
     store::encode_parquet(assignments_schema(), &[batch]).map_err(|source| WorkerError::Parquet {
         file: "assignments.parquet".into(),
@@ -562,7 +694,12 @@ mod tests {
 
     fn near(d: &[f32]) -> Vec<Nearest> {
         d.iter()
-            .map(|&best_dist| Nearest { best: 0, best_dist, second: 1, second_dist: best_dist + 1.0 })
+            .map(|&best_dist| Nearest {
+                best: 0,
+                best_dist,
+                second: 1,
+                second_dist: best_dist + 1.0,
+            })
             .collect()
     }
 
