@@ -12,7 +12,11 @@
 //!   that does not depend on the number of threads, so results are bit-identical
 //!   however the data is split across workers and threads.
 
+pub mod bench;
 mod cpu;
+mod cpu_als;
+pub mod cuda;
+pub mod device;
 pub mod reference;
 
 pub use cpu::CpuBackend;
@@ -34,6 +38,46 @@ pub enum KernelError {
     EmptyCentroids,
     #[error("the points were uploaded to another backend ({0})")]
     ForeignPoints(&'static str),
+    #[error("CUDA is not available: {0}")]
+    CudaUnavailable(String),
+    #[error("NVRTC could not compile kernel source {kernel}:\n{log}")]
+    Compile { kernel: String, log: String },
+    #[error("CUDA driver error while {op}: {message}")]
+    Driver { op: String, message: String },
+    #[error("the {backend} backend cannot do this: {what}")]
+    Unsupported { backend: &'static str, what: String },
+}
+
+#[cfg(test)]
+mod csr_tests {
+    use super::*;
+
+    #[test]
+    fn validate_rejects_bad_offsets_without_panicking() {
+        let m = Csr { rows: 3, cols: 4, indptr: vec![0, 5, 2, 3], indices: vec![0, 1, 2], values: vec![1.0; 3] };
+        assert!(matches!(m.validate(), Err(KernelError::Shape(_))));
+        let ok = Csr { rows: 2, cols: 4, indptr: vec![0, 2, 3], indices: vec![0, 3, 1], values: vec![1.0; 3] };
+        ok.validate().unwrap();
+        assert_eq!(ok.row(0), (&[0u32, 3][..], &[1.0f32, 1.0][..]));
+        let unsorted = Csr { indices: vec![3, 0, 1], ..ok.clone() };
+        assert!(unsorted.validate().is_err());
+        let nan = Csr { values: vec![1.0, f32::NAN, 1.0], ..ok };
+        assert!(matches!(nan.validate(), Err(KernelError::NonFinitePoint { row: 0, col: 3, .. })));
+    }
+}
+
+impl KernelError {
+    /// Whether the input is at fault (bad values or shapes), rather than the device.
+    pub fn is_input_error(&self) -> bool {
+        matches!(
+            self,
+            KernelError::NonFinitePoint { .. }
+                | KernelError::NonFiniteCentroid { .. }
+                | KernelError::Shape(_)
+                | KernelError::EmptyCentroids
+                | KernelError::Unsupported { .. }
+        )
+    }
 }
 
 /// Nearest and second-nearest centroid of one point.
@@ -120,6 +164,20 @@ impl Resident {
     pub fn d(&self) -> usize {
         self.d
     }
+    /// The backend-specific storage, mutably (see [`Resident::downcast`]).
+    pub fn downcast_mut<T: 'static>(
+        &mut self,
+        backend: &'static str,
+    ) -> Result<&mut T, KernelError> {
+        if self.backend != backend {
+            return Err(KernelError::ForeignPoints(self.backend));
+        }
+        let owner = self.backend;
+        self.inner
+            .downcast_mut::<T>()
+            .ok_or(KernelError::ForeignPoints(owner))
+    }
+
     /// The backend-specific storage, if it is of type `T` and belongs to `backend`.
     pub fn downcast<T: 'static>(&self, backend: &'static str) -> Result<&T, KernelError> {
         if self.backend != backend {
@@ -166,4 +224,139 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         labels: &[u32],
         k: usize,
     ) -> Result<PartialSums, KernelError>;
+
+    /// Copies a sparse matrix into the backend (for the ALS solve and the top-N
+    /// exclusion lists). Values must be finite.
+    fn upload_sparse(&self, m: &Csr) -> Result<Resident, KernelError>;
+
+    /// Overwrites the given rows of resident dense `target` with `values`
+    /// (row-major, `rows.len() x d`), e.g. factor rows fetched from other workers.
+    fn write_rows(
+        &self,
+        target: &mut Resident,
+        rows: &[u32],
+        values: &[f32],
+    ) -> Result<(), KernelError>;
+
+    /// The Gram matrix `AᵀA` (`d x d`, row-major) of resident dense `a`, accumulated
+    /// in f64 in an order that does not depend on the number of threads.
+    fn gram(&self, a: &Resident) -> Result<Vec<f64>, KernelError>;
+
+    /// One implicit-ALS half-step (Hu, Koren, Volinsky 2008) with the conjugate-
+    /// gradient solver of Takács et al. 2011, warm-started from the current rows of
+    /// `x`: for every row `u` of `confidence` (`x.n()` rows, `y.n()` columns; value
+    /// `c_ui >= 1` is the confidence that `u` prefers item `i`; absent = 1 with
+    /// preference 0) it runs `params.cg_steps` CG steps on
+    /// `(YᵀY + λI + Yᵀ(C_u − I)Y) x_u = Yᵀ C_u p_u`, with `p_ui = 1` where present,
+    /// and writes `x_u` back. `yty` is the plain Gram `YᵀY` (`d x d`, from
+    /// [`Backend::gram`], reduced over workers); λ is `params.regularization`.
+    /// Rows are independent: a row's result does not depend on the other rows.
+    fn als_solve(
+        &self,
+        x: &mut Resident,
+        y: &Resident,
+        yty: &[f64],
+        confidence: &Resident,
+        params: CgParams,
+    ) -> Result<(), KernelError>;
+
+    /// For every row `q` of `queries`, the `n` items `j` (rows of `items`) with the
+    /// highest score `q · items[j]`, best first (ties: lower index first), skipping
+    /// the columns of row `q` of `exclude` (a sparse matrix of `queries.n()` rows
+    /// and `items.n()` columns). Slots left when fewer than `n` items remain hold
+    /// [`NO_ITEM`] with score `-inf`.
+    fn top_n(
+        &self,
+        queries: &Resident,
+        items: &Resident,
+        n: usize,
+        exclude: Option<&Resident>,
+    ) -> Result<TopN, KernelError>;
+}
+
+/// Index of an empty top-N slot.
+pub const NO_ITEM: u32 = u32::MAX;
+
+/// Settings of one implicit-ALS half-step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CgParams {
+    /// λ, added to the diagonal of `YᵀY`.
+    pub regularization: f32,
+    /// Conjugate-gradient steps per row (implicit's default is 3).
+    pub cg_steps: u32,
+}
+
+/// Top-N results: `n` slots per query row, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopN {
+    pub n: usize,
+    pub items: Vec<u32>,
+    pub scores: Vec<f32>,
+}
+
+/// A sparse matrix in compressed sparse row form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Csr {
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows + 1` offsets into `indices` / `values`.
+    pub indptr: Vec<u64>,
+    /// Column of every stored value; within a row strictly increasing.
+    pub indices: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl Csr {
+    /// Checks the structure: offsets, column bounds and order, finite values.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        if self.indptr.len() != self.rows + 1 || self.indptr.first() != Some(&0) {
+            return Err(KernelError::Shape(format!(
+                "CSR offsets: {} for {} rows (need rows + 1, starting at 0)",
+                self.indptr.len(),
+                self.rows
+            )));
+        }
+        let nnz = *self.indptr.last().unwrap_or(&0) as usize;
+        if nnz != self.indices.len() || nnz != self.values.len() {
+            return Err(KernelError::Shape(format!(
+                "CSR holds {} indices and {} values, offsets end at {nnz}",
+                self.indices.len(),
+                self.values.len()
+            )));
+        }
+        for r in 0..self.rows {
+            let (a, b) = (self.indptr[r] as usize, self.indptr[r + 1] as usize);
+            if a > b || b > nnz {
+                return Err(KernelError::Shape(format!(
+                    "CSR row {r}: offsets {a}..{b} decrease or pass the end ({nnz} values)"
+                )));
+            }
+            let cols = &self.indices[a..b];
+            if let Some(c) = cols.iter().find(|c| **c as usize >= self.cols) {
+                return Err(KernelError::Shape(format!(
+                    "CSR row {r}: column {c} >= {}",
+                    self.cols
+                )));
+            }
+            if cols.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(KernelError::Shape(format!(
+                    "CSR row {r}: columns are not strictly increasing"
+                )));
+            }
+            if let Some(i) = self.values[a..b].iter().position(|v| !v.is_finite()) {
+                return Err(KernelError::NonFinitePoint {
+                    row: r,
+                    col: cols[i] as usize,
+                    value: self.values[a + i],
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Columns and values of row `r`.
+    pub fn row(&self, r: usize) -> (&[u32], &[f32]) {
+        let (a, b) = (self.indptr[r] as usize, self.indptr[r + 1] as usize);
+        (&self.indices[a..b], &self.values[a..b])
+    }
 }

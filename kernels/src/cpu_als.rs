@@ -1,0 +1,1552 @@
+//! The CPU backend's ALS and recommendation kernels, as free functions over
+//! host slices (the [`crate::Backend`] impl in `cpu.rs` unwraps the residents and
+//! calls these).
+//!
+//! - [`gram`] cuts the rows into fixed blocks of [`GRAM_BLOCK_ROWS`], computes each
+//!   block's `BᵀB` with one `dgemm` on an f64 copy of the block (products of f32
+//!   are exact in f64) in parallel, and adds the block results in block order. The
+//!   blocks do not depend on the number of threads, so neither do the bits.
+//! - [`als_solve`] runs the conjugate-gradient solver of the `implicit` library
+//!   (`_solve_cg`) on every row in parallel; a row only reads its own confidences,
+//!   the item factors and `YᵀY + λI`, and works sequentially in per-thread scratch,
+//!   so its result depends on nothing else.
+//! - [`top_n`] scores fixed tiles of [`TOPN_QUERY_TILE`] queries against blocks of
+//!   [`TOPN_ITEM_BLOCK`] items with one `sgemm` each and keeps the best `n` per
+//!   query in a buffer of `2n` candidates that is cut back to the best `n` whenever
+//!   it fills (amortised O(1) per item whatever `n` is).
+
+use std::cmp::Ordering;
+
+use rayon::prelude::*;
+
+use crate::{CgParams, Csr, KernelError, NO_ITEM, Resident, TopN};
+
+/// Rows per block of [`gram`]. A constant, so that the order in which the f64
+/// block results are added does not depend on the number of threads.
+pub(crate) const GRAM_BLOCK_ROWS: usize = 1024;
+/// Upper bound on the memory held by block results of [`gram`] waiting to be added.
+const GRAM_PARTIALS_BUDGET_BYTES: usize = 256 << 20;
+/// Queries per parallel work item of [`top_n`].
+pub(crate) const TOPN_QUERY_TILE: usize = 64;
+/// Items per `sgemm` of [`top_n`]: the `TOPN_QUERY_TILE x TOPN_ITEM_BLOCK` scores
+/// (64 KiB) stay in cache while they are offered to the selections.
+pub(crate) const TOPN_ITEM_BLOCK: usize = 256;
+/// Independent accumulators of [`dot`] (one AVX register of f32).
+const LANES: usize = 8;
+/// CG stops once the squared norm of the residual is below this (as `implicit`).
+const CG_TOLERANCE: f32 = 1e-20;
+
+// ---------------------------------------------------------------------------
+// Residents.
+
+/// The storage of `r` as a `T` of the cpu backend, or an error saying that `what`
+/// must be a `kind` matrix (when it is cpu storage of another type) or that it
+/// lives on another backend.
+pub(crate) fn storage<'a, T: 'static>(
+    r: &'a Resident,
+    backend: &'static str,
+    what: &str,
+    kind: &str,
+) -> Result<&'a T, KernelError> {
+    let shape = (r.n(), r.d());
+    r.downcast::<T>(backend)
+        .map_err(|e| kind_error(e, backend, what, kind, shape))
+}
+
+/// As [`storage`], mutably.
+pub(crate) fn storage_mut<'a, T: 'static>(
+    r: &'a mut Resident,
+    backend: &'static str,
+    what: &str,
+    kind: &str,
+) -> Result<&'a mut T, KernelError> {
+    let shape = (r.n(), r.d());
+    r.downcast_mut::<T>(backend)
+        .map_err(|e| kind_error(e, backend, what, kind, shape))
+}
+
+fn kind_error(
+    e: KernelError,
+    backend: &'static str,
+    what: &str,
+    kind: &str,
+    (n, d): (usize, usize),
+) -> KernelError {
+    match e {
+        KernelError::ForeignPoints(owner) if owner == backend => KernelError::Shape(format!(
+            "{what} ({n} x {d}) must be a {kind} matrix; it was uploaded as another kind"
+        )),
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sparse upload and row writes.
+
+/// Checks `m` as [`Csr::validate`] does, first making sure the offsets never
+/// decrease (so that the validation itself cannot index out of bounds).
+pub(crate) fn validate_csr(m: &Csr) -> Result<(), KernelError> {
+    if let Some(r) = m.indptr.windows(2).position(|w| w[0] > w[1]) {
+        return Err(KernelError::Shape(format!("CSR row {r}: offsets decrease")));
+    }
+    m.validate()
+}
+
+/// Overwrites rows `rows` of the row-major `target` (`d` features per row) with
+/// `values` (`rows.len() x d`). Checks everything before writing anything; when a
+/// row is listed twice, the last values win. A non-finite value is reported at
+/// its target row (`rows[k]`), not at its position in `values`.
+pub(crate) fn write_rows(
+    target: &mut [f32],
+    d: usize,
+    rows: &[u32],
+    values: &[f32],
+) -> Result<(), KernelError> {
+    let n = target.len() / d;
+    if rows.len().checked_mul(d) != Some(values.len()) {
+        return Err(KernelError::Shape(format!(
+            "{} values are not {} rows of {d} features",
+            values.len(),
+            rows.len()
+        )));
+    }
+    if let Some(&row) = rows.iter().find(|&&r| r as usize >= n) {
+        return Err(KernelError::Shape(format!(
+            "row {row} was written but the matrix has only {n} rows"
+        )));
+    }
+    if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
+        return Err(KernelError::NonFinitePoint {
+            row: rows[pos / d] as usize,
+            col: pos % d,
+            value: values[pos],
+        });
+    }
+    for (&row, src) in rows.iter().zip(values.chunks_exact(d)) {
+        let start = row as usize * d;
+        target[start..start + d].copy_from_slice(src);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Gram matrix.
+
+/// `AᵀA` (`d x d`, row-major, exactly symmetric) of the row-major `a`.
+pub(crate) fn gram(a: &[f32], d: usize) -> Vec<f64> {
+    let n = a.len() / d;
+    let blocks = n.div_ceil(GRAM_BLOCK_ROWS);
+    // How many block results are computed before being added: only bounds the
+    // memory, the additions follow the block order whatever this is.
+    let batch = (rayon::current_num_threads() * 4)
+        .min(GRAM_PARTIALS_BUDGET_BYTES / (d * d * 8))
+        .max(1);
+
+    let mut total = vec![0.0f64; d * d];
+    let mut first = 0;
+    while first < blocks {
+        let last = (first + batch).min(blocks);
+        let partials: Vec<Vec<f64>> = (first..last)
+            .into_par_iter()
+            .map_init(Vec::new, |wide, b| {
+                let rows = b * GRAM_BLOCK_ROWS..((b + 1) * GRAM_BLOCK_ROWS).min(n);
+                block_gram(&a[rows.start * d..rows.end * d], d, wide)
+            })
+            .collect();
+        for p in &partials {
+            for (t, v) in total.iter_mut().zip(p) {
+                *t += *v;
+            }
+        }
+        first = last;
+    }
+    // dgemm computes (i, j) and (j, i) separately; make the symmetry exact.
+    for i in 0..d {
+        for j in 0..i {
+            total[i * d + j] = total[j * d + i];
+        }
+    }
+    total
+}
+
+/// `BᵀB` of one block, through an f64 copy of it in `wide`.
+fn block_gram(block: &[f32], d: usize, wide: &mut Vec<f64>) -> Vec<f64> {
+    let m = block.len() / d;
+    wide.clear();
+    wide.extend(block.iter().map(|&v| f64::from(v)));
+    let mut out = vec![0.0f64; d * d];
+    // SAFETY: dgemm reads A = Bᵀ (d x m) from `wide` with strides (1, d): element
+    // (i, k) is B[k][i] at k*d + i <= (m-1)*d + d-1 < wide.len() = m*d. It reads
+    // B (m x d) from `wide` with strides (d, 1), same bound. It writes C = `out`
+    // (d x d) with strides (d, 1): last element at d*d - 1 < out.len(). `out` is
+    // a fresh allocation, so it aliases neither input; beta = 0, so its old
+    // contents are never read.
+    unsafe {
+        matrixmultiply::dgemm(
+            d,
+            m,
+            d,
+            1.0,
+            wide.as_ptr(),
+            1,
+            d as isize,
+            wide.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            out.as_mut_ptr(),
+            d as isize,
+            1,
+        );
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Implicit ALS with conjugate gradient.
+
+/// Per-thread buffers of [`als_solve`].
+struct CgScratch {
+    r: Vec<f32>,
+    p: Vec<f32>,
+    ap: Vec<f32>,
+}
+
+impl CgScratch {
+    fn new(d: usize) -> Self {
+        CgScratch {
+            r: vec![0.0; d],
+            p: vec![0.0; d],
+            ap: vec![0.0; d],
+        }
+    }
+}
+
+/// One implicit-ALS half-step over every row of the row-major `x` (`d` features
+/// per row), with item factors `y`, Gram `yty` and confidences `confidence`
+/// (`x` rows by `y` rows). See [`crate::Backend::als_solve`].
+pub(crate) fn als_solve(
+    x: &mut [f32],
+    y: &[f32],
+    d: usize,
+    y_d: usize,
+    yty: &[f64],
+    confidence: &Csr,
+    params: CgParams,
+) -> Result<(), KernelError> {
+    if y_d != d {
+        return Err(KernelError::Shape(format!(
+            "the factors being solved have {d} features per row but the fixed factors have {y_d}"
+        )));
+    }
+    let (x_n, y_n) = (x.len() / d, y.len() / d);
+    if confidence.rows != x_n || confidence.cols != y_n {
+        return Err(KernelError::Shape(format!(
+            "the confidences are {} x {} but there are {x_n} rows to solve and {y_n} fixed rows",
+            confidence.rows, confidence.cols
+        )));
+    }
+    if yty.len() != d * d {
+        return Err(KernelError::Shape(format!(
+            "YᵀY holds {} values, expected d x d = {d} x {d}",
+            yty.len()
+        )));
+    }
+    if let Some(pos) = yty.iter().position(|v| !v.is_finite()) {
+        return Err(KernelError::Shape(format!(
+            "YᵀY entry ({}, {}) is {}: the Gram matrix must be finite",
+            pos / d,
+            pos % d,
+            yty[pos]
+        )));
+    }
+    let lambda = params.regularization;
+    if !(lambda.is_finite() && lambda >= 0.0) {
+        return Err(KernelError::Shape(format!(
+            "regularization is {lambda}: it must be a finite number >= 0"
+        )));
+    }
+    // The values are finite (checked by `upload_sparse`).
+    if let Some(pos) = confidence.values.par_iter().position_first(|&c| c < 1.0) {
+        let row = confidence.indptr.partition_point(|&o| o as usize <= pos) - 1;
+        return Err(KernelError::Shape(format!(
+            "confidence of row {row}, item {} is {}: implicit ALS needs confidences >= 1 \
+             (1 + alpha * weight, with weights >= 0)",
+            confidence.indices[pos], confidence.values[pos]
+        )));
+    }
+    tracing::trace!(
+        rows = x_n,
+        items = y_n,
+        d,
+        nnz = confidence.values.len(),
+        cg_steps = params.cg_steps,
+        "implicit ALS half-step on the cpu backend"
+    );
+    if params.cg_steps == 0 || x_n == 0 {
+        return Ok(());
+    }
+
+    // A = YᵀY + λI in f32, built once.
+    let a: Vec<f32> = (0..d * d)
+        .map(|pos| {
+            let diag = if pos / d == pos % d {
+                f64::from(lambda)
+            } else {
+                0.0
+            };
+            (yty[pos] + diag) as f32
+        })
+        .collect();
+
+    x.par_chunks_mut(d).enumerate().for_each_init(
+        || CgScratch::new(d),
+        |scratch, (u, xu)| {
+            let (cols, conf) = confidence.row(u);
+            cg_row(&a, y, d, cols, conf, params.cg_steps, xu, scratch);
+        },
+    );
+    Ok(())
+}
+
+/// `implicit`'s `_solve_cg` for one row: `cg_steps` CG steps on
+/// `(A + Yᵀ(C_u − I)Y) x = Yᵀ C_u p_u` from the current `x`.
+#[allow(clippy::too_many_arguments)]
+fn cg_row(
+    a: &[f32],
+    y: &[f32],
+    d: usize,
+    cols: &[u32],
+    conf: &[f32],
+    cg_steps: u32,
+    x: &mut [f32],
+    scratch: &mut CgScratch,
+) {
+    let CgScratch { r, p, ap } = scratch;
+    let item = |i: u32| &y[i as usize * d..(i as usize + 1) * d];
+
+    // r = Yᵀ C_u p_u − (A + Yᵀ(C_u − I)Y) x
+    mat_vec(a, x, r);
+    for v in r.iter_mut() {
+        *v = -*v;
+    }
+    for (&i, &c) in cols.iter().zip(conf) {
+        let yi = item(i);
+        axpy(c - (c - 1.0) * dot(yi, x), yi, r);
+    }
+    p.copy_from_slice(r);
+    let mut rs_old = dot(r, r);
+    if rs_old < CG_TOLERANCE {
+        return;
+    }
+    for _ in 0..cg_steps {
+        // Ap = (A + Yᵀ(C_u − I)Y) p
+        mat_vec(a, p, ap);
+        for (&i, &c) in cols.iter().zip(conf) {
+            let yi = item(i);
+            axpy((c - 1.0) * dot(yi, p), yi, ap);
+        }
+        let p_ap = dot(p, ap);
+        if p_ap.is_nan() || p_ap <= 0.0 {
+            // Only when the system is not positive definite (λ = 0 and degenerate
+            // factors): stop rather than step to infinity.
+            break;
+        }
+        let alpha = rs_old / p_ap;
+        axpy(alpha, p, x);
+        axpy(-alpha, ap, r);
+        let rs_new = dot(r, r);
+        if rs_new < CG_TOLERANCE {
+            break;
+        }
+        let beta = rs_new / rs_old;
+        for (pv, &rv) in p.iter_mut().zip(r.iter()) {
+            *pv = rv + beta * *pv;
+        }
+        rs_old = rs_new;
+    }
+}
+
+/// `out = A v` for the row-major square `a`.
+#[inline]
+fn mat_vec(a: &[f32], v: &[f32], out: &mut [f32]) {
+    let d = v.len();
+    for (o, row) in out.iter_mut().zip(a.chunks_exact(d)) {
+        *o = dot(row, v);
+    }
+}
+
+/// `y += alpha x`.
+#[inline]
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (yv, &xv) in y.iter_mut().zip(x) {
+        *yv += alpha * xv;
+    }
+}
+
+/// Dot product with [`LANES`] independent accumulators (vectorises), summed in a
+/// fixed tree.
+#[inline]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (yc, yr) = y.as_chunks::<LANES>();
+    let mut acc = [0.0f32; LANES];
+    for (a, b) in xc.iter().zip(yc) {
+        for l in 0..LANES {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    for (l, (a, b)) in xr.iter().zip(yr).enumerate() {
+        acc[l] += a * b;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+// ---------------------------------------------------------------------------
+// Top-N.
+
+/// A scored item.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    score: f32,
+    item: u32,
+}
+
+/// The score used for ranking: NaN (from an overflowing dot product) ranks as -inf.
+#[inline(always)]
+fn rank(score: f32) -> f32 {
+    if score.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        score
+    }
+}
+
+/// Strict total order of candidates: higher score first, then lower index.
+#[inline(always)]
+fn better(a: Candidate, b: Candidate) -> bool {
+    let (ra, rb) = (rank(a.score), rank(b.score));
+    ra > rb || (ra == rb && a.item < b.item)
+}
+
+fn best_first(a: &Candidate, b: &Candidate) -> Ordering {
+    if better(*a, *b) {
+        Ordering::Less
+    } else if better(*b, *a) {
+        Ordering::Greater
+    } else {
+        Ordering::Equal
+    }
+}
+
+/// The best `n` candidates offered so far: up to `2n` are kept, and when the
+/// buffer is full it is cut back to the best `n`, whose worst then becomes the bar
+/// a new candidate has to beat.
+struct Selection {
+    n: usize,
+    /// `2n`: the buffer is cut back when it holds this many.
+    cap: usize,
+    buf: Vec<Candidate>,
+    bar: Option<Candidate>,
+}
+
+impl Selection {
+    fn new(n: usize, items: usize) -> Self {
+        let cap = n.saturating_mul(2);
+        Selection {
+            n,
+            cap,
+            buf: Vec::with_capacity(cap.min(items + 1)),
+            bar: None,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.buf.clear();
+        self.bar = None;
+    }
+
+    #[inline(always)]
+    fn offer(&mut self, c: Candidate) {
+        if let Some(bar) = self.bar
+            && !better(c, bar)
+        {
+            return;
+        }
+        self.buf.push(c);
+        if self.buf.len() >= self.cap {
+            self.cut();
+        }
+    }
+
+    fn cut(&mut self) {
+        let n = self.n;
+        self.buf.select_nth_unstable_by(n - 1, best_first);
+        self.buf.truncate(n);
+        self.bar = Some(self.buf[n - 1]);
+    }
+
+    /// Writes the selection, best first, padded with [`NO_ITEM`] at -inf.
+    fn finish(&mut self, items: &mut [u32], scores: &mut [f32]) {
+        if self.buf.len() > self.n {
+            self.cut();
+        }
+        self.buf.sort_unstable_by(best_first);
+        items.fill(NO_ITEM);
+        scores.fill(f32::NEG_INFINITY);
+        for ((i, s), c) in items.iter_mut().zip(scores.iter_mut()).zip(&self.buf) {
+            *i = c.item;
+            *s = c.score;
+        }
+    }
+}
+
+/// Per-task buffers of [`top_n`].
+struct TopNScratch {
+    /// Scores of a tile against a block of items, `TOPN_QUERY_TILE x TOPN_ITEM_BLOCK`.
+    dots: Vec<f32>,
+    selections: Vec<Selection>,
+    /// Per query, the position reached in its exclusion list.
+    cursors: Vec<usize>,
+}
+
+/// The best `n` rows of `items` for every row of `queries` (both row-major with
+/// `d` features), skipping the columns of each query's row of `exclude`. See
+/// [`crate::Backend::top_n`].
+pub(crate) fn top_n(
+    queries: &[f32],
+    items: &[f32],
+    d: usize,
+    items_d: usize,
+    n: usize,
+    exclude: Option<&Csr>,
+) -> Result<TopN, KernelError> {
+    if items_d != d {
+        return Err(KernelError::Shape(format!(
+            "the queries have {d} features per row but the items have {items_d}"
+        )));
+    }
+    let (q_n, i_n) = (queries.len() / d, items.len() / d);
+    if i_n >= NO_ITEM as usize {
+        return Err(KernelError::Shape(format!(
+            "{i_n} items do not fit 32-bit item indices"
+        )));
+    }
+    if let Some(ex) = exclude
+        && (ex.rows != q_n || ex.cols != i_n)
+    {
+        return Err(KernelError::Shape(format!(
+            "the exclusion matrix is {} x {} but there are {q_n} queries and {i_n} items",
+            ex.rows, ex.cols
+        )));
+    }
+    let Some(slots) = q_n.checked_mul(n) else {
+        return Err(KernelError::Shape(format!(
+            "{q_n} queries x {n} results overflow"
+        )));
+    };
+    tracing::trace!(queries = q_n, items = i_n, d, n, "top-n on the cpu backend");
+    let mut out = TopN {
+        n,
+        items: vec![NO_ITEM; slots],
+        scores: vec![f32::NEG_INFINITY; slots],
+    };
+    if slots == 0 {
+        return Ok(out);
+    }
+
+    out.items
+        .par_chunks_mut(TOPN_QUERY_TILE * n)
+        .zip(out.scores.par_chunks_mut(TOPN_QUERY_TILE * n))
+        .zip(queries.par_chunks(TOPN_QUERY_TILE * d))
+        .enumerate()
+        .for_each_init(
+            || TopNScratch {
+                dots: vec![0.0; TOPN_QUERY_TILE * TOPN_ITEM_BLOCK],
+                selections: (0..TOPN_QUERY_TILE)
+                    .map(|_| Selection::new(n, i_n))
+                    .collect(),
+                cursors: vec![0; TOPN_QUERY_TILE],
+            },
+            |scratch, (t, ((out_items, out_scores), tile))| {
+                let first_query = t * TOPN_QUERY_TILE;
+                top_n_tile(tile, first_query, items, d, exclude, scratch);
+                let m = tile.len() / d;
+                for q in 0..m {
+                    scratch.selections[q].finish(
+                        &mut out_items[q * n..(q + 1) * n],
+                        &mut out_scores[q * n..(q + 1) * n],
+                    );
+                }
+            },
+        );
+    Ok(out)
+}
+
+/// Offers every item to the selections of the queries of `tile`.
+fn top_n_tile(
+    tile: &[f32],
+    first_query: usize,
+    items: &[f32],
+    d: usize,
+    exclude: Option<&Csr>,
+    scratch: &mut TopNScratch,
+) {
+    let m = tile.len() / d;
+    for s in &mut scratch.selections[..m] {
+        s.reset();
+    }
+    scratch.cursors[..m].fill(0);
+
+    for (b, block) in items.chunks(TOPN_ITEM_BLOCK * d).enumerate() {
+        let first_item = b * TOPN_ITEM_BLOCK;
+        let nb = block.len() / d;
+        let dots = &mut scratch.dots[..m * nb];
+        // SAFETY: sgemm reads A = `tile` as m x d with strides (d, 1): its last
+        // element is at (m-1)*d + d-1 < tile.len() = m*d. It reads B as the d x nb
+        // matrix whose column j is item `first_item + j` of `block`, with strides
+        // (1, d): last element at (d-1) + (nb-1)*d < block.len() = nb*d. It writes
+        // C = `dots` as m x nb with strides (nb, 1): last element at (m-1)*nb +
+        // nb-1 < dots.len() = m*nb. `dots` is borrowed mutably here, so it aliases
+        // neither input; beta = 0, so its old contents are never read.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                d,
+                nb,
+                1.0,
+                tile.as_ptr(),
+                d as isize,
+                1,
+                block.as_ptr(),
+                1,
+                d as isize,
+                0.0,
+                dots.as_mut_ptr(),
+                nb as isize,
+                1,
+            );
+        }
+        let rows = dots.chunks_exact(nb).zip(&mut scratch.selections[..m]);
+        match exclude {
+            None => {
+                for (scores, sel) in rows {
+                    for (j, &score) in scores.iter().enumerate() {
+                        sel.offer(Candidate {
+                            score,
+                            item: (first_item + j) as u32,
+                        });
+                    }
+                }
+            }
+            Some(ex) => {
+                for (q, ((scores, sel), cursor)) in rows.zip(&mut scratch.cursors[..m]).enumerate()
+                {
+                    // Strictly increasing columns, and the items come in order.
+                    let skip = ex.row(first_query + q).0;
+                    for (j, &score) in scores.iter().enumerate() {
+                        let item = (first_item + j) as u32;
+                        if skip.get(*cursor) == Some(&item) {
+                            *cursor += 1;
+                            continue;
+                        }
+                        sel.offer(Candidate { score, item });
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Backend, CpuBackend, reference};
+
+    /// Every backend the tests run on (one test body, every backend).
+    fn backends() -> Vec<Box<dyn Backend>> {
+        vec![Box::new(CpuBackend::new())]
+    }
+
+    /// splitmix64: small, deterministic, good enough for test data.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        /// Uniform in [0, 1).
+        fn uniform(&mut self) -> f32 {
+            (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        }
+        /// Uniform in [-1, 1).
+        fn unit(&mut self) -> f32 {
+            self.uniform() * 2.0 - 1.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next_u64() % n as u64) as usize
+        }
+        fn values(&mut self, len: usize, scale: f32) -> Vec<f32> {
+            (0..len).map(|_| scale * self.unit()).collect()
+        }
+        /// Small integers in [-2, 2]: their dot products are exact in f32 in any
+        /// order, so equal scores really are equal.
+        fn integers(&mut self, len: usize) -> Vec<f32> {
+            (0..len).map(|_| self.below(5) as f32 - 2.0).collect()
+        }
+        /// A `rows x cols` CSR holding each cell with probability `density`,
+        /// values from `value`.
+        fn csr(
+            &mut self,
+            rows: usize,
+            cols: usize,
+            density: f32,
+            mut value: impl FnMut(&mut Rng) -> f32,
+        ) -> Csr {
+            let mut m = Csr {
+                rows,
+                cols,
+                indptr: vec![0],
+                indices: Vec::new(),
+                values: Vec::new(),
+            };
+            for _ in 0..rows {
+                for c in 0..cols {
+                    if self.uniform() < density {
+                        m.indices.push(c as u32);
+                        let v = value(self);
+                        m.values.push(v);
+                    }
+                }
+                m.indptr.push(m.indices.len() as u64);
+            }
+            m
+        }
+        /// Confidences `1 + 20 u`, `u` uniform.
+        fn confidences(&mut self, rows: usize, cols: usize, density: f32) -> Csr {
+            self.csr(rows, cols, density, |r| 1.0 + 20.0 * r.uniform())
+        }
+    }
+
+    fn params(regularization: f32, cg_steps: u32) -> CgParams {
+        CgParams {
+            regularization,
+            cg_steps,
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// `x` after one `als_solve` on `backend`.
+    fn solve_on(
+        backend: &dyn Backend,
+        x: &[f32],
+        y: &[f32],
+        d: usize,
+        yty: &[f64],
+        conf: &Csr,
+        p: CgParams,
+    ) -> Vec<f32> {
+        let mut xr = backend.upload(x, d).unwrap();
+        let yr = backend.upload(y, d).unwrap();
+        let cr = backend.upload_sparse(conf).unwrap();
+        backend.als_solve(&mut xr, &yr, yty, &cr, p).unwrap();
+        let all: Vec<u32> = (0..xr.n() as u32).collect();
+        backend.download_rows(&xr, &all).unwrap()
+    }
+
+    fn top_n_on(
+        backend: &dyn Backend,
+        queries: &[f32],
+        items: &[f32],
+        d: usize,
+        n: usize,
+        exclude: Option<&Csr>,
+    ) -> TopN {
+        let q = backend.upload(queries, d).unwrap();
+        let i = backend.upload(items, d).unwrap();
+        let e = exclude.map(|e| backend.upload_sparse(e).unwrap());
+        backend.top_n(&q, &i, n, e.as_ref()).unwrap()
+    }
+
+    fn norm(v: impl IntoIterator<Item = f64>) -> f64 {
+        v.into_iter().map(|x| x * x).sum::<f64>().sqrt()
+    }
+
+    // -----------------------------------------------------------------------
+    // gram
+
+    #[test]
+    fn gram_matches_reference() {
+        let mut rng = Rng(101);
+        for backend in backends() {
+            for &n in &[
+                0,
+                1,
+                GRAM_BLOCK_ROWS - 1,
+                GRAM_BLOCK_ROWS,
+                GRAM_BLOCK_ROWS + 1,
+                3000,
+            ] {
+                for &d in &[1, 3, 16, 33] {
+                    // Columns with different offsets and scales, so that some
+                    // entries cancel and some do not.
+                    let a: Vec<f32> = (0..n * d)
+                        .map(|k| rng.unit() * (1 + k % d) as f32 + (k % 3) as f32 - 1.0)
+                        .collect();
+                    let got = backend.gram(&backend.upload(&a, d).unwrap()).unwrap();
+                    let want = reference::gram(&a, d);
+                    assert_eq!(got.len(), d * d);
+                    for i in 0..d {
+                        for j in 0..d {
+                            let (g, w) = (got[i * d + j], want[i * d + j]);
+                            // |AᵀA_ij| <= sqrt(AᵀA_ii AᵀA_jj): the entries' own scale.
+                            let scale = (want[i * d + i] * want[j * d + j]).sqrt().max(1e-30);
+                            assert!(
+                                (g - w).abs() <= 1e-6 * scale,
+                                "n={n} d={d} ({i}, {j}): {g} vs {w}"
+                            );
+                            assert_eq!(g.to_bits(), got[j * d + i].to_bits(), "not symmetric");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // als_solve
+
+    /// A random implicit-ALS problem: `users x d` warm start, `items x d` fixed
+    /// factors, and confidences.
+    struct Problem {
+        x: Vec<f32>,
+        y: Vec<f32>,
+        yty: Vec<f64>,
+        conf: Csr,
+    }
+
+    fn problem(rng: &mut Rng, users: usize, items: usize, d: usize, density: f32) -> Problem {
+        let y = rng.values(items * d, 0.5);
+        let yty = reference::gram(&y, d);
+        Problem {
+            x: rng.values(users * d, 0.3),
+            yty,
+            conf: rng.confidences(users, items, density),
+            y,
+        }
+    }
+
+    #[test]
+    fn als_solve_matches_reference_cg() {
+        let mut rng = Rng(102);
+        for backend in backends() {
+            for &(users, items, d) in &[(1, 5, 1), (40, 60, 3), (300, 200, 16), (50, 120, 37)] {
+                // Few steps: two f32 CGs that round differently drift apart in the
+                // middle of convergence (by ~1e-3 after a dozen steps here, before
+                // both settle on the solution), so longer runs are compared with the
+                // exact solve instead.
+                for &(lambda, steps) in &[(0.1, 3), (1.0, 1), (0.0, 3), (0.5, 5)] {
+                    let pb = problem(&mut rng, users, items, d, 0.1);
+                    let p = params(lambda, steps);
+                    let got = solve_on(&*backend, &pb.x, &pb.y, d, &pb.yty, &pb.conf, p);
+                    let mut want = pb.x.clone();
+                    reference::als_solve(&mut want, &pb.y, d, &pb.yty, &pb.conf, p);
+                    for (u, (g, w)) in got.chunks_exact(d).zip(want.chunks_exact(d)).enumerate() {
+                        let scale = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                        for (a, b) in g.iter().zip(w) {
+                            assert!(
+                                (a - b).abs() <= 1e-4 * scale,
+                                "users={users} d={d} λ={lambda} steps={steps} row {u}: {g:?} vs {w:?}"
+                            );
+                        }
+                    }
+                    // The solve moved the rows that had somewhere to go.
+                    assert_ne!(bits(&got), bits(&pb.x));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn als_solve_converges_to_the_exact_solution() {
+        let mut rng = Rng(103);
+        for backend in backends() {
+            for &d in &[1, 4, 16, 32] {
+                let pb = problem(&mut rng, 60, 150, d, 0.15);
+                let lambda = 0.5;
+                let p = params(lambda, 2 * d as u32);
+                let got = solve_on(&*backend, &pb.x, &pb.y, d, &pb.yty, &pb.conf, p);
+                for (u, g) in got.chunks_exact(d).enumerate() {
+                    let (cols, conf) = pb.conf.row(u);
+                    let exact = reference::als_exact_row(&pb.yty, lambda, &pb.y, d, cols, conf);
+                    let err = norm(g.iter().zip(&exact).map(|(&a, &b)| f64::from(a) - b));
+                    assert!(
+                        err <= 1e-3 * norm(exact.iter().copied()).max(1e-3),
+                        "d={d} row {u} ({} items): {g:?} vs {exact:?}",
+                        cols.len()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn als_solve_lowers_the_objective() {
+        let mut rng = Rng(104);
+        for backend in backends() {
+            let (users, items, d, lambda) = (40, 100, 12, 0.3);
+            let pb = problem(&mut rng, users, items, d, 0.1);
+            let objective = |x: &[f32]| -> Vec<f64> {
+                x.chunks_exact(d)
+                    .enumerate()
+                    .map(|(u, xu)| {
+                        let (cols, conf) = pb.conf.row(u);
+                        reference::als_row_objective(&pb.y, d, cols, conf, lambda, xu)
+                    })
+                    .collect()
+            };
+            let minimum: Vec<f64> = (0..users)
+                .map(|u| {
+                    let (cols, conf) = pb.conf.row(u);
+                    let exact = reference::als_exact_row(&pb.yty, lambda, &pb.y, d, cols, conf);
+                    let exact: Vec<f32> = exact.iter().map(|&v| v as f32).collect();
+                    reference::als_row_objective(&pb.y, d, cols, conf, lambda, &exact)
+                })
+                .collect();
+
+            let mut x = pb.x.clone();
+            let mut before = objective(&x);
+            for half_step in 0..4 {
+                x = solve_on(
+                    &*backend,
+                    &x,
+                    &pb.y,
+                    d,
+                    &pb.yty,
+                    &pb.conf,
+                    params(lambda, 3),
+                );
+                let after = objective(&x);
+                for u in 0..users {
+                    let (b, a, m) = (before[u], after[u], minimum[u]);
+                    if half_step == 0 {
+                        assert!(a < b, "row {u}: {b} -> {a}");
+                    } else {
+                        // Near the optimum f32 rounding may leave it where it is.
+                        assert!(
+                            a <= b + 1e-6 * b,
+                            "half-step {half_step}, row {u}: {b} -> {a}"
+                        );
+                    }
+                    assert!(a >= m - 1e-5 * m, "row {u}: {a} is below the minimum {m}");
+                }
+                before = after;
+            }
+        }
+    }
+
+    #[test]
+    fn als_row_without_interactions_goes_to_zero() {
+        let mut rng = Rng(105);
+        for backend in backends() {
+            let d = 10;
+            let y = rng.values(80 * d, 0.5);
+            let yty = reference::gram(&y, d);
+            // Row 1 has interactions, rows 0 and 2 none; row 2 starts at zero.
+            let conf = Csr {
+                rows: 3,
+                cols: 80,
+                indptr: vec![0, 0, 2, 2],
+                indices: vec![3, 50],
+                values: vec![4.0, 2.0],
+            };
+            let mut x = rng.values(3 * d, 1.0);
+            x[2 * d..].fill(0.0);
+            let got = solve_on(&*backend, &x, &y, d, &yty, &conf, params(0.2, 2 * d as u32));
+            let exact = reference::als_exact_row(&yty, 0.2, &y, d, &[], &[]);
+            assert!(exact.iter().all(|&v| v == 0.0), "{exact:?}");
+            let start = norm(x[..d].iter().map(|&v| f64::from(v)));
+            let end = norm(got[..d].iter().map(|&v| f64::from(v)));
+            assert!(end <= 1e-3 * start, "{start} -> {end}: {:?}", &got[..d]);
+            assert!(
+                got[2 * d..].iter().all(|&v| v == 0.0),
+                "{:?}",
+                &got[2 * d..]
+            );
+            assert!(norm(got[d..2 * d].iter().map(|&v| f64::from(v))) > 1e-2);
+        }
+    }
+
+    #[test]
+    fn als_rows_do_not_depend_on_other_rows() {
+        let mut rng = Rng(106);
+        for backend in backends() {
+            let (users, items, d) = (200, 90, 24);
+            let pb = problem(&mut rng, users, items, d, 0.2);
+            let p = params(0.4, 3);
+            let all = solve_on(&*backend, &pb.x, &pb.y, d, &pb.yty, &pb.conf, p);
+            for &u in &[0, 1, 63, 64, 199] {
+                let (cols, conf) = pb.conf.row(u);
+                let alone = Csr {
+                    rows: 1,
+                    cols: items,
+                    indptr: vec![0, cols.len() as u64],
+                    indices: cols.to_vec(),
+                    values: conf.to_vec(),
+                };
+                let x = &pb.x[u * d..(u + 1) * d];
+                let got = solve_on(&*backend, x, &pb.y, d, &pb.yty, &alone, p);
+                assert_eq!(bits(&got), bits(&all[u * d..(u + 1) * d]), "row {u}");
+            }
+        }
+    }
+
+    #[test]
+    fn als_solve_with_zero_steps_leaves_x_unchanged() {
+        let mut rng = Rng(107);
+        for backend in backends() {
+            let pb = problem(&mut rng, 20, 30, 5, 0.3);
+            let got = solve_on(
+                &*backend,
+                &pb.x,
+                &pb.y,
+                5,
+                &pb.yty,
+                &pb.conf,
+                params(0.1, 0),
+            );
+            assert_eq!(bits(&got), bits(&pb.x));
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // top_n
+
+    /// Checks a backend's top-N against the reference's: the same scores slot by
+    /// slot within `tol`, items that differ only on a near-tie, no excluded or
+    /// repeated items.
+    fn check_top_n(
+        queries: &[f32],
+        items: &[f32],
+        d: usize,
+        n: usize,
+        exclude: Option<&Csr>,
+        got: &TopN,
+        what: &str,
+    ) {
+        let want = reference::top_n(queries, items, d, n, exclude);
+        let tol = 1e-5 * d as f32;
+        assert_eq!(got.n, n, "{what}");
+        assert_eq!(got.items.len(), want.items.len(), "{what}");
+        assert_eq!(got.scores.len(), want.scores.len(), "{what}");
+        for q in 0..queries.len() / d {
+            let ctx = || {
+                format!(
+                    "{what}: query {q}: got {:?} {:?}, reference {:?} {:?}",
+                    &got.items[q * n..(q + 1) * n],
+                    &got.scores[q * n..(q + 1) * n],
+                    &want.items[q * n..(q + 1) * n],
+                    &want.scores[q * n..(q + 1) * n]
+                )
+            };
+            let skip: &[u32] = exclude.map_or(&[], |e| e.row(q).0);
+            let mut seen = std::collections::HashSet::new();
+            for s in q * n..(q + 1) * n {
+                let (gi, gs, wi, ws) = (got.items[s], got.scores[s], want.items[s], want.scores[s]);
+                if wi == NO_ITEM {
+                    assert_eq!((gi, gs), (NO_ITEM, f32::NEG_INFINITY), "{}", ctx());
+                    continue;
+                }
+                assert_ne!(gi, NO_ITEM, "{}", ctx());
+                assert!(seen.insert(gi), "repeated item: {}", ctx());
+                assert!(!skip.contains(&gi), "excluded item: {}", ctx());
+                assert!((gs - ws).abs() <= tol, "score differs: {}", ctx());
+                if gi != wi {
+                    let query = &queries[q * d..(q + 1) * d];
+                    let item = &items[gi as usize * d..(gi as usize + 1) * d];
+                    let ref_score: f32 = query.iter().zip(item).map(|(a, b)| a * b).sum();
+                    assert!(
+                        (ref_score - ws).abs() <= tol,
+                        "item differs without a near-tie: {}",
+                        ctx()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_n_matches_reference() {
+        let mut rng = Rng(108);
+        for backend in backends() {
+            for &(queries, items) in &[(1, 1), (150, 700), (TOPN_QUERY_TILE, TOPN_ITEM_BLOCK)] {
+                for &d in &[1, 3, 16, 40] {
+                    for &n in &[1, 5, 50] {
+                        let q = rng.values(queries * d, 1.0);
+                        let i = rng.values(items * d, 1.0);
+                        let what = format!("{queries} x {items}, d={d}, n={n}");
+                        let got = top_n_on(&*backend, &q, &i, d, n, None);
+                        check_top_n(&q, &i, d, n, None, &got, &what);
+                        let ex = rng.csr(queries, items, 0.1, |_| 1.0);
+                        let got = top_n_on(&*backend, &q, &i, d, n, Some(&ex));
+                        check_top_n(&q, &i, d, n, Some(&ex), &got, &format!("{what}, excluding"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_n_ties_go_to_the_lower_index() {
+        let mut rng = Rng(109);
+        for backend in backends() {
+            // Integer features: scores are exact, many are equal, and the result
+            // must be the reference's to the bit.
+            let (queries, items, d) = (130, 600, 8);
+            let q = rng.integers(queries * d);
+            let i = rng.integers(items * d);
+            for &n in &[1, 7, 100] {
+                let got = top_n_on(&*backend, &q, &i, d, n, None);
+                let want = reference::top_n(&q, &i, d, n, None);
+                assert_eq!(got.items, want.items, "n={n}");
+                assert_eq!(bits(&got.scores), bits(&want.scores), "n={n}");
+                for (slots, scores) in got.items.chunks(n).zip(got.scores.chunks(n)) {
+                    for s in 1..n {
+                        assert!(
+                            scores[s - 1] > scores[s]
+                                || (scores[s - 1] == scores[s] && slots[s - 1] < slots[s]),
+                            "{slots:?} {scores:?}"
+                        );
+                    }
+                }
+            }
+
+            // Copies of one item: the lowest copies come first, in index order.
+            let best = vec![1.0f32; d];
+            let mut i = rng.values(500 * d, 0.1);
+            for &j in &[480, 7, 300, 256, 255] {
+                i[j * d..(j + 1) * d].copy_from_slice(&best);
+            }
+            let got = top_n_on(&*backend, &best, &i, d, 4, None);
+            assert_eq!(got.items, vec![7, 255, 256, 300]);
+            assert!(
+                got.scores.iter().all(|&s| s == d as f32),
+                "{:?}",
+                got.scores
+            );
+
+            // A zero query scores every item 0: items 0, 1, 2, ...
+            let got = top_n_on(&*backend, &vec![0.0; d], &i, d, 6, None);
+            assert_eq!(got.items, vec![0, 1, 2, 3, 4, 5]);
+        }
+    }
+
+    #[test]
+    fn top_n_honours_exclusions() {
+        let mut rng = Rng(110);
+        for backend in backends() {
+            let (queries, items, d, n) = (70, 300, 6, 10);
+            let q = rng.integers(queries * d);
+            let i = rng.integers(items * d);
+            let plain = reference::top_n(&q, &i, d, n, None);
+            // Exclude each query's three best; the last query excludes everything.
+            let mut ex = Csr {
+                rows: queries,
+                cols: items,
+                indptr: vec![0],
+                indices: Vec::new(),
+                values: Vec::new(),
+            };
+            for r in 0..queries {
+                if r == queries - 1 {
+                    ex.indices.extend(0..items as u32);
+                } else {
+                    let mut best = plain.items[r * n..r * n + 3].to_vec();
+                    best.sort_unstable();
+                    ex.indices.extend(best);
+                }
+                ex.indptr.push(ex.indices.len() as u64);
+            }
+            ex.values = vec![1.0; ex.indices.len()];
+
+            let got = top_n_on(&*backend, &q, &i, d, n, Some(&ex));
+            let want = reference::top_n(&q, &i, d, n, Some(&ex));
+            assert_eq!(got.items, want.items);
+            assert_eq!(bits(&got.scores), bits(&want.scores));
+            for r in 0..queries - 1 {
+                // What is left is the unexcluded list, moved up three places.
+                assert_eq!(
+                    &got.items[r * n..r * n + n - 3],
+                    &plain.items[r * n + 3..r * n + n]
+                );
+            }
+            let last = &got.items[(queries - 1) * n..];
+            assert!(last.iter().all(|&j| j == NO_ITEM), "{last:?}");
+        }
+    }
+
+    #[test]
+    fn top_n_fills_empty_slots_when_n_exceeds_the_items() {
+        let mut rng = Rng(111);
+        for backend in backends() {
+            let d = 4;
+            let q = rng.values(3 * d, 1.0);
+            let i = rng.values(5 * d, 1.0);
+            let got = top_n_on(&*backend, &q, &i, d, 8, None);
+            check_top_n(&q, &i, d, 8, None, &got, "n > items");
+            for r in 0..3 {
+                let mut filled = got.items[r * 8..r * 8 + 5].to_vec();
+                filled.sort_unstable();
+                assert_eq!(filled, vec![0, 1, 2, 3, 4]);
+                assert!(
+                    got.items[r * 8 + 5..r * 8 + 8]
+                        .iter()
+                        .all(|&j| j == NO_ITEM)
+                );
+                assert!(
+                    got.scores[r * 8 + 5..r * 8 + 8]
+                        .iter()
+                        .all(|&s| s == f32::NEG_INFINITY)
+                );
+            }
+            // With two items excluded from query 1, three are left there.
+            let ex = Csr {
+                rows: 3,
+                cols: 5,
+                indptr: vec![0, 0, 2, 2],
+                indices: vec![1, 4],
+                values: vec![1.0, 1.0],
+            };
+            let got = top_n_on(&*backend, &q, &i, d, 8, Some(&ex));
+            check_top_n(&q, &i, d, 8, Some(&ex), &got, "n > items, excluding");
+            assert_eq!(
+                got.items[8..16].iter().filter(|&&j| j != NO_ITEM).count(),
+                3
+            );
+
+            // No items at all, and n = 0.
+            let none = top_n_on(&*backend, &q, &[], d, 2, None);
+            assert_eq!(none.items, vec![NO_ITEM; 6]);
+            assert_eq!(none.scores, vec![f32::NEG_INFINITY; 6]);
+            let zero = top_n_on(&*backend, &q, &i, d, 0, None);
+            assert_eq!((zero.n, zero.items.len(), zero.scores.len()), (0, 0, 0));
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Uploads, writes and errors
+
+    #[test]
+    fn sparse_upload_rejects_non_finite_values_naming_row_and_column() {
+        let mut rng = Rng(112);
+        for backend in backends() {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut m = rng.confidences(6, 20, 0.4);
+                // The first stored value of row 2 (row 2 has some at this density).
+                let pos = m.indptr[2] as usize;
+                assert!(pos < m.indptr[3] as usize);
+                let col = m.indices[pos] as usize;
+                m.values[pos] = bad;
+                // A later bad value must not hide the first one.
+                let last = m.values.len() - 1;
+                m.values[last] = f32::NAN;
+                match backend.upload_sparse(&m) {
+                    Err(KernelError::NonFinitePoint { row, col: c, value }) => {
+                        assert_eq!((row, c), (2, col));
+                        assert_eq!(value.to_bits(), bad.to_bits());
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_upload_rejects_malformed_structure() {
+        for backend in backends() {
+            let good = Csr {
+                rows: 3,
+                cols: 4,
+                indptr: vec![0, 2, 2, 3],
+                indices: vec![0, 3, 1],
+                values: vec![1.0, 2.0, 3.0],
+            };
+            let r = backend.upload_sparse(&good).unwrap();
+            assert_eq!((r.n(), r.d()), (3, 4));
+
+            let broken = [
+                Csr {
+                    indptr: vec![0, 2, 3],
+                    ..good.clone()
+                },
+                Csr {
+                    indptr: vec![0, 5, 2, 3],
+                    ..good.clone()
+                },
+                Csr {
+                    indptr: vec![1, 2, 2, 3],
+                    ..good.clone()
+                },
+                Csr {
+                    indices: vec![3, 0, 1],
+                    ..good.clone()
+                },
+                Csr {
+                    indices: vec![0, 0, 1],
+                    ..good.clone()
+                },
+                Csr {
+                    indices: vec![0, 4, 1],
+                    ..good.clone()
+                },
+                Csr {
+                    values: vec![1.0, 2.0],
+                    ..good.clone()
+                },
+            ];
+            for m in &broken {
+                assert!(
+                    matches!(backend.upload_sparse(m), Err(KernelError::Shape(_))),
+                    "{m:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn write_rows_overwrites_rows_and_validates() {
+        let mut rng = Rng(113);
+        for backend in backends() {
+            let d = 3;
+            let start = rng.values(6 * d, 1.0);
+            let mut r = backend.upload(&start, d).unwrap();
+            let new = rng.values(3 * d, 1.0);
+            backend.write_rows(&mut r, &[4, 1, 4], &new).unwrap();
+            let all: Vec<u32> = (0..6).collect();
+            let got = backend.download_rows(&r, &all).unwrap();
+            let mut want = start.clone();
+            want[d..2 * d].copy_from_slice(&new[d..2 * d]);
+            // Row 4 is written twice: the last values win.
+            want[4 * d..5 * d].copy_from_slice(&new[2 * d..3 * d]);
+            assert_eq!(got, want);
+
+            // Errors leave the rows as they were.
+            assert!(matches!(
+                backend.write_rows(&mut r, &[0, 6], &new[..2 * d]),
+                Err(KernelError::Shape(_))
+            ));
+            assert!(matches!(
+                backend.write_rows(&mut r, &[0, 1], &new[..2 * d - 1]),
+                Err(KernelError::Shape(_))
+            ));
+            let mut bad = new.clone();
+            bad[d + 2] = f32::NAN;
+            match backend.write_rows(&mut r, &[0, 5, 2], &bad) {
+                Err(KernelError::NonFinitePoint { row: 5, col: 2, .. }) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+            assert_eq!(backend.download_rows(&r, &all).unwrap(), want);
+
+            // A sparse resident is not a dense target.
+            let mut sparse = backend.upload_sparse(&rng.confidences(6, 3, 0.5)).unwrap();
+            assert!(matches!(
+                backend.write_rows(&mut sparse, &[0], &new[..d]),
+                Err(KernelError::Shape(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn als_solve_rejects_bad_shapes_and_values() {
+        let mut rng = Rng(114);
+        for backend in backends() {
+            let (users, items, d) = (5, 7, 3);
+            let pb = problem(&mut rng, users, items, d, 0.5);
+            let mut x = backend.upload(&pb.x, d).unwrap();
+            let y = backend.upload(&pb.y, d).unwrap();
+            let conf = backend.upload_sparse(&pb.conf).unwrap();
+            let p = params(0.1, 3);
+            let shape = |r: Result<(), KernelError>| matches!(r, Err(KernelError::Shape(_)));
+
+            let y_wide = backend
+                .upload(&rng.values(items * (d + 1), 1.0), d + 1)
+                .unwrap();
+            assert!(shape(backend.als_solve(&mut x, &y_wide, &pb.yty, &conf, p)));
+            let y_short = backend.upload(&pb.y[..(items - 1) * d], d).unwrap();
+            assert!(shape(
+                backend.als_solve(&mut x, &y_short, &pb.yty, &conf, p)
+            ));
+            let mut x_short = backend.upload(&pb.x[..(users - 1) * d], d).unwrap();
+            assert!(shape(backend.als_solve(
+                &mut x_short,
+                &y,
+                &pb.yty,
+                &conf,
+                p
+            )));
+            assert!(shape(backend.als_solve(
+                &mut x,
+                &y,
+                &pb.yty[..d * d - 1],
+                &conf,
+                p
+            )));
+            let mut yty_nan = pb.yty.clone();
+            yty_nan[4] = f64::NAN;
+            assert!(shape(backend.als_solve(&mut x, &y, &yty_nan, &conf, p)));
+            assert!(shape(backend.als_solve(
+                &mut x,
+                &y,
+                &pb.yty,
+                &conf,
+                params(-1.0, 3)
+            )));
+            assert!(shape(backend.als_solve(
+                &mut x,
+                &y,
+                &pb.yty,
+                &conf,
+                params(f32::NAN, 3)
+            )));
+            // Dense where sparse is expected, and the other way round.
+            assert!(shape(backend.als_solve(&mut x, &y, &pb.yty, &y, p)));
+            assert!(shape(backend.als_solve(&mut x, &conf, &pb.yty, &conf, p)));
+
+            // A confidence below 1, named by row and item.
+            let mut low = pb.conf.clone();
+            let pos = low.indptr[3] as usize;
+            assert!(pos < low.indptr[4] as usize);
+            low.values[pos] = 0.5;
+            let low_r = backend.upload_sparse(&low).unwrap();
+            let err = backend
+                .als_solve(&mut x, &y, &pb.yty, &low_r, p)
+                .unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("row 3, item {}", low.indices[pos])),
+                "{message}"
+            );
+
+            // None of the failures touched x.
+            let all: Vec<u32> = (0..users as u32).collect();
+            assert_eq!(backend.download_rows(&x, &all).unwrap(), pb.x);
+        }
+    }
+
+    #[test]
+    fn top_n_and_gram_reject_bad_shapes() {
+        let mut rng = Rng(115);
+        for backend in backends() {
+            let q = backend.upload(&rng.values(4 * 3, 1.0), 3).unwrap();
+            let i = backend.upload(&rng.values(9 * 3, 1.0), 3).unwrap();
+            let i_wide = backend.upload(&rng.values(9 * 4, 1.0), 4).unwrap();
+            assert!(matches!(
+                backend.top_n(&q, &i_wide, 2, None),
+                Err(KernelError::Shape(_))
+            ));
+            for (rows, cols) in [(3, 9), (4, 8), (4, 10)] {
+                let ex = backend
+                    .upload_sparse(&rng.confidences(rows, cols, 0.3))
+                    .unwrap();
+                assert!(
+                    matches!(
+                        backend.top_n(&q, &i, 2, Some(&ex)),
+                        Err(KernelError::Shape(_))
+                    ),
+                    "{rows} x {cols}"
+                );
+            }
+            // Dense where the exclusions should be sparse, sparse where items should be.
+            assert!(matches!(
+                backend.top_n(&q, &i, 2, Some(&q)),
+                Err(KernelError::Shape(_))
+            ));
+            let ex = backend.upload_sparse(&rng.confidences(4, 9, 0.3)).unwrap();
+            assert!(matches!(
+                backend.top_n(&q, &ex, 2, None),
+                Err(KernelError::Shape(_))
+            ));
+            assert!(matches!(backend.gram(&ex), Err(KernelError::Shape(_))));
+            assert!(backend.top_n(&q, &i, 2, Some(&ex)).is_ok());
+        }
+    }
+
+    #[test]
+    fn residents_of_another_backend_are_rejected() {
+        let cpu = CpuBackend::new();
+        let foreign = Resident::new(2, 2, "cuda:0", Box::new(()));
+        let mine = cpu.upload(&[1.0; 4], 2).unwrap();
+        assert!(matches!(
+            cpu.gram(&foreign),
+            Err(KernelError::ForeignPoints("cuda:0"))
+        ));
+        assert!(matches!(
+            cpu.top_n(&mine, &foreign, 1, None),
+            Err(KernelError::ForeignPoints("cuda:0"))
+        ));
+        let mut foreign_mut = Resident::new(2, 2, "cuda:0", Box::new(()));
+        assert!(matches!(
+            cpu.write_rows(&mut foreign_mut, &[0], &[1.0, 1.0]),
+            Err(KernelError::ForeignPoints("cuda:0"))
+        ));
+    }
+
+    // -----------------------------------------------------------------------
+    // Threads
+
+    #[test]
+    fn results_do_not_depend_on_thread_count() {
+        let mut rng = Rng(116);
+        let cpu = CpuBackend::new();
+        let d = 16;
+        // Magnitudes from 2^-20 to 2^20 make the f64 sums round, so the order of
+        // additions shows.
+        let n = 3 * GRAM_BLOCK_ROWS + 77;
+        let a: Vec<f32> = (0..n * d)
+            .map(|_| rng.unit() * 2f32.powi(rng.below(41) as i32 - 20))
+            .collect();
+        let a = cpu.upload(&a, d).unwrap();
+        let pb = problem(&mut rng, 500, 300, d, 0.05);
+        let (x, y) = (cpu.upload(&pb.x, d).unwrap(), cpu.upload(&pb.y, d).unwrap());
+        let conf = cpu.upload_sparse(&pb.conf).unwrap();
+        let ex = cpu.upload_sparse(&rng.confidences(500, 300, 0.05)).unwrap();
+        let all: Vec<u32> = (0..500).collect();
+
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let g = cpu.gram(&a).unwrap();
+                let mut xs = cpu
+                    .upload(&cpu.download_rows(&x, &all).unwrap(), d)
+                    .unwrap();
+                cpu.als_solve(&mut xs, &y, &pb.yty, &conf, params(0.1, 3))
+                    .unwrap();
+                let t = cpu.top_n(&xs, &y, 20, Some(&ex)).unwrap();
+                (g, cpu.download_rows(&xs, &all).unwrap(), t)
+            })
+        };
+        let (g1, x1, t1) = run(1);
+        for threads in [2, 3] {
+            let (g, x, t) = run(threads);
+            let g_bits = |g: &[f64]| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(g_bits(&g1), g_bits(&g), "gram, {threads} threads");
+            assert_eq!(bits(&x1), bits(&x), "als_solve, {threads} threads");
+            assert_eq!(t1.items, t.items, "top_n, {threads} threads");
+            assert_eq!(
+                bits(&t1.scores),
+                bits(&t.scores),
+                "top_n, {threads} threads"
+            );
+        }
+    }
+}
