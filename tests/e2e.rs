@@ -313,6 +313,15 @@ async fn bad_input_fails_with_clear_errors() {
     let err = failing(&planted_spec(&log, &file, 3), &cluster).await;
     assert!(err.contains("is a file"), "{err}");
 
+    // a job that needs CUDA on CPU workers (the test cluster's workers run the CPU backend)
+    let mut spec = planted_spec(&log, &dir.path().join("o6"), 3);
+    spec.cluster.device = shoal_proto::spec::Device::Cuda;
+    let err = failing(&spec, &cluster).await;
+    assert!(
+        err.contains("cluster.device = \"cuda\"") && err.contains("runs on cpu"),
+        "{err}"
+    );
+
     // no input at all
     let err = failing(
         &planted_spec(&dir.path().join("missing/*.csv"), &dir.path().join("o5"), 3),

@@ -35,7 +35,7 @@ pub enum CoordinatorError {
         "no worker registered within {seconds} s; start workers with `shoal worker --coordinator URL`"
     )]
     NoWorkers { seconds: u64 },
-    #[error("worker {worker} ({address}) failed in {step}: {status}")]
+    #[error("worker {worker} ({address}) failed in {step}: {}", status.message())]
     Worker {
         worker: String,
         address: String,

@@ -246,6 +246,43 @@ pub struct ClusterSpec {
     /// Where routed rows are staged (path or URL). Default: `<output.path>/_staging`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging: Option<String>,
+    /// Compute device of the workers: auto (CUDA when a driver and a device exist,
+    /// else CPU) | cpu | cuda (fails where there is no CUDA device).
+    #[serde(default)]
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl Device {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            other => Err(format!(
+                "unknown device `{other}`: expected auto, cpu or cuda"
+            )),
+        }
+    }
 }
 
 fn default_shards() -> u32 {
@@ -261,6 +298,7 @@ impl Default for ClusterSpec {
             shards: default_shards(),
             workers: default_workers(),
             staging: None,
+            device: Device::Auto,
         }
     }
 }
@@ -505,6 +543,7 @@ seed = 42
 [cluster]
 shards = 8
 workers = 2
+device = "auto"
 "#;
 
 #[cfg(test)]
@@ -637,6 +676,7 @@ path = "out"
                 "cluster.staging",
             ),
             (with("[cluster]", "[cluster]\nnodes = 3"), "nodes"),
+            (with("device = \"auto\"", "device = \"tpu\""), "cuda"),
             (
                 with("[input.clean]", "[input.clean]\nmax_price = 3"),
                 "max_price",

@@ -68,6 +68,10 @@ pub enum WorkerError {
     UnknownShard { job: String, shard: u32 },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error(
+        "the job asks for cluster.device = \"{wanted}\" but this worker runs on {have}; start workers with --device {wanted} on machines that have it, or set cluster.device = \"auto\""
+    )]
+    DeviceUnavailable { wanted: &'static str, have: String },
     #[error("the job was cancelled")]
     Cancelled,
     #[error("cannot listen on {addr}: {source}")]
@@ -107,8 +111,10 @@ impl WorkerError {
             | WorkerError::Gzip { .. }
             | WorkerError::Parquet { .. }
             | WorkerError::Arrow { .. }
-            | WorkerError::Kernel(_)
             | WorkerError::InvalidRequest(_) => Code::InvalidArgument,
+            WorkerError::Kernel(e) if e.is_input_error() => Code::InvalidArgument,
+            WorkerError::Kernel(_) => Code::Internal,
+            WorkerError::DeviceUnavailable { .. } => Code::FailedPrecondition,
             WorkerError::Store(StoreError::Io { .. }) => Code::Unavailable,
             WorkerError::Store(_) => Code::InvalidArgument,
             WorkerError::UnknownJob { .. } | WorkerError::UnknownShard { .. } => {
@@ -125,5 +131,45 @@ impl WorkerError {
 impl From<WorkerError> for tonic::Status {
     fn from(e: WorkerError) -> Self {
         tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn codes_and_retries_follow_the_table() {
+        let nan = WorkerError::Kernel(KernelError::NonFinitePoint {
+            row: 3,
+            col: 1,
+            value: f32::NAN,
+        });
+        assert_eq!(nan.code(), Code::InvalidArgument);
+        assert!(!nan.is_retryable());
+        let driver = WorkerError::Kernel(KernelError::Driver {
+            op: "launching assign".into(),
+            message: "oops".into(),
+        });
+        assert_eq!(driver.code(), Code::Internal);
+        let lost = WorkerError::UnknownJob {
+            job: "job-1".into(),
+        };
+        assert_eq!(lost.code(), Code::FailedPrecondition);
+        assert!(lost.is_retryable());
+        let status: tonic::Status = WorkerError::BadRow {
+            file: "file:///x.csv".into(),
+            row: 7,
+            reason: "bad_price",
+            detail: "`abc`".into(),
+        }
+        .into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().contains("file:///x.csv, row 7"),
+            "{}",
+            status.message()
+        );
     }
 }

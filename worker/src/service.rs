@@ -8,10 +8,11 @@ use arrow::array::{ArrayRef, Float32Array, Float64Array, StringArray, UInt32Arra
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use futures::StreamExt;
-use shoal_kernels::{Backend, NO_SECOND, Nearest, Resident};
+use shoal_kernels::{Backend, CpuBackend, NO_SECOND, Nearest, Resident};
 use shoal_proto::pb::worker_service_server::WorkerService;
 use shoal_proto::pb::{self, PointRef};
 use shoal_proto::sketch::Sketch;
+use shoal_proto::spec::Device;
 use shoal_proto::{JobSpec, hash, store};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,8 @@ impl Shard {
 
 struct JobState {
     shards: BTreeMap<u32, Shard>,
+    /// The backend this job runs on (its spec's `cluster.device`).
+    backend: Arc<dyn Backend>,
 }
 
 type JobHandle = Arc<tokio::sync::Mutex<JobState>>;
@@ -84,10 +87,27 @@ impl WorkerServiceImpl {
         F: FnOnce(&mut JobState, &dyn Backend) -> Result<T, WorkerError> + Send + 'static,
     {
         let mut guard = self.lock(job).await?;
-        let backend = self.backend.clone();
+        let backend = guard.backend.clone();
         tokio::task::spawn_blocking(move || f(&mut guard, backend.as_ref()))
             .await
             .map_err(|e| WorkerError::InvalidRequest(format!("step panicked: {e}")))?
+    }
+
+    /// The backend for a job that asks for `device`: the worker's own for `auto`
+    /// and for the device it runs; the CPU for `cpu`; an error for `cuda` on a
+    /// worker without CUDA.
+    fn backend_for(&self, device: Device) -> Result<Arc<dyn Backend>, WorkerError> {
+        let own = self.backend.name();
+        match device {
+            Device::Auto => Ok(self.backend.clone()),
+            Device::Cpu if own == "cpu" => Ok(self.backend.clone()),
+            Device::Cpu => Ok(Arc::new(CpuBackend::new())),
+            Device::Cuda if own.starts_with("cuda") => Ok(self.backend.clone()),
+            Device::Cuda => Err(WorkerError::DeviceUnavailable {
+                wanted: device.as_str(),
+                have: own.to_string(),
+            }),
+        }
     }
 
     /// Number of jobs this worker holds state for.
@@ -167,9 +187,15 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::LoadShardsRequest>,
     ) -> Result<Response<pb::LoadShardsResponse>, Status> {
         let req = req.into_inner();
-        let (job, _spec, staging) = parse_context(req.job.as_ref())?;
+        let (job, spec, staging) = parse_context(req.job.as_ref())?;
         let span = info_span!("load", job = %job, attempt = req.attempt, phase = "load");
         async move {
+            let backend = self.backend_for(spec.cluster.device)?;
+            info!(
+                device = spec.cluster.device.as_str(),
+                backend = backend.name(),
+                "job backend"
+            );
             let mut loaded = BTreeMap::new();
             let mut stats = Vec::new();
             for &shard in &req.shards {
@@ -201,7 +227,10 @@ impl WorkerService for WorkerServiceImpl {
             let users: u64 = stats.iter().map(|s| s.users).sum();
             info!(shards = req.shards.len(), users, "loaded");
             // A reload replaces what the worker held for the job.
-            let handle = Arc::new(tokio::sync::Mutex::new(JobState { shards: loaded }));
+            let handle = Arc::new(tokio::sync::Mutex::new(JobState {
+                shards: loaded,
+                backend,
+            }));
             self.jobs
                 .lock()
                 .expect("job map lock")
