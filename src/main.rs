@@ -1,13 +1,15 @@
 //! `shoal`: the one command-line tool. It parses arguments, sets up tracing and
 //! calls into the crates; everything else lives in them.
 
+mod bench;
 mod client;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use shoal_coordinator::{CoordinatorConfig, StateConfig, spawn_coordinator};
-use shoal_kernels::{Backend, CpuBackend};
+use shoal_kernels::Backend;
+use shoal_kernels::device::DeviceChoice;
 use shoal_proto::JobSpec;
-use shoal_proto::spec::DEMO_SPEC;
+use shoal_proto::spec::{DEMO_SPEC, Device};
 use shoal_worker::{WorkerConfig, spawn_worker};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -49,6 +51,9 @@ enum Command {
         /// Output folder (default: out/online-retail).
         #[arg(long, env = "SHOAL_OUTPUT")]
         output: Option<String>,
+        /// Compute device: auto (CUDA when present, else CPU) | cpu | cuda.
+        #[arg(long, env = "SHOAL_DEVICE", default_value = "auto")]
+        device: Device,
     },
     /// Run a job spec with a coordinator and workers in this process (loopback gRPC).
     Run {
@@ -58,6 +63,9 @@ enum Command {
         /// Workers to start (default: the spec's cluster.workers).
         #[arg(long, env = "SHOAL_WORKERS")]
         workers: Option<u32>,
+        /// Compute device, overriding the spec's cluster.device: auto | cpu | cuda.
+        #[arg(long, env = "SHOAL_DEVICE")]
+        device: Option<Device>,
     },
     /// Run a standing coordinator that operators submit jobs to and workers register with.
     Coordinator {
@@ -83,7 +91,12 @@ enum Command {
         /// URL the coordinator reaches this worker at (default: http://<listen address>).
         #[arg(long, env = "SHOAL_ADVERTISE")]
         advertise: Option<String>,
+        /// Compute device: auto (CUDA when present, else CPU) | cpu | cuda.
+        #[arg(long, env = "SHOAL_DEVICE", default_value = "auto")]
+        device: Device,
     },
+    /// List the compute backends of this machine: CUDA devices, or why there are none.
+    Devices,
     /// Submit a job spec to a standing coordinator.
     Submit {
         #[arg(env = "SHOAL_SPEC")]
@@ -94,6 +107,8 @@ enum Command {
         #[arg(long, env = "SHOAL_WAIT")]
         wait: bool,
     },
+    /// Benchmark a compute backend on synthetic data (prints JSON lines).
+    Bench(bench::BenchArgs),
     /// Show a job's status.
     Status {
         job: String,
@@ -144,7 +159,24 @@ fn cwd() -> Result<PathBuf, BoxError> {
 
 async fn run(command: Command) -> Result<ExitCode, BoxError> {
     match command {
-        Command::Demo { workers, output } => {
+        Command::Devices => {
+            println!(
+                "cpu: {} threads",
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            );
+            match shoal_kernels::device::cuda_devices() {
+                Ok(devices) => devices.iter().for_each(|d| println!("{d}")),
+                Err(e) => println!("cuda: unavailable: {e}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            workers,
+            output,
+            device,
+        } => {
             // The bundled data lives in the repository; run from anywhere.
             let base = if Path::new("data/online-retail").is_dir() {
                 cwd()?
@@ -157,10 +189,18 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 spec.output.path = out;
                 spec.resolve_paths(&cwd()?);
             }
+            spec.cluster.device = device;
             run_in_process(spec, workers).await
         }
-        Command::Run { spec, workers } => {
-            let spec = JobSpec::from_file(&spec, &cwd()?)?;
+        Command::Run {
+            spec,
+            workers,
+            device,
+        } => {
+            let mut spec = JobSpec::from_file(&spec, &cwd()?)?;
+            if let Some(device) = device {
+                spec.cluster.device = device;
+            }
             let workers = workers.unwrap_or(spec.cluster.workers);
             run_in_process(spec, workers).await
         }
@@ -190,6 +230,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             coordinator,
             listen,
             advertise,
+            device,
         } => {
             let shutdown = CancellationToken::new();
             let config = WorkerConfig {
@@ -198,7 +239,9 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 advertise,
                 ..WorkerConfig::default()
             };
-            let handle = spawn_worker(config, backend(), shutdown.clone()).await?;
+            let (backend, why) = backend(device)?;
+            eprintln!("{why}");
+            let handle = spawn_worker(config, backend, shutdown.clone()).await?;
             eprintln!("shoal worker listening on {}", handle.addr);
             stop_on_signal(shutdown);
             handle.wait().await?;
@@ -219,6 +262,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             let status = client.watch(&job).await?;
             client::finish(&status).await
         }
+        Command::Bench(args) => bench::run(args),
         Command::Status { job, coordinator } => {
             let mut client = client::Client::connect(&coordinator).await?;
             let status = client.status(&job).await?;
@@ -228,8 +272,14 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
     }
 }
 
-fn backend() -> Arc<dyn Backend> {
-    Arc::new(CpuBackend::new())
+/// The worker's backend for `device`, and a sentence saying what was picked and why.
+fn backend(device: Device) -> Result<(Arc<dyn Backend>, String), BoxError> {
+    let choice = match device {
+        Device::Auto => DeviceChoice::Auto,
+        Device::Cpu => DeviceChoice::Cpu,
+        Device::Cuda => DeviceChoice::Cuda,
+    };
+    Ok(shoal_kernels::device::select(choice)?)
 }
 
 fn stop_on_signal(shutdown: CancellationToken) {
@@ -263,13 +313,16 @@ async fn run_in_process(spec: JobSpec, workers: u32) -> Result<ExitCode, BoxErro
     let shutdown = CancellationToken::new();
     let coordinator = spawn_coordinator(CoordinatorConfig::default(), shutdown.clone()).await?;
     let url = coordinator.url();
+    // One backend shared by the in-process workers (one device, one set of kernels).
+    let (backend, why) = backend(spec.cluster.device)?;
+    eprintln!("{why}");
     let mut handles = Vec::new();
     for _ in 0..workers.max(1) {
         let config = WorkerConfig {
             coordinator: url.clone(),
             ..WorkerConfig::default()
         };
-        handles.push(spawn_worker(config, backend(), shutdown.clone()).await?);
+        handles.push(spawn_worker(config, backend.clone(), shutdown.clone()).await?);
     }
     stop_on_signal(shutdown.clone());
     let mut client = client::Client::connect(&url).await?;

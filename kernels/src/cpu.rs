@@ -18,7 +18,8 @@
 
 use rayon::prelude::*;
 
-use crate::{Backend, KernelError, NO_SECOND, Nearest, PartialSums, Resident};
+use crate::cpu_als::{self, storage, storage_mut};
+use crate::{Backend, CgParams, Csr, KernelError, NO_SECOND, Nearest, PartialSums, Resident, TopN};
 
 const NAME: &str = "cpu";
 
@@ -217,6 +218,69 @@ impl Backend for CpuBackend {
         }
         Ok(total)
     }
+
+    fn upload_sparse(&self, m: &Csr) -> Result<Resident, KernelError> {
+        cpu_als::validate_csr(m)?;
+        tracing::trace!(
+            rows = m.rows,
+            cols = m.cols,
+            nnz = m.values.len(),
+            "uploading a sparse matrix to the cpu backend"
+        );
+        Ok(Resident::new(m.rows, m.cols, NAME, Box::new(m.clone())))
+    }
+
+    fn write_rows(
+        &self,
+        target: &mut Resident,
+        rows: &[u32],
+        values: &[f32],
+    ) -> Result<(), KernelError> {
+        let host = storage_mut::<HostPoints>(target, NAME, "the target of write_rows", "dense")?;
+        cpu_als::write_rows(&mut host.values, host.d, rows, values)
+    }
+
+    fn gram(&self, a: &Resident) -> Result<Vec<f64>, KernelError> {
+        let host = storage::<HostPoints>(a, NAME, "the matrix of gram", "dense")?;
+        tracing::trace!(n = host.n(), d = host.d, "gram matrix on the cpu backend");
+        Ok(cpu_als::gram(&host.values, host.d))
+    }
+
+    fn als_solve(
+        &self,
+        x: &mut Resident,
+        y: &Resident,
+        yty: &[f64],
+        confidence: &Resident,
+        params: CgParams,
+    ) -> Result<(), KernelError> {
+        let y = storage::<HostPoints>(y, NAME, "the fixed factors (y)", "dense")?;
+        let confidence = storage::<Csr>(confidence, NAME, "the confidences", "sparse")?;
+        let x = storage_mut::<HostPoints>(x, NAME, "the factors being solved (x)", "dense")?;
+        cpu_als::als_solve(&mut x.values, &y.values, x.d, y.d, yty, confidence, params)
+    }
+
+    fn top_n(
+        &self,
+        queries: &Resident,
+        items: &Resident,
+        n: usize,
+        exclude: Option<&Resident>,
+    ) -> Result<TopN, KernelError> {
+        let queries = storage::<HostPoints>(queries, NAME, "the queries of top_n", "dense")?;
+        let items = storage::<HostPoints>(items, NAME, "the items of top_n", "dense")?;
+        let exclude = exclude
+            .map(|e| storage::<Csr>(e, NAME, "the exclusions of top_n", "sparse"))
+            .transpose()?;
+        cpu_als::top_n(
+            &queries.values,
+            &items.values,
+            queries.d,
+            items.d,
+            n,
+            exclude,
+        )
+    }
 }
 
 /// Sums and counts of one chunk, sequentially.
@@ -283,7 +347,7 @@ fn seq_sq_dist(x: &[f32], c: &[f32]) -> f32 {
 
 /// Squared distance with [`LANES`] independent accumulators (vectorises), summed
 /// in a fixed tree.
-#[inline]
+#[inline(always)]
 fn lane_sq_dist(x: &[f32], c: &[f32]) -> f32 {
     let (xc, xr) = x.as_chunks::<LANES>();
     let (cc, cr) = c.as_chunks::<LANES>();
@@ -302,7 +366,7 @@ fn lane_sq_dist(x: &[f32], c: &[f32]) -> f32 {
 }
 
 /// Squared norm, with the same accumulators as [`lane_sq_dist`].
-#[inline]
+#[inline(always)]
 fn lane_sq_norm(x: &[f32]) -> f32 {
     let (xc, xr) = x.as_chunks::<LANES>();
     let mut acc = [0.0f32; LANES];
@@ -416,6 +480,22 @@ impl GemmScratch {
 }
 
 fn assign_gemm(points: &[f32], d: usize, centroids: &[f32], k: usize, out: &mut [Nearest]) {
+    #[cfg(target_arch = "x86_64")]
+    if fused::available() {
+        fused::assign(points, d, centroids, k, out);
+        return;
+    }
+    assign_gemm_portable(points, d, centroids, k, out);
+}
+
+/// The GEMM path on any CPU: `matrixmultiply` on tiles, then a scan of the dots.
+fn assign_gemm_portable(
+    points: &[f32],
+    d: usize,
+    centroids: &[f32],
+    k: usize,
+    out: &mut [Nearest],
+) {
     let shifted = ShiftedCentroids::new(centroids, d, k);
     out.par_chunks_mut(TILE_ROWS)
         .zip(points.par_chunks(TILE_ROWS * d))
@@ -507,20 +587,522 @@ fn gemm_tile(
 
 /// Replaces the expanded-form distances of the best and second best by direct
 /// ones, and restores their order.
-#[inline]
+#[inline(always)]
 fn refine(s: &mut Nearest, x: &[f32], centroids: &[f32], d: usize) {
-    let exact = |j: u32| {
-        let j = j as usize;
-        lane_sq_dist(x, &centroids[j * d..(j + 1) * d])
-    };
+    // (No closure here: it would not inherit `inline(always)` and the AVX code of
+    // the fused path.)
     if s.best != NO_SECOND {
-        s.best_dist = exact(s.best);
+        let j = s.best as usize;
+        s.best_dist = lane_sq_dist(x, &centroids[j * d..(j + 1) * d]);
     }
     if s.second != NO_SECOND {
-        s.second_dist = exact(s.second);
+        let j = s.second as usize;
+        s.second_dist = lane_sq_dist(x, &centroids[j * d..(j + 1) * d]);
         if s.second_dist < s.best_dist || (s.second_dist == s.best_dist && s.second < s.best) {
             std::mem::swap(&mut s.best, &mut s.second);
             std::mem::swap(&mut s.best_dist, &mut s.second_dist);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Larger d on x86-64 with AVX2 + FMA: a fused distance + top-2 kernel.
+
+/// The fused assignment kernel for x86-64 CPUs with AVX2 and FMA (chosen at run
+/// time; other CPUs take [`gemm_tile`]).
+///
+/// Centroids are shifted as in [`ShiftedCentroids`], multiplied by −2 and packed
+/// in panels of [`fused::NR`] centroids (feature-major inside a panel), so that a
+/// panel row is two AVX registers. Points go through in micro-tiles of
+/// [`fused::MR`] rows, shifted into a small buffer just before use (the next
+/// micro-tile is prefetched meanwhile). For every panel the kernel accumulates the
+/// `MR x NR` products `−2 x·c` in registers, one FMA per feature in feature order,
+/// turns them into `(‖x‖² − 2x·c) + ‖c‖²` (clamped at 0) and updates, lane by lane,
+/// a running best and second best kept in registers: the `n x k` distances are
+/// never stored. The lanes are then merged in (distance, index) order, which gives
+/// what offering the centroids one by one in index order gives, and [`refine`]
+/// (here [`fused::refine_avx`], the same arithmetic) and [`finish`] complete the
+/// result as on the other path.
+///
+/// A point's dot products are the same chain of FMAs whatever the other rows of
+/// its micro-tile (padding rows are zeros), so its result depends on nothing but
+/// the point and the centroids.
+///
+/// The expanded form cannot overflow when every squared norm is below
+/// [`fused::NORM_LIMIT`] (Cauchy–Schwarz bounds every partial dot product by the
+/// norms): a point above it, or every point when a centroid is above it, gets all
+/// its distances directly instead.
+#[cfg(target_arch = "x86_64")]
+mod fused {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::{EMPTY, ShiftedCentroids, finish, lane_sq_dist, offer, refine};
+    use crate::{NO_SECOND, Nearest};
+
+    /// Rows of a micro-tile.
+    pub(super) const MR: usize = 6;
+    /// Centroids of a panel (two AVX registers of f32).
+    pub(super) const NR: usize = 16;
+    /// Points per parallel work item (a multiple of `MR`).
+    const TILE: usize = 44 * MR;
+    /// Bytes of packed centroids visited per pass over a tile: with the tile
+    /// itself they stay in the L2 cache. Fewer centroids take one pass, and their
+    /// running results never leave the registers.
+    const BLOCK_BYTES: usize = 192 << 10;
+    /// Squared norms below this keep the expanded form finite: every partial sum
+    /// of products stays below `2 * NORM_LIMIT`, the distance below `4 * NORM_LIMIT`.
+    pub(super) const NORM_LIMIT: f32 = 1e37;
+
+    /// True when this CPU can run the kernel.
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// Centroids packed for the kernel.
+    struct Packed {
+        /// Panels: `panels x d x NR`, values `−2 (c − shift)`, zero padding.
+        values: Vec<f32>,
+        /// `panels x NR` squared norms of `c − shift`; +inf for padding, so a
+        /// padding column never wins.
+        norms: Vec<f32>,
+        panels: usize,
+    }
+
+    impl Packed {
+        fn new(shifted: &ShiftedCentroids, d: usize, k: usize) -> Packed {
+            let panels = k.div_ceil(NR);
+            let mut values = vec![0.0f32; panels * d * NR];
+            let mut norms = vec![f32::INFINITY; panels * NR];
+            for (j, c) in shifted.values.chunks_exact(d).enumerate() {
+                let (p, lane) = (j / NR, j % NR);
+                for (f, &v) in c.iter().enumerate() {
+                    values[(p * d + f) * NR + lane] = -2.0 * v;
+                }
+                norms[j] = shifted.norms[j];
+            }
+            Packed {
+                values,
+                norms,
+                panels,
+            }
+        }
+    }
+
+    /// Running best and second best of one point between passes over centroid
+    /// blocks, per lane: lane `l` has seen centroids `l`, `l + 8`, `l + 16`, … in
+    /// that order. Indices are stored as the bits of the f32 lanes.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(32))]
+    struct Lanes([[f32; 8]; 4]);
+
+    /// Per-task buffers.
+    struct Scratch {
+        /// One micro-tile minus the shift, `MR x d`, zero rows as padding.
+        xs: Vec<f32>,
+        /// Running results of the tile's micro-tiles between centroid blocks.
+        carry: Vec<[Lanes; MR]>,
+        /// Squared norms of the tile's shifted points.
+        norms: Vec<f32>,
+    }
+
+    pub(super) fn assign(points: &[f32], d: usize, centroids: &[f32], k: usize, out: &mut [Nearest]) {
+        let shifted = ShiftedCentroids::new(centroids, d, k);
+        let packed = Packed::new(&shifted, d, k);
+        // A centroid too far out for the expanded form: every distance directly.
+        let direct_only = shifted.norms.iter().any(|&v| !(v < NORM_LIMIT));
+        let panels_per_block = (BLOCK_BYTES / (d * NR * 4)).max(1);
+        out.par_chunks_mut(TILE)
+            .zip(points.par_chunks(TILE * d))
+            .for_each_init(
+                || Scratch {
+                    xs: vec![0.0; MR * d],
+                    carry: vec![[Lanes([[0.0; 8]; 4]); MR]; TILE / MR],
+                    norms: vec![0.0; TILE],
+                },
+                |scratch, (out, tile)| {
+                    if direct_only {
+                        for (o, x) in out.iter_mut().zip(tile.chunks_exact(d)) {
+                            *o = nearest_direct(x, centroids, d, k);
+                        }
+                    } else {
+                        // SAFETY: this path is only taken where `available()` holds
+                        // (see `assign_gemm`), so the CPU runs AVX2 and FMA.
+                        unsafe {
+                            fused_tile(tile, d, centroids, &shifted, &packed, panels_per_block, k, out, scratch)
+                        }
+                    }
+                },
+            );
+    }
+
+    /// Nearest and second nearest by direct distances (far-out points).
+    fn nearest_direct(x: &[f32], centroids: &[f32], d: usize, k: usize) -> Nearest {
+        let mut s = EMPTY;
+        for (j, c) in centroids.chunks_exact(d).enumerate() {
+            offer(&mut s, j as u32, lane_sq_dist(x, c));
+        }
+        refine(&mut s, x, centroids, d);
+        finish(s, k)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn fused_tile(
+        tile: &[f32],
+        d: usize,
+        centroids: &[f32],
+        shifted: &ShiftedCentroids,
+        packed: &Packed,
+        panels_per_block: usize,
+        k: usize,
+        out: &mut [Nearest],
+        scratch: &mut Scratch,
+    ) {
+        let m = out.len();
+        debug_assert_eq!(tile.len(), m * d);
+        let norms = &mut scratch.norms[..m];
+        let row = |i: usize| &tile[i * d..(i + 1) * d];
+
+        let mut first_panel = 0;
+        while first_panel < packed.panels {
+            let last_panel = (first_panel + panels_per_block).min(packed.panels);
+            let (first, last) = (first_panel == 0, last_panel == packed.panels);
+            for r0 in (0..m).step_by(MR) {
+                let rows = (m - r0).min(MR);
+                // The next micro-tile's rows, from memory while this one computes.
+                let ahead = &tile[((r0 + MR) * d).min(tile.len())..((r0 + 2 * MR) * d).min(tile.len())];
+                for line in ahead.chunks(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+                }
+                // The micro-tile's rows minus the shift (zero rows as padding),
+                // and on the first pass their squared norms.
+                let xs = &mut scratch.xs;
+                for r in 0..MR {
+                    let dst = &mut xs[r * d..(r + 1) * d];
+                    if r < rows {
+                        for ((t, &v), &s) in dst.iter_mut().zip(row(r0 + r)).zip(&shifted.shift) {
+                            *t = v - s;
+                        }
+                        if first {
+                            norms[r0 + r] = sq_norm(dst);
+                        }
+                    } else {
+                        dst.fill(0.0);
+                    }
+                }
+                let mut x_norms = [0.0f32; MR];
+                x_norms[..rows].copy_from_slice(&norms[r0..r0 + rows]);
+                let near = if x_norms[..rows].iter().any(|&v| v < NORM_LIMIT) {
+                    let carry = &mut scratch.carry[r0 / MR];
+                    micro_tile(xs, d, packed, first_panel..last_panel, &x_norms, carry, first, last)
+                } else {
+                    [EMPTY; MR]
+                };
+                if last {
+                    for r in 0..rows {
+                        let (x, i) = (row(r0 + r), r0 + r);
+                        out[i] = if x_norms[r] < NORM_LIMIT {
+                            let mut s = near[r];
+                            refine_avx(&mut s, x, centroids, d);
+                            finish(s, k)
+                        } else {
+                            nearest_direct(x, centroids, d, k)
+                        };
+                    }
+                }
+            }
+            first_panel = last_panel;
+        }
+    }
+
+    /// Updates the running best / second best of 8 lanes with distances `dist` of
+    /// centroids `idx` (index bits in f32 lanes). Strict comparisons: on a tie the
+    /// centroid seen first, the lower index, stays.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn update(st: &mut [__m256; 4], dist: __m256, idx: __m256) {
+        let [best, best_idx, second, second_idx] = *st;
+        let lt_best = _mm256_cmp_ps::<_CMP_LT_OQ>(dist, best);
+        let lt_second = _mm256_cmp_ps::<_CMP_LT_OQ>(dist, second);
+        let s = _mm256_blendv_ps(second, dist, lt_second);
+        let si = _mm256_blendv_ps(second_idx, idx, lt_second);
+        *st = [
+            _mm256_blendv_ps(best, dist, lt_best),
+            _mm256_blendv_ps(best_idx, idx, lt_best),
+            _mm256_blendv_ps(s, best, lt_best),
+            _mm256_blendv_ps(si, best_idx, lt_best),
+        ];
+    }
+
+    /// Horizontal minimum of 8 f32, in every lane.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hmin_ps(v: __m256) -> __m256 {
+        let t = _mm256_min_ps(v, _mm256_permute2f128_ps::<1>(v, v));
+        let t = _mm256_min_ps(t, _mm256_permute_ps::<0b0100_1110>(t));
+        _mm256_min_ps(t, _mm256_permute_ps::<0b1011_0001>(t))
+    }
+
+    /// Horizontal unsigned minimum of 8 u32, in every lane.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hmin_epu32(v: __m256i) -> __m256i {
+        let t = _mm256_min_epu32(v, _mm256_permute2x128_si256::<1>(v, v));
+        let t = _mm256_min_epu32(t, _mm256_shuffle_epi32::<0b0100_1110>(t));
+        _mm256_min_epu32(t, _mm256_shuffle_epi32::<0b1011_0001>(t))
+    }
+
+    /// The smallest (distance, index) pair over the lanes of `(dist, idx)`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn lane_min(dist: __m256, idx: __m256i) -> (__m256, __m256i) {
+        let m = hmin_ps(dist);
+        let at_min = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_EQ_OQ>(dist, m));
+        let none = _mm256_set1_epi32(NO_SECOND as i32);
+        (m, hmin_epu32(_mm256_blendv_epi8(none, idx, at_min)))
+    }
+
+    /// The two smallest (distance, index) pairs over all lanes: the same as
+    /// offering every centroid in index order with strict comparisons. Lanes hold
+    /// only finite distances or (+inf, `NO_SECOND`).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn merge(st: &[__m256; 4]) -> Nearest {
+        let [b, bi, s, si] = *st;
+        let (bi, si) = (_mm256_castps_si256(bi), _mm256_castps_si256(si));
+        let (best, best_idx) = lane_min(b, bi);
+        // The second best is another lane's best or the best lane's second.
+        let best_lane = _mm256_cmpeq_epi32(bi, best_idx);
+        let c = _mm256_blendv_ps(b, s, _mm256_castsi256_ps(best_lane));
+        let ci = _mm256_blendv_epi8(bi, si, best_lane);
+        let (second, second_idx) = lane_min(c, ci);
+        Nearest {
+            best: _mm256_cvtsi256_si32(best_idx) as u32,
+            best_dist: _mm256_cvtss_f32(best),
+            second: _mm256_cvtsi256_si32(second_idx) as u32,
+            second_dist: _mm256_cvtss_f32(second),
+        }
+    }
+
+    /// One micro-tile (`xs`: `MR x d` shifted rows with squared norms `x_norms`)
+    /// against the centroid panels `panels`. The running results start empty on
+    /// the `first` block, else from `carry`; after the `last` block they are
+    /// merged and returned, else saved to `carry`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn micro_tile(
+        xs: &[f32],
+        d: usize,
+        packed: &Packed,
+        panels: std::ops::Range<usize>,
+        x_norms: &[f32; MR],
+        carry: &mut [Lanes; MR],
+        first: bool,
+        last: bool,
+    ) -> [Nearest; MR] {
+        assert!(xs.len() >= MR * d && packed.values.len() >= panels.end * d * NR);
+        assert!(packed.norms.len() >= panels.end * NR);
+        let zero = _mm256_setzero_ps();
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        let none = _mm256_castsi256_ps(_mm256_set1_epi32(NO_SECOND as i32));
+        let mut st = [[inf, none, inf, none]; MR];
+        if !first {
+            for (s, c) in st.iter_mut().zip(carry.iter()) {
+                // SAFETY: `Lanes` is 32-byte aligned and made of four arrays of 8
+                // f32, so each aligned load reads one of them.
+                unsafe {
+                    *s = [
+                        _mm256_load_ps(c.0[0].as_ptr()),
+                        _mm256_load_ps(c.0[1].as_ptr()),
+                        _mm256_load_ps(c.0[2].as_ptr()),
+                        _mm256_load_ps(c.0[3].as_ptr()),
+                    ];
+                }
+            }
+        }
+        let xp = xs.as_ptr();
+        let lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for p in panels {
+            let mut acc = [[zero; 2]; MR];
+            // SAFETY: panel `p < panels.end` spans `values[p*d*NR .. (p+1)*d*NR]`,
+            // within the length asserted above, and every load below reads 8
+            // floats at `bp + f*NR` or `bp + f*NR + 8` with `f < d`. `xp + r*d + f`
+            // with `r < MR`, `f < d` is within `xs` (asserted `MR * d` long).
+            unsafe {
+                let bp = packed.values.as_ptr().add(p * d * NR);
+                for f in 0..d {
+                    let b0 = _mm256_loadu_ps(bp.add(f * NR));
+                    let b1 = _mm256_loadu_ps(bp.add(f * NR + 8));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let a = _mm256_broadcast_ss(&*xp.add(r * d + f));
+                        acc[0] = _mm256_fmadd_ps(a, b0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(a, b1, acc[1]);
+                    }
+                }
+            }
+            // SAFETY: `p * NR + 16 <= panels.end * NR <= norms.len()` (asserted).
+            let (cn0, cn1) = unsafe {
+                let np = packed.norms.as_ptr().add(p * NR);
+                (_mm256_loadu_ps(np), _mm256_loadu_ps(np.add(8)))
+            };
+            let idx0 = _mm256_add_epi32(_mm256_set1_epi32((p * NR) as i32), lane_ids);
+            let idx1 = _mm256_add_epi32(idx0, _mm256_set1_epi32(8));
+            let (idx0, idx1) = (_mm256_castsi256_ps(idx0), _mm256_castsi256_ps(idx1));
+            for ((st, acc), &xn) in st.iter_mut().zip(&acc).zip(x_norms) {
+                let xn = _mm256_set1_ps(xn);
+                // (‖x‖² − 2x·c) + ‖c‖², clamped at 0 (max returns its second
+                // operand on NaN, so a NaN would stay NaN and never win).
+                let d0 = _mm256_max_ps(zero, _mm256_add_ps(_mm256_add_ps(xn, acc[0]), cn0));
+                let d1 = _mm256_max_ps(zero, _mm256_add_ps(_mm256_add_ps(xn, acc[1]), cn1));
+                update(st, d0, idx0);
+                update(st, d1, idx1);
+            }
+        }
+        if !last {
+            for (s, c) in st.iter().zip(carry.iter_mut()) {
+                // SAFETY: as for the loads above.
+                unsafe {
+                    for (v, lane) in s.iter().zip(c.0.iter_mut()) {
+                        _mm256_store_ps(lane.as_mut_ptr(), *v);
+                    }
+                }
+            }
+            return [EMPTY; MR];
+        }
+        let mut near = [EMPTY; MR];
+        for (n, s) in near.iter_mut().zip(&st) {
+            *n = merge(s);
+        }
+        near
+    }
+
+    /// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`: the final tree of
+    /// [`lane_sq_dist`] and [`super::lane_sq_norm`], in registers.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn tree_sum(v: __m256) -> f32 {
+        let h = _mm256_add_ps(v, _mm256_permute2f128_ps::<1>(v, v));
+        let q = _mm256_add_ps(h, _mm256_permute_ps::<0b0100_1110>(h));
+        _mm256_cvtss_f32(_mm256_add_ps(q, _mm256_permute_ps::<0b1011_0001>(q)))
+    }
+
+    /// The lanes `l < len % 8`, those of the last, partial chunk of 8.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn tail_mask(len: usize) -> __m256i {
+        let rem = (len % 8) as i32;
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// The last `x.len() % 8` values of `x` in the low lanes, zeros above.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn load_tail(x: &[f32], mask: __m256i) -> __m256 {
+        let start = x.len() / 8 * 8;
+        // SAFETY: the mask selects lanes `l < x.len() % 8`, i.e. elements
+        // `start + l < x.len()`; masked-out lanes are not read.
+        unsafe { _mm256_maskload_ps(x.as_ptr().add(start), mask) }
+    }
+
+    /// [`lane_sq_dist`] bit for bit (the same eight accumulators, multiply then
+    /// add, the same tree; adding the zeros of the masked tail changes nothing)
+    /// of `x` to `c1` and to `c2`, as two independent chains.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn sq_dist2(x: &[f32], c1: &[f32], c2: &[f32]) -> (f32, f32) {
+        let (xc, _) = x.as_chunks::<8>();
+        let (c1c, _) = c1.as_chunks::<8>();
+        let (c2c, _) = c2.as_chunks::<8>();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut acc2 = _mm256_setzero_ps();
+        for ((a, b1), b2) in xc.iter().zip(c1c).zip(c2c) {
+            // SAFETY: `a`, `b1`, `b2` are arrays of 8 f32: each load reads one.
+            let (xa, t1, t2) = unsafe {
+                let xa = _mm256_loadu_ps(a.as_ptr());
+                (xa, _mm256_loadu_ps(b1.as_ptr()), _mm256_loadu_ps(b2.as_ptr()))
+            };
+            let (t1, t2) = (_mm256_sub_ps(xa, t1), _mm256_sub_ps(xa, t2));
+            acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(t1, t1));
+            acc2 = _mm256_add_ps(acc2, _mm256_mul_ps(t2, t2));
+        }
+        if x.len() % 8 != 0 {
+            let mask = tail_mask(x.len());
+            let xa = load_tail(x, mask);
+            let t1 = _mm256_sub_ps(xa, load_tail(c1, mask));
+            let t2 = _mm256_sub_ps(xa, load_tail(c2, mask));
+            acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(t1, t1));
+            acc2 = _mm256_add_ps(acc2, _mm256_mul_ps(t2, t2));
+        }
+        (tree_sum(acc1), tree_sum(acc2))
+    }
+
+    /// [`super::lane_sq_norm`] bit for bit, in registers.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn sq_norm(x: &[f32]) -> f32 {
+        let (xc, _) = x.as_chunks::<8>();
+        let mut acc = _mm256_setzero_ps();
+        for a in xc {
+            // SAFETY: `a` is an array of 8 f32.
+            let t = unsafe { _mm256_loadu_ps(a.as_ptr()) };
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(t, t));
+        }
+        if x.len() % 8 != 0 {
+            let t = load_tail(x, tail_mask(x.len()));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(t, t));
+        }
+        tree_sum(acc)
+    }
+
+    /// [`refine`] bit for bit, with both distances in one pass.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn refine_avx(s: &mut Nearest, x: &[f32], centroids: &[f32], d: usize) {
+        let row = |j: u32| &centroids[j as usize * d..(j as usize + 1) * d];
+        if s.second == NO_SECOND {
+            if s.best != NO_SECOND {
+                s.best_dist = sq_dist2(x, row(s.best), row(s.best)).0;
+            }
+            return;
+        }
+        (s.best_dist, s.second_dist) = sq_dist2(x, row(s.best), row(s.second));
+        if s.second_dist < s.best_dist || (s.second_dist == s.best_dist && s.second < s.best) {
+            std::mem::swap(&mut s.best, &mut s.second);
+            std::mem::swap(&mut s.best_dist, &mut s.second_dist);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::super::{lane_sq_dist, lane_sq_norm};
+        use super::*;
+
+        #[test]
+        fn register_helpers_match_the_portable_ones_bit_for_bit() {
+            if !available() {
+                return;
+            }
+            let mut z = 0x2545_F491_4F6C_DD1Du64;
+            let mut value = || {
+                z ^= z << 13;
+                z ^= z >> 7;
+                z ^= z << 17;
+                ((z >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2f32.powi((z % 16) as i32 - 8)
+            };
+            for d in 1..=40 {
+                let x: Vec<f32> = (0..d).map(|_| value()).collect();
+                let c1: Vec<f32> = (0..d).map(|_| value()).collect();
+                let c2: Vec<f32> = (0..d).map(|_| value()).collect();
+                // SAFETY: `available()` holds.
+                let (a, b, n) = unsafe { (sq_dist2(&x, &c1, &c2), sq_dist2(&x, &c2, &c1), sq_norm(&x)) };
+                assert_eq!(a.0.to_bits(), lane_sq_dist(&x, &c1).to_bits(), "d={d}");
+                assert_eq!(a.1.to_bits(), lane_sq_dist(&x, &c2).to_bits(), "d={d}");
+                assert_eq!((b.1.to_bits(), b.0.to_bits()), (a.0.to_bits(), a.1.to_bits()), "d={d}");
+                assert_eq!(n.to_bits(), lane_sq_norm(&x).to_bits(), "d={d}");
+            }
         }
     }
 }

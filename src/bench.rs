@@ -1,0 +1,131 @@
+//! `shoal bench`: synthetic benchmarks of the compute backends. The logic lives in
+//! `shoal_kernels::bench`; this is argument parsing and output.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Subcommand, ValueEnum};
+use shoal_kernels::bench::{Blobs, in_thread_pool, lloyd, write_npy_f32};
+use shoal_kernels::{Backend, CpuBackend};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Lloyd iterations on seeded Gaussian blobs; prints one JSON line.
+    Kmeans(KmeansArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args, Debug)]
+struct KmeansArgs {
+    /// Points.
+    #[arg(long, env = "SHOAL_BENCH_N")]
+    n: usize,
+    /// Features per point.
+    #[arg(long, env = "SHOAL_BENCH_D")]
+    d: usize,
+    /// Clusters (and true blobs).
+    #[arg(long, env = "SHOAL_BENCH_K")]
+    k: usize,
+    /// Lloyd iterations to time.
+    #[arg(long, env = "SHOAL_BENCH_ITERS", default_value_t = 10)]
+    iters: usize,
+    /// Seed of the data and of the initial centroids.
+    #[arg(long, env = "SHOAL_BENCH_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Backend to run on.
+    #[arg(long, env = "SHOAL_BENCH_DEVICE", value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Threads of the CPU work (default: one per core).
+    #[arg(long, env = "SHOAL_BENCH_THREADS")]
+    threads: Option<usize>,
+    /// Write the points (n x d float32, .npy) here.
+    #[arg(long, env = "SHOAL_BENCH_WRITE_NPY")]
+    write_npy: Option<PathBuf>,
+    /// Write the initial centroids (k x d float32, .npy) here.
+    #[arg(long, env = "SHOAL_BENCH_WRITE_INIT_NPY")]
+    write_init_npy: Option<PathBuf>,
+    /// Write the final centroids (k x d float32, .npy) here.
+    #[arg(long, env = "SHOAL_BENCH_WRITE_CENTROIDS_NPY")]
+    write_centroids_npy: Option<PathBuf>,
+}
+
+pub fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
+    match args.what {
+        BenchCommand::Kmeans(a) => kmeans(a),
+    }
+}
+
+fn kmeans(a: KmeansArgs) -> Result<ExitCode, BoxError> {
+    if a.iters == 0 {
+        return Err("--iters must be at least 1".into());
+    }
+    let threads = match a.threads {
+        Some(0) => return Err("--threads must be at least 1".into()),
+        Some(t) => t,
+        None => std::thread::available_parallelism().map_or(1, |p| p.get()),
+    };
+    let (backend, device) = backend(a.device)?;
+
+    in_thread_pool(threads, || -> Result<ExitCode, BoxError> {
+        tracing::info!(n = a.n, d = a.d, k = a.k, seed = a.seed, "generating blobs");
+        let blobs = Blobs::generate(a.n, a.d, a.k, a.seed)?;
+        write(&a.write_npy, &blobs.points, a.n, a.d)?;
+        write(&a.write_init_npy, &blobs.init, a.k, a.d)?;
+        let resident = backend.upload(&blobs.points, a.d)?;
+        drop(blobs.points);
+        tracing::info!(iters = a.iters, device, threads, "running Lloyd iterations");
+        let r = lloyd(backend.as_ref(), &resident, &blobs.init, a.k, a.iters)?;
+        write(&a.write_centroids_npy, &r.centroids, a.k, a.d)?;
+        let line = serde_json::json!({
+            "n": a.n,
+            "d": a.d,
+            "k": a.k,
+            "iters": a.iters,
+            "seed": a.seed,
+            "device": device,
+            "threads": threads,
+            "secs_per_iter": r.secs_per_iter(),
+            "inertia": r.inertia,
+            "gflops": r.gflops(),
+            "assign_secs_per_iter": r.assign_secs_per_iter(),
+            "assign_gflops": r.assign_gflops(),
+            "iter_secs": r.iter_secs,
+            "iter_inertia": r.iter_inertia,
+            "empty_clusters": r.empty_clusters,
+        });
+        println!("{line}");
+        Ok(ExitCode::SUCCESS)
+    })
+    .map_err(|e| format!("cannot start {threads} threads: {e}"))?
+}
+
+fn backend(device: Device) -> Result<(Arc<dyn Backend>, String), BoxError> {
+    match device {
+        Device::Cpu => Ok((Arc::new(CpuBackend::new()), "cpu".to_owned())),
+        Device::Cuda => Err(
+            "`--device cuda`: this build of shoal has no CUDA backend yet; use --device cpu".into(),
+        ),
+    }
+}
+
+fn write(path: &Option<PathBuf>, values: &[f32], rows: usize, cols: usize) -> Result<(), BoxError> {
+    if let Some(path) = path {
+        write_npy_f32(path, values, rows, cols)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
