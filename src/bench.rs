@@ -3,11 +3,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use shoal_kernels::bench::{Blobs, in_thread_pool, lloyd, write_npy_f32};
-use shoal_kernels::{Backend, CpuBackend};
+use shoal_kernels::device::{DeviceChoice, select};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -21,12 +20,6 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Lloyd iterations on seeded Gaussian blobs; prints one JSON line.
     Kmeans(KmeansArgs),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Device {
-    Cpu,
-    Cuda,
 }
 
 #[derive(Args, Debug)]
@@ -46,9 +39,9 @@ struct KmeansArgs {
     /// Seed of the data and of the initial centroids.
     #[arg(long, env = "SHOAL_BENCH_SEED", default_value_t = 0)]
     seed: u64,
-    /// Backend to run on.
-    #[arg(long, env = "SHOAL_BENCH_DEVICE", value_enum, default_value_t = Device::Cpu)]
-    device: Device,
+    /// Backend to run on: auto, cpu or cuda.
+    #[arg(long, env = "SHOAL_BENCH_DEVICE", default_value_t = DeviceChoice::Cpu)]
+    device: DeviceChoice,
     /// Threads of the CPU work (default: one per core).
     #[arg(long, env = "SHOAL_BENCH_THREADS")]
     threads: Option<usize>,
@@ -78,7 +71,8 @@ fn kmeans(a: KmeansArgs) -> Result<ExitCode, BoxError> {
         Some(t) => t,
         None => std::thread::available_parallelism().map_or(1, |p| p.get()),
     };
-    let (backend, device) = backend(a.device)?;
+    let (backend, _why) = select(a.device)?;
+    let device = backend.name();
 
     in_thread_pool(threads, || -> Result<ExitCode, BoxError> {
         tracing::info!(n = a.n, d = a.d, k = a.k, seed = a.seed, "generating blobs");
@@ -111,15 +105,6 @@ fn kmeans(a: KmeansArgs) -> Result<ExitCode, BoxError> {
         Ok(ExitCode::SUCCESS)
     })
     .map_err(|e| format!("cannot start {threads} threads: {e}"))?
-}
-
-fn backend(device: Device) -> Result<(Arc<dyn Backend>, String), BoxError> {
-    match device {
-        Device::Cpu => Ok((Arc::new(CpuBackend::new()), "cpu".to_owned())),
-        Device::Cuda => Err(
-            "`--device cuda`: this build of shoal has no CUDA backend yet; use --device cpu".into(),
-        ),
-    }
 }
 
 fn write(path: &Option<PathBuf>, values: &[f32], rows: usize, cols: usize) -> Result<(), BoxError> {

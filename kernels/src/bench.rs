@@ -17,6 +17,8 @@
 //!   point's squared distance to its nearest centroid of `C_I`;
 //! - the nominal FLOPs of one assignment are `2·n·k·d` (one multiply-add per
 //!   feature of each point–centroid pair), whatever the backend actually does.
+//!   Every `assign` call is a full pass (the CPU backend keeps nothing from one
+//!   call to the next), so its GFLOP/s is the rate of the distance pass.
 
 use std::io::Write;
 use std::path::Path;
@@ -509,6 +511,21 @@ mod tests {
         assert_eq!(bits(&one.centroids), bits(&two.centroids));
         assert_eq!(one.inertia.to_bits(), two.inertia.to_bits());
         assert_eq!(one.iter_inertia, two.iter_inertia);
+    }
+
+    #[test]
+    fn the_reported_inertia_is_that_of_a_fresh_assignment() {
+        let b = Blobs::generate(5000, 64, 16, 8).unwrap();
+        let r = run(&b, 6);
+        let cpu = CpuBackend::new();
+        let fresh = cpu.upload(&b.points, b.d).unwrap();
+        let mut near = vec![Nearest::default(); b.n];
+        cpu.assign(&fresh, &r.centroids, b.k, &mut near).unwrap();
+        let mut labels = vec![0; b.n];
+        assert_eq!(
+            labels_and_inertia(&near, &mut labels).to_bits(),
+            r.inertia.to_bits()
+        );
     }
 
     #[test]

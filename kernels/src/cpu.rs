@@ -1,20 +1,27 @@
 //! The CPU backend: points stay in host memory, work is spread over rayon.
 //!
-//! `assign` works on fixed tiles of [`TILE_ROWS`] points. Up to [`DIRECT_MAX_D`]
-//! features it computes every distance directly (one loop specialised per `d`);
-//! above, it computes a tile against a block of [`CENTROID_BLOCK`] centroids as one
-//! `sgemm` using `‖x‖² − 2x·c + ‖c‖²`, then keeps the running best and second best.
-//! Before the GEMM, points and centroids are shifted by the mean of the centroids,
-//! so the norms stay of the order of the distances and the cancellation error stays
-//! small even for features far from 0 (a year, a price). The distances reported for
-//! the best and second best are then recomputed directly from the original values.
+//! `assign` works on fixed tiles of points. Up to [`DIRECT_MAX_D`] features it
+//! computes every distance directly (one loop specialised per `d`). Above, it uses
+//! `‖x‖² − 2x·c + ‖c‖²`: on x86-64 CPUs with AVX2 and FMA (detected at run time)
+//! a fused kernel (module `fused`) accumulates the dot products of 6 points with
+//! 16 centroids in registers and keeps each point's best and second best there,
+//! never storing the distances; elsewhere a tile of [`TILE_ROWS`] points goes
+//! against a block of [`CENTROID_BLOCK`] centroids as one `matrixmultiply` sgemm,
+//! then a scan keeps the running best and second best. Before the products, points
+//! and centroids are shifted by the mean of the centroids, so the norms stay of the
+//! order of the distances and the cancellation error stays small even for features
+//! far from 0 (a year, a price). The distances reported for the best and second
+//! best are then recomputed directly from the original values.
 //!
-//! Every step works on one point at a time (the GEMM computes each dot product with
-//! the same sequence of operations whatever the number of rows in the tile), so
-//! a point's result never depends on the tile it landed in or on the threads.
+//! Every step works on one point at a time (each dot product is the same sequence
+//! of operations whatever the other rows of its tile), so a point's result never
+//! depends on the tile it landed in or on the threads. (Two CPUs of different
+//! kinds may differ in the last bit of the expanded form, hence in the choice
+//! between two nearly equidistant centroids: `matrixmultiply` itself picks its
+//! kernel by CPU.)
 //!
 //! `partial_sums` accumulates fixed chunks of [`SUM_CHUNK_ROWS`] points in parallel
-//! and merges the chunk partials sequentially in chunk order.
+//! and merges the chunk partials sequentially, from the last chunk to the first.
 
 use rayon::prelude::*;
 
@@ -179,7 +186,11 @@ impl Backend for CpuBackend {
                 labels.len()
             )));
         }
-        if let Some(row) = labels.par_iter().position_first(|&l| l as usize >= k) {
+        // A plain scan per chunk (vectorised) first; the position only on error.
+        let bad = |l: &u32| *l as usize >= k;
+        if labels.par_chunks(1 << 16).any(|c| c.iter().any(bad))
+            && let Some(row) = labels.iter().position(bad)
+        {
             return Err(KernelError::Shape(format!(
                 "point {row} has label {} but there are only k = {k} centroids",
                 labels[row]
@@ -190,17 +201,21 @@ impl Backend for CpuBackend {
         let chunks = n.div_ceil(SUM_CHUNK_ROWS);
         let partial_bytes = (k * d + k) * 8;
         // How many chunk partials are computed before being merged: only bounds the
-        // memory, the merge order is the chunk order whatever this is.
+        // memory, the merge order is the (reversed) chunk order whatever this is.
         let batch = (rayon::current_num_threads() * 4)
             .min(PARTIALS_BUDGET_BYTES / partial_bytes.max(1))
             .max(1);
 
+        // From the last chunk to the first, and merged in that order: right after
+        // `assign`, which streams the points from the first to the last, the last
+        // ones are still in the cache.
         let mut total = PartialSums::zeros(k, d);
-        let mut first = 0;
-        while first < chunks {
-            let last = (first + batch).min(chunks);
+        let mut last = chunks;
+        while last > 0 {
+            let first = last.saturating_sub(batch);
             let partials: Vec<PartialSums> = (first..last)
                 .into_par_iter()
+                .rev()
                 .map(|c| {
                     let rows = c * SUM_CHUNK_ROWS..((c + 1) * SUM_CHUNK_ROWS).min(n);
                     chunk_sums(
@@ -214,7 +229,7 @@ impl Backend for CpuBackend {
             for p in &partials {
                 total.merge(p);
             }
-            first = last;
+            last = first;
         }
         Ok(total)
     }
@@ -285,6 +300,24 @@ impl Backend for CpuBackend {
 
 /// Sums and counts of one chunk, sequentially.
 fn chunk_sums(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU runs AVX2 (checked just above).
+        return unsafe { chunk_sums_avx2(points, d, labels, k) };
+    }
+    chunk_sums_body(points, d, labels, k)
+}
+
+/// [`chunk_sums_body`] compiled for AVX2: the same additions in the same order,
+/// four f64 at a time instead of two.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn chunk_sums_avx2(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
+    chunk_sums_body(points, d, labels, k)
+}
+
+#[inline(always)]
+fn chunk_sums_body(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
     let mut p = PartialSums::zeros(k, d);
     for (x, &label) in points.chunks_exact(d).zip(labels) {
         let label = label as usize;
@@ -707,11 +740,17 @@ mod fused {
         norms: Vec<f32>,
     }
 
-    pub(super) fn assign(points: &[f32], d: usize, centroids: &[f32], k: usize, out: &mut [Nearest]) {
+    pub(super) fn assign(
+        points: &[f32],
+        d: usize,
+        centroids: &[f32],
+        k: usize,
+        out: &mut [Nearest],
+    ) {
         let shifted = ShiftedCentroids::new(centroids, d, k);
         let packed = Packed::new(&shifted, d, k);
         // A centroid too far out for the expanded form: every distance directly.
-        let direct_only = shifted.norms.iter().any(|&v| !(v < NORM_LIMIT));
+        let direct_only = shifted.norms.iter().any(|&v| v.is_nan() || v >= NORM_LIMIT);
         let panels_per_block = (BLOCK_BYTES / (d * NR * 4)).max(1);
         out.par_chunks_mut(TILE)
             .zip(points.par_chunks(TILE * d))
@@ -730,7 +769,17 @@ mod fused {
                         // SAFETY: this path is only taken where `available()` holds
                         // (see `assign_gemm`), so the CPU runs AVX2 and FMA.
                         unsafe {
-                            fused_tile(tile, d, centroids, &shifted, &packed, panels_per_block, k, out, scratch)
+                            fused_tile(
+                                tile,
+                                d,
+                                centroids,
+                                &shifted,
+                                &packed,
+                                panels_per_block,
+                                k,
+                                out,
+                                scratch,
+                            )
                         }
                     }
                 },
@@ -772,7 +821,8 @@ mod fused {
             for r0 in (0..m).step_by(MR) {
                 let rows = (m - r0).min(MR);
                 // The next micro-tile's rows, from memory while this one computes.
-                let ahead = &tile[((r0 + MR) * d).min(tile.len())..((r0 + 2 * MR) * d).min(tile.len())];
+                let ahead =
+                    &tile[((r0 + MR) * d).min(tile.len())..((r0 + 2 * MR) * d).min(tile.len())];
                 for line in ahead.chunks(16) {
                     _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
                 }
@@ -782,11 +832,9 @@ mod fused {
                 for r in 0..MR {
                     let dst = &mut xs[r * d..(r + 1) * d];
                     if r < rows {
-                        for ((t, &v), &s) in dst.iter_mut().zip(row(r0 + r)).zip(&shifted.shift) {
-                            *t = v - s;
-                        }
+                        let norm = shift_row(row(r0 + r), &shifted.shift, dst);
                         if first {
-                            norms[r0 + r] = sq_norm(dst);
+                            norms[r0 + r] = norm;
                         }
                     } else {
                         dst.fill(0.0);
@@ -796,7 +844,16 @@ mod fused {
                 x_norms[..rows].copy_from_slice(&norms[r0..r0 + rows]);
                 let near = if x_norms[..rows].iter().any(|&v| v < NORM_LIMIT) {
                     let carry = &mut scratch.carry[r0 / MR];
-                    micro_tile(xs, d, packed, first_panel..last_panel, &x_norms, carry, first, last)
+                    micro_tile(
+                        xs,
+                        d,
+                        packed,
+                        first_panel..last_panel,
+                        &x_norms,
+                        carry,
+                        first,
+                        last,
+                    )
                 } else {
                     [EMPTY; MR]
                 };
@@ -994,7 +1051,10 @@ mod fused {
     #[inline]
     fn tail_mask(len: usize) -> __m256i {
         let rem = (len % 8) as i32;
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(rem),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
     }
 
     /// The last `x.len() % 8` values of `x` in the low lanes, zeros above.
@@ -1022,13 +1082,17 @@ mod fused {
             // SAFETY: `a`, `b1`, `b2` are arrays of 8 f32: each load reads one.
             let (xa, t1, t2) = unsafe {
                 let xa = _mm256_loadu_ps(a.as_ptr());
-                (xa, _mm256_loadu_ps(b1.as_ptr()), _mm256_loadu_ps(b2.as_ptr()))
+                (
+                    xa,
+                    _mm256_loadu_ps(b1.as_ptr()),
+                    _mm256_loadu_ps(b2.as_ptr()),
+                )
             };
             let (t1, t2) = (_mm256_sub_ps(xa, t1), _mm256_sub_ps(xa, t2));
             acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(t1, t1));
             acc2 = _mm256_add_ps(acc2, _mm256_mul_ps(t2, t2));
         }
-        if x.len() % 8 != 0 {
+        if !x.len().is_multiple_of(8) {
             let mask = tail_mask(x.len());
             let xa = load_tail(x, mask);
             let t1 = _mm256_sub_ps(xa, load_tail(c1, mask));
@@ -1039,20 +1103,34 @@ mod fused {
         (tree_sum(acc1), tree_sum(acc2))
     }
 
-    /// [`super::lane_sq_norm`] bit for bit, in registers.
+    /// Writes `x − shift` to `dst` and returns its squared norm,
+    /// [`super::lane_sq_norm`] bit for bit, in one pass.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn sq_norm(x: &[f32]) -> f32 {
+    fn shift_row(x: &[f32], shift: &[f32], dst: &mut [f32]) -> f32 {
         let (xc, _) = x.as_chunks::<8>();
+        let (sc, _) = shift.as_chunks::<8>();
+        let (dc, _) = dst.as_chunks_mut::<8>();
         let mut acc = _mm256_setzero_ps();
-        for a in xc {
-            // SAFETY: `a` is an array of 8 f32.
-            let t = unsafe { _mm256_loadu_ps(a.as_ptr()) };
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(t, t));
+        for ((a, b), t) in xc.iter().zip(sc).zip(dc) {
+            // SAFETY: `a`, `b`, `t` are arrays of 8 f32: each access is one of them.
+            unsafe {
+                let v = _mm256_sub_ps(_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(b.as_ptr()));
+                _mm256_storeu_ps(t.as_mut_ptr(), v);
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+            }
         }
-        if x.len() % 8 != 0 {
-            let t = load_tail(x, tail_mask(x.len()));
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(t, t));
+        let start = x.len() / 8 * 8;
+        for ((t, &v), &s) in dst[start..]
+            .iter_mut()
+            .zip(&x[start..])
+            .zip(&shift[start..])
+        {
+            *t = v - s;
+        }
+        if !x.len().is_multiple_of(8) {
+            let v = load_tail(dst, tail_mask(dst.len()));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
         }
         tree_sum(acc)
     }
@@ -1097,11 +1175,29 @@ mod fused {
                 let c1: Vec<f32> = (0..d).map(|_| value()).collect();
                 let c2: Vec<f32> = (0..d).map(|_| value()).collect();
                 // SAFETY: `available()` holds.
-                let (a, b, n) = unsafe { (sq_dist2(&x, &c1, &c2), sq_dist2(&x, &c2, &c1), sq_norm(&x)) };
+                let mut copy = vec![0.0; d];
+                // SAFETY: `available()` holds.
+                let (a, b, n) = unsafe {
+                    (
+                        sq_dist2(&x, &c1, &c2),
+                        sq_dist2(&x, &c2, &c1),
+                        shift_row(&x, &vec![0.0; d], &mut copy),
+                    )
+                };
                 assert_eq!(a.0.to_bits(), lane_sq_dist(&x, &c1).to_bits(), "d={d}");
                 assert_eq!(a.1.to_bits(), lane_sq_dist(&x, &c2).to_bits(), "d={d}");
-                assert_eq!((b.1.to_bits(), b.0.to_bits()), (a.0.to_bits(), a.1.to_bits()), "d={d}");
+                assert_eq!(
+                    (b.1.to_bits(), b.0.to_bits()),
+                    (a.0.to_bits(), a.1.to_bits()),
+                    "d={d}"
+                );
                 assert_eq!(n.to_bits(), lane_sq_norm(&x).to_bits(), "d={d}");
+                let mut shifted = vec![0.0; d];
+                // SAFETY: `available()` holds.
+                let norm = unsafe { shift_row(&x, &c1, &mut shifted) };
+                let want: Vec<f32> = x.iter().zip(&c1).map(|(a, b)| a - b).collect();
+                assert_eq!(shifted, want, "d={d}");
+                assert_eq!(norm.to_bits(), lane_sq_norm(&want).to_bits(), "d={d}");
             }
         }
     }
@@ -1209,6 +1305,74 @@ mod tests {
                     ctx()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn several_centroid_blocks_match_reference() {
+        // d = 300 and k = 200, d = 1000 and k = 70: the fused kernel goes over the
+        // centroids in more than one block, carrying the running results between.
+        let mut rng = Rng(21);
+        for &(n, d, k) in &[(140, 300, 200), (40, 1000, 70)] {
+            let points = rng.values(n * d);
+            let centroids = rng.values(k * d);
+            let got = cpu_assign(&points, d, &centroids, k);
+            check_against_reference(
+                &points,
+                d,
+                &centroids,
+                k,
+                &got,
+                &format!("blocks n={n} d={d} k={k}"),
+            );
+            for &i in &[0, 7, n - 1] {
+                let alone = cpu_assign(&points[i * d..(i + 1) * d], d, &centroids, k);
+                assert_eq!(bits(&alone[0]), bits(&got[i]), "d={d}, point {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_point_too_far_for_the_expanded_form_gets_direct_distances() {
+        // One point at 1e19 in every feature (its squared norm overflows f32) among
+        // ordinary points and centroids: it gets the direct distances (infinite
+        // here, so the lowest indices), and its neighbours are unaffected.
+        let mut rng = Rng(22);
+        let (n, d, k) = (20, 64, 9);
+        let mut points = rng.values(n * d);
+        points[5 * d..6 * d].fill(1e19);
+        let centroids = rng.values(k * d);
+        let got = cpu_assign(&points, d, &centroids, k);
+        assert_eq!(
+            got[5],
+            reference::assign(&points[5 * d..6 * d], d, &centroids, k)[0]
+        );
+        for i in (0..n).filter(|&i| i != 5) {
+            let alone = cpu_assign(&points[i * d..(i + 1) * d], d, &centroids, k);
+            assert_eq!(bits(&alone[0]), bits(&got[i]), "point {i}");
+        }
+        let ordinary: Vec<f32> = points[..5 * d].to_vec();
+        check_against_reference(&ordinary, d, &centroids, k, &got[..5], "beside a far point");
+    }
+
+    #[test]
+    fn portable_gemm_path_matches_reference() {
+        // On x86-64 with AVX2 and FMA, `assign` takes the fused kernel: test the
+        // other path directly.
+        let mut rng = Rng(17);
+        for &(n, d, k) in &[(300, 17, 7), (513, 64, 130), (100, 300, 20)] {
+            let points = rng.values(n * d);
+            let centroids = rng.values(k * d);
+            let mut got = vec![Nearest::default(); n];
+            assign_gemm_portable(&points, d, &centroids, k, &mut got);
+            check_against_reference(
+                &points,
+                d,
+                &centroids,
+                k,
+                &got,
+                &format!("portable n={n} d={d} k={k}"),
+            );
         }
     }
 

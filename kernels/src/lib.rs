@@ -54,15 +54,36 @@ mod csr_tests {
 
     #[test]
     fn validate_rejects_bad_offsets_without_panicking() {
-        let m = Csr { rows: 3, cols: 4, indptr: vec![0, 5, 2, 3], indices: vec![0, 1, 2], values: vec![1.0; 3] };
+        let m = Csr {
+            rows: 3,
+            cols: 4,
+            indptr: vec![0, 5, 2, 3],
+            indices: vec![0, 1, 2],
+            values: vec![1.0; 3],
+        };
         assert!(matches!(m.validate(), Err(KernelError::Shape(_))));
-        let ok = Csr { rows: 2, cols: 4, indptr: vec![0, 2, 3], indices: vec![0, 3, 1], values: vec![1.0; 3] };
+        let ok = Csr {
+            rows: 2,
+            cols: 4,
+            indptr: vec![0, 2, 3],
+            indices: vec![0, 3, 1],
+            values: vec![1.0; 3],
+        };
         ok.validate().unwrap();
         assert_eq!(ok.row(0), (&[0u32, 3][..], &[1.0f32, 1.0][..]));
-        let unsorted = Csr { indices: vec![3, 0, 1], ..ok.clone() };
+        let unsorted = Csr {
+            indices: vec![3, 0, 1],
+            ..ok.clone()
+        };
         assert!(unsorted.validate().is_err());
-        let nan = Csr { values: vec![1.0, f32::NAN, 1.0], ..ok };
-        assert!(matches!(nan.validate(), Err(KernelError::NonFinitePoint { row: 0, col: 3, .. })));
+        let nan = Csr {
+            values: vec![1.0, f32::NAN, 1.0],
+            ..ok
+        };
+        assert!(matches!(
+            nan.validate(),
+            Err(KernelError::NonFinitePoint { row: 0, col: 3, .. })
+        ));
     }
 }
 
