@@ -83,6 +83,7 @@ def main() -> int:
             total += float(np.maximum(d2.min(axis=1), 0.0).sum())
         return total
 
+    load_before = os.getloadavg()[0]
     with threadpool_limits(limits=args.threads, user_api="blas"):
         peak_before = gemm_peak(np, args.gemm_size)
     pools = [
@@ -202,6 +203,11 @@ def main() -> int:
     with threadpool_limits(limits=args.threads, user_api="blas"):
         peak_after = gemm_peak(np, args.gemm_size)
     peak = max(peak_before, peak_after)
+    load_after = os.getloadavg()[0]
+    # Other work on the machine shows as two GEMM peaks far apart; faiss suffers
+    # most from it (its OpenMP threads wait by spinning), so such a run can make
+    # shoal look several times faster than it is.
+    busy = min(peak_before, peak_after) < 0.85 * peak
     for r in rows:
         r["peak_fraction"] = r["assign_gflops"] / peak
 
@@ -230,6 +236,10 @@ def main() -> int:
     print(f"GEMM peak: numpy {np.__version__} float32 {args.gemm_size}x{args.gemm_size} matmul with {args.threads} threads, best of 5, "
           f"measured before ({peak_before:.1f}) and after ({peak_after:.1f}) the tools: {peak:.1f} GFLOP/s")
     print("thread pools: " + "; ".join(pools))
+    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after")
+    if busy:
+        print("WARNING: the GEMM peak moved by more than 15 % during the run: the machine was busy, "
+              "the figures below are not reliable; run again on a quiet machine")
     print()
     print("| size (n x d, k) | tool | secs/iter | inertia | vs faiss | assign GFLOP/s | % of GEMM peak |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -251,7 +261,9 @@ def main() -> int:
     for r in rows[: 3 if not args.no_sklearn else 2]:
         print(f"  {r['tool']}: {r['note']}")
 
-    summary = {"date": datetime.date.today().isoformat(), "gemm_peak_gflops": peak,
+    if busy:
+        failures.append("the machine was busy during the run (GEMM peak moved by more than 15 %)")
+    summary = {"date": datetime.date.today().isoformat(), "gemm_peak_gflops": peak, "busy": busy,
                "gemm_peak_before_gflops": peak_before, "gemm_peak_after_gflops": peak_after, "threads": args.threads,
                "iters": args.iters, "seed": args.seed, "pools": pools, "rows": rows, "failures": failures}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
