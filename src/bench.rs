@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use shoal_kernels::bench::{Blobs, in_thread_pool, lloyd, write_npy_f32};
+use shoal_kernels::bench::{Blobs, Labelling, in_thread_pool, lloyd, write_npy_f32};
 use shoal_kernels::device::{DeviceChoice, select};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,6 +42,10 @@ struct KmeansArgs {
     /// Backend to run on: auto, cpu or cuda.
     #[arg(long, env = "SHOAL_BENCH_DEVICE", default_value_t = DeviceChoice::Cpu)]
     device: DeviceChoice,
+    /// Compute every distance in every iteration (a full `assign` pass), instead
+    /// of the workers' bounded labelling: measures the distance kernel itself.
+    #[arg(long, env = "SHOAL_BENCH_FULL_PASSES")]
+    full_passes: bool,
     /// Threads of the CPU work (default: one per core).
     #[arg(long, env = "SHOAL_BENCH_THREADS")]
     threads: Option<usize>,
@@ -82,7 +86,19 @@ fn kmeans(a: KmeansArgs) -> Result<ExitCode, BoxError> {
         let resident = backend.upload(&blobs.points, a.d)?;
         drop(blobs.points);
         tracing::info!(iters = a.iters, device, threads, "running Lloyd iterations");
-        let r = lloyd(backend.as_ref(), &resident, &blobs.init, a.k, a.iters)?;
+        let labelling = if a.full_passes {
+            Labelling::FullPass
+        } else {
+            Labelling::Bounded
+        };
+        let r = lloyd(
+            backend.as_ref(),
+            &resident,
+            &blobs.init,
+            a.k,
+            a.iters,
+            labelling,
+        )?;
         write(&a.write_centroids_npy, &r.centroids, a.k, a.d)?;
         let line = serde_json::json!({
             "n": a.n,
@@ -92,12 +108,14 @@ fn kmeans(a: KmeansArgs) -> Result<ExitCode, BoxError> {
             "seed": a.seed,
             "device": device,
             "threads": threads,
+            "labelling": if a.full_passes { "full-pass" } else { "bounded" },
             "secs_per_iter": r.secs_per_iter(),
             "inertia": r.inertia,
             "gflops": r.gflops(),
             "assign_secs_per_iter": r.assign_secs_per_iter(),
             "assign_gflops": r.assign_gflops(),
             "iter_secs": r.iter_secs,
+            "iter_recomputed": r.recomputed,
             "iter_inertia": r.iter_inertia,
             "empty_clusters": r.empty_clusters,
         });

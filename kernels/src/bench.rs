@@ -2,7 +2,8 @@
 //! seed, a seeded initialisation, and plain Lloyd iterations timed one by one.
 //!
 //! It measures the two hot calls of a k-means round as the workers make them,
-//! [`Backend::assign`] and [`Backend::partial_sums`], plus the centroid update the
+//! [`Backend::assign_labels`] (or [`Backend::assign`]) and
+//! [`Backend::partial_sums`], plus the centroid update the
 //! coordinator does after merging, on one process and one data set. `shoal bench
 //! kmeans` prints its [`LloydReport`]; `benches/kmeans_vs_faiss.sh` runs faiss and
 //! scikit-learn on the same points from the same initial centroids.
@@ -17,8 +18,10 @@
 //!   point's squared distance to its nearest centroid of `C_I`;
 //! - the nominal FLOPs of one assignment are `2·n·k·d` (one multiply-add per
 //!   feature of each point–centroid pair), whatever the backend actually does.
-//!   Every `assign` call is a full pass (the CPU backend keeps nothing from one
-//!   call to the next), so its GFLOP/s is the rate of the distance pass.
+//!   With [`Labelling::FullPass`] every iteration is a full `assign` pass, so its
+//!   GFLOP/s is the rate of the distance kernel; with [`Labelling::Bounded`] (what
+//!   the workers run) the backend may skip points, and the figure is the nominal
+//!   work of a plain Lloyd iteration over the time taken.
 
 use std::io::Write;
 use std::path::Path;
@@ -191,8 +194,11 @@ pub struct LloydReport {
     pub iter_secs: Vec<f64>,
     /// Wall time of the `assign` call alone in each iteration, seconds.
     pub assign_secs: Vec<f64>,
-    /// Iteration `t`'s assignment inertia: the sum of the squared distances to
-    /// the nearest of `C_{t-1}` (f64, point order).
+    /// Points whose distances were computed in each iteration.
+    pub recomputed: Vec<usize>,
+    /// With [`Labelling::FullPass`], iteration `t`'s assignment inertia: the sum
+    /// of the squared distances to the nearest of `C_{t-1}` (f64, point order);
+    /// empty with [`Labelling::Bounded`], which does not compute every distance.
     pub iter_inertia: Vec<f64>,
     /// The inertia of the final centroids `C_I` (see the module docs).
     pub inertia: f64,
@@ -243,6 +249,17 @@ fn labels_and_inertia(near: &[Nearest], labels: &mut [u32]) -> f64 {
     inertia
 }
 
+/// How [`lloyd`] labels the points each iteration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Labelling {
+    /// [`Backend::assign_labels`], as the workers do: exact labels, skipping the
+    /// points whose label provably cannot have changed.
+    Bounded,
+    /// A full [`Backend::assign`] pass every iteration: measures the distance
+    /// kernel itself.
+    FullPass,
+}
+
 /// Runs `iters` Lloyd iterations of the points resident in `backend` from the `k`
 /// centroids `init`, timing each. Runs in the calling rayon pool.
 pub fn lloyd(
@@ -251,6 +268,7 @@ pub fn lloyd(
     init: &[f32],
     k: usize,
     iters: usize,
+    labelling: Labelling,
 ) -> Result<LloydReport, KernelError> {
     let (n, d) = (points.n(), points.d());
     if k == 0 {
@@ -265,6 +283,7 @@ pub fn lloyd(
     let mut centroids = init.to_vec();
     let mut near = vec![Nearest::default(); n];
     let mut labels = vec![0u32; n];
+    let mut bounds = backend.lloyd_bounds(points)?;
     let mut report = LloydReport {
         n,
         d,
@@ -272,6 +291,7 @@ pub fn lloyd(
         iters,
         iter_secs: Vec::with_capacity(iters),
         assign_secs: Vec::with_capacity(iters),
+        recomputed: Vec::with_capacity(iters),
         iter_inertia: Vec::with_capacity(iters),
         inertia: f64::NAN,
         centroids: Vec::new(),
@@ -279,9 +299,23 @@ pub fn lloyd(
     };
     for _ in 0..iters {
         let start = Instant::now();
-        backend.assign(points, &centroids, k, &mut near)?;
+        let recomputed = match labelling {
+            Labelling::FullPass => {
+                backend.assign(points, &centroids, k, &mut near)?;
+                n
+            }
+            Labelling::Bounded => {
+                backend
+                    .assign_labels(points, &mut bounds, &centroids, k, &mut labels)?
+                    .recomputed
+            }
+        };
         let assigned = Instant::now();
-        let inertia = labels_and_inertia(&near, &mut labels);
+        if labelling == Labelling::FullPass {
+            report
+                .iter_inertia
+                .push(labels_and_inertia(&near, &mut labels));
+        }
         let sums = backend.partial_sums(points, &labels, k)?;
         for (j, c) in centroids.chunks_exact_mut(d).enumerate() {
             let count = sums.counts[j];
@@ -296,7 +330,7 @@ pub fn lloyd(
         let end = Instant::now();
         report.iter_secs.push((end - start).as_secs_f64());
         report.assign_secs.push((assigned - start).as_secs_f64());
-        report.iter_inertia.push(inertia);
+        report.recomputed.push(recomputed);
     }
     backend.assign(points, &centroids, k, &mut near)?;
     report.inertia = labels_and_inertia(&near, &mut labels);
@@ -358,7 +392,15 @@ mod tests {
     fn run(blobs: &Blobs, iters: usize) -> LloydReport {
         let cpu = CpuBackend::new();
         let resident = cpu.upload(&blobs.points, blobs.d).unwrap();
-        lloyd(&cpu, &resident, &blobs.init, blobs.k, iters).unwrap()
+        lloyd(
+            &cpu,
+            &resident,
+            &blobs.init,
+            blobs.k,
+            iters,
+            Labelling::FullPass,
+        )
+        .unwrap()
     }
 
     fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
@@ -534,7 +576,7 @@ mod tests {
         let points = [0.0f32, 0.0, 1.0, 0.0, 0.0, 1.0];
         let resident = cpu.upload(&points, 2).unwrap();
         let init = [0.0f32, 0.0, 100.0, 100.0];
-        let r = lloyd(&cpu, &resident, &init, 2, 2).unwrap();
+        let r = lloyd(&cpu, &resident, &init, 2, 2, Labelling::Bounded).unwrap();
         assert_eq!(&r.centroids[2..], &[100.0, 100.0]);
         assert_eq!(r.empty_clusters, 2);
         let third = 1.0f32 / 3.0;
@@ -563,5 +605,24 @@ mod tests {
         assert_eq!(body.len(), 24);
         assert_eq!(f32::from_le_bytes(body[4..8].try_into().unwrap()), -2.5);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bounded_iterations_give_the_full_passes_results_bit_for_bit() {
+        let b = Blobs::generate(20_000, 64, 16, 4).unwrap();
+        let cpu = CpuBackend::new();
+        let resident = cpu.upload(&b.points, b.d).unwrap();
+        let full = lloyd(&cpu, &resident, &b.init, b.k, 12, Labelling::FullPass).unwrap();
+        let bounded = lloyd(&cpu, &resident, &b.init, b.k, 12, Labelling::Bounded).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&full.centroids), bits(&bounded.centroids));
+        assert_eq!(full.inertia.to_bits(), bounded.inertia.to_bits());
+        assert_eq!(full.empty_clusters, bounded.empty_clusters);
+        assert!(full.recomputed.iter().all(|&m| m == b.n));
+        assert_eq!(bounded.recomputed[0], b.n);
+        // Once the centroids settle, most points keep a certified label.
+        let last = *bounded.recomputed.last().unwrap();
+        assert!(last < b.n / 2, "{:?}", bounded.recomputed);
+        assert!(bounded.iter_inertia.is_empty());
     }
 }

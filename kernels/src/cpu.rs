@@ -26,9 +26,12 @@
 use rayon::prelude::*;
 
 use crate::cpu_als::{self, storage, storage_mut};
-use crate::{Backend, CgParams, Csr, KernelError, NO_SECOND, Nearest, PartialSums, Resident, TopN};
+use crate::{
+    Backend, CgParams, Csr, KernelError, LabelStats, NO_SECOND, Nearest, PartialSums, Resident,
+    TopN, check, cpu_bounds,
+};
 
-const NAME: &str = "cpu";
+pub(crate) const NAME: &str = "cpu";
 
 /// Points per parallel work item of `assign`.
 const TILE_ROWS: usize = 256;
@@ -46,10 +49,10 @@ const PARTIALS_BUDGET_BYTES: usize = 256 << 20;
 const LANES: usize = 8;
 
 /// Points as uploaded to the CPU backend.
-struct HostPoints {
-    d: usize,
+pub(crate) struct HostPoints {
+    pub(crate) d: usize,
     /// Row-major `n x d`.
-    values: Vec<f32>,
+    pub(crate) values: Vec<f32>,
 }
 
 impl HostPoints {
@@ -129,44 +132,33 @@ impl Backend for CpuBackend {
     ) -> Result<(), KernelError> {
         let host = points.downcast::<HostPoints>(NAME)?;
         let (n, d) = (host.n(), host.d);
-        if k == 0 {
-            return Err(KernelError::EmptyCentroids);
-        }
-        if k >= NO_SECOND as usize {
-            return Err(KernelError::Shape(format!(
-                "k = {k} centroids do not fit 32-bit centroid indices"
-            )));
-        }
-        if k.checked_mul(d) != Some(centroids.len()) {
-            return Err(KernelError::Shape(format!(
-                "{} centroid values are not k x d = {k} x {d}",
-                centroids.len()
-            )));
-        }
-        if out.len() != n {
-            return Err(KernelError::Shape(format!(
-                "room for {} results but {n} points are uploaded",
-                out.len()
-            )));
-        }
-        if let Some(pos) = centroids.iter().position(|v| !v.is_finite()) {
-            return Err(KernelError::NonFiniteCentroid {
-                row: pos / d,
-                col: pos % d,
-                value: centroids[pos],
-            });
-        }
-        let gemm = d > DIRECT_MAX_D;
-        tracing::trace!(n, d, k, gemm, "assigning points on the cpu backend");
-        if n == 0 {
-            return Ok(());
-        }
-        if gemm {
-            assign_gemm(&host.values, d, centroids, k, out);
-        } else {
-            assign_direct(&host.values, d, centroids, k, out);
-        }
+        check::centroids(centroids, k, d)?;
+        check::results(out.len(), n)?;
+        tracing::trace!(n, d, k, "assigning points on the cpu backend");
+        assign_rows(&host.values, d, centroids, k, out);
         Ok(())
+    }
+
+    fn lloyd_bounds(&self, points: &Resident) -> Result<Resident, KernelError> {
+        let host = storage::<HostPoints>(points, NAME, "the points of lloyd_bounds", "dense")?;
+        let n = host.n();
+        Ok(Resident::new(
+            n,
+            1,
+            NAME,
+            Box::new(cpu_bounds::Bounds::new(n)),
+        ))
+    }
+
+    fn assign_labels(
+        &self,
+        points: &Resident,
+        bounds: &mut Resident,
+        centroids: &[f32],
+        k: usize,
+        labels: &mut [u32],
+    ) -> Result<LabelStats, KernelError> {
+        cpu_bounds::assign_labels(points, bounds, centroids, k, labels)
     }
 
     fn partial_sums(
@@ -509,6 +501,25 @@ impl GemmScratch {
             norms: vec![0.0; TILE_ROWS],
             dots: vec![0.0; TILE_ROWS * CENTROID_BLOCK],
         }
+    }
+}
+
+/// Nearest and second nearest of every row of `points` (checked inputs), on the
+/// direct path up to [`DIRECT_MAX_D`] features and the GEMM path above.
+pub(crate) fn assign_rows(
+    points: &[f32],
+    d: usize,
+    centroids: &[f32],
+    k: usize,
+    out: &mut [Nearest],
+) {
+    if out.is_empty() {
+        return;
+    }
+    if d > DIRECT_MAX_D {
+        assign_gemm(points, d, centroids, k, out);
+    } else {
+        assign_direct(points, d, centroids, k, out);
     }
 }
 
@@ -1204,12 +1215,12 @@ mod fused {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::reference;
 
     /// splitmix64: small, deterministic, good enough for test data.
-    struct Rng(u64);
+    pub(crate) struct Rng(pub(crate) u64);
 
     impl Rng {
         fn next_u64(&mut self) -> u64 {
@@ -1220,7 +1231,7 @@ mod tests {
             z ^ (z >> 31)
         }
         /// Uniform in [-1, 1).
-        fn unit(&mut self) -> f32 {
+        pub(crate) fn unit(&mut self) -> f32 {
             ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         }
         fn below(&mut self, n: usize) -> usize {

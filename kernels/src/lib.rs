@@ -13,8 +13,10 @@
 //!   however the data is split across workers and threads.
 
 pub mod bench;
+mod check;
 mod cpu;
 mod cpu_als;
+mod cpu_bounds;
 pub mod cuda;
 pub mod device;
 pub mod reference;
@@ -238,6 +240,25 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         out: &mut [Nearest],
     ) -> Result<(), KernelError>;
 
+    /// Empty per-point state for [`Backend::assign_labels`] on `points`.
+    fn lloyd_bounds(&self, points: &Resident) -> Result<Resident, KernelError>;
+
+    /// For one Lloyd round: the label [`Backend::assign`] would give every point
+    /// (its nearest centroid, ties to the lowest index), exactly, written to
+    /// `labels`. `bounds` (from [`Backend::lloyd_bounds`] for these points) carries
+    /// state from one call to the next, which a backend may use to skip points
+    /// whose label provably cannot have changed; any centroids may be passed at
+    /// any call (a different `k` starts over). Returns how many points had their
+    /// distances computed.
+    fn assign_labels(
+        &self,
+        points: &Resident,
+        bounds: &mut Resident,
+        centroids: &[f32],
+        k: usize,
+        labels: &mut [u32],
+    ) -> Result<LabelStats, KernelError>;
+
     /// Sums (f64) and counts of the points per label; labels must be `< k`.
     fn partial_sums(
         &self,
@@ -293,6 +314,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         n: usize,
         exclude: Option<&Resident>,
     ) -> Result<TopN, KernelError>;
+}
+
+/// What one [`Backend::assign_labels`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabelStats {
+    /// Points whose distances were computed (the others kept a certified label).
+    pub recomputed: usize,
 }
 
 /// Index of an empty top-N slot.

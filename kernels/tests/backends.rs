@@ -79,6 +79,7 @@ test_backends!(
     assign_does_not_depend_on_the_batch,
     assign_overflowing_distances,
     assign_far_from_zero,
+    assign_labels_equal_the_backends_own_assign,
     partial_sums_match_reference,
     partial_sums_reject_bad_labels,
     gram_matches_reference,
@@ -444,6 +445,41 @@ fn assign_far_from_zero(b: &dyn Backend) {
 
 // ---------------------------------------------------------------------------
 // partial sums
+
+/// `assign_labels` gives, round after round, exactly the labels of the same
+/// backend's `assign` (whatever it skips), along a Lloyd trajectory with a
+/// change of k in the middle.
+fn assign_labels_equal_the_backends_own_assign(b: &dyn Backend) {
+    let mut rng = Rng(31);
+    let (n, d) = (3000, 40);
+    let points = rng.values(n * d);
+    let resident = b.upload(&points, d).unwrap();
+    let mut bounds = b.lloyd_bounds(&resident).unwrap();
+    let mut labels = vec![0u32; n];
+    let mut near = vec![Nearest::default(); n];
+    for (round, k) in [9, 9, 9, 9, 5, 5, 5].into_iter().enumerate() {
+        let mut c = points[..k * d].to_vec();
+        if round > 0 {
+            // Lloyd's update from the previous labels, when k has not changed.
+            let sums = b.partial_sums(&resident, &labels, k).ok();
+            if let Some(sums) = sums.filter(|_| labels.iter().all(|&l| (l as usize) < k)) {
+                for j in 0..k {
+                    if sums.counts[j] > 0 {
+                        for f in 0..d {
+                            c[j * d + f] = (sums.sums[j * d + f] / sums.counts[j] as f64) as f32;
+                        }
+                    }
+                }
+            }
+        }
+        b.assign_labels(&resident, &mut bounds, &c, k, &mut labels)
+            .unwrap();
+        b.assign(&resident, &c, k, &mut near).unwrap();
+        for (i, (l, s)) in labels.iter().zip(&near).enumerate() {
+            assert_eq!(*l, s.best, "round {round} (k = {k}), point {i}");
+        }
+    }
+}
 
 fn check_sums(got: &PartialSums, want: &PartialSums, what: &str) {
     assert_eq!((got.k, got.d), (want.k, want.d), "{what}");

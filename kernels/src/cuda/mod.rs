@@ -42,8 +42,14 @@ pub use compile::{MAX_TOP_N, arch_for_device, compile_ptx, nvrtc_archs, sources}
 use crate::cpu_als::{storage, storage_mut, validate_csr};
 use crate::device::{DeviceInfo, device_info, init_driver};
 use crate::{
-    Backend, CgParams, Csr, KernelError, NO_ITEM, NO_SECOND, Nearest, PartialSums, Resident, TopN,
+    Backend, CgParams, Csr, KernelError, LabelStats, NO_ITEM, Nearest, PartialSums, Resident, TopN,
+    check,
 };
+
+/// The state of [`Backend::assign_labels`] on CUDA, which keeps none.
+struct FullPasses {
+    n: usize,
+}
 
 // SAFETY: `Nearest` is `#[repr(C)]` with four 4-byte plain fields (u32, f32, u32,
 // f32) and no padding: exactly the `Nearest` struct of assign.cu, which the
@@ -418,33 +424,8 @@ impl Backend for CudaBackend {
     ) -> Result<(), KernelError> {
         let dense = self.dense(points, "the points of assign")?;
         let (n, d) = (dense.n, dense.d);
-        if k == 0 {
-            return Err(KernelError::EmptyCentroids);
-        }
-        if k >= NO_SECOND as usize {
-            return Err(KernelError::Shape(format!(
-                "k = {k} centroids do not fit 32-bit centroid indices"
-            )));
-        }
-        if k.checked_mul(d) != Some(centroids.len()) {
-            return Err(KernelError::Shape(format!(
-                "{} centroid values are not k x d = {k} x {d}",
-                centroids.len()
-            )));
-        }
-        if out.len() != n {
-            return Err(KernelError::Shape(format!(
-                "room for {} results but {n} points are uploaded",
-                out.len()
-            )));
-        }
-        if let Some(pos) = centroids.iter().position(|v| !v.is_finite()) {
-            return Err(KernelError::NonFiniteCentroid {
-                row: pos / d,
-                col: pos % d,
-                value: centroids[pos],
-            });
-        }
+        check::centroids(centroids, k, d)?;
+        check::results(out.len(), n)?;
         let direct = DIRECT_DS.iter().position(|&dm| d <= dm as usize);
         tracing::trace!(
             n,
@@ -513,6 +494,32 @@ impl Backend for CudaBackend {
             }
         }
         self.download(&out_dev, out)
+    }
+
+    fn lloyd_bounds(&self, points: &Resident) -> Result<Resident, KernelError> {
+        let n = self.dense(points, "the points of lloyd_bounds")?.n;
+        Ok(Resident::new(n, 0, self.name, Box::new(FullPasses { n })))
+    }
+
+    /// Every round is a full `assign` pass: on a GPU the distances are cheap next
+    /// to the bookkeeping of bounds.
+    fn assign_labels(
+        &self,
+        points: &Resident,
+        bounds: &mut Resident,
+        centroids: &[f32],
+        k: usize,
+        labels: &mut [u32],
+    ) -> Result<LabelStats, KernelError> {
+        let n =
+            storage::<FullPasses>(bounds, self.name, "the bounds of assign_labels", "bounds")?.n;
+        check::results(labels.len(), n)?;
+        let mut near = vec![Nearest::default(); n];
+        self.assign(points, centroids, k, &mut near)?;
+        for (l, s) in labels.iter_mut().zip(&near) {
+            *l = s.best;
+        }
+        Ok(LabelStats { recomputed: n })
     }
 
     fn partial_sums(
