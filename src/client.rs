@@ -2,6 +2,7 @@
 //! segment table printed at the end.
 
 use indicatif::{ProgressBar, ProgressStyle};
+use shoal_proto::auth::{AuthChannel, WithToken};
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::{GetJobRequest, JobState, JobStatus, ListWorkersRequest, SubmitJobRequest};
 use shoal_proto::{JobSpec, store};
@@ -12,15 +13,21 @@ use tonic::transport::Channel;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct Client {
-    inner: JobServiceClient<Channel>,
+    inner: JobServiceClient<AuthChannel>,
 }
 
 impl Client {
-    pub async fn connect(url: &str) -> Result<Client, BoxError> {
-        let inner = JobServiceClient::connect(url.to_string())
+    /// Connects to the coordinator at `url`; every call carries `token`.
+    pub async fn connect(url: &str, token: Option<&str>) -> Result<Client, BoxError> {
+        let token = WithToken::new(token).map_err(|e| format!("SHOAL_TOKEN: {e}"))?;
+        let channel = Channel::from_shared(url.to_string())
+            .map_err(|e| format!("the coordinator URL {url} is not valid: {e}"))?
+            .connect()
             .await
             .map_err(|e| format!("cannot reach the coordinator at {url}: {e}"))?;
-        Ok(Client { inner })
+        Ok(Client {
+            inner: JobServiceClient::with_interceptor(channel, token),
+        })
     }
 
     pub async fn submit(&mut self, spec: &JobSpec) -> Result<String, BoxError> {

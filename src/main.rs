@@ -80,6 +80,12 @@ enum Command {
         /// Seconds a job waits for its first worker.
         #[arg(long, env = "SHOAL_WORKER_WAIT_SECS", default_value_t = 60)]
         worker_wait_secs: u64,
+        /// Bearer token every operator call (submit, status, ...) must carry.
+        #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Bearer token of the workers (default: the operators' token).
+        #[arg(long, env = "SHOAL_WORKER_TOKEN", hide_env_values = true)]
+        worker_token: Option<String>,
     },
     /// Run a worker that registers with a coordinator and does what it is told.
     Worker {
@@ -94,6 +100,9 @@ enum Command {
         /// Compute device: auto (CUDA when present, else CPU) | cpu | cuda.
         #[arg(long, env = "SHOAL_DEVICE", default_value = "auto")]
         device: Device,
+        /// The workers' bearer token (the coordinator's SHOAL_WORKER_TOKEN).
+        #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// List the compute backends of this machine: CUDA devices, or why there are none.
     Devices,
@@ -106,6 +115,9 @@ enum Command {
         /// Wait for the job to finish, showing its progress; exit 0 only on success.
         #[arg(long, env = "SHOAL_WAIT")]
         wait: bool,
+        /// The operators' bearer token (what the coordinator was given as SHOAL_TOKEN).
+        #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Benchmark a compute backend on synthetic data (prints JSON lines).
     Bench(bench::BenchArgs),
@@ -114,6 +126,9 @@ enum Command {
         job: String,
         #[arg(long, env = "SHOAL_COORDINATOR")]
         coordinator: String,
+        /// The operators' bearer token (what the coordinator was given as SHOAL_TOKEN).
+        #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
 }
 
@@ -209,6 +224,8 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             max_running_jobs,
             worker_timeout_secs,
             worker_wait_secs,
+            token,
+            worker_token,
         } => {
             let shutdown = CancellationToken::new();
             let config = CoordinatorConfig {
@@ -217,8 +234,10 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                     max_running_jobs,
                     worker_timeout: Duration::from_secs(worker_timeout_secs),
                     worker_wait: Duration::from_secs(worker_wait_secs),
+                    worker_token: worker_token.or_else(|| token.clone()),
                     ..StateConfig::default()
                 },
+                operator_token: token,
             };
             let handle = spawn_coordinator(config, shutdown.clone()).await?;
             eprintln!("shoal coordinator listening on {}", handle.url());
@@ -231,12 +250,14 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             listen,
             advertise,
             device,
+            token,
         } => {
             let shutdown = CancellationToken::new();
             let config = WorkerConfig {
                 listen,
                 coordinator,
                 advertise,
+                token,
                 ..WorkerConfig::default()
             };
             let (backend, why) = backend(device)?;
@@ -251,9 +272,10 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             spec,
             coordinator,
             wait,
+            token,
         } => {
             let spec = JobSpec::from_file(&spec, &cwd()?)?;
-            let mut client = client::Client::connect(&coordinator).await?;
+            let mut client = client::Client::connect(&coordinator, token.as_deref()).await?;
             let job = client.submit(&spec).await?;
             println!("{job}");
             if !wait {
@@ -263,8 +285,12 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             client::finish(&status).await
         }
         Command::Bench(args) => bench::run(args),
-        Command::Status { job, coordinator } => {
-            let mut client = client::Client::connect(&coordinator).await?;
+        Command::Status {
+            job,
+            coordinator,
+            token,
+        } => {
+            let mut client = client::Client::connect(&coordinator, token.as_deref()).await?;
             let status = client.status(&job).await?;
             println!("{}", client::describe(&status));
             Ok(ExitCode::SUCCESS)
@@ -325,7 +351,7 @@ async fn run_in_process(spec: JobSpec, workers: u32) -> Result<ExitCode, BoxErro
         handles.push(spawn_worker(config, backend.clone(), shutdown.clone()).await?);
     }
     stop_on_signal(shutdown.clone());
-    let mut client = client::Client::connect(&url).await?;
+    let mut client = client::Client::connect(&url, None).await?;
     client
         .wait_for_workers(workers.max(1) as usize, Duration::from_secs(30))
         .await?;

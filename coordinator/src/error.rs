@@ -73,6 +73,8 @@ pub enum CoordinatorError {
     Serve(#[from] tonic::transport::Error),
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    #[error("{which}: {reason}")]
+    BadToken { which: &'static str, reason: String },
 }
 
 impl CoordinatorError {
@@ -112,7 +114,9 @@ impl CoordinatorError {
             CoordinatorError::Cancelled => Code::Cancelled,
             CoordinatorError::UnknownJob(_) => Code::NotFound,
             CoordinatorError::ProtocolVersion { .. } => Code::FailedPrecondition,
-            CoordinatorError::Bind { .. } | CoordinatorError::Serve(_) => Code::Internal,
+            CoordinatorError::Bind { .. }
+            | CoordinatorError::Serve(_)
+            | CoordinatorError::BadToken { .. } => Code::Internal,
             CoordinatorError::ShuttingDown => Code::Unavailable,
         }
     }

@@ -8,6 +8,7 @@ use crate::output::{self, PhaseTimes, Report};
 use crate::state::{Progress, StateHandle, WorkerEntry};
 use futures::future::try_join_all;
 use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+use shoal_proto::auth::{AuthChannel, WithToken};
 use shoal_proto::pb::worker_service_client::WorkerServiceClient;
 use shoal_proto::pb::{self, PointRef};
 use shoal_proto::spec::Format;
@@ -72,13 +73,13 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
 #[derive(Clone)]
 struct Member {
     worker: WorkerEntry,
-    client: WorkerServiceClient<Channel>,
+    client: WorkerServiceClient<AuthChannel>,
 }
 
 impl Member {
     async fn call<T, F, Fut>(&self, step: &'static str, f: F) -> Result<T, CoordinatorError>
     where
-        F: FnOnce(WorkerServiceClient<Channel>) -> Fut,
+        F: FnOnce(WorkerServiceClient<AuthChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         f(self.client.clone())
@@ -93,7 +94,7 @@ impl Member {
     }
 }
 
-async fn connect(worker: WorkerEntry) -> Result<Member, CoordinatorError> {
+async fn connect(worker: WorkerEntry, token: WithToken) -> Result<Member, CoordinatorError> {
     let endpoint = Channel::from_shared(worker.address.clone())
         .map_err(|e| CoordinatorError::Protocol {
             worker: worker.id.to_string(),
@@ -109,7 +110,7 @@ async fn connect(worker: WorkerEntry) -> Result<Member, CoordinatorError> {
             address: worker.address.clone(),
             source,
         })?;
-    let client = WorkerServiceClient::new(channel)
+    let client = WorkerServiceClient::with_interceptor(channel, token)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     Ok(Member { worker, client })
@@ -164,7 +165,7 @@ impl Driver<'_> {
     /// Calls every member concurrently; answers come back in member order.
     async fn all<T, F, Fut>(&self, step: &'static str, f: F) -> Result<Vec<T>, CoordinatorError>
     where
-        F: Fn(usize, WorkerServiceClient<Channel>) -> Fut,
+        F: Fn(usize, WorkerServiceClient<AuthChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let f = &f;
@@ -211,7 +212,13 @@ async fn drive(
     let splits = plan_splits(spec, &inputs).await?;
     info!(objects = inputs.len(), splits = splits.len(), "planned");
     let workers = wait_for_workers(&ctx.state).await?;
-    let crew = try_join_all(workers.into_iter().map(connect)).await?;
+    let token = WithToken::new(ctx.state.config.worker_token.as_deref()).map_err(|reason| {
+        CoordinatorError::BadToken {
+            which: "SHOAL_WORKER_TOKEN",
+            reason,
+        }
+    })?;
+    let crew = try_join_all(workers.into_iter().map(|w| connect(w, token.clone()))).await?;
     *crew_slot.lock().expect("crew lock") = crew.clone();
     let d = Driver {
         ctx,

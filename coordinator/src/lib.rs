@@ -14,12 +14,14 @@ pub use error::CoordinatorError;
 pub use state::StateConfig;
 
 use shoal_proto::MAX_MESSAGE_BYTES;
+use shoal_proto::auth::{RequireToken, WithToken};
 use shoal_proto::pb::job_service_server::JobServiceServer;
 use shoal_proto::pb::registry_service_server::RegistryServiceServer;
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tonic::service::interceptor::InterceptedService;
+use tracing::{info, warn};
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -27,6 +29,9 @@ pub struct CoordinatorConfig {
     /// Address to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
     pub state: StateConfig,
+    /// The operators' token: every JobService call must carry it. `None`:
+    /// authentication off. (The workers' token is in [`StateConfig`].)
+    pub operator_token: Option<String>,
 }
 
 impl Default for CoordinatorConfig {
@@ -34,6 +39,7 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             state: StateConfig::default(),
+            operator_token: None,
         }
     }
 }
@@ -79,13 +85,39 @@ pub async fn spawn_coordinator(
     let tracker = TaskTracker::new();
     let state = state::spawn_state(config.state.clone(), tracker.clone(), shutdown.clone());
     let services = grpc::Services { state };
+    for (which, token) in [
+        ("SHOAL_TOKEN", &config.operator_token),
+        ("SHOAL_WORKER_TOKEN", &config.state.worker_token),
+    ] {
+        WithToken::new(token.as_deref())
+            .map_err(|reason| CoordinatorError::BadToken { which, reason })?;
+    }
+    if config.operator_token.is_none() || config.state.worker_token.is_none() {
+        warn!(
+            "authentication is off for {}: set SHOAL_TOKEN (operators) and SHOAL_WORKER_TOKEN (workers)",
+            match (&config.operator_token, &config.state.worker_token) {
+                (None, None) => "operators and workers",
+                (None, Some(_)) => "operators",
+                _ => "workers",
+            }
+        );
+    }
+    let operators = RequireToken::new(config.operator_token.as_deref(), "SHOAL_TOKEN");
+    let workers = RequireToken::new(
+        config.state.worker_token.as_deref(),
+        "SHOAL_TOKEN on the worker (the coordinator's SHOAL_WORKER_TOKEN)",
+    );
     let server = tonic::transport::Server::builder()
-        .add_service(
+        .add_service(InterceptedService::new(
             JobServiceServer::new(services.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(RegistryServiceServer::new(services))
+            operators,
+        ))
+        .add_service(InterceptedService::new(
+            RegistryServiceServer::new(services),
+            workers,
+        ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),

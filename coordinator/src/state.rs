@@ -88,6 +88,9 @@ pub struct StateConfig {
     pub max_running_jobs: usize,
     /// How long a job waits for a first worker.
     pub worker_wait: Duration,
+    /// The workers' token: workers' calls must carry it, and the coordinator's
+    /// calls to workers do. `None`: authentication off.
+    pub worker_token: Option<String>,
 }
 
 impl Default for StateConfig {
@@ -97,6 +100,7 @@ impl Default for StateConfig {
             worker_timeout: Duration::from_secs(10),
             max_running_jobs: 1,
             worker_wait: Duration::from_secs(60),
+            worker_token: None,
         }
     }
 }

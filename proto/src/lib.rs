@@ -2,6 +2,7 @@
 //! the job spec, typed ids, the stable hash that places users on shards, the output
 //! manifest, and the object-store conventions every process agrees on.
 
+pub mod auth;
 pub mod hash;
 pub mod ids;
 pub mod manifest;

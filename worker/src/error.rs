@@ -87,6 +87,10 @@ pub enum WorkerError {
         coordinator: String,
         message: String,
     },
+    #[error("SHOAL_TOKEN: {0}")]
+    BadToken(String),
+    #[error("the coordinator URL {0} is not valid; e.g. http://coordinator:7070")]
+    BadCoordinatorUrl(String),
 }
 
 impl WorkerError {
@@ -121,9 +125,11 @@ impl WorkerError {
                 Code::FailedPrecondition
             }
             WorkerError::Cancelled => Code::Cancelled,
-            WorkerError::Bind { .. } | WorkerError::Serve(_) | WorkerError::Refused { .. } => {
-                Code::Internal
-            }
+            WorkerError::Bind { .. }
+            | WorkerError::Serve(_)
+            | WorkerError::Refused { .. }
+            | WorkerError::BadToken(_)
+            | WorkerError::BadCoordinatorUrl(_) => Code::Internal,
         }
     }
 }

@@ -4,6 +4,7 @@
 use crate::WorkerError;
 use crate::service::WorkerServiceImpl;
 use shoal_kernels::Backend;
+use shoal_proto::auth::{RequireToken, WithToken};
 use shoal_proto::pb::registry_service_client::RegistryServiceClient;
 use shoal_proto::pb::worker_service_server::WorkerServiceServer;
 use shoal_proto::pb::{HeartbeatRequest, RegisterRequest};
@@ -13,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Endpoint;
 use tracing::{error, info, warn};
 
 /// How a worker runs.
@@ -26,6 +29,9 @@ pub struct WorkerConfig {
     pub advertise: Option<String>,
     /// Protocol version to register with (the current one, except in tests).
     pub protocol_version: u32,
+    /// The workers' token: sent to the coordinator, and required of its calls.
+    /// `None`: authentication off.
+    pub token: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -35,6 +41,7 @@ impl Default for WorkerConfig {
             coordinator: "http://127.0.0.1:7070".into(),
             advertise: None,
             protocol_version: PROTOCOL_VERSION,
+            token: None,
         }
     }
 }
@@ -89,12 +96,14 @@ pub async fn spawn_worker(
     let tracker = TaskTracker::new();
     let fatal: Arc<Mutex<Option<WorkerError>>> = Arc::default();
 
+    let with_token = WithToken::new(config.token.as_deref()).map_err(WorkerError::BadToken)?;
     let server = tonic::transport::Server::builder()
-        .add_service(
+        .add_service(InterceptedService::new(
             WorkerServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            RequireToken::new(config.token.as_deref(), "SHOAL_TOKEN (the workers' token)"),
+        ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
@@ -126,7 +135,7 @@ pub async fn spawn_worker(
         tracker.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                result = registration_loop(coordinator, register) => {
+                result = registration_loop(coordinator, register, with_token) => {
                     if let Err(e) = result {
                         error!(error = %e, "worker stops");
                         fatal.lock().expect("fatal lock").get_or_insert(e);
@@ -152,11 +161,20 @@ pub async fn spawn_worker(
 async fn registration_loop(
     coordinator: String,
     register: RegisterRequest,
+    token: WithToken,
 ) -> Result<(), WorkerError> {
     let retry = Duration::from_millis(250);
     loop {
-        let mut client = match RegistryServiceClient::connect(coordinator.clone()).await {
-            Ok(c) => c,
+        let channel = match Endpoint::from_shared(coordinator.clone()) {
+            Ok(endpoint) => endpoint.connect().await,
+            Err(e) => {
+                return Err(WorkerError::BadCoordinatorUrl(format!(
+                    "{coordinator}: {e}"
+                )));
+            }
+        };
+        let mut client = match channel {
+            Ok(c) => RegistryServiceClient::with_interceptor(c, token.clone()),
             Err(e) => {
                 warn!(coordinator = %coordinator, error = %e, "coordinator not reachable yet; retrying");
                 tokio::time::sleep(retry).await;
