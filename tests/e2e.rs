@@ -4,14 +4,9 @@
 mod common;
 
 use common::*;
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn segments_of(a: &BTreeMap<String, Assigned>) -> Vec<(String, u32)> {
-    a.iter().map(|(u, r)| (u.clone(), r.segment)).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_data_gives_identical_assignments_with_1_and_3_workers() {
@@ -361,39 +356,6 @@ async fn a_rerun_replaces_the_previous_outputs() {
             .count(),
         2
     );
-}
-
-/// Rewrites a CSV log as Parquet with typed columns (Int64 quantity, Float64 price,
-/// Timestamp time) in several row groups.
-fn csv_to_parquet(csv: &Path, parquet_path: &Path) {
-    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-    use std::sync::Arc;
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("order_id", DataType::Utf8, false),
-        Field::new("customer", DataType::Utf8, false),
-        Field::new("ts", DataType::Timestamp(TimeUnit::Second, None), false),
-        Field::new("sku", DataType::Utf8, false),
-        Field::new("qty", DataType::Int64, false),
-        Field::new("unit_price", DataType::Float64, false),
-    ]));
-    let reader = arrow::csv::ReaderBuilder::new(schema.clone())
-        .with_header(true)
-        .with_batch_size(500)
-        .build(std::fs::File::open(csv).unwrap())
-        .unwrap();
-    let props = parquet::file::properties::WriterProperties::builder()
-        .set_max_row_group_row_count(Some(700))
-        .build();
-    let mut writer = parquet::arrow::ArrowWriter::try_new(
-        std::fs::File::create(parquet_path).unwrap(),
-        schema,
-        Some(props),
-    )
-    .unwrap();
-    for batch in reader {
-        writer.write(&batch.unwrap()).unwrap();
-    }
-    writer.close().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

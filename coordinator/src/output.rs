@@ -416,8 +416,32 @@ async fn put_parquet(
     })
 }
 
-/// Writes the job-level files, checks every worker-written file exists with the
-/// size it reported, and writes the manifest last.
+/// Checks (HEAD) that every file the manifest will list is in the store with the
+/// size recorded for it.
+async fn check_listed(output: &Location, files: &[FileEntry]) -> Result<(), CoordinatorError> {
+    for f in files {
+        match output.child(&f.path).head().await? {
+            Some(m) if m.size == f.bytes => {}
+            other => {
+                return Err(write_err(
+                    &output.child(&f.path).url(),
+                    format!(
+                        "{} bytes were written, the store has {}; the output is incomplete and has no {MANIFEST}",
+                        f.bytes,
+                        other.map_or("no such object".to_string(), |m| format!(
+                            "{} bytes",
+                            m.size
+                        ))
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the job-level files, checks (HEAD) that every file to be listed, the
+/// workers' and its own, exists with its size, and writes the manifest last.
 #[allow(clippy::too_many_arguments)]
 pub async fn write_all(
     ctx: &JobContext,
@@ -429,30 +453,15 @@ pub async fn write_all(
     dims: usize,
     report: Report,
 ) -> Result<(), CoordinatorError> {
-    let mut files = Vec::new();
-    for f in finals {
-        if let Some(w) = &f.file {
-            let meta = output.child(&w.path).head().await?;
-            match meta {
-                Some(m) if m.size == w.bytes => {}
-                other => {
-                    return Err(write_err(
-                        &w.path,
-                        format!(
-                            "the worker reported {} bytes, the store has {:?}",
-                            w.bytes,
-                            other.map(|m| m.size)
-                        ),
-                    ));
-                }
-            }
-            files.push(FileEntry {
-                path: w.path.clone(),
-                rows: w.rows,
-                bytes: w.bytes,
-            });
-        }
-    }
+    let mut files: Vec<FileEntry> = finals
+        .iter()
+        .filter_map(|f| f.file.as_ref())
+        .map(|w| FileEntry {
+            path: w.path.clone(),
+            rows: w.rows,
+            bytes: w.bytes,
+        })
+        .collect();
     let sizes: Vec<u64> = summary.segments.iter().map(|s| s.size).collect();
     files.push(
         put_parquet(
@@ -502,6 +511,7 @@ pub async fn write_all(
         input,
         files,
     };
+    check_listed(output, &manifest.files).await?;
     output
         .child(MANIFEST)
         .put(manifest.to_json().into_bytes().into())

@@ -72,6 +72,9 @@ impl WithToken {
     pub fn new(token: Option<&str>) -> Result<WithToken, String> {
         token
             .map(|t| {
+                if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err("the token must be printable ASCII without spaces".to_string());
+                }
                 format!("Bearer {t}")
                     .parse::<MetadataValue<Ascii>>()
                     .map_err(|_| "the token must be printable ASCII without spaces".to_string())
@@ -114,5 +117,7 @@ mod tests {
         assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
         assert!(guard.call(call(Some("s3cret2"))).is_err());
         assert!(WithToken::new(Some("two words")).is_err());
+        assert!(WithToken::new(Some("")).is_err());
+        assert!(WithToken::new(Some("naïve")).is_err());
     }
 }

@@ -80,7 +80,8 @@ impl Format {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputSpec {
-    /// A path, `file://` URL, folder or glob of interaction files.
+    /// A path, `file://` or `s3://bucket/prefix` URL, folder (prefix) or glob of
+    /// interaction files.
     pub interactions: String,
     /// csv | parquet. Default: from each object's extension; `.gz` is read transparently.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -173,7 +174,8 @@ pub struct CleanSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
-    /// Folder (path or `file://` URL) the job's outputs are written to.
+    /// Folder (path, `file://` URL or `s3://bucket/prefix`) the job's outputs are
+    /// written to.
     pub path: String,
 }
 
@@ -243,7 +245,8 @@ pub struct ClusterSpec {
     /// Workers `shoal run` starts (a standing coordinator uses those registered).
     #[serde(default = "default_workers")]
     pub workers: u32,
-    /// Where routed rows are staged (path or URL). Default: `<output.path>/_staging`.
+    /// Where routed rows are staged (path, `file://` or `s3://` URL). Default:
+    /// `<output.path>/_staging`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging: Option<String>,
     /// Compute device of the workers: auto (CUDA when a driver and a device exist,
@@ -354,7 +357,7 @@ impl JobSpec {
         if self.input.interactions.trim().is_empty() {
             return Err(invalid(
                 "input.interactions",
-                "must name a path, file:// URL, folder or glob",
+                "must name a path, file:// or s3:// URL, folder or glob",
             ));
         }
         if self.output.path.trim().is_empty() {

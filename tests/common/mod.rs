@@ -1,20 +1,24 @@
 //! Test fixtures for whole-system tests: an in-process cluster on loopback ports,
-//! job submission over the real JobService, output readers, a planted-groups
-//! interaction log generator, and the adjusted Rand index.
+//! job submission over the real JobService, output readers (local folders and any
+//! object-store location), an S3-compatible server (moto) on a loopback port, a
+//! planted-groups interaction log generator, and the adjusted Rand index.
 #![allow(dead_code)]
 
 use arrow::array::{Array, Float64Array, StringArray, UInt32Array, UInt64Array};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::ChunkReader;
 use shoal_coordinator::{CoordinatorConfig, CoordinatorHandle, spawn_coordinator};
 use shoal_kernels::CpuBackend;
 use shoal_proto::JobSpec;
+use shoal_proto::Location;
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::{GetJobRequest, JobState, JobStatus, ListWorkersRequest, SubmitJobRequest};
 use shoal_worker::{WorkerConfig, WorkerHandle, spawn_worker};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -149,49 +153,70 @@ pub fn read_assignments(out: &Path) -> BTreeMap<String, Assigned> {
         .collect();
     parts.sort();
     for part in parts {
-        let file = std::fs::File::open(&part).unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let b = batch.unwrap();
-            let col = |n: &str| {
-                b.column_by_name(n)
-                    .unwrap_or_else(|| panic!("column {n}"))
-                    .clone()
-            };
-            let user = col("user_id");
-            let user = user.as_any().downcast_ref::<StringArray>().unwrap();
-            let seg = col("segment");
-            let seg = seg.as_any().downcast_ref::<UInt32Array>().unwrap();
-            let dist = col("distance");
-            let dist = dist
-                .as_any()
-                .downcast_ref::<arrow::array::Float32Array>()
-                .unwrap();
-            let r = col("recency_days");
-            let r = r.as_any().downcast_ref::<Float64Array>().unwrap();
-            let f = col("frequency");
-            let f = f.as_any().downcast_ref::<UInt64Array>().unwrap();
-            let m = col("monetary");
-            let m = m.as_any().downcast_ref::<Float64Array>().unwrap();
-            for i in 0..b.num_rows() {
-                let prev = rows.insert(
-                    user.value(i).to_string(),
-                    Assigned {
-                        segment: seg.value(i),
-                        distance: dist.value(i),
-                        recency_days: r.value(i),
-                        frequency: f.value(i),
-                        monetary: m.value(i),
-                    },
-                );
-                assert!(prev.is_none(), "user {} appears twice", user.value(i));
-            }
-        }
+        add_assignments(&mut rows, std::fs::File::open(&part).unwrap());
     }
     rows
+}
+
+/// [`read_assignments`] of an output folder in any store (`s3://`, `file://`).
+pub async fn read_assignments_at(out: &Location) -> BTreeMap<String, Assigned> {
+    let mut rows = BTreeMap::new();
+    let dir = out.child("assignments.parquet");
+    let parts = dir.list().await.expect("list assignments.parquet/");
+    assert!(!parts.is_empty(), "no parts under {}", dir.url());
+    for part in parts {
+        add_assignments(&mut rows, dir.at(part.location).get().await.unwrap());
+    }
+    rows
+}
+
+/// Adds the rows of one assignments part; a user may appear only once.
+fn add_assignments<R: ChunkReader + 'static>(rows: &mut BTreeMap<String, Assigned>, part: R) {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(part)
+        .unwrap()
+        .build()
+        .unwrap();
+    for batch in reader {
+        let b = batch.unwrap();
+        let col = |n: &str| {
+            b.column_by_name(n)
+                .unwrap_or_else(|| panic!("column {n}"))
+                .clone()
+        };
+        let user = col("user_id");
+        let user = user.as_any().downcast_ref::<StringArray>().unwrap();
+        let seg = col("segment");
+        let seg = seg.as_any().downcast_ref::<UInt32Array>().unwrap();
+        let dist = col("distance");
+        let dist = dist
+            .as_any()
+            .downcast_ref::<arrow::array::Float32Array>()
+            .unwrap();
+        let r = col("recency_days");
+        let r = r.as_any().downcast_ref::<Float64Array>().unwrap();
+        let f = col("frequency");
+        let f = f.as_any().downcast_ref::<UInt64Array>().unwrap();
+        let m = col("monetary");
+        let m = m.as_any().downcast_ref::<Float64Array>().unwrap();
+        for i in 0..b.num_rows() {
+            let prev = rows.insert(
+                user.value(i).to_string(),
+                Assigned {
+                    segment: seg.value(i),
+                    distance: dist.value(i),
+                    recency_days: r.value(i),
+                    frequency: f.value(i),
+                    monetary: m.value(i),
+                },
+            );
+            assert!(prev.is_none(), "user {} appears twice", user.value(i));
+        }
+    }
+}
+
+/// (user, segment) pairs in user order.
+pub fn segments_of(a: &BTreeMap<String, Assigned>) -> Vec<(String, u32)> {
+    a.iter().map(|(u, r)| (u.clone(), r.segment)).collect()
 }
 
 pub fn read_report(out: &Path) -> serde_json::Value {
@@ -202,6 +227,27 @@ pub fn read_report(out: &Path) -> serde_json::Value {
 pub fn read_manifest(out: &Path) -> shoal_proto::manifest::Manifest {
     let text = std::fs::read_to_string(out.join("_SUCCESS")).expect("_SUCCESS");
     shoal_proto::manifest::Manifest::from_json(&text).expect("valid manifest")
+}
+
+/// [`read_report`] of an output folder in any store.
+pub async fn read_report_at(out: &Location) -> serde_json::Value {
+    let bytes = out.child("report.json").get().await.expect("report.json");
+    serde_json::from_slice(&bytes).expect("valid JSON")
+}
+
+/// [`read_manifest`] of an output folder in any store.
+pub async fn read_manifest_at(out: &Location) -> shoal_proto::manifest::Manifest {
+    let bytes = out.child("_SUCCESS").get().await.expect("_SUCCESS");
+    shoal_proto::manifest::Manifest::from_json(std::str::from_utf8(&bytes).unwrap())
+        .expect("valid manifest")
+}
+
+/// Copies a local file to `url` (any store) through shoal's own writer.
+pub async fn upload(local: &Path, url: &str) -> Location {
+    let loc = shoal_proto::store::resolve(url).unwrap();
+    let bytes = std::fs::read(local).unwrap_or_else(|e| panic!("{}: {e}", local.display()));
+    loc.put(bytes.into()).await.unwrap();
+    loc
 }
 
 /// The repository's bundled data.
@@ -400,6 +446,39 @@ shards = 6
     JobSpec::parse(&text).unwrap()
 }
 
+/// Rewrites a CSV log as Parquet with typed columns (Int64 quantity, Float64 price,
+/// Timestamp time) in several row groups.
+pub fn csv_to_parquet(csv: &Path, parquet_path: &Path) {
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use std::sync::Arc;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("order_id", DataType::Utf8, false),
+        Field::new("customer", DataType::Utf8, false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Second, None), false),
+        Field::new("sku", DataType::Utf8, false),
+        Field::new("qty", DataType::Int64, false),
+        Field::new("unit_price", DataType::Float64, false),
+    ]));
+    let reader = arrow::csv::ReaderBuilder::new(schema.clone())
+        .with_header(true)
+        .with_batch_size(500)
+        .build(std::fs::File::open(csv).unwrap())
+        .unwrap();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_max_row_group_row_count(Some(700))
+        .build();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(parquet_path).unwrap(),
+        schema,
+        Some(props),
+    )
+    .unwrap();
+    for batch in reader {
+        writer.write(&batch.unwrap()).unwrap();
+    }
+    writer.close().unwrap();
+}
+
 /// Adjusted Rand index of two labelings (Hubert & Arabie).
 pub fn adjusted_rand_index(a: &[usize], b: &[usize]) -> f64 {
     assert_eq!(a.len(), b.len());
@@ -444,4 +523,185 @@ fn iso_dates_round_trip() {
         iso(chrono_free_epoch_days(2000, 2, 29) as f64),
         "2000-02-29 00:00:00"
     );
+}
+
+/// The S3-compatible server of one test binary: moto on a free 127.0.0.1 port, with
+/// one bucket. [`s3`] starts it once; it stops when the test process exits.
+pub struct S3Server {
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+    /// A bucket that exists.
+    pub bucket: String,
+    /// moto's log (stdout and stderr).
+    pub log: PathBuf,
+    /// The watchdog's standard input: it is closed only when this process exits
+    /// (however it exits), and then the watchdog stops moto.
+    _watchdog: Mutex<(Child, ChildStdin)>,
+}
+
+/// Where moto's server is: `SHOAL_TEST_MOTO_SERVER`, else the venv scripts/test.sh
+/// installs. Missing, it is an error (S3 tests never skip).
+fn moto_server_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_TEST_MOTO_SERVER").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "SHOAL_TEST_MOTO_SERVER={} does not exist; run scripts/test.sh, which installs moto into target/s3-venv",
+            p.display()
+        );
+        return p;
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/s3-venv/bin/moto_server");
+    assert!(
+        p.is_file(),
+        "the S3 tests need moto's server: SHOAL_TEST_MOTO_SERVER is unset and {} does not exist; run scripts/test.sh (it installs moto[server] into target/s3-venv and sets SHOAL_TEST_MOTO_SERVER)",
+        p.display()
+    );
+    p
+}
+
+/// Starts moto (once per test binary), creates the bucket and points this process's
+/// S3 settings at it. Every S3 test calls this before it touches S3, so the
+/// environment is set before any S3 client reads it.
+pub fn s3() -> &'static S3Server {
+    static SERVER: OnceLock<S3Server> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let moto = moto_server_path();
+        let server = (1..=3)
+            .find_map(|attempt| S3Server::start(&moto, attempt))
+            .expect("moto did not start in 3 attempts (see the logs above)");
+        server.create_bucket(&server.bucket);
+        // SAFETY: set once, inside the OnceLock initialiser, before any S3 client of this
+        // process exists; every test that uses S3 blocks on this initialiser first, and no
+        // other thread of the test binary reads these variables.
+        unsafe {
+            std::env::set_var("AWS_ACCESS_KEY_ID", "shoal-test");
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", "shoal-test-secret");
+            std::env::set_var("AWS_REGION", "us-east-1");
+            std::env::remove_var("AWS_SESSION_TOKEN");
+            std::env::remove_var("AWS_ENDPOINT");
+            std::env::remove_var("AWS_ENDPOINT_URL");
+            std::env::remove_var("AWS_ENDPOINT_URL_S3");
+            std::env::set_var(shoal_proto::store::ENDPOINT_VAR, &server.endpoint);
+            let no_proxy = std::env::var("NO_PROXY").unwrap_or_default();
+            let no_proxy = if no_proxy.is_empty() {
+                "127.0.0.1,localhost".to_string()
+            } else {
+                format!("{no_proxy},127.0.0.1,localhost")
+            };
+            std::env::set_var("NO_PROXY", &no_proxy);
+            std::env::set_var("no_proxy", &no_proxy);
+        }
+        server
+    })
+}
+
+impl S3Server {
+    /// One attempt: a free port, moto under a watchdog, and a wait until it answers.
+    /// `None` when moto exited (e.g. the port was taken in between).
+    fn start(moto: &Path, attempt: u32) -> Option<S3Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("moto-{}-{attempt}.log", std::process::id()));
+        // The shell starts moto, then a watchdog that reads the shell's standard input
+        // (a pipe from this process) to its end and stops moto. The pipe ends when this
+        // process exits, normally or not, so moto never outlives the tests. The shell
+        // itself waits for moto, so its exit says that moto exited.
+        let script = r#"
+            "$1" -H 127.0.0.1 -p "$2" >"$3" 2>&1 </dev/null &
+            moto=$!
+            exec 3<&0
+            { cat <&3 >/dev/null; kill "$moto" 2>/dev/null; } &
+            exec 3<&-
+            wait "$moto"
+        "#;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("shoal-moto")
+            .arg(moto)
+            .arg(port.to_string())
+            .arg(&log)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", moto.display()));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = child.try_wait().expect("poll moto") {
+                eprintln!(
+                    "moto on port {port} exited ({status}):\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                return None;
+            }
+            if matches!(http(port, "GET", "/"), Ok((200, _))) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto on port {port} did not answer within 120 s; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(S3Server {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            bucket: "shoal-test".to_string(),
+            log,
+            _watchdog: Mutex::new((child, stdin)),
+        })
+    }
+
+    fn port(&self) -> u16 {
+        self.endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("endpoint has a port")
+    }
+
+    /// Creates a bucket with a plain (unsigned) HTTP PUT; moto accepts those.
+    pub fn create_bucket(&self, bucket: &str) {
+        match http(self.port(), "PUT", &format!("/{bucket}")) {
+            Ok((200, _)) => {}
+            other => panic!(
+                "creating bucket {bucket} on {}: {other:?}; moto's log: {}",
+                self.endpoint,
+                self.log.display()
+            ),
+        }
+    }
+
+    /// `s3://<bucket>/<key>`
+    pub fn url(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.bucket, key.trim_start_matches('/'))
+    }
+}
+
+/// One HTTP/1.1 request without a body to 127.0.0.1:`port`: status and body.
+fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
