@@ -1,14 +1,17 @@
-//! The operators' side of the JobService: submit, watch with progress, and the
-//! segment table printed at the end.
+//! The operators' side of the JobService: submit, watch with progress, cancel,
+//! list, and the segment table printed at the end.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::watch::{self, EXIT_CANCELLED, View, is_finished, state_name};
 use shoal_proto::auth::{AuthChannel, WithToken};
 use shoal_proto::pb::job_service_client::JobServiceClient;
-use shoal_proto::pb::{GetJobRequest, JobState, JobStatus, ListWorkersRequest, SubmitJobRequest};
+use shoal_proto::pb::{
+    GetJobRequest, JobState, JobStatus, ListJobsRequest, ListWorkersRequest, SubmitJobRequest,
+};
+use shoal_proto::tls;
 use shoal_proto::{JobSpec, store};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -17,11 +20,17 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the coordinator at `url`; every call carries `token`.
-    pub async fn connect(url: &str, token: Option<&str>) -> Result<Client, BoxError> {
+    /// Connects to the coordinator at `url`; every call carries `token`. For an
+    /// `https://` URL the coordinator's certificate is checked against the system's
+    /// roots and the CA certificate `ca`, if given.
+    pub async fn connect(
+        url: &str,
+        token: Option<&str>,
+        ca: Option<&Path>,
+    ) -> Result<Client, BoxError> {
         let token = WithToken::new(token).map_err(|e| format!("SHOAL_TOKEN: {e}"))?;
-        let channel = Channel::from_shared(url.to_string())
-            .map_err(|e| format!("the coordinator URL {url} is not valid: {e}"))?
+        let channel = tls::endpoint(url, ca)
+            .map_err(|e| format!("the coordinator URL: {e}"))?
             .connect()
             .await
             .map_err(|e| format!("cannot reach the coordinator at {url}: {e}"))?;
@@ -77,7 +86,8 @@ impl Client {
         }
     }
 
-    /// Follows the job until it ends, with a progress line on a terminal.
+    /// Follows the job until it ends, showing its progress: a bar per phase on a
+    /// terminal, one plain line per change otherwise (see [`View`]).
     pub async fn watch(&mut self, job: &str) -> Result<JobStatus, BoxError> {
         let mut stream = self
             .inner
@@ -87,17 +97,26 @@ impl Client {
             .await
             .map_err(|s| s.message().to_string())?
             .into_inner();
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed:>3} {msg}").expect("valid template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(100));
+        let mut view = View::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut last = None;
-        while let Some(status) = stream.message().await? {
-            bar.set_message(progress_line(&status));
-            last = Some(status);
+        loop {
+            tokio::select! {
+                message = stream.message() => match message {
+                    Ok(Some(status)) => {
+                        view.show(&status);
+                        last = Some(status);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        view.end(None);
+                        return Err(format!("the watch of {job} broke off: {}", e.message()).into());
+                    }
+                },
+                _ = tick.tick() => view.tick(),
+            }
         }
-        bar.finish_and_clear();
+        view.end(last.as_ref());
         match last {
             Some(s) => Ok(s),
             None => {
@@ -105,44 +124,160 @@ impl Client {
             }
         }
     }
+
+    /// Asks the coordinator to cancel the job; its status right after.
+    pub async fn cancel(&mut self, job: &str) -> Result<JobStatus, BoxError> {
+        let resp = self
+            .inner
+            .cancel_job(GetJobRequest {
+                job_id: job.to_string(),
+            })
+            .await
+            .map_err(|s| s.message().to_string())?;
+        Ok(resp.into_inner())
+    }
+
+    /// Every job the coordinator knows, oldest first.
+    pub async fn jobs(&mut self) -> Result<Vec<JobStatus>, BoxError> {
+        let resp = self
+            .inner
+            .list_jobs(ListJobsRequest {})
+            .await
+            .map_err(|s| s.message().to_string())?;
+        Ok(resp.into_inner().jobs)
+    }
+
+    /// Follows the job without showing anything until it ends or `limit` passes;
+    /// the last status seen.
+    pub async fn wait_quietly(
+        &mut self,
+        job: &str,
+        limit: Duration,
+    ) -> Result<JobStatus, BoxError> {
+        let mut stream = self
+            .inner
+            .watch_job(GetJobRequest {
+                job_id: job.to_string(),
+            })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut last = None;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.message()).await {
+                Ok(Ok(Some(status))) => last = Some(status),
+                Ok(Ok(None)) | Err(_) => break,
+                Ok(Err(e)) => {
+                    return Err(format!("the watch of {job} broke off: {}", e.message()).into());
+                }
+            }
+        }
+        match last {
+            Some(s) => Ok(s),
+            None => self.status(job).await,
+        }
+    }
+
+    /// `shoal cancel`: cancels the job and waits up to `limit` for it to stop.
+    /// Exit code 0 when the job is cancelled, or had already finished (said so);
+    /// 1 when it is still stopping after `limit`.
+    pub async fn cancel_and_wait(
+        &mut self,
+        job: &str,
+        limit: Duration,
+    ) -> Result<ExitCode, BoxError> {
+        let asked = Instant::now();
+        let status = self.cancel(job).await?;
+        let outcome = |s: &JobStatus, waited: bool| -> ExitCode {
+            match JobState::try_from(s.state).unwrap_or(JobState::Unspecified) {
+                JobState::Cancelled => {
+                    println!("job {job} cancelled ({})", s.error);
+                    ExitCode::SUCCESS
+                }
+                JobState::Succeeded | JobState::Failed => {
+                    let when = if waited {
+                        "before the cancellation took effect"
+                    } else {
+                        "already"
+                    };
+                    let mut text =
+                        format!("job {job} had {when} finished: {}", state_name(s.state));
+                    if !s.error.is_empty() {
+                        text.push_str(&format!(" ({})", s.error));
+                    }
+                    println!("{text}; nothing to cancel");
+                    ExitCode::SUCCESS
+                }
+                _ => {
+                    eprintln!(
+                        "job {job} is still {} in {} {} after the cancellation was asked for; see `shoal status {job}`",
+                        state_name(s.state),
+                        s.phase,
+                        watch::duration(asked.elapsed().as_millis() as i64)
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        };
+        if is_finished(&status) {
+            return Ok(outcome(&status, false));
+        }
+        println!("cancelling job {job} (running, phase {})", status.phase);
+        let status = self.wait_quietly(job, limit).await?;
+        if status.state == JobState::Cancelled as i32 {
+            println!(
+                "the job stopped {} after the cancellation was asked for",
+                watch::duration(asked.elapsed().as_millis() as i64)
+            );
+        }
+        Ok(outcome(&status, true))
+    }
 }
 
-fn state_name(s: &JobStatus) -> &'static str {
-    match JobState::try_from(s.state).unwrap_or(JobState::Unspecified) {
-        JobState::Unspecified => "unknown",
-        JobState::Queued => "queued",
-        JobState::Running => "running",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-    }
-}
-
-fn progress_line(s: &JobStatus) -> String {
-    let mut line = format!("{} · {}", state_name(s), s.phase);
-    if s.rows_read > 0 {
-        line.push_str(&format!(" · {} rows", s.rows_read));
-    }
-    if s.users > 0 {
-        line.push_str(&format!(" · {} users", s.users));
-    }
-    if s.iteration > 0 {
-        line.push_str(&format!(
-            " · iteration {} · inertia {:.1}",
-            s.iteration, s.inertia
-        ));
-    }
-    line
-}
-
+/// `shoal status`: the job's state, phases with their timings, error and output.
 pub fn describe(s: &JobStatus) -> String {
+    let now = watch::now_ms();
     let mut text = format!(
-        "{} ({}): {} · phase {}",
+        "{} ({}): {}{} · phase {}",
         s.job_id,
         s.name,
-        state_name(s),
+        state_name(s.state),
+        if s.cancel_requested && !is_finished(s) {
+            ", cancelling"
+        } else {
+            ""
+        },
         s.phase
     );
+    if !is_finished(s) && s.phase_progress > 0.0 {
+        text.push_str(&format!(" {:.0}%", 100.0 * s.phase_progress));
+    }
+    text.push_str(&format!(
+        "\nsubmitted {} UTC",
+        watch::utc(s.submitted_unix_ms)
+    ));
+    if let Some(ms) = watch::job_ms(s, now) {
+        text.push_str(&format!(" · ran {}", watch::duration(ms)));
+    }
+    for t in &s.phases {
+        let (took, running) = if t.finished_unix_ms > 0 {
+            (t.finished_unix_ms - t.started_unix_ms, "")
+        } else {
+            (now - t.started_unix_ms, " (running)")
+        };
+        let detail = watch::phase_detail(s, t);
+        text.push_str(&format!(
+            "\n  {:<9} {:>10}{running}{}",
+            t.phase,
+            watch::duration(took),
+            if detail.is_empty() {
+                String::new()
+            } else {
+                format!("  {detail}")
+            }
+        ));
+    }
     if !s.error.is_empty() {
         text.push_str(&format!("\nerror: {}", s.error));
     }
@@ -150,20 +285,39 @@ pub fn describe(s: &JobStatus) -> String {
     text
 }
 
-/// Prints the outcome: the segment table on success, the error otherwise.
+/// Prints the outcome: the segment table on success (when the report can be read
+/// from here), the error otherwise. Exit code 0 only for a job that succeeded,
+/// [`EXIT_CANCELLED`] for a cancelled one, 1 for a failed one.
 pub async fn finish(status: &JobStatus) -> Result<ExitCode, BoxError> {
     if status.state != JobState::Succeeded as i32 {
         eprintln!(
             "job {} {}: {}",
             status.job_id,
-            state_name(status),
+            state_name(status.state),
             status.error
         );
-        return Ok(ExitCode::FAILURE);
+        return Ok(if status.state == JobState::Cancelled as i32 {
+            ExitCode::from(EXIT_CANCELLED)
+        } else {
+            ExitCode::FAILURE
+        });
     }
     let out = store::resolve(&status.output)?;
-    let report: serde_json::Value = serde_json::from_slice(&out.child("report.json").get().await?)?;
-    print_segments(&report);
+    let report = match out.child("report.json").get().await {
+        Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| format!("report.json is not valid JSON: {e}")),
+        Err(e) => Err(e.to_string()),
+    };
+    match report {
+        Ok(report) => print_segments(&report),
+        Err(e) => {
+            // The job succeeded; this machine may just not reach its output.
+            println!(
+                "job {} succeeded; its report cannot be read from here: {e}",
+                status.job_id
+            );
+        }
+    }
     println!("\noutputs in {}", out.url());
     println!(
         "  assignments.parquet/  one row per user: segment, distances, recency, frequency, monetary"

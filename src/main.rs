@@ -3,13 +3,15 @@
 
 mod bench;
 mod client;
+mod watch;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use shoal_coordinator::{CoordinatorConfig, StateConfig, spawn_coordinator};
 use shoal_kernels::Backend;
 use shoal_kernels::device::DeviceChoice;
 use shoal_proto::JobSpec;
 use shoal_proto::spec::{DEMO_SPEC, Device};
+use shoal_proto::tls::ServerIdentity;
 use shoal_worker::{WorkerConfig, spawn_worker};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -86,6 +88,8 @@ enum Command {
         /// Bearer token of the workers (default: the operators' token).
         #[arg(long, env = "SHOAL_WORKER_TOKEN", hide_env_values = true)]
         worker_token: Option<String>,
+        #[command(flatten)]
+        serving: Serving,
     },
     /// Run a worker that registers with a coordinator and does what it is told.
     Worker {
@@ -103,6 +107,8 @@ enum Command {
         /// The workers' bearer token (the coordinator's SHOAL_WORKER_TOKEN).
         #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        serving: Serving,
     },
     /// List the compute backends of this machine: CUDA devices, or why there are none.
     Devices,
@@ -118,18 +124,108 @@ enum Command {
         /// The operators' bearer token (what the coordinator was given as SHOAL_TOKEN).
         #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        tls: ClientTls,
     },
     /// Benchmark a compute backend on synthetic data (prints JSON lines).
     Bench(bench::BenchArgs),
     /// Show a job's status.
     Status {
+        #[arg(env = "SHOAL_JOB")]
         job: String,
         #[arg(long, env = "SHOAL_COORDINATOR")]
         coordinator: String,
         /// The operators' bearer token (what the coordinator was given as SHOAL_TOKEN).
         #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        tls: ClientTls,
     },
+    /// Follow a job until it ends: a bar per phase on a terminal, a line per change
+    /// otherwise. Exit 0 only if it succeeded (1 failed, 3 cancelled).
+    Watch {
+        /// The job id, as `shoal submit` printed it.
+        #[arg(env = "SHOAL_JOB")]
+        job: String,
+        #[command(flatten)]
+        to: Operator,
+    },
+    /// Cancel a job: a queued job never starts; a running one stops on every worker,
+    /// its staging is removed and its output gets no _SUCCESS. Exit 0 once it is
+    /// cancelled (or if it had already finished).
+    Cancel {
+        /// The job id, as `shoal submit` printed it.
+        #[arg(env = "SHOAL_JOB")]
+        job: String,
+        /// Seconds to wait for a running job to stop.
+        #[arg(long, env = "SHOAL_CANCEL_WAIT_SECS", default_value_t = 60)]
+        wait_secs: u64,
+        #[command(flatten)]
+        to: Operator,
+    },
+    /// List the coordinator's jobs: id, name, state, phase, submitted, duration, error.
+    Jobs {
+        #[command(flatten)]
+        to: Operator,
+    },
+}
+
+/// The coordinator an operator's command talks to, and how.
+#[derive(Args, Debug, Clone)]
+struct Operator {
+    /// The coordinator's URL, e.g. http://coordinator:7070
+    #[arg(long, env = "SHOAL_COORDINATOR")]
+    coordinator: String,
+    /// The operators' bearer token (what the coordinator was given as SHOAL_TOKEN).
+    #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[command(flatten)]
+    tls: ClientTls,
+}
+
+impl Operator {
+    async fn connect(&self) -> Result<client::Client, BoxError> {
+        client::Client::connect(
+            &self.coordinator,
+            self.token.as_deref(),
+            self.tls.tls_ca.as_deref(),
+        )
+        .await
+    }
+}
+
+/// TLS of a gRPC server that also calls other servers, and its HTTP endpoints.
+#[derive(Args, Debug, Clone)]
+struct Serving {
+    /// Certificate chain (PEM) to serve TLS with (with --tls-key); clients then use https://.
+    #[arg(long, env = "SHOAL_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "SHOAL_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    client: ClientTls,
+    /// Address for the HTTP endpoints /healthz, /readyz and /metrics (e.g. 0.0.0.0:8080).
+    #[arg(long, env = "SHOAL_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+}
+
+impl Serving {
+    fn identity(&self) -> Result<Option<ServerIdentity>, BoxError> {
+        Ok(ServerIdentity::from_paths(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+        )?)
+    }
+}
+
+/// TLS of a gRPC client.
+#[derive(Args, Debug, Clone)]
+struct ClientTls {
+    /// CA certificate (PEM) that signs the servers' certificates, for https:// URLs
+    /// (the system's roots are trusted too).
+    #[arg(long, env = "SHOAL_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 fn init_tracing(format: LogFormat, filter: &str) {
@@ -226,6 +322,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             worker_wait_secs,
             token,
             worker_token,
+            serving,
         } => {
             let shutdown = CancellationToken::new();
             let config = CoordinatorConfig {
@@ -235,9 +332,12 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                     worker_timeout: Duration::from_secs(worker_timeout_secs),
                     worker_wait: Duration::from_secs(worker_wait_secs),
                     worker_token: worker_token.or_else(|| token.clone()),
+                    tls_ca: serving.client.tls_ca.clone(),
                     ..StateConfig::default()
                 },
                 operator_token: token,
+                tls: serving.identity()?,
+                http_listen: serving.http_listen,
             };
             let handle = spawn_coordinator(config, shutdown.clone()).await?;
             eprintln!("shoal coordinator listening on {}", handle.url());
@@ -251,6 +351,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             advertise,
             device,
             token,
+            serving,
         } => {
             let shutdown = CancellationToken::new();
             let config = WorkerConfig {
@@ -258,6 +359,9 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 coordinator,
                 advertise,
                 token,
+                tls: serving.identity()?,
+                tls_ca: serving.client.tls_ca,
+                http_listen: serving.http_listen,
                 ..WorkerConfig::default()
             };
             let (backend, why) = backend(device)?;
@@ -273,9 +377,12 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             coordinator,
             wait,
             token,
+            tls,
         } => {
             let spec = JobSpec::from_file(&spec, &cwd()?)?;
-            let mut client = client::Client::connect(&coordinator, token.as_deref()).await?;
+            let mut client =
+                client::Client::connect(&coordinator, token.as_deref(), tls.tls_ca.as_deref())
+                    .await?;
             let job = client.submit(&spec).await?;
             println!("{job}");
             if !wait {
@@ -289,10 +396,34 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             job,
             coordinator,
             token,
+            tls,
         } => {
-            let mut client = client::Client::connect(&coordinator, token.as_deref()).await?;
+            let mut client =
+                client::Client::connect(&coordinator, token.as_deref(), tls.tls_ca.as_deref())
+                    .await?;
             let status = client.status(&job).await?;
             println!("{}", client::describe(&status));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { job, to } => {
+            let mut client = to.connect().await?;
+            let status = client.watch(&job).await?;
+            client::finish(&status).await
+        }
+        Command::Cancel { job, wait_secs, to } => {
+            let mut client = to.connect().await?;
+            client
+                .cancel_and_wait(&job, Duration::from_secs(wait_secs))
+                .await
+        }
+        Command::Jobs { to } => {
+            let mut client = to.connect().await?;
+            let jobs = client.jobs().await?;
+            if jobs.is_empty() {
+                println!("no jobs");
+            } else {
+                println!("{}", watch::jobs_table(&jobs, watch::now_ms()));
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -351,7 +482,7 @@ async fn run_in_process(spec: JobSpec, workers: u32) -> Result<ExitCode, BoxErro
         handles.push(spawn_worker(config, backend.clone(), shutdown.clone()).await?);
     }
     stop_on_signal(shutdown.clone());
-    let mut client = client::Client::connect(&url, None).await?;
+    let mut client = client::Client::connect(&url, None, None).await?;
     client
         .wait_for_workers(workers.max(1) as usize, Duration::from_secs(30))
         .await?;

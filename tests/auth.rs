@@ -5,9 +5,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{DEADLINE, demo_spec, read_assignments, succeeded};
+use common::{demo_spec, read_assignments, run_job_with, succeeded};
 use shoal_coordinator::{CoordinatorConfig, CoordinatorHandle, StateConfig, spawn_coordinator};
 use shoal_kernels::CpuBackend;
 use shoal_proto::PROTOCOL_VERSION;
@@ -15,10 +15,7 @@ use shoal_proto::auth::{AuthChannel, WithToken};
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::registry_service_client::RegistryServiceClient;
 use shoal_proto::pb::worker_service_client::WorkerServiceClient;
-use shoal_proto::pb::{
-    GetJobRequest, JobState, ListJobsRequest, ListWorkersRequest, RegisterRequest,
-    ReleaseJobRequest, SubmitJobRequest,
-};
+use shoal_proto::pb::{ListJobsRequest, ListWorkersRequest, RegisterRequest, ReleaseJobRequest};
 use shoal_worker::{WorkerConfig, WorkerError, spawn_worker};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -187,30 +184,7 @@ async fn a_job_runs_with_tokens_on_every_call() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let mut client = jobs(&c.url(), Some(OPERATORS)).await;
-    let id = client
-        .submit_job(SubmitJobRequest {
-            spec_toml: demo_spec(&out, 4).to_toml(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        let s = client
-            .get_job(GetJobRequest { job_id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
-            .iter()
-            .any(|t| *t as i32 == s.state)
-        {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "job did not finish: {s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = run_job_with(&mut client, &demo_spec(&out, 4)).await;
     assert!(succeeded(&status), "{status:?}");
     assert_eq!(read_assignments(&out).len(), 4338);
     shutdown.cancel();

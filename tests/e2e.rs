@@ -5,8 +5,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_data_gives_identical_assignments_with_1_and_3_workers() {
@@ -147,97 +146,39 @@ async fn planted_customer_groups_are_recovered() {
     );
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn shoal() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
-    c.env("SHOAL_LOG", "info");
-    c
-}
-
-/// Starts the coordinator as a process on port 0 and reads its URL from its log.
-fn coordinator_process() -> (Proc, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = shoal()
-        .args(["coordinator", "--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start coordinator");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && let Some(url) = line.strip_prefix("shoal coordinator listening on ") {
-                let _ = tx.send(url.trim().to_string());
-                sent = true;
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("coordinator prints its address");
-    (Proc(child), url)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_worker_processes_started_by_hand() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("log.csv");
     write_planted_log(&input, 150, 5, 0);
     let (_coordinator, url) = coordinator_process();
-    let _workers: Vec<Proc> = (0..3)
-        .map(|_| {
-            Proc(
-                shoal()
-                    .args(["worker", "--coordinator", &url, "--listen", "127.0.0.1:0"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("start worker"),
-            )
-        })
-        .collect();
+    let _workers: Vec<Proc> = (0..3).map(|_| worker_process(&url, &[])).collect();
     wait_for_workers(&url, 3).await;
 
     let out = dir.path().join("out");
     let spec_path = dir.path().join("job.toml");
     std::fs::write(&spec_path, planted_spec(&input, &out, 4).to_toml()).unwrap();
-    let submitted = tokio::task::spawn_blocking({
-        let url = url.clone();
-        move || {
-            shoal()
-                .args([
-                    "submit",
-                    spec_path.to_str().unwrap(),
-                    "--coordinator",
-                    &url,
-                    "--wait",
-                ])
-                .output()
-                .expect("run shoal submit")
-        }
-    })
-    .await
-    .unwrap();
-    assert!(
-        submitted.status.success(),
-        "submit --wait failed: {}\n{}",
-        String::from_utf8_lossy(&submitted.stdout),
-        String::from_utf8_lossy(&submitted.stderr)
+    let submitted = run_shoal(
+        &[
+            "submit",
+            spec_path.to_str().unwrap(),
+            "--coordinator",
+            &url,
+            "--wait",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        submitted.code,
+        Some(0),
+        "submit --wait: {}",
+        submitted.text()
     );
-    let stdout = String::from_utf8_lossy(&submitted.stdout);
     assert!(
-        stdout.contains("median recency"),
-        "prints the segment table: {stdout}"
+        submitted.stdout.contains("median recency"),
+        "prints the segment table: {}",
+        submitted.text()
     );
     assert_eq!(read_report(&out)["workers"], 3);
     let by_processes = read_assignments(&out);

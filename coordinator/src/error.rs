@@ -75,6 +75,8 @@ pub enum CoordinatorError {
     ShuttingDown,
     #[error("{which}: {reason}")]
     BadToken { which: &'static str, reason: String },
+    #[error(transparent)]
+    Tls(#[from] shoal_proto::tls::TlsError),
 }
 
 impl CoordinatorError {
@@ -116,7 +118,8 @@ impl CoordinatorError {
             CoordinatorError::ProtocolVersion { .. } => Code::FailedPrecondition,
             CoordinatorError::Bind { .. }
             | CoordinatorError::Serve(_)
-            | CoordinatorError::BadToken { .. } => Code::Internal,
+            | CoordinatorError::BadToken { .. }
+            | CoordinatorError::Tls(_) => Code::Internal,
             CoordinatorError::ShuttingDown => Code::Unavailable,
         }
     }

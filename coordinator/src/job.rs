@@ -13,12 +13,13 @@ use shoal_proto::pb::worker_service_client::WorkerServiceClient;
 use shoal_proto::pb::{self, PointRef};
 use shoal_proto::spec::Format;
 use shoal_proto::store::{self, InputObject};
+use shoal_proto::tls;
 use shoal_proto::{JobId, JobSpec, MAX_MESSAGE_BYTES, hash};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::{Instrument, info, info_span, warn};
 
 /// Parquet row groups are grouped into splits of about this many bytes.
@@ -38,23 +39,47 @@ pub struct JobContext {
     pub cancel: CancellationToken,
 }
 
-/// Runs the job; on cancellation the in-flight step is abandoned.
+/// Runs the job; on cancellation the in-flight step is abandoned (unless the
+/// outputs are already being written: then the write finishes, so the output is
+/// never left half-committed), the job is released on every worker, which stops
+/// its work there, and its staging is removed.
 pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
     let span = info_span!("job", job = %ctx.id, name = %ctx.spec.name);
     let crew = std::sync::Mutex::new(Vec::<Member>::new());
-    let result = tokio::select! {
-        _ = ctx.cancel.cancelled() => Err(CoordinatorError::Cancelled),
-        r = drive(&ctx, &crew).instrument(span.clone()) => r,
+    let committing = AtomicBool::new(false);
+    let mut work = Box::pin(drive(&ctx, &crew, &committing).instrument(span.clone()));
+    let finished = tokio::select! {
+        r = &mut work => Some(r),
+        _ = ctx.cancel.cancelled() => None,
     };
-    // Best effort: workers forget the job, staging is removed.
+    let result = match finished {
+        Some(r) => r,
+        None if committing.load(Ordering::SeqCst) => {
+            info!(
+                parent: &span,
+                "cancel arrived while the outputs were being written; finishing the write"
+            );
+            work.await
+        }
+        None => {
+            // Dropping the driver aborts its in-flight calls to the workers.
+            drop(work);
+            info!(parent: &span, "job cancelled; releasing it on its workers");
+            Err(CoordinatorError::Cancelled)
+        }
+    };
+    // Workers forget the job and stop its work (all at once, each bounded); then
+    // staging is removed, after the last write a worker could make into it.
     let members = std::mem::take(&mut *crew.lock().expect("crew lock"));
-    for m in &members {
-        let mut c = m.client.clone();
-        let _ = c
-            .release_job(pb::ReleaseJobRequest {
-                job_id: ctx.id.to_string(),
-            })
-            .await;
+    let started = Instant::now();
+    futures::future::join_all(members.iter().map(|m| release(m, &ctx.id, &span))).await;
+    if !members.is_empty() {
+        info!(
+            parent: &span,
+            workers = members.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "job released on its workers"
+        );
     }
     if let Ok(staging) = store::resolve(&ctx.spec.staging_for(&ctx.id)) {
         if let Err(e) = staging.delete_all().await {
@@ -68,6 +93,47 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
         base.remove_empty_folders();
     }
     result
+}
+
+/// How long the coordinator waits for a worker to release a job (the worker
+/// itself waits up to 10 s for the job's tasks to stop).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often the workers' ingest counters are read for the job's progress.
+const INGEST_POLL: Duration = Duration::from_millis(500);
+
+/// Releases the job on one worker (best effort: a worker that is gone forgets it
+/// anyway); logs what did not go as planned.
+async fn release(m: &Member, job: &JobId, span: &tracing::Span) {
+    let mut c = m.client.clone();
+    let req = pb::ReleaseJobRequest {
+        job_id: job.to_string(),
+    };
+    match tokio::time::timeout(RELEASE_TIMEOUT, c.release_job(req)).await {
+        Ok(Ok(r)) if r.get_ref().stopped => {}
+        Ok(Ok(_)) => {
+            warn!(
+                parent: span,
+                worker = %m.worker.id,
+                "the worker still ran tasks of the job when it answered the release"
+            )
+        }
+        Ok(Err(status)) => {
+            warn!(
+                parent: span,
+                worker = %m.worker.id,
+                error = %status.message(),
+                "could not release the job on a worker"
+            )
+        }
+        Err(_) => {
+            warn!(
+                parent: span,
+                worker = %m.worker.id,
+                "the worker did not answer the release within {} s",
+                RELEASE_TIMEOUT.as_secs()
+            )
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -94,12 +160,16 @@ impl Member {
     }
 }
 
-async fn connect(worker: WorkerEntry, token: WithToken) -> Result<Member, CoordinatorError> {
-    let endpoint = Channel::from_shared(worker.address.clone())
+async fn connect(
+    worker: WorkerEntry,
+    token: WithToken,
+    ca: Option<&std::path::Path>,
+) -> Result<Member, CoordinatorError> {
+    let endpoint = tls::endpoint(&worker.address, ca)
         .map_err(|e| CoordinatorError::Protocol {
             worker: worker.id.to_string(),
             step: "connect",
-            detail: format!("bad address {}: {e}", worker.address),
+            detail: e.to_string(),
         })?
         .connect_timeout(Duration::from_secs(10));
     let channel = endpoint
@@ -183,9 +253,44 @@ impl Driver<'_> {
     }
 }
 
+/// Reads the workers' ingest counters every [`INGEST_POLL`] and reports rows and
+/// bytes read (and the share of the planned bytes) as the job's progress. Never
+/// ends: it runs alongside the ingest step. Workers that do not answer in time
+/// are left out of that round.
+async fn watch_ingest(d: &Driver<'_>, bytes_total: u64) -> std::convert::Infallible {
+    let mut last = (0u64, 0u64);
+    loop {
+        tokio::time::sleep(INGEST_POLL).await;
+        let activity = futures::future::join_all(d.crew.iter().map(|m| {
+            let mut c = m.client.clone();
+            let req = pb::JobActivityRequest { job_id: d.job_id() };
+            async move {
+                match tokio::time::timeout(INGEST_POLL, c.get_job_activity(req)).await {
+                    Ok(Ok(r)) => Some(r.into_inner()),
+                    _ => None,
+                }
+            }
+        }))
+        .await;
+        let rows: u64 = activity.iter().flatten().map(|a| a.rows_read).sum();
+        let bytes: u64 = activity.iter().flatten().map(|a| a.bytes_read).sum();
+        if (rows, bytes) != last {
+            last = (rows, bytes);
+            d.progress(Progress {
+                rows_read: Some(rows),
+                bytes_read: Some(bytes),
+                phase_progress: (bytes_total > 0)
+                    .then(|| (bytes as f64 / bytes_total as f64).min(1.0)),
+                ..Default::default()
+            });
+        }
+    }
+}
+
 async fn drive(
     ctx: &JobContext,
     crew_slot: &std::sync::Mutex<Vec<Member>>,
+    committing: &AtomicBool,
 ) -> Result<(), CoordinatorError> {
     let spec = &ctx.spec;
     let started = Instant::now();
@@ -218,7 +323,8 @@ async fn drive(
             reason,
         }
     })?;
-    let crew = try_join_all(workers.into_iter().map(|w| connect(w, token.clone()))).await?;
+    let ca = ctx.state.config.tls_ca.as_deref();
+    let crew = try_join_all(workers.into_iter().map(|w| connect(w, token.clone(), ca))).await?;
     *crew_slot.lock().expect("crew lock") = crew.clone();
     let d = Driver {
         ctx,
@@ -248,22 +354,33 @@ async fn drive(
                 .collect()
         })
         .collect();
-    let answers = d
-        .all("ingest", |m, mut c| {
-            let req = pb::IngestRequest {
-                job: Some(job_ctx.clone()),
-                attempt: ATTEMPT,
-                splits: per_member[m].clone(),
-            };
-            async move { c.ingest(req).await }
-        })
-        .await?;
+    let bytes_total: u64 = splits.iter().map(|s| s.size).sum();
+    d.progress(Progress {
+        bytes_total: Some(bytes_total),
+        bytes_read: Some(0),
+        rows_read: Some(0),
+        ..Default::default()
+    });
+    let ingest = d.all("ingest", |m, mut c| {
+        let req = pb::IngestRequest {
+            job: Some(job_ctx.clone()),
+            attempt: ATTEMPT,
+            splits: per_member[m].clone(),
+        };
+        async move { c.ingest(req).await }
+    });
+    let answers = tokio::select! {
+        answers = ingest => answers?,
+        never = watch_ingest(&d, bytes_total) => match never {},
+    };
     let mut split_results: Vec<pb::SplitResult> =
         answers.into_iter().flat_map(|a| a.splits).collect();
     split_results.sort_by_key(|s| s.split);
     let rows = output::RowTally::from_splits(&split_results);
     d.progress(Progress {
         rows_read: Some(rows.read),
+        bytes_read: Some(split_results.iter().map(|s| s.bytes_read).sum()),
+        phase_progress: Some(1.0),
         ..Default::default()
     });
     if rows.read == 0 {
@@ -285,6 +402,8 @@ async fn drive(
         .max()
         .unwrap_or(0);
     info!(read = rows.read, kept = rows.kept, "ingested");
+    let bytes_read = split_results.iter().map(|s| s.bytes_read).sum();
+    ctx.state.config.metrics.ingested(rows.read, bytes_read);
     times.add("ingest", t);
 
     // ---- load
@@ -468,6 +587,7 @@ async fn drive(
     let t = Instant::now();
     d.phase("write");
     times.add("write", t);
+    ctx.state.config.metrics.phases(&times);
     let report = Report::new(
         ctx,
         &rows,
@@ -491,6 +611,8 @@ async fn drive(
         d.crew.len(),
         reference_ms,
     );
+    // From here a cancellation lets the write finish (see `run`).
+    committing.store(true, Ordering::SeqCst);
     output::write_all(
         ctx, &output, &inputs, &finals, &summary, &centroids, dims, report,
     )

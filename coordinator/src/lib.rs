@@ -7,6 +7,7 @@ pub mod error;
 pub mod grpc;
 pub mod job;
 pub mod kmeans;
+pub mod metrics;
 pub mod output;
 pub mod state;
 
@@ -17,6 +18,7 @@ use shoal_proto::MAX_MESSAGE_BYTES;
 use shoal_proto::auth::{RequireToken, WithToken};
 use shoal_proto::pb::job_service_server::JobServiceServer;
 use shoal_proto::pb::registry_service_server::RegistryServiceServer;
+use shoal_proto::tls::ServerIdentity;
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,6 +34,10 @@ pub struct CoordinatorConfig {
     /// The operators' token: every JobService call must carry it. `None`:
     /// authentication off. (The workers' token is in [`StateConfig`].)
     pub operator_token: Option<String>,
+    /// Certificate and key to serve TLS with; `None`: plain HTTP/2.
+    pub tls: Option<ServerIdentity>,
+    /// Address of the HTTP endpoints (/healthz, /readyz, /metrics); `None`: none.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Default for CoordinatorConfig {
@@ -40,6 +46,8 @@ impl Default for CoordinatorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             state: StateConfig::default(),
             operator_token: None,
+            tls: None,
+            http_listen: None,
         }
     }
 }
@@ -47,6 +55,10 @@ impl Default for CoordinatorConfig {
 /// A running coordinator.
 pub struct CoordinatorHandle {
     pub addr: SocketAddr,
+    /// Where the HTTP endpoints listen, when asked for.
+    pub http_addr: Option<SocketAddr>,
+    /// Whether it serves TLS.
+    tls: bool,
     tracker: TaskTracker,
     server: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
 }
@@ -54,7 +66,8 @@ pub struct CoordinatorHandle {
 impl CoordinatorHandle {
     /// The URL clients and workers use.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Waits until the coordinator has stopped (after `shutdown` is cancelled).
@@ -84,6 +97,33 @@ pub async fn spawn_coordinator(
         })?;
     let tracker = TaskTracker::new();
     let state = state::spawn_state(config.state.clone(), tracker.clone(), shutdown.clone());
+    let http_addr = match config.http_listen {
+        None => None,
+        Some(listen) => {
+            let probe = std::sync::Arc::new(metrics::CoordinatorProbe {
+                state: state.clone(),
+                metrics: config.state.metrics.clone(),
+            });
+            let http = shoal_proto::http::serve(
+                listen,
+                config.state.metrics.registry(),
+                probe,
+                shutdown.clone().cancelled_owned(),
+            )
+            .await
+            .map_err(|source| CoordinatorError::Bind {
+                addr: listen.to_string(),
+                source,
+            })?;
+            tracker.spawn(async move {
+                if let Ok(Err(e)) = http.task.await {
+                    warn!(error = %e, "the HTTP endpoints stopped");
+                }
+            });
+            info!(addr = %http.addr, "HTTP endpoints: /healthz /readyz /metrics");
+            Some(http.addr)
+        }
+    };
     let services = grpc::Services { state };
     for (which, token) in [
         ("SHOAL_TOKEN", &config.operator_token),
@@ -107,7 +147,11 @@ pub async fn spawn_coordinator(
         config.state.worker_token.as_deref(),
         "SHOAL_TOKEN on the worker (the coordinator's SHOAL_WORKER_TOKEN)",
     );
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = &config.tls {
+        builder = builder.tls_config(identity.server_config()?)?;
+    }
+    let server = builder
         .add_service(InterceptedService::new(
             JobServiceServer::new(services.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -127,6 +171,8 @@ pub async fn spawn_coordinator(
     info!(%addr, "coordinator listening");
     Ok(CoordinatorHandle {
         addr,
+        http_addr,
+        tls: config.tls.is_some(),
         tracker,
         server,
     })

@@ -34,6 +34,10 @@ pub struct Progress {
     pub rows_read: Option<u64>,
     pub users: Option<u64>,
     pub workers: Option<u32>,
+    /// ingest: bytes of every planned split
+    pub bytes_total: Option<u64>,
+    /// ingest: bytes fetched so far
+    pub bytes_read: Option<u64>,
 }
 
 enum Event {
@@ -91,6 +95,11 @@ pub struct StateConfig {
     /// The workers' token: workers' calls must carry it, and the coordinator's
     /// calls to workers do. `None`: authentication off.
     pub worker_token: Option<String>,
+    /// A private CA (PEM) that signs the workers' certificates, for `https://`
+    /// worker addresses (the system's roots are trusted too).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Where the job drivers count their figures (the HTTP `/metrics` reads them).
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Default for StateConfig {
@@ -101,6 +110,8 @@ impl Default for StateConfig {
             max_running_jobs: 1,
             worker_wait: Duration::from_secs(60),
             worker_token: None,
+            tls_ca: None,
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 }
@@ -310,14 +321,22 @@ impl State {
             }
             Event::Cancel { job, reply } => {
                 let status = self.jobs.get(&job).map(|record| {
-                    record.cancel.cancel();
-                    let queued = record.status.borrow().state == JobState::Queued as i32;
-                    if queued {
+                    let state = record.status.borrow().state;
+                    if state == JobState::Queued as i32 {
+                        record.cancel.cancel();
+                        info!(job = %job, "queued job cancelled");
                         record.status.send_modify(|s| {
                             s.state = JobState::Cancelled as i32;
                             s.error = "cancelled before it started".into();
                             s.finished_unix_ms = now_ms();
                         });
+                    } else if state == JobState::Running as i32 {
+                        // The driver abandons its step, releases the job on every
+                        // worker (they stop its work) and removes its staging; then
+                        // the job ends as Cancelled.
+                        record.cancel.cancel();
+                        info!(job = %job, "cancelling a running job");
+                        record.status.send_modify(|s| s.cancel_requested = true);
                     }
                     record.status.borrow().clone()
                 });
@@ -327,14 +346,41 @@ impl State {
             Event::Progress { job, progress } => {
                 if let Some(record) = self.jobs.get(&job) {
                     record.status.send_modify(|s| {
+                        let now = now_ms();
                         if let Some(phase) = progress.phase
                             && s.phase != phase
                         {
                             s.phase = phase.into();
                             s.phase_progress = 0.0;
+                            s.phase_eta_ms = 0;
+                            if let Some(last) = s.phases.last_mut()
+                                && last.finished_unix_ms == 0
+                            {
+                                last.finished_unix_ms = now;
+                            }
+                            s.phases.push(pb::PhaseTiming {
+                                phase: phase.into(),
+                                started_unix_ms: now,
+                                finished_unix_ms: 0,
+                                // every phase after load works on the users
+                                rows: s.users,
+                            });
                         }
                         if let Some(p) = progress.phase_progress {
                             s.phase_progress = p;
+                            let started = s.phases.last().map_or(now, |t| t.started_unix_ms);
+                            let spent = (now - started).max(0) as f64;
+                            s.phase_eta_ms = if p > 0.0 && p < 1.0 {
+                                (spent * (1.0 - p) / p).round() as i64
+                            } else {
+                                0
+                            };
+                        }
+                        if let Some(b) = progress.bytes_total {
+                            s.bytes_total = b;
+                        }
+                        if let Some(b) = progress.bytes_read {
+                            s.bytes_read = b;
                         }
                         if let Some(i) = progress.iteration {
                             s.iteration = i;
@@ -344,9 +390,15 @@ impl State {
                         }
                         if let Some(r) = progress.rows_read {
                             s.rows_read = r;
+                            if let Some(t) = s.phases.last_mut().filter(|t| t.phase == "ingest") {
+                                t.rows = r;
+                            }
                         }
                         if let Some(u) = progress.users {
                             s.users = u;
+                            if let Some(t) = s.phases.last_mut().filter(|t| t.phase == "load") {
+                                t.rows = u;
+                            }
                         }
                         if let Some(w) = progress.workers {
                             s.workers = w;
@@ -359,6 +411,12 @@ impl State {
                 if let Some(record) = self.jobs.get(&job) {
                     record.status.send_modify(|s| {
                         s.finished_unix_ms = now_ms();
+                        s.phase_eta_ms = 0;
+                        if let Some(last) = s.phases.last_mut()
+                            && last.finished_unix_ms == 0
+                        {
+                            last.finished_unix_ms = s.finished_unix_ms;
+                        }
                         match &result {
                             Ok(()) => {
                                 s.state = JobState::Succeeded as i32;
@@ -367,7 +425,14 @@ impl State {
                             }
                             Err(CoordinatorError::Cancelled) => {
                                 s.state = JobState::Cancelled as i32;
-                                s.error = "cancelled".into();
+                                s.error = if s.cancel_requested {
+                                    format!("cancelled by an operator during {}", s.phase)
+                                } else {
+                                    format!(
+                                        "cancelled: the coordinator shut down during {}",
+                                        s.phase
+                                    )
+                                };
                             }
                             Err(e) => {
                                 s.state = JobState::Failed as i32;
@@ -378,6 +443,7 @@ impl State {
                 }
                 match &result {
                     Ok(()) => info!(job = %job, "job succeeded"),
+                    Err(CoordinatorError::Cancelled) => info!(job = %job, "job cancelled"),
                     Err(e) => warn!(job = %job, error = %e, "job did not succeed"),
                 }
                 self.start_queued();
@@ -440,9 +506,12 @@ impl State {
                 continue;
             }
             self.running += 1;
+            let max_iter = record.spec.segments.max_iter;
             record.status.send_modify(|s| {
                 s.state = JobState::Running as i32;
                 s.phase = "starting".into();
+                s.started_unix_ms = now_ms();
+                s.max_iter = max_iter;
             });
             let ctx = JobContext {
                 id: id.clone(),

@@ -4,11 +4,13 @@
 
 pub mod auth;
 pub mod hash;
+pub mod http;
 pub mod ids;
 pub mod manifest;
 pub mod sketch;
 pub mod spec;
 pub mod store;
+pub mod tls;
 
 /// Generated tonic/prost code for `proto/shoal.proto`.
 #[allow(clippy::all, missing_docs)]

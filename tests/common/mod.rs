@@ -1,5 +1,6 @@
 //! Test fixtures for whole-system tests: an in-process cluster on loopback ports,
-//! job submission over the real JobService, output readers (local folders and any
+//! job submission over the real JobService, `shoal` processes (coordinator, workers,
+//! CLI commands) killed when dropped, output readers (local folders and any
 //! object-store location), an S3-compatible server (moto) on a loopback port, a
 //! planted-groups interaction log generator, and the adjusted Rand index.
 #![allow(dead_code)]
@@ -11,6 +12,7 @@ use shoal_coordinator::{CoordinatorConfig, CoordinatorHandle, spawn_coordinator}
 use shoal_kernels::CpuBackend;
 use shoal_proto::JobSpec;
 use shoal_proto::Location;
+use shoal_proto::auth::{AuthChannel, WithToken};
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::{GetJobRequest, JobState, JobStatus, ListWorkersRequest, SubmitJobRequest};
 use shoal_worker::{WorkerConfig, WorkerHandle, spawn_worker};
@@ -21,6 +23,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 pub const DEADLINE: Duration = Duration::from_secs(180);
 
@@ -79,9 +82,38 @@ impl Cluster {
 }
 
 pub async fn wait_for_workers(url: &str, n: usize) {
+    wait_for_workers_with_token(url, n, None).await
+}
+
+/// A JobService client whose calls carry the operators' `token`.
+pub async fn job_client(
+    url: &str,
+    token: Option<&str>,
+) -> Result<JobServiceClient<AuthChannel>, tonic::transport::Error> {
+    job_client_tls(url, token, None).await
+}
+
+/// As [`job_client`], checking an `https://` coordinator against the CA `ca`.
+pub async fn job_client_tls(
+    url: &str,
+    token: Option<&str>,
+    ca: Option<&Path>,
+) -> Result<JobServiceClient<AuthChannel>, tonic::transport::Error> {
+    let channel = shoal_proto::tls::endpoint(url, ca)
+        .expect("a valid URL")
+        .connect()
+        .await?;
+    Ok(JobServiceClient::new(InterceptedService::new(
+        channel,
+        WithToken::new(token).expect("a valid token"),
+    )))
+}
+
+/// Polls until `n` workers are registered, asking with the operators' `token`.
+pub async fn wait_for_workers_with_token(url: &str, n: usize, token: Option<&str>) {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        if let Ok(mut c) = JobServiceClient::connect(url.to_string()).await
+        if let Ok(mut c) = job_client(url, token).await
             && let Ok(r) = c.list_workers(ListWorkersRequest {}).await
             && r.into_inner().workers.len() >= n
         {
@@ -97,9 +129,12 @@ pub async fn wait_for_workers(url: &str, n: usize) {
 
 /// Submits a spec and polls until the job ends.
 pub async fn run_job(url: &str, spec: &JobSpec) -> JobStatus {
-    let mut c = JobServiceClient::connect(url.to_string())
-        .await
-        .expect("connect");
+    let mut c = job_client(url, None).await.expect("connect");
+    run_job_with(&mut c, spec).await
+}
+
+/// Submits a spec through `c` and polls until the job ends.
+pub async fn run_job_with(c: &mut JobServiceClient<AuthChannel>, spec: &JobSpec) -> JobStatus {
     let id = c
         .submit_job(SubmitJobRequest {
             spec_toml: spec.to_toml(),
@@ -417,6 +452,28 @@ fn iso(days: f64) -> String {
     )
 }
 
+/// Writes the planted log of [`write_planted_log`] with its data rows repeated
+/// `copies` times (one header): a large input that is cheap to write. Returns the
+/// number of data rows.
+pub fn write_repeated_log(path: &Path, per_group: usize, seed: u64, copies: usize) -> u64 {
+    write_planted_log(path, per_group, seed, 0);
+    let text = std::fs::read(path).unwrap();
+    let body_at = text
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("a header line")
+        + 1;
+    let body = &text[body_at..];
+    let rows = body.iter().filter(|&&b| b == b'\n').count() as u64;
+    let mut f =
+        std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(path).unwrap());
+    for _ in 1..copies {
+        f.write_all(body).unwrap();
+    }
+    f.flush().unwrap();
+    rows * copies.max(1) as u64
+}
+
 pub fn planted_spec(input: &Path, out: &Path, k: u32) -> JobSpec {
     let text = format!(
         r#"name = "planted"
@@ -523,6 +580,159 @@ fn iso_dates_round_trip() {
         iso(chrono_free_epoch_days(2000, 2, 29) as f64),
         "2000-02-29 00:00:00"
     );
+}
+
+/// A child process, killed (and reaped) when dropped: a test that panics leaves
+/// no process behind.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The `shoal` binary of this build, logging at `info`.
+pub fn shoal() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    c.env("SHOAL_LOG", "info");
+    // the operators' and workers' settings come from each test, not from the
+    // environment the tests run in
+    for var in [
+        "SHOAL_TOKEN",
+        "SHOAL_WORKER_TOKEN",
+        "SHOAL_COORDINATOR",
+        "SHOAL_JOB",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+/// Starts `shoal coordinator` on 127.0.0.1 port 0 with `env` (e.g. its tokens) and
+/// reads its URL from its log.
+pub fn coordinator_process_with(env: &[(&str, &str)]) -> (Proc, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = shoal()
+        .args(["coordinator", "--listen", "127.0.0.1:0"])
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start coordinator");
+    let stderr = child.stderr.take().unwrap();
+    let child = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent && let Some(url) = line.strip_prefix("shoal coordinator listening on ") {
+                let _ = tx.send(url.trim().to_string());
+                sent = true;
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("coordinator prints its address");
+    (child, url)
+}
+
+/// [`coordinator_process_with`] without tokens.
+pub fn coordinator_process() -> (Proc, String) {
+    coordinator_process_with(&[])
+}
+
+/// Starts `shoal worker` on 127.0.0.1 port 0 towards `coordinator`, with `env`.
+pub fn worker_process(coordinator: &str, env: &[(&str, &str)]) -> Proc {
+    Proc(
+        shoal()
+            .args([
+                "worker",
+                "--coordinator",
+                coordinator,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start worker"),
+    )
+}
+
+/// What a finished `shoal` command did.
+#[derive(Debug)]
+pub struct Ran {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    /// Everything it printed, for assertion messages.
+    pub fn text(&self) -> String {
+        format!(
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `shoal ARGS` with `env` to its end (off the async runtime's threads), its
+/// standard output a pipe (not a terminal). Killed, and the test failed, if it
+/// runs longer than [`DEADLINE`].
+pub async fn run_shoal(args: &[&str], env: &[(&str, &str)]) -> Ran {
+    let mut cmd = shoal();
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let what = format!("shoal {}", args.join(" "));
+    tokio::task::spawn_blocking(move || {
+        let mut child = Proc(cmd.spawn().expect("run shoal"));
+        let read = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_string(&mut text);
+                }
+                text
+            })
+        };
+        let stdout = read(
+            child
+                .0
+                .stdout
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
+        let stderr = read(
+            child
+                .0
+                .stderr
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = child.0.try_wait().expect("poll shoal") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "`{what}` did not end in time");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ran {
+            code: status.code(),
+            stdout: stdout.join().unwrap(),
+            stderr: stderr.join().unwrap(),
+        }
+    })
+    .await
+    .unwrap()
 }
 
 /// The S3-compatible server of one test binary: moto on a free 127.0.0.1 port, with

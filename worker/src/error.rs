@@ -72,8 +72,8 @@ pub enum WorkerError {
         "the job asks for cluster.device = \"{wanted}\" but this worker runs on {have}; start workers with --device {wanted} on machines that have it, or set cluster.device = \"auto\""
     )]
     DeviceUnavailable { wanted: &'static str, have: String },
-    #[error("the job was cancelled")]
-    Cancelled,
+    #[error("job {job} was cancelled (released on this worker); its work stopped")]
+    Cancelled { job: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -89,8 +89,10 @@ pub enum WorkerError {
     },
     #[error("SHOAL_TOKEN: {0}")]
     BadToken(String),
-    #[error("the coordinator URL {0} is not valid; e.g. http://coordinator:7070")]
+    #[error("the coordinator URL is not usable ({0}); e.g. http://coordinator:7070")]
     BadCoordinatorUrl(String),
+    #[error(transparent)]
+    Tls(#[from] shoal_proto::tls::TlsError),
 }
 
 impl WorkerError {
@@ -124,12 +126,13 @@ impl WorkerError {
             WorkerError::UnknownJob { .. } | WorkerError::UnknownShard { .. } => {
                 Code::FailedPrecondition
             }
-            WorkerError::Cancelled => Code::Cancelled,
+            WorkerError::Cancelled { .. } => Code::Cancelled,
             WorkerError::Bind { .. }
             | WorkerError::Serve(_)
             | WorkerError::Refused { .. }
             | WorkerError::BadToken(_)
-            | WorkerError::BadCoordinatorUrl(_) => Code::Internal,
+            | WorkerError::BadCoordinatorUrl(_)
+            | WorkerError::Tls(_) => Code::Internal,
         }
     }
 }

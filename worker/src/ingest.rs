@@ -35,6 +35,7 @@ use shoal_proto::store::{ParquetSource, resolve};
 use shoal_proto::{Location, SpecError, StoreError};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio_util::io::StreamReader;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::WorkerError;
 use crate::staging::{SplitWriter, StagedRow};
@@ -103,6 +104,29 @@ impl DropReason {
     }
 }
 
+/// How the ingest of a job is watched and stopped: the job's cancellation, checked
+/// before every row batch and before anything is staged, and live counters of the
+/// rows read and bytes fetched over all of the job's splits on this worker.
+#[derive(Debug, Clone, Default)]
+pub struct IngestControl {
+    /// The job (for the error a cancelled split returns).
+    pub job: String,
+    pub cancel: CancellationToken,
+    pub rows_read: Arc<AtomicU64>,
+    pub bytes_read: Arc<AtomicU64>,
+}
+
+impl IngestControl {
+    fn check(&self) -> Result<(), WorkerError> {
+        if self.cancel.is_cancelled() {
+            return Err(WorkerError::Cancelled {
+                job: self.job.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Reads split `split`, cleans its rows, routes the kept ones to user shards and
 /// writes them below `staging` (one file per non-empty shard, overwriting an
 /// earlier attempt of the same split).
@@ -111,9 +135,21 @@ pub async fn ingest_split(
     split: &pb::Split,
     staging: &Location,
 ) -> Result<pb::SplitResult, WorkerError> {
+    ingest_split_controlled(spec, split, staging, &IngestControl::default()).await
+}
+
+/// [`ingest_split`] that stops between row batches once `control.cancel` fires
+/// (staging nothing) and counts what it reads into `control`'s counters.
+pub async fn ingest_split_controlled(
+    spec: &JobSpec,
+    split: &pb::Split,
+    staging: &Location,
+    control: &IngestControl,
+) -> Result<pb::SplitResult, WorkerError> {
+    control.check()?;
     let loc = resolve(&split.object)?;
     let format = split_format(split)?;
-    let mut cleaner = Cleaner::new(spec, split)?;
+    let mut cleaner = Cleaner::new(spec, split, control)?;
     let bytes_read = match format {
         Format::Csv => read_csv(spec, split, &loc, &mut cleaner).await?,
         Format::Parquet => {
@@ -135,6 +171,7 @@ pub async fn ingest_split(
         writer,
         ..
     } = cleaner;
+    control.check()?;
     let files = writer.write(staging).await?;
     let mut row_counts = pb::RowCounts {
         read,
@@ -792,10 +829,15 @@ struct Cleaner<'a> {
     max_time_ms: i64,
     writer: SplitWriter,
     user_buf: String,
+    control: &'a IngestControl,
 }
 
 impl<'a> Cleaner<'a> {
-    fn new(spec: &'a JobSpec, split: &'a pb::Split) -> Result<Cleaner<'a>, WorkerError> {
+    fn new(
+        spec: &'a JobSpec,
+        split: &'a pb::Split,
+        control: &'a IngestControl,
+    ) -> Result<Cleaner<'a>, WorkerError> {
         let input = &spec.input;
         if input.columns.time().is_none() {
             return Err(SpecError::Invalid {
@@ -819,6 +861,7 @@ impl<'a> Cleaner<'a> {
             max_time_ms: i64::MIN,
             writer: SplitWriter::new(split.index, spec.cluster.shards.max(1)),
             user_buf: String::new(),
+            control,
         })
     }
 
@@ -831,6 +874,10 @@ impl<'a> Cleaner<'a> {
         rows: usize,
         row_number: &dyn Fn(u64) -> u64,
     ) -> Result<(), WorkerError> {
+        self.control.check()?;
+        self.control
+            .rows_read
+            .fetch_add(rows as u64, Ordering::Relaxed);
         let Cleaner {
             file,
             fail_on_bad,
@@ -846,6 +893,7 @@ impl<'a> Cleaner<'a> {
             max_time_ms,
             writer,
             user_buf,
+            control: _,
         } = self;
         let column = |role: Role| plan.slot(role).map_or("", |s| s.column.as_str());
         for i in 0..rows {
@@ -1082,10 +1130,12 @@ async fn read_csv(
         .map_err(|e| StoreError::io(file, e))?;
     let fetched = Arc::new(AtomicU64::new(0));
     let counter = fetched.clone();
+    let job_bytes = cleaner.control.bytes_read.clone();
     let stream = got
         .into_stream()
         .inspect_ok(move |chunk| {
             counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            job_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         })
         .map_err(std::io::Error::from);
     let raw = StreamReader::new(stream);
@@ -1263,15 +1313,26 @@ async fn read_parquet(
         .build()
         .map_err(|e| parquet_error(file, e))?;
     let row_number = |index: u64| file_row(&segments, index);
+    // fetched bytes already added to the job's counter
+    let mut counted = 0u64;
+    let mut count_bytes = |control: &IngestControl| {
+        let now = fetched.load(Ordering::Relaxed);
+        control
+            .bytes_read
+            .fetch_add(now.saturating_sub(counted), Ordering::Relaxed);
+        counted = counted.max(now);
+    };
     while let Some(batch) = stream
         .try_next()
         .await
         .map_err(|e| parquet_error(file, e))?
     {
+        count_bytes(cleaner.control);
         let batch: RecordBatch = batch;
         let cols = Prepared::new(&plan, batch.columns(), file)?;
         cleaner.batch(&plan, &cols, batch.num_rows(), &row_number)?;
     }
+    count_bytes(cleaner.control);
     Ok(fetched.load(Ordering::Relaxed))
 }
 

@@ -3,19 +3,25 @@
 
 use crate::WorkerError;
 use crate::service::WorkerServiceImpl;
+use futures::future::BoxFuture;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use shoal_kernels::Backend;
 use shoal_proto::auth::{RequireToken, WithToken};
+use shoal_proto::http::Probe;
 use shoal_proto::pb::registry_service_client::RegistryServiceClient;
 use shoal_proto::pb::worker_service_server::WorkerServiceServer;
 use shoal_proto::pb::{HeartbeatRequest, RegisterRequest};
+use shoal_proto::tls::{self, ServerIdentity};
 use shoal_proto::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Endpoint;
 use tracing::{error, info, warn};
 
 /// How a worker runs.
@@ -32,6 +38,13 @@ pub struct WorkerConfig {
     /// The workers' token: sent to the coordinator, and required of its calls.
     /// `None`: authentication off.
     pub token: Option<String>,
+    /// Certificate and key to serve TLS with; `None`: plain HTTP/2.
+    pub tls: Option<ServerIdentity>,
+    /// A private CA (PEM) that signs the coordinator's certificate, for an
+    /// `https://` coordinator URL (the system's roots are trusted too).
+    pub tls_ca: Option<PathBuf>,
+    /// Address of the HTTP endpoints (/healthz, /readyz, /metrics); `None`: none.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Default for WorkerConfig {
@@ -42,6 +55,9 @@ impl Default for WorkerConfig {
             advertise: None,
             protocol_version: PROTOCOL_VERSION,
             token: None,
+            tls: None,
+            tls_ca: None,
+            http_listen: None,
         }
     }
 }
@@ -50,6 +66,8 @@ impl Default for WorkerConfig {
 pub struct WorkerHandle {
     /// The address the gRPC server listens on.
     pub addr: SocketAddr,
+    /// Where the HTTP endpoints listen, when asked for.
+    pub http_addr: Option<SocketAddr>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     fatal: Arc<Mutex<Option<WorkerError>>>,
@@ -87,17 +105,50 @@ pub async fn spawn_worker(
         addr: config.listen.to_string(),
         source,
     })?;
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let advertise = config
         .advertise
         .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+        .unwrap_or_else(|| format!("{scheme}://{addr}"));
     let threads = rayon::current_num_threads();
     let service = WorkerServiceImpl::new(backend.clone(), threads.max(1));
     let tracker = TaskTracker::new();
     let fatal: Arc<Mutex<Option<WorkerError>>> = Arc::default();
+    let metrics = WorkerMetrics::new(backend.name(), threads);
+    let http_addr = match config.http_listen {
+        None => None,
+        Some(listen) => {
+            let http = shoal_proto::http::serve(
+                listen,
+                metrics.registry(),
+                Arc::new(metrics.clone()),
+                shutdown.clone().cancelled_owned(),
+            )
+            .await
+            .map_err(|source| WorkerError::Bind {
+                addr: listen.to_string(),
+                source,
+            })?;
+            tracker.spawn(async move {
+                if let Ok(Err(e)) = http.task.await {
+                    warn!(error = %e, "the HTTP endpoints stopped");
+                }
+            });
+            info!(addr = %http.addr, "HTTP endpoints: /healthz /readyz /metrics");
+            Some(http.addr)
+        }
+    };
 
     let with_token = WithToken::new(config.token.as_deref()).map_err(WorkerError::BadToken)?;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = &config.tls {
+        builder = builder.tls_config(identity.server_config()?)?;
+    }
+    let server = builder
         .add_service(InterceptedService::new(
             WorkerServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -132,10 +183,12 @@ pub async fn spawn_worker(
             threads: threads as u32,
         };
         let coordinator = config.coordinator.clone();
+        let tls_ca = config.tls_ca.clone();
+        let registered = metrics.registered.clone();
         tracker.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                result = registration_loop(coordinator, register, with_token) => {
+                result = registration_loop(coordinator, register, with_token, tls_ca, registered) => {
                     if let Err(e) = result {
                         error!(error = %e, "worker stops");
                         fatal.lock().expect("fatal lock").get_or_insert(e);
@@ -149,6 +202,7 @@ pub async fn spawn_worker(
     info!(%addr, advertise = %advertise, backend = backend.name(), "worker listening");
     Ok(WorkerHandle {
         addr,
+        http_addr,
         tracker,
         shutdown,
         fatal,
@@ -162,15 +216,15 @@ async fn registration_loop(
     coordinator: String,
     register: RegisterRequest,
     token: WithToken,
+    tls_ca: Option<PathBuf>,
+    registered_gauge: Gauge,
 ) -> Result<(), WorkerError> {
     let retry = Duration::from_millis(250);
     loop {
-        let channel = match Endpoint::from_shared(coordinator.clone()) {
+        let channel = match tls::endpoint(&coordinator, tls_ca.as_deref()) {
             Ok(endpoint) => endpoint.connect().await,
             Err(e) => {
-                return Err(WorkerError::BadCoordinatorUrl(format!(
-                    "{coordinator}: {e}"
-                )));
+                return Err(WorkerError::BadCoordinatorUrl(e.to_string()));
             }
         };
         let mut client = match channel {
@@ -204,6 +258,7 @@ async fn registration_loop(
             }
         };
         info!(worker = %registered.worker_id, coordinator = %coordinator, "registered");
+        registered_gauge.set(1);
         let every = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(50)));
         loop {
             tokio::time::sleep(every).await;
@@ -215,14 +270,74 @@ async fn registration_loop(
                 Ok(r) if r.get_ref().known => {}
                 Ok(_) => {
                     warn!(worker = %registered.worker_id, "coordinator forgot this worker; registering again");
+                    registered_gauge.set(0);
                     break;
                 }
                 Err(status) => {
                     warn!(error = %status, "heartbeat failed; registering again");
+                    registered_gauge.set(0);
                     tokio::time::sleep(retry).await;
                     break;
                 }
             }
         }
+    }
+}
+
+/// The worker's Prometheus metrics; registered with a coordinator = ready.
+#[derive(Clone)]
+struct WorkerMetrics {
+    registered: Gauge,
+    threads: Gauge,
+    backend: Family<Vec<(&'static str, String)>, Gauge>,
+    backend_name: String,
+}
+
+impl WorkerMetrics {
+    fn new(backend: &str, threads: usize) -> WorkerMetrics {
+        let m = WorkerMetrics {
+            registered: Gauge::default(),
+            threads: Gauge::default(),
+            backend: Family::default(),
+            backend_name: backend.to_string(),
+        };
+        m.threads.set(threads as i64);
+        m.backend
+            .get_or_create(&vec![("backend", m.backend_name.clone())])
+            .set(1);
+        m
+    }
+
+    fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("shoal_worker");
+        r.register(
+            "registered",
+            "1 while registered with a coordinator",
+            self.registered.clone(),
+        );
+        r.register("threads", "Compute threads", self.threads.clone());
+        r.register(
+            "backend",
+            "The compute backend in use (value 1)",
+            self.backend.clone(),
+        );
+        r
+    }
+}
+
+impl Probe for WorkerMetrics {
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        let registered = self.registered.get() == 1;
+        Box::pin(async move {
+            if registered {
+                Ok(())
+            } else {
+                Err("not registered with the coordinator".into())
+            }
+        })
+    }
+
+    fn refresh(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
     }
 }

@@ -2,6 +2,7 @@
 //! The worker keeps per-job state (its shards' users, RFM and resident points) and
 //! nothing else; the coordinator decides what runs next.
 
+use crate::ingest::IngestControl;
 use crate::load::{self, DIMS, ShardRfm};
 use crate::{WorkerError, ingest, staging};
 use arrow::array::{ArrayRef, Float32Array, Float64Array, StringArray, UInt32Array, UInt64Array};
@@ -14,11 +15,20 @@ use shoal_proto::pb::{self, PointRef};
 use shoal_proto::sketch::Sketch;
 use shoal_proto::spec::Device;
 use shoal_proto::{JobSpec, hash, store};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use tokio::sync::OwnedMutexGuard;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
+
+/// How long ReleaseJob waits for the job's running tasks to stop.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+/// Released jobs remembered, so that late requests for them are refused.
+const RELEASED_KEPT: usize = 1024;
 
 /// One user shard held by this worker.
 struct Shard {
@@ -43,15 +53,82 @@ struct JobState {
     shards: BTreeMap<u32, Shard>,
     /// The backend this job runs on (its spec's `cluster.device`).
     backend: Arc<dyn Backend>,
+    /// Fired by ReleaseJob; long steps check it between shards.
+    cancel: CancellationToken,
 }
 
 type JobHandle = Arc<tokio::sync::Mutex<JobState>>;
+
+/// Fails with [`WorkerError::Cancelled`] once `cancel` has fired.
+fn stop_if_cancelled(cancel: &CancellationToken, job: &str) -> Result<(), WorkerError> {
+    if cancel.is_cancelled() {
+        return Err(WorkerError::Cancelled {
+            job: job.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The worker's record of one job's work: ReleaseJob fires the cancellation in
+/// `control`, and every step of the job runs as a task of `tasks`, so the release
+/// can wait until they have all stopped.
+struct JobRun {
+    control: IngestControl,
+    tasks: TaskTracker,
+}
+
+impl JobRun {
+    fn new(job: &str) -> JobRun {
+        JobRun {
+            control: IngestControl {
+                job: job.to_string(),
+                ..IngestControl::default()
+            },
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Spawns `work` as a task of the job; it is dropped at its next await once
+    /// the job is cancelled.
+    fn spawn<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T, WorkerError>> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Result<T, WorkerError>> {
+        let cancel = self.control.cancel.clone();
+        let job = self.control.job.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Err(WorkerError::Cancelled { job }),
+                r = work => r,
+            }
+        })
+    }
+}
+
+/// Jobs with work on this worker, and the jobs released (most recent last).
+#[derive(Default)]
+struct Runs {
+    live: HashMap<String, Arc<JobRun>>,
+    released: HashMap<String, Arc<JobRun>>,
+    order: VecDeque<String>,
+}
+
+async fn joined<T>(
+    handle: tokio::task::JoinHandle<Result<T, WorkerError>>,
+    what: &str,
+) -> Result<T, WorkerError> {
+    handle
+        .await
+        .map_err(|e| WorkerError::InvalidRequest(format!("{what} did not finish: {e}")))?
+}
 
 /// The worker's service state.
 #[derive(Clone)]
 pub struct WorkerServiceImpl {
     backend: Arc<dyn Backend>,
     jobs: Arc<Mutex<HashMap<String, JobHandle>>>,
+    runs: Arc<Mutex<Runs>>,
     /// splits read at once by one Ingest call
     ingest_parallelism: usize,
 }
@@ -61,11 +138,23 @@ impl WorkerServiceImpl {
         WorkerServiceImpl {
             backend,
             jobs: Arc::default(),
+            runs: Arc::default(),
             ingest_parallelism: ingest_parallelism.max(1),
         }
     }
 
     fn job_handle(&self, job: &str) -> Result<JobHandle, WorkerError> {
+        if self
+            .runs
+            .lock()
+            .expect("runs lock")
+            .released
+            .contains_key(job)
+        {
+            return Err(WorkerError::Cancelled {
+                job: job.to_string(),
+            });
+        }
         self.jobs
             .lock()
             .expect("job map lock")
@@ -76,21 +165,55 @@ impl WorkerServiceImpl {
             })
     }
 
-    async fn lock(&self, job: &str) -> Result<OwnedMutexGuard<JobState>, WorkerError> {
-        Ok(self.job_handle(job)?.lock_owned().await)
+    /// Runs `work` as a task of the job (see [`JobRun::spawn`]); refused once the
+    /// job has been released.
+    async fn tracked<T, Fut>(
+        &self,
+        job: &str,
+        work: impl FnOnce(Arc<JobRun>) -> Fut,
+    ) -> Result<T, WorkerError>
+    where
+        T: Send + 'static,
+        Fut: Future<Output = Result<T, WorkerError>> + Send + 'static,
+    {
+        let handle = {
+            // Checked and spawned under the lock ReleaseJob takes: a task either
+            // exists before the release (and is waited for) or is refused.
+            let mut runs = self.runs.lock().expect("runs lock");
+            if runs.released.contains_key(job) {
+                return Err(WorkerError::Cancelled {
+                    job: job.to_string(),
+                });
+            }
+            let run = runs
+                .live
+                .entry(job.to_string())
+                .or_insert_with(|| Arc::new(JobRun::new(job)))
+                .clone();
+            run.spawn(work(run.clone()).instrument(tracing::Span::current()))
+        };
+        joined(handle, "the step").await
     }
 
-    /// Runs `f` on the job's state on a blocking thread (the work is CPU-bound).
+    /// Runs `f` on the job's state on a blocking thread (the work is CPU-bound),
+    /// as a task of the job.
     async fn with_job<T, F>(&self, job: &str, f: F) -> Result<T, WorkerError>
     where
         T: Send + 'static,
         F: FnOnce(&mut JobState, &dyn Backend) -> Result<T, WorkerError> + Send + 'static,
     {
-        let mut guard = self.lock(job).await?;
-        let backend = guard.backend.clone();
-        tokio::task::spawn_blocking(move || f(&mut guard, backend.as_ref()))
-            .await
-            .map_err(|e| WorkerError::InvalidRequest(format!("step panicked: {e}")))?
+        let handle = self.job_handle(job)?;
+        self.tracked(job, move |run| async move {
+            let mut guard = handle.lock_owned().await;
+            let backend = guard.backend.clone();
+            let blocking = run
+                .tasks
+                .spawn_blocking(move || f(&mut guard, backend.as_ref()));
+            blocking
+                .await
+                .map_err(|e| WorkerError::InvalidRequest(format!("step panicked: {e}")))?
+        })
+        .await
     }
 
     /// The backend for a job that asks for `device`: the worker's own for `auto`
@@ -151,23 +274,29 @@ impl WorkerService for WorkerServiceImpl {
         let span = info_span!("ingest", job = %job, attempt = req.attempt, phase = "ingest");
         let spec = Arc::new(spec);
         let staging = Arc::new(staging);
-        async move {
-            let mut results: Vec<pb::SplitResult> = futures::stream::iter(req.splits)
+        let parallelism = self.ingest_parallelism;
+        let splits = req.splits;
+        let work = move |run: Arc<JobRun>| async move {
+            futures::stream::iter(splits)
                 .map(|split| {
-                    let (spec, staging) = (spec.clone(), staging.clone());
+                    let (spec, staging, control) =
+                        (spec.clone(), staging.clone(), run.control.clone());
                     // each split on its own task, so parsing runs on all cores
-                    tokio::spawn(async move { ingest::ingest_split(&spec, &split, &staging).await })
+                    joined(
+                        run.spawn(async move {
+                            ingest::ingest_split_controlled(&spec, &split, &staging, &control).await
+                        }),
+                        "ingest task",
+                    )
                 })
-                .buffer_unordered(self.ingest_parallelism)
-                .map(|joined| {
-                    joined.map_err(|e| {
-                        WorkerError::InvalidRequest(format!("ingest task failed: {e}"))
-                    })?
-                })
+                .buffer_unordered(parallelism)
                 .collect::<Vec<_>>()
                 .await
                 .into_iter()
-                .collect::<Result<_, _>>()?;
+                .collect::<Result<Vec<pb::SplitResult>, _>>()
+        };
+        async move {
+            let mut results = self.tracked(&job, work).await?;
             results.sort_by_key(|r| r.split);
             let rows: u64 = results
                 .iter()
@@ -189,25 +318,32 @@ impl WorkerService for WorkerServiceImpl {
         let req = req.into_inner();
         let (job, spec, staging) = parse_context(req.job.as_ref())?;
         let span = info_span!("load", job = %job, attempt = req.attempt, phase = "load");
-        async move {
-            let backend = self.backend_for(spec.cluster.device)?;
+        let (jobs, runs) = (self.jobs.clone(), self.runs.clone());
+        let backend = self.backend_for(spec.cluster.device);
+        let job_id = job.clone();
+        let work = move |run: Arc<JobRun>| async move {
+            let backend = backend?;
             info!(
                 device = spec.cluster.device.as_str(),
                 backend = backend.name(),
                 "job backend"
             );
+            let cancel = run.control.cancel.clone();
             let mut loaded = BTreeMap::new();
             let mut stats = Vec::new();
             for &shard in &req.shards {
+                stop_if_cancelled(&cancel, &job)?;
                 let batches = staging::read_shard(&staging, shard).await?;
                 let reference = req.reference_time_ms;
-                let (rfm, feats) = tokio::task::spawn_blocking(move || {
-                    let rfm = load::aggregate(&batches, reference)?;
-                    let feats = rfm.log_features();
-                    Ok::<_, WorkerError>((rfm, feats))
-                })
-                .await
-                .map_err(|e| WorkerError::InvalidRequest(format!("load panicked: {e}")))??;
+                let (rfm, feats) = run
+                    .tasks
+                    .spawn_blocking(move || {
+                        let rfm = load::aggregate(&batches, reference)?;
+                        let feats = rfm.log_features();
+                        Ok::<_, WorkerError>((rfm, feats))
+                    })
+                    .await
+                    .map_err(|e| WorkerError::InvalidRequest(format!("load panicked: {e}")))??;
                 stats.push(pb::ShardStats {
                     shard,
                     users: rfm.len() as u64,
@@ -226,23 +362,29 @@ impl WorkerService for WorkerServiceImpl {
             }
             let users: u64 = stats.iter().map(|s| s.users).sum();
             info!(shards = req.shards.len(), users, "loaded");
-            // A reload replaces what the worker held for the job.
+            // A reload replaces what the worker held for the job; a job released
+            // meanwhile keeps nothing (same lock order as ReleaseJob: runs, jobs).
             let handle = Arc::new(tokio::sync::Mutex::new(JobState {
                 shards: loaded,
                 backend,
+                cancel: cancel.clone(),
             }));
-            self.jobs
-                .lock()
+            let runs = runs.lock().expect("runs lock");
+            stop_if_cancelled(&cancel, &job)?;
+            jobs.lock()
                 .expect("job map lock")
                 .insert(job.clone(), handle);
-            Ok(Response::new(pb::LoadShardsResponse {
+            drop(runs);
+            Ok(pb::LoadShardsResponse {
                 shards: stats,
                 dims: DIMS as u32,
-            }))
-        }
-        .instrument(span)
-        .await
-        .map_err(|e: WorkerError| e.into())
+            })
+        };
+        self.tracked(&job_id, work)
+            .instrument(span)
+            .await
+            .map(Response::new)
+            .map_err(|e: WorkerError| e.into())
     }
 
     async fn standardize(
@@ -256,8 +398,10 @@ impl WorkerService for WorkerServiceImpl {
             ))
             .into());
         }
+        let job_id = req.job_id.clone();
         self.with_job(&req.job_id, move |job, backend| {
             for shard in job.shards.values_mut() {
+                stop_if_cancelled(&job.cancel, &job_id)?;
                 let scaled: Vec<f32> = shard
                     .log_features
                     .chunks_exact(DIMS)
@@ -316,6 +460,7 @@ impl WorkerService for WorkerServiceImpl {
             .with_job(&req.job_id, move |job, backend| {
                 let mut out = Vec::new();
                 for (&id, shard) in job.shards.iter_mut() {
+                    stop_if_cancelled(&job.cancel, &job_id)?;
                     if k > 0 && !shard.rfm.is_empty() {
                         let points = shard.points.as_ref().ok_or_else(|| {
                             WorkerError::InvalidRequest(format!(
@@ -355,6 +500,7 @@ impl WorkerService for WorkerServiceImpl {
                     return Ok(out);
                 }
                 for (&id, shard) in job.shards.iter() {
+                    stop_if_cancelled(&job.cancel, &job_id)?;
                     let mut rows = Vec::new();
                     for (i, cost) in shard.costs.iter().enumerate() {
                         let p = (req.oversampling * f64::from(*cost) / req.total_cost).min(1.0);
@@ -404,6 +550,7 @@ impl WorkerService for WorkerServiceImpl {
             .with_job(&req.job_id, move |job, backend| {
                 let mut out = Vec::new();
                 for (&id, shard) in job.shards.iter_mut() {
+                    stop_if_cancelled(&job.cancel, &job_id)?;
                     if shard.rfm.is_empty() {
                         out.push(pb::ShardPartial {
                             shard: id,
@@ -476,6 +623,7 @@ impl WorkerService for WorkerServiceImpl {
                 let mut finals = Vec::new();
                 let mut files = Vec::new();
                 for (&id, shard) in job.shards.iter_mut() {
+                    stop_if_cancelled(&job.cancel, &job_id)?;
                     if shard.rfm.is_empty() {
                         finals.push(pb::ShardFinal {
                             shard: id,
@@ -521,17 +669,19 @@ impl WorkerService for WorkerServiceImpl {
             .instrument(span.clone())
             .await?
         };
-        async {
+        let shards = finals.len();
+        self.tracked(&req.job_id, move |run| async move {
             for (rel, bytes) in files {
+                stop_if_cancelled(&run.control.cancel, &run.control.job)?;
                 output
                     .child(&rel)
                     .put(bytes.into())
                     .await
                     .map_err(WorkerError::from)?;
             }
-            info!(shards = finals.len(), "assignments written");
+            info!(shards, "assignments written");
             Ok::<_, WorkerError>(())
-        }
+        })
         .instrument(span)
         .await?;
         Ok(Response::new(pb::FinalizeResponse { shards: finals }))
@@ -542,14 +692,80 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::ReleaseJobRequest>,
     ) -> Result<Response<pb::ReleaseJobResponse>, Status> {
         let job = req.into_inner().job_id;
-        let removed = self
-            .jobs
-            .lock()
-            .expect("job map lock")
-            .remove(&job)
-            .is_some();
-        info!(job = %job, removed, "released job");
-        Ok(Response::new(pb::ReleaseJobResponse {}))
+        let started = Instant::now();
+        let (run, removed) = {
+            let mut runs = self.runs.lock().expect("runs lock");
+            let run = match runs.released.get(&job) {
+                Some(run) => run.clone(),
+                None => {
+                    let run = runs
+                        .live
+                        .remove(&job)
+                        .unwrap_or_else(|| Arc::new(JobRun::new(&job)));
+                    runs.released.insert(job.clone(), run.clone());
+                    runs.order.push_back(job.clone());
+                    while runs.order.len() > RELEASED_KEPT {
+                        if let Some(old) = runs.order.pop_front() {
+                            runs.released.remove(&old);
+                        }
+                    }
+                    run
+                }
+            };
+            run.control.cancel.cancel();
+            run.tasks.close();
+            let removed = self
+                .jobs
+                .lock()
+                .expect("job map lock")
+                .remove(&job)
+                .is_some();
+            (run, removed)
+        };
+        let running = run.tasks.len();
+        let stopped = tokio::time::timeout(RELEASE_WAIT, run.tasks.wait())
+            .await
+            .is_ok();
+        let rows_read = run.control.rows_read.load(Ordering::Relaxed);
+        if stopped {
+            info!(
+                job = %job,
+                removed,
+                tasks = running,
+                rows_read,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "released job"
+            );
+        } else {
+            warn!(
+                job = %job,
+                tasks = run.tasks.len(),
+                "released job; some of its tasks were still running after {} s",
+                RELEASE_WAIT.as_secs()
+            );
+        }
+        Ok(Response::new(pb::ReleaseJobResponse { stopped, rows_read }))
+    }
+
+    async fn get_job_activity(
+        &self,
+        req: Request<pb::JobActivityRequest>,
+    ) -> Result<Response<pb::JobActivity>, Status> {
+        let job = req.into_inner().job_id;
+        let runs = self.runs.lock().expect("runs lock");
+        let (run, released) = match (runs.live.get(&job), runs.released.get(&job)) {
+            (_, Some(run)) => (Some(run), true),
+            (Some(run), None) => (Some(run), false),
+            (None, None) => (None, false),
+        };
+        let holds_shards = self.jobs.lock().expect("job map lock").contains_key(&job);
+        Ok(Response::new(pb::JobActivity {
+            rows_read: run.map_or(0, |r| r.control.rows_read.load(Ordering::Relaxed)),
+            bytes_read: run.map_or(0, |r| r.control.bytes_read.load(Ordering::Relaxed)),
+            tasks_running: run.map_or(0, |r| r.tasks.len() as u32),
+            released,
+            holds_shards,
+        }))
     }
 }
 
