@@ -307,3 +307,58 @@ async fn large_objects_go_up_as_multipart_uploads() {
     assert_eq!(objects_below(&prefix).await, BTreeSet::new());
     prefix.remove_empty_folders(); // no folders on S3: nothing to do, no error
 }
+
+/// The operators' path end to end on S3: a `shoal coordinator` process and two
+/// `shoal worker` processes (with tokens), the demo log on S3, `shoal submit
+/// --wait` and `shoal watch` as an operator types them, outputs read back from S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_run_a_job_from_s3_to_s3_submitted_and_watched_with_the_cli() {
+    let s3 = s3(); // sets the S3 environment the processes inherit
+    let input = s3.url("cli/in/online_retail.csv.gz");
+    upload(&demo_data(), &input).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = demo_spec(&dir.path().join("unused"), 4);
+    spec.input.interactions = input;
+    spec.output.path = s3.url("cli/out/");
+    let spec_path = dir.path().join("job.toml");
+    std::fs::write(&spec_path, spec.to_toml()).unwrap();
+
+    let (operators, workers) = ("ops-s3-41", "wrk-s3-17");
+    let (_coordinator, url) =
+        coordinator_process_with(&[("SHOAL_TOKEN", operators), ("SHOAL_WORKER_TOKEN", workers)]);
+    let _workers: Vec<Proc> = (0..2)
+        .map(|_| worker_process(&url, &[("SHOAL_TOKEN", workers)]))
+        .collect();
+    wait_for_workers_with_token(&url, 2, Some(operators)).await;
+    let env = [
+        ("SHOAL_COORDINATOR", url.as_str()),
+        ("SHOAL_TOKEN", operators),
+    ];
+
+    let submitted = run_shoal(&["submit", spec_path.to_str().unwrap(), "--wait"], &env).await;
+    assert_eq!(submitted.code, Some(0), "{}", submitted.text());
+    let job = submitted.stdout.lines().next().unwrap().trim().to_string();
+    assert!(
+        submitted.stdout.contains("median recency"),
+        "the segment table, read from S3: {}",
+        submitted.text()
+    );
+    let watched = run_shoal(&["watch", &job], &env).await;
+    assert_eq!(watched.code, Some(0), "{}", watched.text());
+    for phase in ["ingest", "lloyd", "write"] {
+        assert!(
+            watched.stdout.contains(&format!("{phase:<9} done · ")),
+            "{phase}: {}",
+            watched.text()
+        );
+    }
+
+    let out = resolve(&spec.output.path).unwrap();
+    let manifest = read_manifest_at(&out).await;
+    assert!(!manifest.files.is_empty());
+    let report = read_report_at(&out).await;
+    assert_eq!(report["rows"]["read"], 541_909, "{report}");
+    assert_eq!(report["users"], 4338, "{report}");
+    assert_eq!(report["workers"], 2, "{report}");
+    assert_eq!(read_assignments_at(&out).await.len(), 4338);
+}
