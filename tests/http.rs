@@ -95,6 +95,13 @@ async fn health_readiness_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let status = run_job(&c.url(), &demo_spec(&dir.path().join("out"), 4)).await;
     assert!(succeeded(&status), "{status:?}");
+    let (_, worker_metrics) = get(worker_http, "/metrics").await;
+    assert_eq!(
+        metric(&worker_metrics, "shoal_worker_rows_read_total"),
+        Some(541_909.0),
+        "{worker_metrics}"
+    );
+    assert!(metric(&worker_metrics, "shoal_worker_bytes_read_total").unwrap() > 7e6);
     let (code, text) = get(http, "/metrics").await;
     assert_eq!(code, 200);
     assert_eq!(

@@ -4,6 +4,7 @@
 use crate::WorkerError;
 use crate::service::WorkerServiceImpl;
 use futures::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -118,7 +119,7 @@ pub async fn spawn_worker(
     let service = WorkerServiceImpl::new(backend.clone(), threads.max(1));
     let tracker = TaskTracker::new();
     let fatal: Arc<Mutex<Option<WorkerError>>> = Arc::default();
-    let metrics = WorkerMetrics::new(backend.name(), threads);
+    let metrics = WorkerMetrics::new(backend.name(), threads, service.clone());
     let http_addr = match config.http_listen {
         None => None,
         Some(listen) => {
@@ -291,15 +292,23 @@ struct WorkerMetrics {
     threads: Gauge,
     backend: Family<Vec<(&'static str, String)>, Gauge>,
     backend_name: String,
+    jobs: Gauge,
+    rows_read: Counter,
+    bytes_read: Counter,
+    service: WorkerServiceImpl,
 }
 
 impl WorkerMetrics {
-    fn new(backend: &str, threads: usize) -> WorkerMetrics {
+    fn new(backend: &str, threads: usize, service: WorkerServiceImpl) -> WorkerMetrics {
         let m = WorkerMetrics {
             registered: Gauge::default(),
             threads: Gauge::default(),
             backend: Family::default(),
             backend_name: backend.to_string(),
+            jobs: Gauge::default(),
+            rows_read: Counter::default(),
+            bytes_read: Counter::default(),
+            service,
         };
         m.threads.set(threads as i64);
         m.backend
@@ -321,6 +330,17 @@ impl WorkerMetrics {
             "The compute backend in use (value 1)",
             self.backend.clone(),
         );
+        r.register("jobs", "Jobs with work on this worker", self.jobs.clone());
+        r.register(
+            "rows_read",
+            "Interaction rows read by this worker",
+            self.rows_read.clone(),
+        );
+        r.register(
+            "bytes_read",
+            "Input bytes read by this worker",
+            self.bytes_read.clone(),
+        );
         r
     }
 }
@@ -338,6 +358,13 @@ impl Probe for WorkerMetrics {
     }
 
     fn refresh(&self) -> BoxFuture<'_, ()> {
+        let (rows, bytes) = self.service.read_totals();
+        // The totals only grow: the counters follow them.
+        self.rows_read
+            .inc_by(rows.saturating_sub(self.rows_read.get()));
+        self.bytes_read
+            .inc_by(bytes.saturating_sub(self.bytes_read.get()));
+        self.jobs.set(self.service.jobs_held() as i64);
         Box::pin(async {})
     }
 }

@@ -112,6 +112,25 @@ struct Runs {
     live: HashMap<String, Arc<JobRun>>,
     released: HashMap<String, Arc<JobRun>>,
     order: VecDeque<String>,
+    /// Rows and bytes read by the runs no longer kept (for the totals).
+    forgotten: (u64, u64),
+}
+
+impl Runs {
+    /// Rows and bytes every job has read on this worker since it started.
+    fn read_totals(&self) -> (u64, u64) {
+        let counts = |r: &Arc<JobRun>| {
+            (
+                r.control.rows_read.load(Ordering::Relaxed),
+                r.control.bytes_read.load(Ordering::Relaxed),
+            )
+        };
+        self.live
+            .values()
+            .chain(self.released.values())
+            .map(counts)
+            .fold(self.forgotten, |(r, b), (r2, b2)| (r + r2, b + b2))
+    }
 }
 
 async fn joined<T>(
@@ -141,6 +160,11 @@ impl WorkerServiceImpl {
             runs: Arc::default(),
             ingest_parallelism: ingest_parallelism.max(1),
         }
+    }
+
+    /// Rows and bytes of input read on this worker since it started (every job).
+    pub fn read_totals(&self) -> (u64, u64) {
+        self.runs.lock().expect("runs lock").read_totals()
     }
 
     fn job_handle(&self, job: &str) -> Result<JobHandle, WorkerError> {
@@ -705,8 +729,11 @@ impl WorkerService for WorkerServiceImpl {
                     runs.released.insert(job.clone(), run.clone());
                     runs.order.push_back(job.clone());
                     while runs.order.len() > RELEASED_KEPT {
-                        if let Some(old) = runs.order.pop_front() {
-                            runs.released.remove(&old);
+                        if let Some(old) = runs.order.pop_front()
+                            && let Some(old) = runs.released.remove(&old)
+                        {
+                            runs.forgotten.0 += old.control.rows_read.load(Ordering::Relaxed);
+                            runs.forgotten.1 += old.control.bytes_read.load(Ordering::Relaxed);
                         }
                     }
                     run
