@@ -44,7 +44,12 @@ pub struct JobContext {
 /// never left half-committed), the job is released on every worker, which stops
 /// its work there, and its staging is removed.
 pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
-    let span = info_span!("job", job = %ctx.id, name = %ctx.spec.name);
+    let span = info_span!(
+        "job",
+        job = %ctx.id,
+        job_name = %ctx.spec.name,
+        phase = tracing::field::Empty
+    );
     let crew = std::sync::Mutex::new(Vec::<Member>::new());
     let committing = AtomicBool::new(false);
     let mut work = Box::pin(drive(&ctx, &crew, &committing).instrument(span.clone()));
@@ -214,6 +219,7 @@ impl Driver<'_> {
     }
 
     fn phase(&self, phase: &'static str) {
+        tracing::Span::current().record("phase", phase);
         info!(phase, "phase");
         self.progress(Progress {
             phase: Some(phase),

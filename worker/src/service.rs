@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// How long ReleaseJob waits for the job's running tasks to stop.
 const RELEASE_WAIT: Duration = Duration::from_secs(10);
@@ -676,6 +676,12 @@ impl WorkerService for WorkerServiceImpl {
                     )?;
                     let bytes = assignments_parquet(&shard.rfm, &shard.nearest, k)?;
                     let rel = format!("assignments.parquet/part-{id:05}.parquet");
+                    debug!(
+                        shard = id,
+                        users = shard.rfm.len(),
+                        bytes = bytes.len(),
+                        "assignments part"
+                    );
                     finals.push(pb::ShardFinal {
                         shard: id,
                         segments,
