@@ -39,3 +39,71 @@ pub(crate) fn results(len: usize, n: usize) -> Result<(), KernelError> {
     }
     Ok(())
 }
+
+/// Row-major points of `d` features: at least one feature, whole rows, every value
+/// finite (the first bad value is named by row and column).
+pub(crate) fn points(points: &[f32], d: usize) -> Result<(), KernelError> {
+    use rayon::prelude::*;
+    if d == 0 {
+        return Err(KernelError::Shape(
+            "points need at least one feature (d = 0)".into(),
+        ));
+    }
+    if !points.len().is_multiple_of(d) {
+        return Err(KernelError::Shape(format!(
+            "{} values are not a whole number of rows of {d} features",
+            points.len()
+        )));
+    }
+    if let Some(pos) = points.par_iter().position_first(|v| !v.is_finite()) {
+        return Err(KernelError::NonFinitePoint {
+            row: pos / d,
+            col: pos % d,
+            value: points[pos],
+        });
+    }
+    Ok(())
+}
+
+/// The shapes of an ALS half-step: `x_n x d` factors solved against `y_n x y_d`
+/// fixed ones, `confidence` of `rows x cols`, a finite `d x d` Gram matrix and a
+/// finite, non-negative regularization.
+pub(crate) fn als(
+    (x_n, d): (usize, usize),
+    (y_n, y_d): (usize, usize),
+    confidence: (usize, usize),
+    yty: &[f64],
+    lambda: f32,
+) -> Result<(), KernelError> {
+    if y_d != d {
+        return Err(KernelError::Shape(format!(
+            "the factors being solved have {d} features per row but the fixed factors have {y_d}"
+        )));
+    }
+    if confidence != (x_n, y_n) {
+        return Err(KernelError::Shape(format!(
+            "the confidences are {} x {} but there are {x_n} rows to solve and {y_n} fixed rows",
+            confidence.0, confidence.1
+        )));
+    }
+    if yty.len() != d * d {
+        return Err(KernelError::Shape(format!(
+            "YᵀY holds {} values, expected d x d = {d} x {d}",
+            yty.len()
+        )));
+    }
+    if let Some(pos) = yty.iter().position(|v| !v.is_finite()) {
+        return Err(KernelError::Shape(format!(
+            "YᵀY entry ({}, {}) is {}: the Gram matrix must be finite",
+            pos / d,
+            pos % d,
+            yty[pos]
+        )));
+    }
+    if !(lambda.is_finite() && lambda >= 0.0) {
+        return Err(KernelError::Shape(format!(
+            "regularization is {lambda}: it must be a finite number >= 0"
+        )));
+    }
+    Ok(())
+}

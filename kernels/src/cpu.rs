@@ -80,24 +80,7 @@ impl Backend for CpuBackend {
     }
 
     fn upload(&self, points: &[f32], d: usize) -> Result<Resident, KernelError> {
-        if d == 0 {
-            return Err(KernelError::Shape(
-                "points need at least one feature (d = 0)".into(),
-            ));
-        }
-        if !points.len().is_multiple_of(d) {
-            return Err(KernelError::Shape(format!(
-                "{} values are not a whole number of rows of {d} features",
-                points.len()
-            )));
-        }
-        if let Some(pos) = points.par_iter().position_first(|v| !v.is_finite()) {
-            return Err(KernelError::NonFinitePoint {
-                row: pos / d,
-                col: pos % d,
-                value: points[pos],
-            });
-        }
+        check::points(points, d)?;
         let n = points.len() / d;
         tracing::trace!(n, d, "uploading points to the cpu backend");
         let host = HostPoints {

@@ -19,7 +19,7 @@ use std::cmp::Ordering;
 
 use rayon::prelude::*;
 
-use crate::{CgParams, Csr, KernelError, NO_ITEM, Resident, TopN};
+use crate::{CgParams, Csr, KernelError, NO_ITEM, Resident, TopN, check};
 
 /// Rows per block of [`gram`]. A constant, so that the order in which the f64
 /// block results are added does not depend on the number of threads.
@@ -234,38 +234,14 @@ pub(crate) fn als_solve(
     confidence: &Csr,
     params: CgParams,
 ) -> Result<(), KernelError> {
-    if y_d != d {
-        return Err(KernelError::Shape(format!(
-            "the factors being solved have {d} features per row but the fixed factors have {y_d}"
-        )));
-    }
     let (x_n, y_n) = (x.len() / d, y.len() / d);
-    if confidence.rows != x_n || confidence.cols != y_n {
-        return Err(KernelError::Shape(format!(
-            "the confidences are {} x {} but there are {x_n} rows to solve and {y_n} fixed rows",
-            confidence.rows, confidence.cols
-        )));
-    }
-    if yty.len() != d * d {
-        return Err(KernelError::Shape(format!(
-            "YᵀY holds {} values, expected d x d = {d} x {d}",
-            yty.len()
-        )));
-    }
-    if let Some(pos) = yty.iter().position(|v| !v.is_finite()) {
-        return Err(KernelError::Shape(format!(
-            "YᵀY entry ({}, {}) is {}: the Gram matrix must be finite",
-            pos / d,
-            pos % d,
-            yty[pos]
-        )));
-    }
-    let lambda = params.regularization;
-    if !(lambda.is_finite() && lambda >= 0.0) {
-        return Err(KernelError::Shape(format!(
-            "regularization is {lambda}: it must be a finite number >= 0"
-        )));
-    }
+    check::als(
+        (x_n, d),
+        (y_n, y_d),
+        (confidence.rows, confidence.cols),
+        yty,
+        params.regularization,
+    )?;
     // The values are finite (checked by `upload_sparse`).
     if let Some(pos) = confidence.values.par_iter().position_first(|&c| c < 1.0) {
         let row = confidence.indptr.partition_point(|&o| o as usize <= pos) - 1;
@@ -288,6 +264,7 @@ pub(crate) fn als_solve(
     }
 
     // A = YᵀY + λI in f32, built once.
+    let lambda = params.regularization;
     let a: Vec<f32> = (0..d * d)
         .map(|pos| {
             let diag = if pos / d == pos % d {

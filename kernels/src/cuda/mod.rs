@@ -348,24 +348,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, points: &[f32], d: usize) -> Result<Resident, KernelError> {
-        if d == 0 {
-            return Err(KernelError::Shape(
-                "points need at least one feature (d = 0)".into(),
-            ));
-        }
-        if !points.len().is_multiple_of(d) {
-            return Err(KernelError::Shape(format!(
-                "{} values are not a whole number of rows of {d} features",
-                points.len()
-            )));
-        }
-        if let Some(pos) = points.par_iter().position_first(|v| !v.is_finite()) {
-            return Err(KernelError::NonFinitePoint {
-                row: pos / d,
-                col: pos % d,
-                value: points[pos],
-            });
-        }
+        check::points(points, d)?;
         to_u32(d, "d")?;
         let n = points.len() / d;
         tracing::trace!(
@@ -774,38 +757,13 @@ impl Backend for CudaBackend {
         let confidence = self.sparse(confidence, "the confidences")?;
         let x = storage_mut::<DeviceDense>(x, name, "the factors being solved (x)", "dense")?;
         let (d, x_n, y_n) = (x.d, x.n, y.n);
-        if y.d != d {
-            return Err(KernelError::Shape(format!(
-                "the factors being solved have {d} features per row but the fixed factors have {}",
-                y.d
-            )));
-        }
-        if confidence.rows != x_n || confidence.cols != y_n {
-            return Err(KernelError::Shape(format!(
-                "the confidences are {} x {} but there are {x_n} rows to solve and {y_n} fixed rows",
-                confidence.rows, confidence.cols
-            )));
-        }
-        if yty.len() != d * d {
-            return Err(KernelError::Shape(format!(
-                "YᵀY holds {} values, expected d x d = {d} x {d}",
-                yty.len()
-            )));
-        }
-        if let Some(pos) = yty.iter().position(|v| !v.is_finite()) {
-            return Err(KernelError::Shape(format!(
-                "YᵀY entry ({}, {}) is {}: the Gram matrix must be finite",
-                pos / d,
-                pos % d,
-                yty[pos]
-            )));
-        }
-        let lambda = params.regularization;
-        if !(lambda.is_finite() && lambda >= 0.0) {
-            return Err(KernelError::Shape(format!(
-                "regularization is {lambda}: it must be a finite number >= 0"
-            )));
-        }
+        check::als(
+            (x_n, d),
+            (y_n, y.d),
+            (confidence.rows, confidence.cols),
+            yty,
+            params.regularization,
+        )?;
         if d > 1024 {
             return Err(KernelError::Unsupported {
                 backend: "cuda",
@@ -831,6 +789,7 @@ impl Backend for CudaBackend {
         }
 
         // Aᵀ with A = YᵀY + λI rounded once to f32, as the reference.
+        let lambda = params.regularization;
         let at: Vec<f32> = (0..d * d)
             .map(|pos| {
                 let (i, j) = (pos / d, pos % d);
