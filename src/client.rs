@@ -326,6 +326,24 @@ pub async fn finish(status: &JobStatus) -> Result<ExitCode, BoxError> {
         "  segments.parquet      one row per segment: size, share, RFM mean and median, centroid"
     );
     println!("  centroids.parquet     the centroids in scaled feature space");
+    if out
+        .child("user_factors.parquet")
+        .list()
+        .await
+        .is_ok_and(|l| !l.is_empty())
+    {
+        println!("  user_factors.parquet/ one row per user: ALS factors");
+        println!("  item_factors.parquet/ one row per item: ALS factors");
+        println!("  segment_items.parquet each segment's top items: users, share, lift, label");
+    }
+    if out
+        .child("recommendations.parquet")
+        .list()
+        .await
+        .is_ok_and(|l| !l.is_empty())
+    {
+        println!("  recommendations.parquet/ per user: rank, item, score");
+    }
     println!(
         "  report.json           rows read / kept / dropped, k-means figures, quality, timings"
     );
@@ -372,5 +390,59 @@ fn print_segments(report: &serde_json::Value) {
             f(s, "frequency_median"),
             f(s, "monetary_median"),
         );
+    }
+    let als = &report["als"];
+    if als.is_object() {
+        let losses = als["loss_per_iteration"].as_array();
+        println!(
+            "\nALS: {} users x {} items, {} pairs, {} factors, {} iterations, loss {:.5} -> {:.5}",
+            als["users"],
+            als["items"],
+            als["pairs"],
+            als["factors"],
+            als["iterations"],
+            losses
+                .and_then(|l| l.first())
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::NAN),
+            losses
+                .and_then(|l| l.last())
+                .and_then(|v| v.as_f64())
+                .unwrap_or(f64::NAN),
+        );
+        let e = &als["evaluation"];
+        if e.is_object() {
+            println!(
+                "held-out evaluation at {}: precision {:.4}, MAP {:.4}, nDCG {:.4} ({} users)",
+                e["k"],
+                f(e, "precision_at_k"),
+                f(e, "map_at_k"),
+                f(e, "ndcg_at_k"),
+                e["users"]
+            );
+        }
+    }
+    for s in report["segments"].as_array().into_iter().flatten() {
+        let items = s["top_items"].as_array().into_iter().flatten().take(5);
+        let names: Vec<String> = items
+            .map(|t| {
+                format!(
+                    "{} ({:.0}%, lift {:.1})",
+                    t["label"].as_str().or(t["item_id"].as_str()).unwrap_or("?"),
+                    100.0 * f(t, "share"),
+                    f(t, "lift")
+                )
+            })
+            .collect();
+        if !names.is_empty() {
+            if s["segment"].as_u64() == Some(0) {
+                println!("\ntop items per segment (share of the segment's users, lift):");
+            }
+            println!(
+                "{:>7}  {}",
+                s["segment"].as_u64().unwrap_or(0),
+                names.join("; ")
+            );
+        }
     }
 }

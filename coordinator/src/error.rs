@@ -77,6 +77,8 @@ pub enum CoordinatorError {
     BadToken { which: &'static str, reason: String },
     #[error(transparent)]
     Tls(#[from] shoal_proto::tls::TlsError),
+    #[error("model {url} cannot be used: {reason}")]
+    Model { url: String, reason: String },
 }
 
 impl CoordinatorError {
@@ -105,7 +107,8 @@ impl CoordinatorError {
             | CoordinatorError::TooFewUsers { .. }
             | CoordinatorError::OutputIsFile { .. }
             | CoordinatorError::ParquetFooter { .. }
-            | CoordinatorError::UnknownFormat { .. } => Code::InvalidArgument,
+            | CoordinatorError::UnknownFormat { .. }
+            | CoordinatorError::Model { .. } => Code::InvalidArgument,
             CoordinatorError::Store(StoreError::Io { .. }) => Code::Unavailable,
             CoordinatorError::Store(_) => Code::InvalidArgument,
             CoordinatorError::Write { .. } | CoordinatorError::Protocol { .. } => Code::Internal,

@@ -4,6 +4,7 @@
 
 use crate::CoordinatorError;
 use crate::kmeans;
+use crate::model::Model;
 use crate::output::{self, PhaseTimes, Report};
 use crate::state::{Progress, StateHandle, WorkerEntry};
 use futures::future::try_join_all;
@@ -319,6 +320,10 @@ async fn drive(
     output::clear_previous(&output).await?;
     let staging_url = spec.staging_for(&ctx.id);
     let staging = store::resolve(&staging_url)?;
+    let model = match &spec.model {
+        Some(m) => Some(Model::load(&m.path, spec).await?),
+        None => None,
+    };
     let inputs = store::list_inputs(&spec.input.interactions).await?;
     let splits = plan_splits(spec, &inputs).await?;
     info!(objects = inputs.len(), splits = splits.len(), "planned");
@@ -422,13 +427,20 @@ async fn drive(
                 attempt: ATTEMPT,
                 shards: d.shards_of(m),
                 reference_time_ms: reference_ms,
+                item_shards: if spec.features.als && model.is_none() {
+                    d.shards_of(m)
+                } else {
+                    Vec::new()
+                },
             };
             async move { c.load_shards(req).await }
         })
         .await?;
     let dims = loaded.first().map(|l| l.dims as usize).unwrap_or(0);
     let mut stats: BTreeMap<u32, pb::ShardStats> = BTreeMap::new();
+    let mut item_stats: Vec<pb::ItemShardStats> = Vec::new();
     for (m, l) in loaded.into_iter().enumerate() {
+        item_stats.extend(l.item_shards);
         if l.dims as usize != dims {
             return Err(CoordinatorError::Protocol {
                 worker: d.crew[m].worker.id.to_string(),
@@ -453,7 +465,7 @@ async fn drive(
         users: Some(users),
         ..Default::default()
     });
-    let k = spec.segments.k as usize;
+    let k = model.as_ref().map_or(spec.segments.k as usize, |m| m.k);
     if users < k as u64 {
         return Err(CoordinatorError::TooFewUsers {
             k: spec.segments.k,
@@ -462,86 +474,161 @@ async fn drive(
     }
     times.add("load", t);
 
+    // ---- ALS
+    let als = if spec.features.als {
+        let t = Instant::now();
+        d.phase("als");
+        let facts = match &model {
+            Some(model) => fold_in(&d, model, users).await?,
+            None => {
+                let item_stats =
+                    in_shard_order(item_stats.into_iter(), d.shards, "load", |s| s.shard)?;
+                run_als(&d, &stats, &item_stats, users).await?
+            }
+        };
+        info!(
+            items = facts.items,
+            pairs = facts.pairs,
+            loss = facts.loss_per_iteration.last().copied().unwrap_or(f64::NAN),
+            "ALS done"
+        );
+        times.add("als", t);
+        Some(facts)
+    } else {
+        None
+    };
+
     // ---- scale: one reduce round
     let t = Instant::now();
     d.phase("scale");
     let moments: Vec<Vec<pb::Moments>> = stats.values().map(|s| s.moments.clone()).collect();
-    let (mean, scale, _) = kmeans::merge_moments(&moments, dims);
-    d.all("scale", |_, mut c| {
-        let req = pb::StandardizeRequest {
-            job_id: d.job_id(),
-            attempt: ATTEMPT,
-            mean: mean.clone(),
-            scale: scale.clone(),
-        };
-        async move { c.standardize(req).await }
-    })
-    .await?;
+    let (rfm_mean, rfm_scale) = match &model {
+        // the model's scaling, so its centroids mean what they meant
+        Some(model) => (model.rfm_mean.clone(), model.rfm_scale.clone()),
+        None => {
+            let (mean, scale, _) = kmeans::merge_moments(&moments, dims);
+            (mean, scale)
+        }
+    };
+    let scaled = d
+        .all("scale", |_, mut c| {
+            let req = pb::StandardizeRequest {
+                job_id: d.job_id(),
+                attempt: ATTEMPT,
+                mean: rfm_mean.clone(),
+                scale: rfm_scale.clone(),
+            };
+            async move { c.standardize(req).await }
+        })
+        .await?;
+    // With ALS the factor block (L2-normalised, times features.als_weight) comes
+    // first; it is used as it is (mean 0, scale 1 in the report's terms).
+    let factors = als.as_ref().map_or(0, |_| spec.als.factors as usize);
+    let dims = factors + dims;
+    if let Some(bad) = scaled.iter().find(|s| s.dims as usize != dims) {
+        return Err(CoordinatorError::Protocol {
+            worker: "(all)".into(),
+            step: "scale",
+            detail: format!("{} dimensions after scaling, expected {dims}", bad.dims),
+        });
+    }
+    let scaled_stats = in_shard_order(
+        scaled.into_iter().flat_map(|s| s.shards),
+        d.shards,
+        "scale",
+        |s| s.shard,
+    )?;
+    let feature_moments: Vec<Vec<pb::Moments>> =
+        scaled_stats.iter().map(|s| s.moments.clone()).collect();
+    let factor_var = kmeans::merge_variances(&feature_moments, dims);
+    let mean: Vec<f64> = std::iter::repeat_n(0.0, factors).chain(rfm_mean).collect();
+    let scale: Vec<f64> = std::iter::repeat_n(1.0, factors).chain(rfm_scale).collect();
     times.add("scale", t);
 
-    // ---- init: k-means||
-    let t = Instant::now();
-    d.phase("init");
     let seed = spec.segments.seed;
-    let (candidates, n_candidates) = kmeans_parallel(&d, k, dims, seed, &shard_users).await?;
-    let weights = candidate_weights(&d, &candidates, dims).await?;
-    let mut centroids = kmeans::recluster(&candidates, dims, &weights, k, seed, INIT_STARTS);
-    times.add("init", t);
+    let (centroids, inertia_per_iteration, converged, reseeds, n_candidates) = if let Some(model) =
+        &model
+    {
+        // Frozen centroids: nothing to fit.
+        (model.centroids.clone(), Vec::new(), true, 0, 0)
+    } else {
+        // ---- init: k-means||
+        let t = Instant::now();
+        d.phase("init");
+        let (candidates, n_candidates) = kmeans_parallel(&d, k, dims, seed, &shard_users).await?;
+        let weights = candidate_weights(&d, &candidates, dims).await?;
+        let mut centroids = kmeans::recluster(&candidates, dims, &weights, k, seed, INIT_STARTS);
+        times.add("init", t);
 
-    // ---- Lloyd rounds
-    let t = Instant::now();
-    d.phase("lloyd");
-    // scikit-learn's tolerance: relative to the mean variance of the features,
-    // which is 1 for every standardised feature and 0 for a constant one.
-    let mean_var = scale
-        .iter()
-        .map(|s| if *s == 1.0 { 0.0 } else { 1.0 })
-        .sum::<f64>()
-        / dims as f64;
-    let tol = spec.segments.tol * if mean_var > 0.0 { mean_var } else { 1.0 };
-    let mut inertia_per_iteration = Vec::new();
-    let mut converged = false;
-    let mut reseeds = 0usize;
-    for round in 0..spec.segments.max_iter {
-        let partials = d
-            .all("lloyd", |m, mut c| {
-                let _ = m;
-                let req = pb::LloydStepRequest {
-                    job_id: d.job_id(),
-                    attempt: ATTEMPT,
-                    round,
-                    k: k as u32,
-                    dims: dims as u32,
-                    centroids: centroids.clone(),
-                    far_points: k as u32,
-                };
-                async move { c.lloyd_step(req).await }
+        // ---- Lloyd rounds
+        let t = Instant::now();
+        d.phase("lloyd");
+        // scikit-learn's tolerance: relative to the mean variance of the features,
+        // which is 1 for every standardised RFM feature and 0 for a constant one; the
+        // factor block's as measured.
+        let mean_var = (0..dims)
+            .map(|j| match j.checked_sub(factors) {
+                None => factor_var[j],
+                Some(_) if scale[j] == 1.0 => 0.0,
+                Some(_) => 1.0,
             })
-            .await?;
-        let partials = in_shard_order(
-            partials.into_iter().flat_map(|p| p.shards),
-            d.shards,
-            "lloyd",
-            |p| p.shard,
-        )?;
-        let r = kmeans::merge_round(&centroids, k, dims, &partials);
-        inertia_per_iteration.push(r.inertia);
-        reseeds += r.reseeded.len();
-        centroids = r.centroids;
-        d.progress(Progress {
-            iteration: Some(round + 1),
-            inertia: Some(r.inertia),
-            phase_progress: Some(f64::from(round + 1) / f64::from(spec.segments.max_iter)),
-            ..Default::default()
-        });
-        if r.reseeded.is_empty() && r.shift <= tol {
-            converged = true;
-            break;
+            .sum::<f64>()
+            / dims as f64;
+        let tol = spec.segments.tol * if mean_var > 0.0 { mean_var } else { 1.0 };
+        let mut inertia_per_iteration = Vec::new();
+        let mut converged = false;
+        let mut reseeds = 0usize;
+        for round in 0..spec.segments.max_iter {
+            let partials = d
+                .all("lloyd", |m, mut c| {
+                    let _ = m;
+                    let req = pb::LloydStepRequest {
+                        job_id: d.job_id(),
+                        attempt: ATTEMPT,
+                        round,
+                        k: k as u32,
+                        dims: dims as u32,
+                        centroids: centroids.clone(),
+                        far_points: k as u32,
+                    };
+                    async move { c.lloyd_step(req).await }
+                })
+                .await?;
+            let partials = in_shard_order(
+                partials.into_iter().flat_map(|p| p.shards),
+                d.shards,
+                "lloyd",
+                |p| p.shard,
+            )?;
+            let r = kmeans::merge_round(&centroids, k, dims, &partials);
+            inertia_per_iteration.push(r.inertia);
+            reseeds += r.reseeded.len();
+            centroids = r.centroids;
+            d.progress(Progress {
+                iteration: Some(round + 1),
+                inertia: Some(r.inertia),
+                phase_progress: Some(f64::from(round + 1) / f64::from(spec.segments.max_iter)),
+                ..Default::default()
+            });
+            if r.reseeded.is_empty() && r.shift <= tol {
+                converged = true;
+                break;
+            }
         }
-    }
+        info!(
+            iterations = inertia_per_iteration.len(),
+            converged, "k-means done"
+        );
+        times.add("lloyd", t);
+        (
+            centroids,
+            inertia_per_iteration,
+            converged,
+            reseeds,
+            n_candidates,
+        )
+    };
     let iterations = inertia_per_iteration.len() as u32;
-    info!(iterations, converged, "k-means done");
-    times.add("lloyd", t);
 
     // ---- finalize: segments ordered by monetary centroid, highest first
     let t = Instant::now();
@@ -572,6 +659,14 @@ async fn drive(
             async move { c.finalize(req).await }
         })
         .await?;
+    let mut item_files: Vec<pb::WrittenFile> = finals
+        .iter()
+        .flat_map(|f| f.item_files.iter().cloned())
+        .collect();
+    if let Some(model) = &model {
+        // the item factors scored against belong to the outputs too
+        item_files = output::copy_item_factors(model, &output).await?;
+    }
     let finals = in_shard_order(
         finals.into_iter().flat_map(|f| f.shards),
         d.shards,
@@ -594,7 +689,7 @@ async fn drive(
     d.phase("write");
     times.add("write", t);
     ctx.state.config.metrics.phases(&times);
-    let report = Report::new(
+    let mut report = Report::new(
         ctx,
         &rows,
         users,
@@ -617,14 +712,190 @@ async fn drive(
         d.crew.len(),
         reference_ms,
     );
+    report.als = als.map(|mut facts| {
+        if spec.evaluate.holdout > 0.0 {
+            facts.evaluation = output::Evaluation::from_partials(
+                spec.evaluate.k,
+                finals.iter().filter_map(|f| f.ranking.as_ref()),
+            );
+        }
+        facts
+    });
     // From here a cancellation lets the write finish (see `run`).
     committing.store(true, Ordering::SeqCst);
     output::write_all(
-        ctx, &output, &inputs, &finals, &summary, &centroids, dims, report,
+        ctx,
+        &output,
+        &inputs,
+        &finals,
+        &item_files,
+        &summary,
+        &centroids,
+        dims,
+        report,
     )
     .await?;
     info!(output = %output.url(), seconds = started.elapsed().as_secs_f64(), "outputs written");
     Ok(())
+}
+
+/// Fold-in: every worker solves its users' factors against the model's item
+/// factors.
+async fn fold_in(
+    d: &Driver<'_>,
+    model: &Model,
+    n_users: u64,
+) -> Result<output::AlsFacts, CoordinatorError> {
+    let answers = d
+        .all("als", |_, mut c| {
+            let req = pb::AlsFoldInRequest {
+                job_id: d.job_id(),
+                attempt: ATTEMPT,
+                model: model.folder.url(),
+            };
+            async move { c.als_fold_in(req).await }
+        })
+        .await?;
+    let items = answers.first().map_or(0, |a| a.items);
+    let shards = in_shard_order(
+        answers.into_iter().flat_map(|a| a.shards),
+        d.shards,
+        "als",
+        |s| s.shard,
+    )?;
+    Ok(output::AlsFacts {
+        factors: d.ctx.spec.als.factors,
+        iterations: 0,
+        users: n_users,
+        items,
+        pairs: shards.iter().map(|s| s.pairs).sum(),
+        held_out_pairs: 0,
+        nonpositive_pairs: 0,
+        loss_per_iteration: Vec::new(),
+        evaluation: None,
+        model: Some(output::ModelFacts {
+            path: model.folder.url(),
+            job_id: model.manifest.job_id.clone(),
+            unknown_item_pairs: shards.iter().map(|s| s.unknown_item_pairs).sum(),
+        }),
+    })
+}
+
+/// Sums per-shard Gram matrices in shard order (the answers are in shard order).
+fn reduce_grams(
+    parts: &[pb::GramPartial],
+    f: usize,
+    step: &'static str,
+) -> Result<Vec<f64>, CoordinatorError> {
+    let mut total = vec![0.0f64; f * f];
+    for p in parts {
+        if p.gram.len() != f * f {
+            return Err(CoordinatorError::Protocol {
+                worker: "(all)".into(),
+                step,
+                detail: format!(
+                    "shard {}: a Gram matrix of {} values for {f} factors",
+                    p.shard,
+                    p.gram.len()
+                ),
+            });
+        }
+        for (t, v) in total.iter_mut().zip(&p.gram) {
+            *t += v;
+        }
+    }
+    Ok(total)
+}
+
+fn trace(gram: &[f64], f: usize) -> f64 {
+    (0..f).map(|i| gram[i * f + i]).sum()
+}
+
+/// Distributed implicit ALS: link (id lists, confidences, initial factors), then
+/// per iteration a user half-step and an item half-step, each given the other
+/// side's Gram matrix reduced over its shards in shard order.
+async fn run_als(
+    d: &Driver<'_>,
+    users: &BTreeMap<u32, pb::ShardStats>,
+    items: &[pb::ItemShardStats],
+    n_users: u64,
+) -> Result<output::AlsFacts, CoordinatorError> {
+    let spec = &d.ctx.spec.als;
+    let f = spec.factors as usize;
+    let owners: Vec<String> = (0..d.shards)
+        .map(|s| d.crew[d.owner(s)].worker.address.clone())
+        .collect();
+    let linked = d
+        .all("als", |_, mut c| {
+            let req = pb::AlsLinkRequest {
+                job_id: d.job_id(),
+                attempt: ATTEMPT,
+                owners: owners.clone(),
+            };
+            async move { c.als_link(req).await }
+        })
+        .await?;
+    let grams = in_shard_order(
+        linked.into_iter().flat_map(|l| l.item_shards),
+        d.shards,
+        "als",
+        |g| g.shard,
+    )?;
+    let mut yty = reduce_grams(&grams, f, "als")?;
+    let n_items: u64 = items.iter().map(|s| s.items).sum();
+    let pairs: u64 = items.iter().map(|s| s.pairs).sum();
+    let confidence: f64 = items.iter().map(|s| s.confidence_sum).sum();
+    let cells = confidence + n_users as f64 * n_items as f64 - pairs as f64;
+    let lambda = spec.regularization;
+    let mut losses = Vec::new();
+    for iteration in 0..spec.iterations {
+        let mut data_loss = 0.0;
+        let mut traces = 0.0;
+        for side in [pb::AlsSide::Users, pb::AlsSide::Items] {
+            let gram = yty.clone();
+            let answers = d
+                .all("als", |_, mut c| {
+                    let req = pb::AlsStepRequest {
+                        job_id: d.job_id(),
+                        attempt: ATTEMPT,
+                        iteration,
+                        side: side as i32,
+                        gram: gram.clone(),
+                    };
+                    async move { c.als_step(req).await }
+                })
+                .await?;
+            let parts = in_shard_order(
+                answers.into_iter().flat_map(|a| a.shards),
+                d.shards,
+                "als",
+                |g| g.shard,
+            )?;
+            yty = reduce_grams(&parts, f, "als")?;
+            traces += trace(&yty, f);
+            data_loss += parts.iter().map(|p| p.data_loss).sum::<f64>();
+        }
+        let loss = (data_loss + lambda * traces) / cells.max(1.0);
+        losses.push(loss);
+        d.progress(Progress {
+            iteration: Some(iteration + 1),
+            phase_progress: Some(f64::from(iteration + 1) / f64::from(spec.iterations)),
+            ..Default::default()
+        });
+        info!(iteration = iteration + 1, loss, "ALS iteration");
+    }
+    Ok(output::AlsFacts {
+        factors: spec.factors,
+        iterations: spec.iterations,
+        users: n_users,
+        items: n_items,
+        pairs,
+        held_out_pairs: users.values().map(|s| s.held_out).sum(),
+        nonpositive_pairs: users.values().map(|s| s.nonpositive).sum(),
+        loss_per_iteration: losses,
+        evaluation: None,
+        model: None,
+    })
 }
 
 /// Puts per-shard answers in shard order, checking every shard answered once.

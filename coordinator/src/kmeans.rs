@@ -10,6 +10,34 @@ use shoal_proto::pb;
 /// Global mean and scale (population standard deviation; 1 where it is 0) merged
 /// from per-shard moments in the order given (Chan et al.).
 pub fn merge_moments(per_shard: &[Vec<pb::Moments>], dims: usize) -> (Vec<f64>, Vec<f64>, u64) {
+    let total = merged(per_shard, dims);
+    let count = total.first().map(|t| t.count).unwrap_or(0);
+    let mean = total.iter().map(|t| t.mean).collect();
+    let scale = total
+        .iter()
+        .map(|t| {
+            let sd = variance(t).sqrt();
+            if sd > 1e-12 { sd } else { 1.0 }
+        })
+        .collect();
+    (mean, scale, count)
+}
+
+/// The population variance of every feature, from per-shard moments.
+pub fn merge_variances(per_shard: &[Vec<pb::Moments>], dims: usize) -> Vec<f64> {
+    merged(per_shard, dims).iter().map(variance).collect()
+}
+
+fn variance(t: &pb::Moments) -> f64 {
+    if t.count > 0 {
+        (t.m2 / t.count as f64).max(0.0)
+    } else {
+        0.0
+    }
+}
+
+/// Chan et al.'s merge of per-shard moments, in shard order.
+fn merged(per_shard: &[Vec<pb::Moments>], dims: usize) -> Vec<pb::Moments> {
     let mut total = vec![pb::Moments::default(); dims];
     for shard in per_shard {
         for (t, m) in total.iter_mut().zip(shard) {
@@ -27,21 +55,7 @@ pub fn merge_moments(per_shard: &[Vec<pb::Moments>], dims: usize) -> (Vec<f64>, 
             t.count += m.count;
         }
     }
-    let count = total.first().map(|t| t.count).unwrap_or(0);
-    let mean = total.iter().map(|t| t.mean).collect();
-    let scale = total
-        .iter()
-        .map(|t| {
-            let var = if t.count > 0 {
-                t.m2 / t.count as f64
-            } else {
-                0.0
-            };
-            let sd = var.max(0.0).sqrt();
-            if sd > 1e-12 { sd } else { 1.0 }
-        })
-        .collect();
-    (mean, scale, count)
+    total
 }
 
 fn sq_dist(a: &[f32], b: &[f32]) -> f64 {

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod job;
 pub mod kmeans;
 pub mod metrics;
+pub mod model;
 pub mod output;
 pub mod state;
 

@@ -1,11 +1,13 @@
 //! Job-level outputs the coordinator writes: `segments.parquet`,
-//! `centroids.parquet`, `report.json`, and last of all the `_SUCCESS` manifest.
+//! `centroids.parquet`, `segment_items.parquet` (with ALS), `report.json`, and last
+//! of all the `_SUCCESS` manifest.
 
 use crate::CoordinatorError;
 use crate::job::JobContext;
 use crate::kmeans;
 use arrow::array::{
-    Array, ArrayRef, Float32Builder, Float64Array, ListBuilder, UInt32Array, UInt64Array,
+    Array, ArrayRef, Float32Builder, Float64Array, ListBuilder, StringArray, UInt32Array,
+    UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
@@ -93,6 +95,74 @@ pub struct SegmentSummary {
     pub centroid_recency_days: f64,
     pub centroid_frequency: f64,
     pub centroid_monetary: f64,
+    /// With ALS: the items most of the segment's users bought.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_items: Vec<TopItem>,
+}
+
+/// Items listed per segment.
+pub const TOP_ITEMS: usize = 10;
+
+/// An item a segment's users buy.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TopItem {
+    pub item_id: String,
+    /// From the spec's `input.columns.item_label`, when it names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Users of the segment who bought it.
+    pub users: u64,
+    /// `users` / the segment's size.
+    pub share: f64,
+    /// `share` / the share of all users who bought it.
+    pub lift: f64,
+}
+
+/// Per segment, its [`TOP_ITEMS`] items by users (ties: item id), with share
+/// and lift, from the shards' counts (merged in shard order; an item's label is
+/// the first shard's that has one).
+pub fn top_items(finals: &[pb::ShardFinal], sizes: &[u64]) -> Vec<Vec<TopItem>> {
+    let k = sizes.len();
+    let users: u64 = sizes.iter().sum();
+    let mut counts: BTreeMap<(u32, &str), u64> = BTreeMap::new();
+    let mut overall: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut labels: BTreeMap<&str, &str> = BTreeMap::new();
+    for f in finals {
+        for it in &f.items {
+            if it.segment as usize >= k {
+                continue;
+            }
+            *counts.entry((it.segment, it.item.as_str())).or_default() += it.users;
+            *overall.entry(it.item.as_str()).or_default() += it.users;
+            if !it.label.is_empty() {
+                labels.entry(it.item.as_str()).or_insert(it.label.as_str());
+            }
+        }
+    }
+    let mut per: Vec<Vec<(&str, u64)>> = vec![Vec::new(); k];
+    for ((seg, item), n) in counts {
+        per[seg as usize].push((item, n));
+    }
+    per.into_iter()
+        .enumerate()
+        .map(|(c, mut list)| {
+            list.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+            list.truncate(TOP_ITEMS);
+            list.into_iter()
+                .map(|(item, n)| {
+                    let share = n as f64 / sizes[c].max(1) as f64;
+                    let base = overall[item] as f64 / users.max(1) as f64;
+                    TopItem {
+                        item_id: item.to_string(),
+                        label: labels.get(item).map(|l| l.to_string()),
+                        users: n,
+                        share,
+                        lift: if base > 0.0 { share / base } else { 0.0 },
+                    }
+                })
+                .collect()
+        })
+        .collect()
 }
 
 pub struct Summary {
@@ -140,7 +210,10 @@ pub fn summarize(
     }
     let users: u64 = count.iter().sum();
     let inertia: f64 = inertia_c.iter().sum();
+    // The RFM block is last (after the ALS factors, when there are any).
+    let rfm = dims.saturating_sub(3);
     let original = |c: usize, j: usize| {
+        let j = rfm + j;
         let y = f64::from(centroids[c * dims + j]) * scale[j] + mean[j];
         // features are log1p (sign-preserving for money): undo it
         y.signum() * y.abs().exp_m1()
@@ -166,9 +239,15 @@ pub fn summarize(
                 centroid_recency_days: original(c, 0),
                 centroid_frequency: original(c, 1),
                 centroid_monetary: original(c, 2),
+                top_items: Vec::new(),
             }
         })
-        .collect();
+        .collect::<Vec<SegmentSummary>>();
+    let sizes: Vec<u64> = segments.iter().map(|s| s.size).collect();
+    let mut segments = segments;
+    for (s, items) in segments.iter_mut().zip(top_items(finals, &sizes)) {
+        s.top_items = items;
+    }
     // Metrics. Cluster member means for Calinski–Harabasz; the within-cluster sum of
     // squares around the means follows from the one around the centroids.
     let means: Vec<f64> = (0..k * dims)
@@ -228,6 +307,99 @@ pub struct KmeansFacts {
     pub reseeded_clusters: usize,
 }
 
+/// What the ALS phase did.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlsFacts {
+    pub factors: u32,
+    pub iterations: u32,
+    pub users: u64,
+    pub items: u64,
+    /// Distinct (user, item) pairs trained on.
+    pub pairs: u64,
+    /// Pairs held out for evaluation (`evaluate.holdout`).
+    pub held_out_pairs: u64,
+    /// Pairs dropped because their summed strength is not positive.
+    pub nonpositive_pairs: u64,
+    /// The Hu–Koren–Volinsky objective after each iteration (data term over every
+    /// user × item cell plus λ(‖X‖² + ‖Y‖²)), divided by the sum of the
+    /// confidences over the cells (Σc over pairs + users·items − pairs).
+    pub loss_per_iteration: Vec<f64>,
+    /// Ranking quality on the held-out pairs (`evaluate.holdout > 0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<Evaluation>,
+    /// Fold-in: the model scored against (no training: `iterations` is 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelFacts>,
+}
+
+/// The model a fold-in job scored against.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelFacts {
+    pub path: String,
+    pub job_id: String,
+    /// Pairs whose item the model does not know (left out of the users' solve).
+    pub unknown_item_pairs: u64,
+}
+
+/// Copies the model's `item_factors.parquet/` parts into `output`, returning them
+/// as written files (for the manifest).
+pub async fn copy_item_factors(
+    model: &crate::model::Model,
+    output: &Location,
+) -> Result<Vec<pb::WrittenFile>, CoordinatorError> {
+    let mut out = Vec::new();
+    for f in &model.manifest.files {
+        if !f.path.starts_with("item_factors.parquet/") {
+            continue;
+        }
+        let bytes = model.folder.child(&f.path).get().await?;
+        let len = bytes.len() as u64;
+        output.child(&f.path).put(bytes).await?;
+        out.push(pb::WrittenFile {
+            path: f.path.clone(),
+            rows: f.rows,
+            bytes: len,
+        });
+    }
+    Ok(out)
+}
+
+/// Ranking quality at `k` on held-out pairs, as implicit's
+/// `ranking_metrics_at_k` computes it (training items excluded from the ranking).
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub k: u32,
+    /// Users with at least one held-out item.
+    pub users: u64,
+    pub precision_at_k: f64,
+    pub map_at_k: f64,
+    pub ndcg_at_k: f64,
+}
+
+impl Evaluation {
+    /// Merges the shards' partials (in shard order).
+    pub fn from_partials<'a>(
+        k: u32,
+        parts: impl Iterator<Item = &'a pb::RankingPartial>,
+    ) -> Option<Evaluation> {
+        let mut t = pb::RankingPartial::default();
+        for p in parts {
+            t.users += p.users;
+            t.hits += p.hits;
+            t.relevant += p.relevant;
+            t.average_precision += p.average_precision;
+            t.ndcg += p.ndcg;
+        }
+        (t.users > 0).then(|| Evaluation {
+            k,
+            users: t.users,
+            precision_at_k: t.hits as f64 / t.relevant.max(1) as f64,
+            map_at_k: t.average_precision / t.users as f64,
+            ndcg_at_k: t.ndcg / t.users as f64,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Quality {
     pub silhouette: Option<f64>,
@@ -254,8 +426,11 @@ pub struct Report {
     pub users: u64,
     /// Recency is measured from this instant (latest event in the input), RFC 3339.
     pub reference_time: String,
-    pub features: Vec<&'static str>,
+    pub features: Vec<String>,
     pub scaling: Scaling,
+    /// ALS, when the spec asks for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub als: Option<AlsFacts>,
     pub kmeans: KmeansFacts,
     pub quality: Quality,
     pub segments: Vec<SegmentSummary>,
@@ -295,10 +470,15 @@ impl Report {
             reference_time,
             features: ctx.spec.feature_names(),
             scaling: Scaling {
-                transform: "log1p, then (x - mean) / scale",
+                transform: if ctx.spec.features.als {
+                    "als_*: L2-normalised user factors times features.als_weight (mean 0, scale 1 here); RFM: log1p, then (x - mean) / scale"
+                } else {
+                    "log1p, then (x - mean) / scale"
+                },
                 mean: mean.to_vec(),
                 scale: scale.to_vec(),
             },
+            als: None,
             kmeans,
             quality: Quality {
                 silhouette: summary.silhouette,
@@ -319,6 +499,50 @@ fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()
+}
+
+/// `segment_items.parquet`: every segment's top items, one row per (segment, rank).
+fn segment_items_batch(
+    segments: &[SegmentSummary],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let rows: Vec<(u32, u32, &TopItem)> = segments
+        .iter()
+        .flat_map(|s| {
+            s.top_items
+                .iter()
+                .enumerate()
+                .map(move |(r, t)| (s.segment, r as u32 + 1, t))
+        })
+        .collect();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("segment", DataType::UInt32, false),
+        Field::new("rank", DataType::UInt32, false),
+        Field::new("item_id", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, true),
+        Field::new("users", DataType::UInt64, false),
+        Field::new("share", DataType::Float64, false),
+        Field::new("lift", DataType::Float64, false),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.0))),
+        Arc::new(UInt32Array::from_iter_values(rows.iter().map(|r| r.1))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.2.item_id.as_str()),
+        )),
+        Arc::new(StringArray::from_iter(
+            rows.iter().map(|r| r.2.label.as_deref()),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            rows.iter().map(|r| r.2.users),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.2.share),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            rows.iter().map(|r| r.2.lift),
+        )),
+    ];
+    RecordBatch::try_new(schema, columns)
 }
 
 fn segments_batch(segments: &[SegmentSummary]) -> Result<RecordBatch, arrow::error::ArrowError> {
@@ -448,6 +672,7 @@ pub async fn write_all(
     output: &Location,
     inputs: &[InputObject],
     finals: &[pb::ShardFinal],
+    item_files: &[pb::WrittenFile],
     summary: &Summary,
     centroids: &[f32],
     dims: usize,
@@ -455,7 +680,8 @@ pub async fn write_all(
 ) -> Result<(), CoordinatorError> {
     let mut files: Vec<FileEntry> = finals
         .iter()
-        .filter_map(|f| f.file.as_ref())
+        .flat_map(|f| f.file.iter().chain(&f.files))
+        .chain(item_files)
         .map(|w| FileEntry {
             path: w.path.clone(),
             rows: w.rows,
@@ -471,6 +697,17 @@ pub async fn write_all(
         )
         .await?,
     );
+    if ctx.spec.features.als {
+        files.push(
+            put_parquet(
+                output,
+                "segment_items.parquet",
+                segment_items_batch(&summary.segments)
+                    .map_err(|e| write_err("segment_items.parquet", e))?,
+            )
+            .await?,
+        );
+    }
     files.push(
         put_parquet(
             output,

@@ -2,6 +2,7 @@
 //! [`JobSpec::parse`] parses and validates, and every error names the field.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Errors in a job spec. Each names the field and what is allowed.
@@ -38,10 +39,36 @@ pub struct JobSpec {
     pub output: OutputSpec,
     #[serde(default)]
     pub features: FeaturesSpec,
+    /// `[als]`: the implicit-feedback matrix factorisation (used when
+    /// `features.als = true`).
+    #[serde(default)]
+    pub als: AlsSpec,
     #[serde(default)]
     pub segments: SegmentsSpec,
+    /// `[recommend]`: top-N items per user. Needs `features.als = true`; skipped
+    /// otherwise.
+    #[serde(default)]
+    pub recommend: RecommendSpec,
+    /// `[evaluate]`: held-out ranking quality of the recommendations. Needs
+    /// `features.als = true`; skipped otherwise (a `holdout > 0` without ALS is an
+    /// error).
+    #[serde(default)]
+    pub evaluate: EvaluateSpec,
     #[serde(default)]
     pub cluster: ClusterSpec,
+    /// `[model]`: score against a finished job's model instead of training one
+    /// (fold-in: user factors solved with the model's item factors fixed, RFM
+    /// scaled with the model's scaling, users assigned to its frozen centroids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
+}
+
+/// A finished job's output folder used as a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The folder (path, `file://` or `s3://` URL) holding the job's `_SUCCESS`.
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +122,26 @@ pub struct InputSpec {
     pub columns: Columns,
     #[serde(default)]
     pub clean: CleanSpec,
+    /// `[input.events]`: event type (the value of `input.columns.event`, trimmed,
+    /// exact case) -> weight of the interaction. Types not listed weigh 1.0. Needs
+    /// `input.columns.event`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub events: BTreeMap<String, f64>,
+}
+
+impl InputSpec {
+    /// The weight of an interaction whose event column holds `event`: the weight
+    /// listed in `[input.events]` for the trimmed value (exact case), else 1.0 (also
+    /// without an event column, and for a missing or blank value).
+    pub fn event_weight(&self, event: Option<&str>) -> f64 {
+        if self.columns.event().is_none() {
+            return 1.0;
+        }
+        match event.map(str::trim) {
+            None | Some("") => 1.0,
+            Some(e) => self.events.get(e).copied().unwrap_or(1.0),
+        }
+    }
 }
 
 /// Column names in the input. An empty string means "not present".
@@ -114,6 +161,13 @@ pub struct Columns {
     pub price: String,
     #[serde(default)]
     pub amount: String,
+    /// The event type of each interaction (e.g. view, cart, purchase); weighted by
+    /// `[input.events]`.
+    #[serde(default)]
+    pub event: String,
+    /// A human-readable item label (e.g. "Description"), carried along for reports.
+    #[serde(default)]
+    pub item_label: String,
 }
 
 fn non_empty(s: &str) -> Option<&str> {
@@ -142,6 +196,12 @@ impl Columns {
     }
     pub fn amount(&self) -> Option<&str> {
         non_empty(&self.amount)
+    }
+    pub fn event(&self) -> Option<&str> {
+        non_empty(&self.event)
+    }
+    pub fn item_label(&self) -> Option<&str> {
+        non_empty(&self.item_label)
     }
 }
 
@@ -185,15 +245,172 @@ pub struct FeaturesSpec {
     /// Recency / frequency / monetary, log1p then standardised.
     #[serde(default = "yes")]
     pub rfm: bool,
+    /// ALS user factors (see `[als]`), placed before the RFM features. Needs
+    /// `input.columns.item`.
+    #[serde(default)]
+    pub als: bool,
+    /// How much the ALS block weighs against the RFM block in the distance.
+    #[serde(default = "one")]
+    pub als_weight: f64,
+    /// Reserved for external feature tables; must be empty in this version.
+    #[serde(default)]
+    pub extra: String,
 }
 
 fn yes() -> bool {
     true
 }
 
+fn one() -> f64 {
+    1.0
+}
+
 impl Default for FeaturesSpec {
     fn default() -> Self {
-        FeaturesSpec { rfm: true }
+        FeaturesSpec {
+            rfm: true,
+            als: false,
+            als_weight: one(),
+            extra: String::new(),
+        }
+    }
+}
+
+/// How an interaction's strength `r` (event weight * quantity) becomes the
+/// confidence of implicit-feedback ALS (Hu, Koren & Volinsky, 2008).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Confidence {
+    /// `1 + alpha * r`
+    #[default]
+    Linear,
+    /// `1 + alpha * ln(1 + r)` (the paper's log scaling with epsilon = 1)
+    Log,
+}
+
+impl Confidence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confidence::Linear => "linear",
+            Confidence::Log => "log",
+        }
+    }
+}
+
+/// `[als]`: implicit-feedback alternating least squares on the (user, item)
+/// strengths. Used when `features.als = true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlsSpec {
+    /// Latent factors per user and item (1..=[`MAX_FACTORS`]).
+    #[serde(default = "default_factors")]
+    pub factors: u32,
+    /// Alternating sweeps (users, then items), 1..=1000.
+    #[serde(default = "default_als_iterations")]
+    pub iterations: u32,
+    /// L2 regularisation (lambda), >= 0.
+    #[serde(default = "default_regularization")]
+    pub regularization: f64,
+    /// Confidence scale (alpha), > 0.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// linear | log: see [`Confidence`].
+    #[serde(default)]
+    pub confidence: Confidence,
+    /// Conjugate-gradient steps per factor solve, 1..=64.
+    #[serde(default = "default_cg_steps")]
+    pub cg_steps: u32,
+}
+
+fn default_factors() -> u32 {
+    64
+}
+fn default_als_iterations() -> u32 {
+    15
+}
+fn default_regularization() -> f64 {
+    0.01
+}
+fn default_alpha() -> f64 {
+    40.0
+}
+fn default_cg_steps() -> u32 {
+    3
+}
+
+impl Default for AlsSpec {
+    fn default() -> Self {
+        AlsSpec {
+            factors: default_factors(),
+            iterations: default_als_iterations(),
+            regularization: default_regularization(),
+            alpha: default_alpha(),
+            confidence: Confidence::default(),
+            cg_steps: default_cg_steps(),
+        }
+    }
+}
+
+impl AlsSpec {
+    /// The confidence of an observed interaction of strength `strength`:
+    /// `1 + alpha * r` (linear) or `1 + alpha * ln(1 + r)` (log).
+    pub fn confidence_of(&self, strength: f64) -> f64 {
+        match self.confidence {
+            Confidence::Linear => 1.0 + self.alpha * strength,
+            Confidence::Log => 1.0 + self.alpha * strength.ln_1p(),
+        }
+    }
+}
+
+/// `[recommend]`: the top items per user, from the ALS factors. Needs
+/// `features.als = true`; skipped otherwise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecommendSpec {
+    /// Items recommended per user, at most 1000; 0 = none.
+    #[serde(default = "default_top_n")]
+    pub top_n: u32,
+    /// Leave out items the user already interacted with.
+    #[serde(default = "yes")]
+    pub exclude_seen: bool,
+}
+
+fn default_top_n() -> u32 {
+    10
+}
+
+impl Default for RecommendSpec {
+    fn default() -> Self {
+        RecommendSpec {
+            top_n: default_top_n(),
+            exclude_seen: true,
+        }
+    }
+}
+
+/// `[evaluate]`: hold out a share of each user's interactions and measure how well
+/// the recommendations rank them. Needs `features.als = true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateSpec {
+    /// Share of interactions held out, in [0, 1); 0 = no evaluation.
+    #[serde(default)]
+    pub holdout: f64,
+    /// Ranking cut-off of the metrics (e.g. precision@k), 1..=1000.
+    #[serde(default = "default_eval_k")]
+    pub k: u32,
+}
+
+fn default_eval_k() -> u32 {
+    10
+}
+
+impl Default for EvaluateSpec {
+    fn default() -> Self {
+        EvaluateSpec {
+            holdout: 0.0,
+            k: default_eval_k(),
+        }
     }
 }
 
@@ -310,6 +527,14 @@ impl Default for ClusterSpec {
 pub const MAX_K: u32 = 4096;
 /// Largest shard count shoal accepts.
 pub const MAX_SHARDS: u32 = 65_536;
+/// Largest `als.factors` shoal accepts.
+pub const MAX_FACTORS: u32 = 1024;
+/// Largest `als.iterations`.
+const MAX_ALS_ITERATIONS: u32 = 1000;
+/// Largest `als.cg_steps`.
+const MAX_CG_STEPS: u32 = 64;
+/// Largest `recommend.top_n` and `evaluate.k`.
+const MAX_TOP_N: u32 = 1000;
 
 impl JobSpec {
     /// Parses and validates a spec.
@@ -346,6 +571,9 @@ impl JobSpec {
         fix(&mut self.output.path, base);
         if let Some(staging) = self.cluster.staging.as_mut() {
             fix(staging, base);
+        }
+        if let Some(model) = self.model.as_mut() {
+            fix(&mut model.path, base);
         }
     }
 
@@ -412,6 +640,49 @@ impl JobSpec {
                 "set either amount (monetary = sum(amount)) or price (monetary = sum(quantity * price)), not both",
             ));
         }
+        if self.features.als && cols.item().is_none() {
+            return Err(invalid(
+                "input.columns.item",
+                "is required when features.als = true: ALS learns from (user, item) pairs",
+            ));
+        }
+        let aw = self.features.als_weight;
+        if !aw.is_finite() || aw < 0.0 {
+            return Err(invalid(
+                "features.als_weight",
+                format!("must be a finite number >= 0, got {aw}"),
+            ));
+        }
+        if !self.features.extra.is_empty() {
+            return Err(invalid(
+                "features.extra",
+                "external feature tables are not supported in this version; leave features.extra empty",
+            ));
+        }
+        if !self.input.events.is_empty() && cols.event().is_none() {
+            return Err(invalid(
+                "input.events",
+                "needs input.columns.event: the weights are looked up by the value of the event column",
+            ));
+        }
+        for (event, &weight) in &self.input.events {
+            if event.trim().is_empty() || event.trim() != event {
+                return Err(invalid(
+                    "input.events",
+                    format!(
+                        "event type {event:?} is blank or has leading/trailing spaces; event values are matched trimmed, so it would never match"
+                    ),
+                ));
+            }
+            if !weight.is_finite() || weight < 0.0 {
+                return Err(invalid(
+                    "input.events",
+                    format!(
+                        "the weight of event type `{event}` must be a finite number >= 0, got {weight}"
+                    ),
+                ));
+            }
+        }
         let clean = &self.input.clean;
         if !clean.drop_order_prefixes.is_empty() && cols.order().is_none() {
             return Err(invalid(
@@ -466,6 +737,71 @@ impl JobSpec {
                 format!("must be a finite number >= 0, got {}", seg.tol),
             ));
         }
+        let als = &self.als;
+        if als.factors == 0 || als.factors > MAX_FACTORS {
+            return Err(invalid(
+                "als.factors",
+                format!("must be between 1 and {MAX_FACTORS}, got {}", als.factors),
+            ));
+        }
+        if als.iterations == 0 || als.iterations > MAX_ALS_ITERATIONS {
+            return Err(invalid(
+                "als.iterations",
+                format!(
+                    "must be between 1 and {MAX_ALS_ITERATIONS}, got {}",
+                    als.iterations
+                ),
+            ));
+        }
+        if !als.regularization.is_finite() || als.regularization < 0.0 {
+            return Err(invalid(
+                "als.regularization",
+                format!("must be a finite number >= 0, got {}", als.regularization),
+            ));
+        }
+        if !als.alpha.is_finite() || als.alpha <= 0.0 {
+            return Err(invalid(
+                "als.alpha",
+                format!("must be a finite number > 0, got {}", als.alpha),
+            ));
+        }
+        if als.cg_steps == 0 || als.cg_steps > MAX_CG_STEPS {
+            return Err(invalid(
+                "als.cg_steps",
+                format!("must be between 1 and {MAX_CG_STEPS}, got {}", als.cg_steps),
+            ));
+        }
+        if self.recommend.top_n > MAX_TOP_N {
+            return Err(invalid(
+                "recommend.top_n",
+                format!(
+                    "must be at most {MAX_TOP_N} (0 = no recommendations), got {}",
+                    self.recommend.top_n
+                ),
+            ));
+        }
+        let ev = &self.evaluate;
+        if !(0.0..1.0).contains(&ev.holdout) {
+            return Err(invalid(
+                "evaluate.holdout",
+                format!(
+                    "must be a fraction in [0, 1) (0 = no evaluation), got {}",
+                    ev.holdout
+                ),
+            ));
+        }
+        if ev.holdout > 0.0 && !self.features.als {
+            return Err(invalid(
+                "evaluate.holdout",
+                "needs features.als = true: evaluation measures the ALS recommendations; set features.als = true or evaluate.holdout = 0",
+            ));
+        }
+        if ev.k == 0 || ev.k > MAX_TOP_N {
+            return Err(invalid(
+                "evaluate.k",
+                format!("must be between 1 and {MAX_TOP_N}, got {}", ev.k),
+            ));
+        }
         let cl = &self.cluster;
         if cl.shards == 0 || cl.shards > MAX_SHARDS {
             return Err(invalid(
@@ -484,14 +820,33 @@ impl JobSpec {
                 "must name a folder or URL, or be left out",
             ));
         }
+        if let Some(model) = &self.model {
+            if model.path.trim().is_empty() {
+                return Err(invalid(
+                    "model.path",
+                    "must name a finished job's output folder (path, file:// or s3:// URL)",
+                ));
+            }
+            if self.evaluate.holdout > 0.0 {
+                return Err(invalid(
+                    "evaluate.holdout",
+                    "must be 0 when scoring against a model: nothing is trained, so nothing is evaluated",
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// The feature names, in the order of the feature vector.
-    pub fn feature_names(&self) -> Vec<&'static str> {
+    /// The feature names, in the order of the feature vector: with ALS the
+    /// factors first (`als_0` .. `als_{F-1}`), then recency_days, frequency,
+    /// monetary.
+    pub fn feature_names(&self) -> Vec<String> {
         let mut names = Vec::new();
+        if self.features.als {
+            names.extend((0..self.als.factors).map(|i| format!("als_{i}")));
+        }
         if self.features.rfm {
-            names.extend(["recency_days", "frequency", "monetary"]);
+            names.extend(["recency_days", "frequency", "monetary"].map(String::from));
         }
         names
     }
@@ -524,6 +879,7 @@ item = "StockCode"
 order = "InvoiceNo"
 quantity = "Quantity"
 price = "UnitPrice"
+item_label = "Description"
 
 [input.clean]
 drop_order_prefixes = ["C"]
@@ -536,12 +892,30 @@ path = "out/online-retail"
 
 [features]
 rfm = true
+als = true
+als_weight = 1.0
+
+[als]
+factors = 32
+iterations = 15
+regularization = 0.01
+alpha = 40.0
+confidence = "linear"
+cg_steps = 3
 
 [segments]
 k = 6
 max_iter = 300
 tol = 1e-4
 seed = 42
+
+[recommend]
+top_n = 10
+exclude_seen = true
+
+[evaluate]
+holdout = 0.0
+k = 10
 
 [cluster]
 shards = 8
@@ -703,6 +1077,362 @@ path = "out"
                 "error `{err}` should mention `{needle}`"
             );
         }
+    }
+
+    #[test]
+    fn demo_spec_has_als_recommend_and_evaluate() {
+        let s = demo();
+        assert_eq!(s.input.columns.item_label(), Some("Description"));
+        assert_eq!(s.input.columns.event(), None);
+        assert!(s.input.events.is_empty());
+        assert!(s.features.rfm && s.features.als);
+        assert_eq!(s.features.als_weight, 1.0);
+        assert_eq!(
+            s.als,
+            AlsSpec {
+                factors: 32,
+                ..AlsSpec::default()
+            }
+        );
+        assert_eq!(s.recommend, RecommendSpec::default());
+        assert_eq!(s.evaluate, EvaluateSpec::default());
+        let names = s.feature_names();
+        assert_eq!(names.len(), 32 + 3);
+        assert_eq!(names[0], "als_0");
+        assert_eq!(names[31], "als_31");
+        assert_eq!(&names[32..], ["recency_days", "frequency", "monetary"]);
+    }
+
+    #[test]
+    fn new_sections_default_when_left_out() {
+        let s = JobSpec::parse(
+            r#"name = "x"
+[input]
+interactions = "a.csv"
+[input.columns]
+user = "u"
+time = "t"
+amount = "a"
+[output]
+path = "out"
+"#,
+        )
+        .unwrap();
+        assert_eq!(s.features, FeaturesSpec::default());
+        assert!(s.features.rfm && !s.features.als);
+        assert_eq!(s.features.als_weight, 1.0);
+        assert_eq!(s.features.extra, "");
+        assert_eq!(
+            s.als,
+            AlsSpec {
+                factors: 64,
+                iterations: 15,
+                regularization: 0.01,
+                alpha: 40.0,
+                confidence: Confidence::Linear,
+                cg_steps: 3,
+            }
+        );
+        assert_eq!(
+            s.recommend,
+            RecommendSpec {
+                top_n: 10,
+                exclude_seen: true
+            }
+        );
+        assert_eq!(
+            s.evaluate,
+            EvaluateSpec {
+                holdout: 0.0,
+                k: 10
+            }
+        );
+        assert_eq!(s.input.columns.event(), None);
+        assert_eq!(s.input.columns.item_label(), None);
+        assert!(s.input.events.is_empty());
+        assert_eq!(s.feature_names(), ["recency_days", "frequency", "monetary"]);
+    }
+
+    /// The demo spec with an event column and `[input.events]`.
+    fn with_events(events: &str) -> String {
+        with(
+            "item_label = \"Description\"",
+            &format!("item_label = \"Description\"\nevent = \"Event\"\n\n[input.events]\n{events}"),
+        )
+    }
+
+    #[test]
+    fn every_new_bad_field_is_named() {
+        let no_als = |text: String| text.replacen("als = true", "als = false", 1);
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                with("item = \"StockCode\"", "item = \"\""),
+                "input.columns.item",
+                "(user, item) pairs",
+            ),
+            (with("factors = 32", "factors = 0"), "als.factors", "1024"),
+            (
+                with("factors = 32", "factors = 1025"),
+                "als.factors",
+                "1025",
+            ),
+            (
+                with("iterations = 15", "iterations = 0"),
+                "als.iterations",
+                "between 1 and 1000",
+            ),
+            (
+                with("iterations = 15", "iterations = 1001"),
+                "als.iterations",
+                "between 1 and 1000",
+            ),
+            (
+                with("regularization = 0.01", "regularization = -0.1"),
+                "als.regularization",
+                ">= 0",
+            ),
+            (
+                with("regularization = 0.01", "regularization = nan"),
+                "als.regularization",
+                "finite",
+            ),
+            (with("alpha = 40.0", "alpha = 0.0"), "als.alpha", "> 0"),
+            (with("alpha = 40.0", "alpha = inf"), "als.alpha", "finite"),
+            (
+                with("cg_steps = 3", "cg_steps = 0"),
+                "als.cg_steps",
+                "between 1 and 64",
+            ),
+            (
+                with("cg_steps = 3", "cg_steps = 65"),
+                "als.cg_steps",
+                "between 1 and 64",
+            ),
+            (
+                with("confidence = \"linear\"", "confidence = \"square\""),
+                "confidence",
+                "log",
+            ),
+            (
+                with("als_weight = 1.0", "als_weight = -1.0"),
+                "features.als_weight",
+                ">= 0",
+            ),
+            (
+                with("als_weight = 1.0", "als_weight = nan"),
+                "features.als_weight",
+                "finite",
+            ),
+            (
+                with(
+                    "als_weight = 1.0",
+                    "als_weight = 1.0\nextra = \"s3://b/t.parquet\"",
+                ),
+                "features.extra",
+                "leave features.extra empty",
+            ),
+            (
+                with(
+                    "[input.clean]",
+                    "[input.events]\npurchase = 2.0\n\n[input.clean]",
+                ),
+                "input.events",
+                "input.columns.event",
+            ),
+            (
+                with_events("view = 0.5\npurchase = -1.0\n"),
+                "input.events",
+                "`purchase`",
+            ),
+            (with_events("view = nan\n"), "input.events", "`view`"),
+            (
+                with_events("\" view\" = 1.0\n"),
+                "input.events",
+                "\" view\"",
+            ),
+            (
+                with("top_n = 10", "top_n = 1001"),
+                "recommend.top_n",
+                "at most 1000",
+            ),
+            (
+                with("holdout = 0.0", "holdout = 1.0"),
+                "evaluate.holdout",
+                "[0, 1)",
+            ),
+            (
+                with("holdout = 0.0", "holdout = -0.1"),
+                "evaluate.holdout",
+                "[0, 1)",
+            ),
+            (
+                with("holdout = 0.0", "holdout = nan"),
+                "evaluate.holdout",
+                "[0, 1)",
+            ),
+            (
+                no_als(with("holdout = 0.0", "holdout = 0.2")),
+                "evaluate.holdout",
+                "needs features.als = true",
+            ),
+            (with("k = 10", "k = 0"), "evaluate.k", "between 1 and 1000"),
+            (
+                with("k = 10", "k = 1001"),
+                "evaluate.k",
+                "between 1 and 1000",
+            ),
+            (
+                with("exclude_seen = true", "exclude_seen = true\nmax = 3"),
+                "max",
+                "exclude_seen",
+            ),
+            (
+                with("cg_steps = 3", "cg_steps = 3\nrank = 3"),
+                "rank",
+                "factors",
+            ),
+            (
+                with("k = 10", "k = 10\nmetric = \"ndcg\""),
+                "metric",
+                "holdout",
+            ),
+        ];
+        for (text, field, detail) in cases {
+            let err = err_of(&text);
+            assert!(
+                err.contains(field) && err.contains(detail),
+                "error `{err}` should mention `{field}` and `{detail}`"
+            );
+        }
+    }
+
+    #[test]
+    fn als_related_settings_that_are_allowed() {
+        // Recommendations without ALS are allowed (skipped), holdout 0 too.
+        let s = JobSpec::parse(&with("als = true", "als = false")).unwrap();
+        assert!(!s.features.als && s.recommend.top_n == 10);
+        assert_eq!(s.feature_names(), ["recency_days", "frequency", "monetary"]);
+        // Without ALS the item column is optional.
+        JobSpec::parse(&with("als = true", "als = false").replacen(
+            "item = \"StockCode\"",
+            "item = \"\"",
+            1,
+        ))
+        .unwrap();
+        // Bounds are inclusive; zero weights are allowed.
+        for (a, b) in [
+            ("factors = 32", "factors = 1024"),
+            ("factors = 32", "factors = 1"),
+            ("iterations = 15", "iterations = 1000"),
+            ("regularization = 0.01", "regularization = 0.0"),
+            ("cg_steps = 3", "cg_steps = 64"),
+            ("als_weight = 1.0", "als_weight = 0.0"),
+            ("top_n = 10", "top_n = 0"),
+            ("top_n = 10", "top_n = 1000"),
+            ("holdout = 0.0", "holdout = 0.999"),
+            ("k = 10", "k = 1000"),
+            ("confidence = \"linear\"", "confidence = \"log\""),
+        ] {
+            JobSpec::parse(&with(a, b)).unwrap_or_else(|e| panic!("{b}: {e}"));
+        }
+        let s = JobSpec::parse(&with_events("view = 0.0\npurchase = 3\n")).unwrap();
+        assert_eq!(s.input.events.get("view"), Some(&0.0));
+        assert_eq!(s.input.events.get("purchase"), Some(&3.0));
+    }
+
+    #[test]
+    fn event_weights_match_the_trimmed_value_exactly() {
+        let mut s = JobSpec::parse(&with_events(
+            "view = 0.25\npurchase = 3.0\n\"add to cart\" = 0.0\n",
+        ))
+        .unwrap();
+        let input = &s.input;
+        assert_eq!(input.event_weight(Some("purchase")), 3.0);
+        assert_eq!(input.event_weight(Some("  purchase\t")), 3.0);
+        assert_eq!(input.event_weight(Some("view")), 0.25);
+        assert_eq!(input.event_weight(Some("add to cart")), 0.0);
+        assert_eq!(input.event_weight(Some("Purchase")), 1.0, "exact case");
+        assert_eq!(input.event_weight(Some("refund")), 1.0, "not listed");
+        assert_eq!(input.event_weight(Some("")), 1.0);
+        assert_eq!(input.event_weight(Some("   ")), 1.0);
+        assert_eq!(input.event_weight(None), 1.0);
+        // Without an event column every interaction weighs 1.0.
+        s.input.columns.event = " ".into();
+        assert_eq!(s.input.event_weight(Some("purchase")), 1.0);
+    }
+
+    #[test]
+    fn confidence_follows_hu_koren_volinsky() {
+        let mut als = AlsSpec {
+            alpha: 40.0,
+            ..AlsSpec::default()
+        };
+        assert_eq!(als.confidence, Confidence::Linear);
+        assert_eq!(als.confidence_of(0.0), 1.0);
+        assert_eq!(als.confidence_of(1.0), 41.0);
+        assert_eq!(als.confidence_of(2.5), 101.0);
+        als.confidence = Confidence::Log;
+        als.alpha = 2.0;
+        assert_eq!(als.confidence_of(0.0), 1.0);
+        for r in [1e-9, 0.5, 1.0, std::f64::consts::E - 1.0, 10.0, 1e6] {
+            let want = 1.0 + 2.0 * (1.0 + r).ln();
+            let got = als.confidence_of(r);
+            assert!(
+                (got - want).abs() <= 1e-12 * want,
+                "log confidence of {r}: {got} vs {want}"
+            );
+        }
+        assert!((als.confidence_of(std::f64::consts::E - 1.0) - 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn every_new_field_round_trips_through_toml() {
+        let text = with_events("view = 0.1\n\"add to cart\" = 0.5\npurchase = 3.0\n")
+            .replacen("als_weight = 1.0", "als_weight = 0.75", 1)
+            .replacen("factors = 32", "factors = 8", 1)
+            .replacen("iterations = 15", "iterations = 4", 1)
+            .replacen("regularization = 0.01", "regularization = 0.125", 1)
+            .replacen("alpha = 40.0", "alpha = 12.5", 1)
+            .replacen("confidence = \"linear\"", "confidence = \"log\"", 1)
+            .replacen("cg_steps = 3", "cg_steps = 5", 1)
+            .replacen("top_n = 10", "top_n = 25", 1)
+            .replacen("exclude_seen = true", "exclude_seen = false", 1)
+            .replacen("holdout = 0.0", "holdout = 0.2", 1)
+            .replacen("k = 10", "k = 20", 1);
+        let s = JobSpec::parse(&text).unwrap();
+        assert_eq!(s.input.columns.event(), Some("Event"));
+        assert_eq!(s.input.columns.item_label(), Some("Description"));
+        assert_eq!(s.input.events.len(), 3);
+        assert_eq!(s.input.events["add to cart"], 0.5);
+        assert_eq!(s.features.als_weight, 0.75);
+        assert_eq!(
+            s.als,
+            AlsSpec {
+                factors: 8,
+                iterations: 4,
+                regularization: 0.125,
+                alpha: 12.5,
+                confidence: Confidence::Log,
+                cg_steps: 5,
+            }
+        );
+        assert_eq!(
+            s.recommend,
+            RecommendSpec {
+                top_n: 25,
+                exclude_seen: false
+            }
+        );
+        assert_eq!(
+            s.evaluate,
+            EvaluateSpec {
+                holdout: 0.2,
+                k: 20
+            }
+        );
+        let toml = s.to_toml();
+        assert!(toml.contains("confidence = \"log\""), "{toml}");
+        assert_eq!(JobSpec::parse(&toml).unwrap(), s, "round-trips: {toml}");
     }
 
     #[test]

@@ -915,3 +915,76 @@ fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, String)> {
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// The record batches of every part of `<out>/<table>/`, parts in name order.
+pub fn read_parts(out: &Path, table: &str) -> Vec<arrow::record_batch::RecordBatch> {
+    let dir = out.join(table);
+    let mut parts: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    parts.sort();
+    let mut out = Vec::new();
+    for part in parts {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&part).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        out.extend(reader.map(|b| b.unwrap()));
+    }
+    out
+}
+
+/// `user_factors.parquet` or `item_factors.parquet`: id -> factors.
+pub fn read_factors(out: &Path, table: &str, id: &str) -> BTreeMap<String, Vec<f32>> {
+    let mut rows = BTreeMap::new();
+    for b in read_parts(out, table) {
+        let ids = b.column_by_name(id).unwrap();
+        let ids = ids.as_any().downcast_ref::<StringArray>().unwrap();
+        let lists = b.column_by_name("factors").unwrap();
+        let lists = lists
+            .as_any()
+            .downcast_ref::<arrow::array::ListArray>()
+            .unwrap();
+        for i in 0..b.num_rows() {
+            let v = lists.value(i);
+            let v = v
+                .as_any()
+                .downcast_ref::<arrow::array::Float32Array>()
+                .unwrap();
+            let prev = rows.insert(ids.value(i).to_string(), v.values().to_vec());
+            assert!(prev.is_none(), "{} appears twice in {table}", ids.value(i));
+        }
+    }
+    rows
+}
+
+/// `recommendations.parquet`: user -> (item, score) by rank.
+pub fn read_recommendations(out: &Path) -> BTreeMap<String, Vec<(String, f32)>> {
+    let mut rows: BTreeMap<String, Vec<(String, f32)>> = BTreeMap::new();
+    for b in read_parts(out, "recommendations.parquet") {
+        let col = |n: &str| b.column_by_name(n).unwrap().clone();
+        let user = col("user_id");
+        let user = user.as_any().downcast_ref::<StringArray>().unwrap();
+        let rank = col("rank");
+        let rank = rank.as_any().downcast_ref::<UInt32Array>().unwrap();
+        let item = col("item_id");
+        let item = item.as_any().downcast_ref::<StringArray>().unwrap();
+        let score = col("score");
+        let score = score
+            .as_any()
+            .downcast_ref::<arrow::array::Float32Array>()
+            .unwrap();
+        for i in 0..b.num_rows() {
+            let list = rows.entry(user.value(i).to_string()).or_default();
+            assert_eq!(
+                rank.value(i) as usize,
+                list.len() + 1,
+                "ranks of {}",
+                user.value(i)
+            );
+            list.push((item.value(i).to_string(), score.value(i)));
+        }
+    }
+    rows
+}

@@ -93,6 +93,22 @@ pub enum WorkerError {
     BadCoordinatorUrl(String),
     #[error(transparent)]
     Tls(#[from] shoal_proto::tls::TlsError),
+    #[error("fetching {what} from worker {address} failed: {message}")]
+    Peer {
+        address: String,
+        what: String,
+        message: String,
+    },
+    #[error(
+        "{what}: this worker has version {have}, version {wanted} was asked for (the steps of the job ran out of order; retry the step)"
+    )]
+    StaleFactors {
+        what: String,
+        have: u32,
+        wanted: u32,
+    },
+    #[error("the shards of job {job} do not agree: {detail}")]
+    Inconsistent { job: String, detail: String },
 }
 
 impl WorkerError {
@@ -100,7 +116,10 @@ impl WorkerError {
     pub fn is_retryable(&self) -> bool {
         match self {
             WorkerError::Store(e) => e.is_retryable(),
-            WorkerError::UnknownJob { .. } | WorkerError::UnknownShard { .. } => true,
+            WorkerError::UnknownJob { .. }
+            | WorkerError::UnknownShard { .. }
+            | WorkerError::Peer { .. }
+            | WorkerError::StaleFactors { .. } => true,
             _ => false,
         }
     }
@@ -127,6 +146,9 @@ impl WorkerError {
                 Code::FailedPrecondition
             }
             WorkerError::Cancelled { .. } => Code::Cancelled,
+            WorkerError::Peer { .. } => Code::Unavailable,
+            WorkerError::StaleFactors { .. } => Code::FailedPrecondition,
+            WorkerError::Inconsistent { .. } => Code::Internal,
             WorkerError::Bind { .. }
             | WorkerError::Serve(_)
             | WorkerError::Refused { .. }

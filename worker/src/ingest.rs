@@ -1,4 +1,5 @@
-//! Ingest: read one input split, clean its rows, route them to user shards.
+//! Ingest: read one input split, clean its rows, route them to user shards (and,
+//! with `features.als = true`, the rows with an item to item shards too).
 //!
 //! A split is a whole CSV object (optionally gzip) or some row groups of a Parquet
 //! object, always read through `object_store`. Every data row is counted: it is
@@ -6,6 +7,10 @@
 //! reason ([`DropReason`]), checked in a fixed order. Bad rows (unparseable values, missing
 //! times) fail the split when `input.clean.on_bad_rows = "fail"`; cleaning drops
 //! (missing users, cancellations, values below the minimums) never do.
+//!
+//! Each kept row carries its event weight (`[input.events]` by the value of
+//! `input.columns.event`; 1.0 without an event column or for a blank value, which is
+//! never a bad row) and its item label (`input.columns.item_label`, null when blank).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,7 +35,7 @@ use object_store::ObjectStoreExt;
 use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use parquet::errors::ParquetError;
 use shoal_proto::pb;
-use shoal_proto::spec::{Columns, Format, JobSpec, OnBadRows};
+use shoal_proto::spec::{Columns, Format, InputSpec, JobSpec, OnBadRows};
 use shoal_proto::store::{ParquetSource, resolve};
 use shoal_proto::{Location, SpecError, StoreError};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
@@ -127,9 +132,10 @@ impl IngestControl {
     }
 }
 
-/// Reads split `split`, cleans its rows, routes the kept ones to user shards and
-/// writes them below `staging` (one file per non-empty shard, overwriting an
-/// earlier attempt of the same split).
+/// Reads split `split`, cleans its rows, routes the kept ones to user shards (and
+/// with `features.als` those with an item to item shards) and writes them below
+/// `staging` (one file per non-empty shard, overwriting an earlier attempt of the
+/// same split).
 pub async fn ingest_split(
     spec: &JobSpec,
     split: &pb::Split,
@@ -189,7 +195,8 @@ pub async fn ingest_split_controlled(
         object = %split.object,
         read,
         kept,
-        files = files.len(),
+        files = files.users.len(),
+        item_files = files.items.len(),
         bytes_read,
         "ingested split"
     );
@@ -232,10 +239,15 @@ enum Role {
     Quantity,
     Price,
     Amount,
+    Event,
+    ItemLabel,
 }
 
+/// How many roles there are.
+const ROLES: usize = Role::ALL.len();
+
 impl Role {
-    const ALL: [Role; 7] = [
+    const ALL: [Role; 9] = [
         Role::User,
         Role::Time,
         Role::Order,
@@ -243,6 +255,8 @@ impl Role {
         Role::Quantity,
         Role::Price,
         Role::Amount,
+        Role::Event,
+        Role::ItemLabel,
     ];
 
     fn field(self) -> &'static str {
@@ -254,6 +268,8 @@ impl Role {
             Role::Quantity => "quantity",
             Role::Price => "price",
             Role::Amount => "amount",
+            Role::Event => "event",
+            Role::ItemLabel => "item_label",
         }
     }
 
@@ -266,6 +282,8 @@ impl Role {
             Role::Quantity => cols.quantity(),
             Role::Price => cols.price(),
             Role::Amount => cols.amount(),
+            Role::Event => cols.event(),
+            Role::ItemLabel => cols.item_label(),
         }
     }
 }
@@ -275,7 +293,7 @@ impl Role {
 #[derive(Debug, Clone)]
 struct Plan {
     projection: Vec<usize>,
-    slots: [Option<Slot>; 7],
+    slots: [Option<Slot>; ROLES],
 }
 
 #[derive(Debug, Clone)]
@@ -301,7 +319,7 @@ fn find_column(schema: &Schema, want: &str) -> Option<usize> {
 impl Plan {
     fn new(spec: &JobSpec, schema: &Schema, file: &str) -> Result<Plan, WorkerError> {
         let cols = &spec.input.columns;
-        let mut found: [Option<usize>; 7] = [None; 7];
+        let mut found: [Option<usize>; ROLES] = [None; ROLES];
         for role in Role::ALL {
             let Some(want) = role.column(cols) else {
                 continue;
@@ -434,6 +452,8 @@ struct Prepared {
     quantity: Option<Numbers>,
     price: Option<Numbers>,
     amount: Option<Numbers>,
+    event: Option<Text>,
+    item_label: Option<Text>,
 }
 
 /// Unwraps dictionary encoding: the values' type is what counts.
@@ -585,6 +605,8 @@ impl Prepared {
             quantity: get(plan, columns, file, Role::Quantity, numbers)?,
             price: get(plan, columns, file, Role::Price, numbers)?,
             amount: get(plan, columns, file, Role::Amount, numbers)?,
+            event: get(plan, columns, file, Role::Event, id_text)?,
+            item_label: get(plan, columns, file, Role::ItemLabel, id_text)?,
         })
     }
 
@@ -816,6 +838,8 @@ pub fn canonical_integer(s: &str, out: &mut String) -> bool {
 /// Cleans batches of one split and buffers the kept rows per shard.
 struct Cleaner<'a> {
     file: &'a str,
+    /// For the event weights.
+    input: &'a InputSpec,
     fail_on_bad: bool,
     user_as_integer: bool,
     drop_order_prefixes: &'a [String],
@@ -846,8 +870,13 @@ impl<'a> Cleaner<'a> {
             }
             .into());
         }
+        let mut writer = SplitWriter::new(split.index, spec.cluster.shards.max(1));
+        if spec.features.als {
+            writer = writer.with_item_routing();
+        }
         Ok(Cleaner {
             file: &split.object,
+            input,
             fail_on_bad: input.clean.on_bad_rows == OnBadRows::Fail,
             user_as_integer: input.user_as_integer,
             drop_order_prefixes: &input.clean.drop_order_prefixes,
@@ -859,7 +888,7 @@ impl<'a> Cleaner<'a> {
             kept: 0,
             min_time_ms: i64::MAX,
             max_time_ms: i64::MIN,
-            writer: SplitWriter::new(split.index, spec.cluster.shards.max(1)),
+            writer,
             user_buf: String::new(),
             control,
         })
@@ -880,6 +909,7 @@ impl<'a> Cleaner<'a> {
             .fetch_add(rows as u64, Ordering::Relaxed);
         let Cleaner {
             file,
+            input,
             fail_on_bad,
             user_as_integer,
             drop_order_prefixes,
@@ -1032,6 +1062,13 @@ impl<'a> Cleaner<'a> {
                 .as_ref()
                 .and_then(|c| c.get(i))
                 .filter(|s| !s.is_empty());
+            // A missing or blank event weighs 1.0: never a bad row.
+            let weight = input.event_weight(cols.event.as_ref().and_then(|c| c.get(i)));
+            let item_label = cols
+                .item_label
+                .as_ref()
+                .and_then(|c| c.get(i))
+                .filter(|s| !s.trim().is_empty());
             writer.push(StagedRow {
                 user,
                 time_ms,
@@ -1039,6 +1076,8 @@ impl<'a> Cleaner<'a> {
                 item,
                 quantity,
                 monetary,
+                weight,
+                item_label,
             });
             *kept += 1;
             *min_time_ms = (*min_time_ms).min(time_ms);
@@ -1339,7 +1378,7 @@ async fn read_parquet(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::staging::read_shard;
+    use crate::staging::{self, read_shard};
     use arrow::array::{Float64Builder, Int64Builder, TimestampMicrosecondArray};
     use arrow::datatypes::Float64Type;
     use bytes::Bytes;
@@ -1494,6 +1533,92 @@ C536372,22964,JAR,-1,2010-12-01 09:00,4.25,12583.0,France
         rows
     }
 
+    /// user, time_ms, item, quantity, weight, item_label
+    type Extra = (String, i64, Option<String>, f64, f64, Option<String>);
+
+    /// The weight and label (with what identifies the row) of every staged row of
+    /// every shard, shard by shard in file order.
+    async fn staged_extras(staging: &Location, shards: u32) -> Vec<Extra> {
+        let mut rows = Vec::new();
+        for shard in 0..shards {
+            for b in read_shard(staging, shard).await.unwrap() {
+                let col = |name: &str| b.column_by_name(name).unwrap();
+                let user = col(staging::USER).as_string::<i32>();
+                let time = col(staging::TIME_MS).as_primitive::<Int64Type>();
+                let item = col(staging::ITEM).as_string::<i32>();
+                let qty = col(staging::QUANTITY).as_primitive::<Float64Type>();
+                let weight = col(staging::WEIGHT).as_primitive::<Float64Type>();
+                let label = col(staging::ITEM_LABEL).as_string::<i32>();
+                for i in 0..b.num_rows() {
+                    rows.push((
+                        user.value(i).to_string(),
+                        time.value(i),
+                        item.is_valid(i).then(|| item.value(i).to_string()),
+                        qty.value(i),
+                        weight.value(i),
+                        label.is_valid(i).then(|| label.value(i).to_string()),
+                    ));
+                }
+            }
+        }
+        rows
+    }
+
+    /// (item, user, strength bits)
+    type ItemRow = (String, String, u64);
+
+    /// The item-routed rows of each item shard, in file order, checking each sits
+    /// in its item's shard.
+    async fn item_staged(staging: &Location, shards: u32) -> Vec<Vec<ItemRow>> {
+        let mut out = Vec::new();
+        for shard in 0..shards {
+            let mut rows = Vec::new();
+            for b in staging::read_item_shard(staging, shard).await.unwrap() {
+                assert_eq!(b.schema(), staging::item_staged_schema());
+                let item = b.column(0).as_string::<i32>();
+                let user = b.column(1).as_string::<i32>();
+                let strength = b.column(2).as_primitive::<Float64Type>();
+                for i in 0..b.num_rows() {
+                    assert_eq!(
+                        shard_of(item.value(i), shards),
+                        shard,
+                        "row routed to its item's shard"
+                    );
+                    rows.push((
+                        item.value(i).to_string(),
+                        user.value(i).to_string(),
+                        strength.value(i).to_bits(),
+                    ));
+                }
+            }
+            out.push(rows);
+        }
+        out
+    }
+
+    /// The item-routed rows are exactly the user-routed rows with an item, with
+    /// strength bit-identical to `weight * quantity` computed from the user side.
+    /// Returns how many there are.
+    async fn check_items_match_users(staging: &Location, shards: u32) -> usize {
+        let mut from_users: Vec<ItemRow> = staged_extras(staging, shards)
+            .await
+            .into_iter()
+            .filter_map(|(user, _, item, qty, weight, _)| {
+                let item = item.filter(|i| !i.is_empty())?;
+                Some((item, user, (weight * qty).to_bits()))
+            })
+            .collect();
+        let mut from_items: Vec<ItemRow> = item_staged(staging, shards)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        from_users.sort();
+        from_items.sort();
+        assert_eq!(from_items, from_users);
+        from_items.len()
+    }
+
     struct Fixture {
         dir: tempfile::TempDir,
         staging: Location,
@@ -1564,6 +1689,47 @@ C536372,22964,JAR,-1,2010-12-01 09:00,4.25,12583.0,France
             staged_rows(&fx.staging, SHARDS).await,
             sorted(retail_kept())
         );
+        // No event column: every row weighs 1.0; labels are the Description.
+        let mut labels: Vec<(String, i64, f64, Option<String>)> =
+            staged_extras(&fx.staging, SHARDS)
+                .await
+                .into_iter()
+                .map(|r| (r.0, r.1, r.4, r.5))
+                .collect();
+        labels.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let label = |s: &str| Some(s.to_string());
+        assert_eq!(
+            labels,
+            vec![
+                (
+                    "12583".into(),
+                    utc(2011, 12, 9, 11, 50, 0),
+                    1.0,
+                    label("JAR")
+                ),
+                (
+                    "13047".into(),
+                    utc(2010, 12, 1, 8, 34, 0),
+                    1.0,
+                    label("ASSORTED \"COLOUR\" BIRD")
+                ),
+                (
+                    "17850".into(),
+                    utc(2010, 12, 1, 8, 26, 0),
+                    1.0,
+                    label("WHITE HANGING HEART T-LIGHT HOLDER")
+                ),
+                (
+                    "17850".into(),
+                    utc(2010, 12, 1, 8, 28, 0),
+                    1.0,
+                    label("HAND WARMER, UNION JACK")
+                ),
+            ]
+        );
+        // The demo spec has features.als = true: the 3 kept rows with an item are
+        // routed to item shards too.
+        assert_eq!(check_items_match_users(&fx.staging, SHARDS).await, 3);
     }
 
     #[tokio::test]
@@ -1604,6 +1770,7 @@ C536372,22964,JAR,-1,2010-12-01 09:00,4.25,12583.0,France
             ..Columns::default()
         };
         spec.input.clean = Default::default();
+        spec.features.als = false;
         spec.validate().unwrap();
         let result = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
             .await
@@ -1805,6 +1972,211 @@ x,not-a-date,x,1,1";
         );
     }
 
+    const EVENTS_CSV: &str = "\
+user,when,sku,what,event,qty,price
+u1,2024-01-01,A,Apple,view,1,2.0
+u1,2024-01-02,B,Banana,purchase,2,1.5
+u2,2024-01-03,A,,cart,3,2.0
+u3,2024-01-04,,Nothing,purchase,1,1.0
+u2,2024-01-05,C,Cherry,,1,1.0
+u4,2024-01-06,D,  ,unknown,4,0.5
+u5,2024-01-07,E,Egg, purchase ,2,1.0
+u6,2024-01-08,F,Fig,Purchase,1,1.0
+u7,bad-date,G,Grape,view,1,1.0
+u8,2024-01-09,H,Honey,view,5,0.3
+u9,2024-01-10,B,Banana,cart,7,0.25
+";
+
+    fn events_spec(object: &str, als: bool) -> JobSpec {
+        JobSpec::parse(&format!(
+            r#"name = "events"
+[input]
+interactions = "{object}"
+[input.columns]
+user = "user"
+time = "when"
+item = "sku"
+item_label = "what"
+event = "event"
+quantity = "qty"
+price = "price"
+[input.events]
+view = 0.1
+cart = 0.5
+purchase = 3.0
+[output]
+path = "out"
+[features]
+als = {als}
+[evaluate]
+holdout = 0.0
+[cluster]
+shards = {SHARDS}
+"#
+        ))
+        .unwrap()
+    }
+
+    /// The kept rows of EVENTS_CSV with their weights and labels, in file order.
+    fn events_kept() -> Vec<Extra> {
+        let day = |d| utc(2024, 1, d, 0, 0, 0);
+        let s = |x: &str| Some(x.to_string());
+        vec![
+            ("u1".into(), day(1), s("A"), 1.0, 0.1, s("Apple")),
+            ("u1".into(), day(2), s("B"), 2.0, 3.0, s("Banana")),
+            // empty label -> null
+            ("u2".into(), day(3), s("A"), 3.0, 0.5, None),
+            // no item: staged for the user, not routed to an item shard
+            ("u3".into(), day(4), None, 1.0, 3.0, s("Nothing")),
+            // empty event -> 1.0
+            ("u2".into(), day(5), s("C"), 1.0, 1.0, s("Cherry")),
+            // event not listed -> 1.0; blank label -> null
+            ("u4".into(), day(6), s("D"), 4.0, 1.0, None),
+            // the event is matched trimmed
+            ("u5".into(), day(7), s("E"), 2.0, 3.0, s("Egg")),
+            // ... in exact case
+            ("u6".into(), day(8), s("F"), 1.0, 1.0, s("Fig")),
+            ("u8".into(), day(9), s("H"), 5.0, 0.1, s("Honey")),
+            ("u9".into(), day(10), s("B"), 7.0, 0.5, s("Banana")),
+        ]
+    }
+
+    #[tokio::test]
+    async fn events_weigh_rows_labels_are_kept_and_items_are_routed_by_item() {
+        let fx = Fixture::new();
+        let url = fx.put("events.csv", EVENTS_CSV.as_bytes().to_vec()).await;
+        let spec = events_spec(&url, true);
+        assert_eq!(spec.input.event_weight(Some(" purchase ")), 3.0);
+        let result = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
+            .await
+            .unwrap();
+        let counts = result.counts.clone().unwrap();
+        assert_eq!((counts.read, counts.kept), (11, 10));
+        assert_eq!(dropped_of(&result), dropped(&[("bad_time", 1)]));
+        check_balance(&result);
+
+        let kept = events_kept();
+        let mut got = staged_extras(&fx.staging, SHARDS).await;
+        got.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let mut want = kept.clone();
+        want.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(got, want);
+
+        // Each item shard holds exactly the kept rows with an item whose item hashes
+        // there, in file order, with strength = weight * quantity (same f64 product).
+        let shards = item_staged(&fx.staging, SHARDS).await;
+        let mut used = 0;
+        for (shard, got) in shards.iter().enumerate() {
+            let want: Vec<ItemRow> = kept
+                .iter()
+                .filter_map(|(user, _, item, qty, weight, _)| {
+                    let item = item.as_deref()?;
+                    (shard_of(item, SHARDS) == shard as u32)
+                        .then(|| (item.to_string(), user.clone(), (weight * qty).to_bits()))
+                })
+                .collect();
+            assert_eq!(got, &want, "item shard {shard}");
+            used += usize::from(!got.is_empty());
+        }
+        assert!(used > 1, "the items spread over several shards");
+        assert_eq!(check_items_match_users(&fx.staging, SHARDS).await, 9);
+        let strengths: BTreeSet<u64> = shards.iter().flatten().map(|r| r.2).collect();
+        assert!(strengths.contains(&(0.1f64 * 5.0).to_bits()));
+        assert!(strengths.contains(&(0.5f64 * 7.0).to_bits()));
+
+        // A blank event is not a bad row: under on_bad_rows = "fail" the first bad
+        // row is still the unparseable time (row 9).
+        let mut strict = spec.clone();
+        strict.input.clean.on_bad_rows = OnBadRows::Fail;
+        let err = ingest_split(
+            &strict,
+            &split_of(&url, "csv", false),
+            &Fixture::new().staging,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                WorkerError::BadRow {
+                    row: 9,
+                    reason: "bad_time",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // Without ALS nothing is routed to item shards; weights and labels stay.
+        let fx2 = Fixture::new();
+        ingest_split(
+            &events_spec(&url, false),
+            &split_of(&url, "csv", false),
+            &fx2.staging,
+        )
+        .await
+        .unwrap();
+        assert!(
+            item_staged(&fx2.staging, SHARDS)
+                .await
+                .iter()
+                .all(Vec::is_empty)
+        );
+        let mut got = staged_extras(&fx2.staging, SHARDS).await;
+        got.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(got, want);
+        let items = fx2.staging.child("items");
+        assert!(items.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn missing_event_or_label_column_lists_the_columns_present() {
+        let fx = Fixture::new();
+        let url = fx.put("retail.csv", RETAIL_CSV.as_bytes().to_vec()).await;
+        for (field, column) in [("event", "EventType"), ("item_label", "Label")] {
+            let mut spec = retail_spec();
+            match field {
+                "event" => {
+                    spec.input.columns.event = column.into();
+                    spec.input.events.insert("purchase".into(), 2.0);
+                }
+                _ => spec.input.columns.item_label = column.into(),
+            }
+            spec.validate().unwrap();
+            let err = ingest_split(&spec, &split_of(&url, "csv", false), &fx.staging)
+                .await
+                .unwrap_err();
+            match &err {
+                WorkerError::MissingColumn {
+                    file,
+                    field: f,
+                    column: c,
+                    present,
+                } => {
+                    assert_eq!(file, &url);
+                    assert_eq!(*f, field);
+                    assert_eq!(c, column);
+                    assert!(present.contains(&"Description".to_string()));
+                }
+                other => panic!("expected MissingColumn, got {other}"),
+            }
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("input.columns.{field}"))
+                    && text.contains(column)
+                    && text.contains("InvoiceNo, StockCode, Description"),
+                "{text}"
+            );
+        }
+        assert!(staged_rows(&fx.staging, SHARDS).await.is_empty());
+        assert!(
+            item_staged(&fx.staging, SHARDS)
+                .await
+                .iter()
+                .all(Vec::is_empty)
+        );
+    }
+
     /// The Parquet twin of RETAIL_CSV, typed, in row groups of 4 rows.
     async fn retail_parquet(fx: &Fixture) -> String {
         #[allow(clippy::type_complexity)]
@@ -1955,6 +2327,13 @@ x,not-a-date,x,1,1";
             ),
             ("UnitPrice", Arc::new(price.finish()) as ArrayRef),
             ("CustomerID", Arc::new(user.finish()) as ArrayRef),
+            (
+                "Description",
+                Arc::new(StringArray::from_iter(
+                    rows.iter()
+                        .map(|r| r.1.map(|item| format!("label of {item}"))),
+                )) as ArrayRef,
+            ),
         ])
         .unwrap();
         let props = WriterProperties::builder()
@@ -1997,6 +2376,23 @@ x,not-a-date,x,1,1";
             staged_rows(&fx.staging, SHARDS).await,
             sorted(retail_kept())
         );
+        let mut labels: Vec<(String, Option<String>)> = staged_extras(&fx.staging, SHARDS)
+            .await
+            .into_iter()
+            .map(|r| (r.0, r.5))
+            .collect();
+        labels.sort();
+        let label = |s: &str| Some(s.to_string());
+        assert_eq!(
+            labels,
+            vec![
+                ("12583".into(), None),
+                ("13047".into(), label("label of 84879")),
+                ("17850".into(), label("label of 22633")),
+                ("17850".into(), label("label of 85123A")),
+            ]
+        );
+        assert_eq!(check_items_match_users(&fx.staging, SHARDS).await, 3);
 
         // Without user_as_integer, float ids print as Rust prints them.
         let fx2 = Fixture::new();

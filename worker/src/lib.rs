@@ -9,6 +9,9 @@ pub mod ingest;
 pub mod staging;
 
 pub use error::WorkerError;
+pub mod als;
+pub mod als_job;
+pub mod flight;
 pub mod load;
 pub mod server;
 pub mod service;

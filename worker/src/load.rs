@@ -163,6 +163,8 @@ mod tests {
                 "item" => Arc::new(item.clone()),
                 "quantity" => Arc::new(qty.clone()),
                 "monetary" => Arc::new(money.clone()),
+                "weight" => Arc::new(Float64Array::from(vec![1.0; rows.len()])),
+                "item_label" => Arc::new(StringArray::from(vec![None::<&str>; rows.len()])),
                 other => panic!("unexpected staged column {other}"),
             });
         }

@@ -2,7 +2,9 @@
 //! loop towards the coordinator. `shoal worker` and `shoal run` start the same code.
 
 use crate::WorkerError;
+use crate::flight::FactorService;
 use crate::service::WorkerServiceImpl;
+use arrow_flight::flight_service_server::FlightServiceServer;
 use futures::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -116,7 +118,9 @@ pub async fn spawn_worker(
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{addr}"));
     let threads = rayon::current_num_threads();
-    let service = WorkerServiceImpl::new(backend.clone(), threads.max(1));
+    let with_token = WithToken::new(config.token.as_deref()).map_err(WorkerError::BadToken)?;
+    let service = WorkerServiceImpl::new(backend.clone(), threads.max(1))
+        .with_peers(with_token.clone(), config.tls_ca.clone());
     let tracker = TaskTracker::new();
     let fatal: Arc<Mutex<Option<WorkerError>>> = Arc::default();
     let metrics = WorkerMetrics::new(backend.name(), threads, service.clone());
@@ -144,12 +148,18 @@ pub async fn spawn_worker(
         }
     };
 
-    let with_token = WithToken::new(config.token.as_deref()).map_err(WorkerError::BadToken)?;
     let mut builder = tonic::transport::Server::builder();
     if let Some(identity) = &config.tls {
         builder = builder.tls_config(identity.server_config()?)?;
     }
+    let flight = FlightServiceServer::new(FactorService::new(service.shelf()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let server = builder
+        .add_service(InterceptedService::new(
+            flight,
+            RequireToken::new(config.token.as_deref(), "SHOAL_TOKEN (the workers' token)"),
+        ))
         .add_service(InterceptedService::new(
             WorkerServiceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -2,6 +2,9 @@
 //! The worker keeps per-job state (its shards' users, RFM and resident points) and
 //! nothing else; the coordinator decides what runs next.
 
+use crate::als::{self, Side};
+use crate::als_job::{self, AlsJob, OwnedShard};
+use crate::flight::{Peers, Shelf};
 use crate::ingest::IngestControl;
 use crate::load::{self, DIMS, ShardRfm};
 use crate::{WorkerError, ingest, staging};
@@ -10,6 +13,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use futures::StreamExt;
 use shoal_kernels::{Backend, CpuBackend, NO_SECOND, Nearest, Resident};
+use shoal_proto::auth::WithToken;
 use shoal_proto::pb::worker_service_server::WorkerService;
 use shoal_proto::pb::{self, PointRef};
 use shoal_proto::sketch::Sketch;
@@ -51,6 +55,12 @@ impl Shard {
 
 struct JobState {
     shards: BTreeMap<u32, Shard>,
+    /// Features per user: the RFM block, with ALS the factors in front of it.
+    dims: usize,
+    /// ALS, when the spec asks for it.
+    als: Option<AlsJob>,
+    /// `features.als_weight` of the spec.
+    als_weight: f64,
     /// The backend this job runs on (its spec's `cluster.device`).
     backend: Arc<dyn Backend>,
     /// Fired by ReleaseJob; long steps check it between shards.
@@ -58,6 +68,34 @@ struct JobState {
 }
 
 type JobHandle = Arc<tokio::sync::Mutex<JobState>>;
+
+impl JobState {
+    fn check_dims(&self, d: usize, what: &str) -> Result<(), WorkerError> {
+        if d != self.dims {
+            return Err(WorkerError::InvalidRequest(format!(
+                "{what}: {d} dimensions, this job's features have {}",
+                self.dims
+            )));
+        }
+        Ok(())
+    }
+
+    fn als(&self, job: &str) -> Result<&AlsJob, WorkerError> {
+        self.als.as_ref().ok_or_else(|| {
+            WorkerError::InvalidRequest(format!(
+                "job {job} does not run ALS (features.als = false)"
+            ))
+        })
+    }
+
+    fn als_mut(&mut self, job: &str) -> Result<&mut AlsJob, WorkerError> {
+        self.als.as_mut().ok_or_else(|| {
+            WorkerError::InvalidRequest(format!(
+                "job {job} does not run ALS (features.als = false)"
+            ))
+        })
+    }
+}
 
 /// Fails with [`WorkerError::Cancelled`] once `cancel` has fired.
 fn stop_if_cancelled(cancel: &CancellationToken, job: &str) -> Result<(), WorkerError> {
@@ -150,16 +188,35 @@ pub struct WorkerServiceImpl {
     runs: Arc<Mutex<Runs>>,
     /// splits read at once by one Ingest call
     ingest_parallelism: usize,
+    /// What this worker serves over Arrow Flight.
+    shelf: Shelf,
+    /// Other workers' Flight services.
+    peers: Peers,
 }
 
 impl WorkerServiceImpl {
     pub fn new(backend: Arc<dyn Backend>, ingest_parallelism: usize) -> Self {
+        let shelf = Shelf::default();
         WorkerServiceImpl {
             backend,
             jobs: Arc::default(),
             runs: Arc::default(),
             ingest_parallelism: ingest_parallelism.max(1),
+            peers: Peers::new(shelf.clone(), WithToken::new(None).expect("no token"), None),
+            shelf,
         }
+    }
+
+    /// Sets how this worker reaches other workers' Flight services: the token it
+    /// sends and the CA that signs their certificates.
+    pub fn with_peers(mut self, token: WithToken, ca: Option<std::path::PathBuf>) -> Self {
+        self.peers = Peers::new(self.shelf.clone(), token, ca);
+        self
+    }
+
+    /// The shelf the worker's Flight service answers from.
+    pub fn shelf(&self) -> Shelf {
+        self.shelf.clone()
     }
 
     /// Rows and bytes of input read on this worker since it started (every job).
@@ -257,18 +314,76 @@ impl WorkerServiceImpl {
         }
     }
 
+    /// Every item's id and final factors, when the job recommends or evaluates.
+    async fn catalog(&self, job: &str) -> Result<Option<Arc<als_job::Catalog>>, WorkerError> {
+        let source = self
+            .with_job(job, {
+                let job = job.to_string();
+                move |state, _| {
+                    Ok(match &state.als {
+                        Some(a) if a.top_n > 0 || a.holdout > 0.0 => match &a.catalog {
+                            Some(c) => Err(c.clone()),
+                            None => Ok(Some((a.catalog_source(&job)?, a.shards))),
+                        },
+                        _ => Ok(None),
+                    })
+                }
+            })
+            .await?;
+        let source = match source {
+            Err(model) => return Ok(Some(model)),
+            Ok(source) => source,
+        };
+        let Some(((owners, version), shards)) = source else {
+            return Ok(None);
+        };
+        let (peers, job2) = (self.peers.clone(), job.to_string());
+        let parts = self
+            .tracked(job, move |_| async move {
+                futures::future::try_join_all((0..shards).map(|shard| {
+                    let (peers, owner, job) =
+                        (peers.clone(), owners[shard as usize].clone(), job2.clone());
+                    async move {
+                        let ticket = |ids| pb::FactorTicket {
+                            job_id: job.clone(),
+                            side: Side::Items.to_proto(),
+                            shard,
+                            version,
+                            ids,
+                            rows: Vec::new(),
+                        };
+                        let ids = peers.fetch(&owner, ticket(true)).await?;
+                        let rows = peers.fetch(&owner, ticket(false)).await?;
+                        match (ids, rows) {
+                            (
+                                crate::flight::Answer::Ids(ids),
+                                crate::flight::Answer::Rows { values, .. },
+                            ) => Ok((shard, ids, values)),
+                            _ => Err(WorkerError::Peer {
+                                address: owner,
+                                what: format!("item shard {shard}"),
+                                message: "answered the wrong kind of data".into(),
+                            }),
+                        }
+                    }
+                }))
+                .await
+            })
+            .await?;
+        Ok(Some(Arc::new(als_job::Catalog::new(shards, parts))))
+    }
+
     /// Number of jobs this worker holds state for.
     pub fn jobs_held(&self) -> usize {
         self.jobs.lock().expect("job map lock").len()
     }
 }
 
+/// How many rows of `dims` values `values` holds (the job checks `dims` itself).
 fn check_dims(dims: u32, values: usize, what: &str) -> Result<usize, WorkerError> {
     let d = dims as usize;
-    if d != DIMS {
-        return Err(WorkerError::InvalidRequest(format!(
-            "{what}: {d} dimensions, this worker's features have {DIMS}"
-        )));
+    if d == 0 {
+        return Err(WorkerError::InvalidRequest(format!("{what}: 0 dimensions")));
     }
     if !values.is_multiple_of(d) {
         return Err(WorkerError::InvalidRequest(format!(
@@ -343,6 +458,7 @@ impl WorkerService for WorkerServiceImpl {
         let (job, spec, staging) = parse_context(req.job.as_ref())?;
         let span = info_span!("load", job = %job, attempt = req.attempt, phase = "load");
         let (jobs, runs) = (self.jobs.clone(), self.runs.clone());
+        let shelf = self.shelf.clone();
         let backend = self.backend_for(spec.cluster.device);
         let job_id = job.clone();
         let work = move |run: Arc<JobRun>| async move {
@@ -355,24 +471,41 @@ impl WorkerService for WorkerServiceImpl {
             let cancel = run.control.cancel.clone();
             let mut loaded = BTreeMap::new();
             let mut stats = Vec::new();
+            let use_als = spec.features.als;
+            let (seed, holdout) = (spec.segments.seed, spec.evaluate.holdout);
+            let mut user_pairs = BTreeMap::new();
             for &shard in &req.shards {
                 stop_if_cancelled(&cancel, &job)?;
                 let batches = staging::read_shard(&staging, shard).await?;
                 let reference = req.reference_time_ms;
-                let (rfm, feats) = run
+                let (rfm, feats, pairs) = run
                     .tasks
                     .spawn_blocking(move || {
                         let rfm = load::aggregate(&batches, reference)?;
                         let feats = rfm.log_features();
-                        Ok::<_, WorkerError>((rfm, feats))
+                        let pairs = if use_als {
+                            Some(als::user_pairs(&batches, &rfm.users, seed, holdout)?)
+                        } else {
+                            None
+                        };
+                        Ok::<_, WorkerError>((rfm, feats, pairs))
                     })
                     .await
                     .map_err(|e| WorkerError::InvalidRequest(format!("load panicked: {e}")))??;
-                stats.push(pb::ShardStats {
+                let mut stat = pb::ShardStats {
                     shard,
                     users: rfm.len() as u64,
                     moments: load::moments(&feats, DIMS),
-                });
+                    ..Default::default()
+                };
+                if let Some(pairs) = pairs {
+                    stat.pairs = pairs.nnz() as u64;
+                    stat.held_out = pairs.held.len() as u64;
+                    stat.nonpositive = pairs.nonpositive;
+                    shelf.put_ids(&job, Side::Users, shard, Arc::new(rfm.users.clone()));
+                    user_pairs.insert(shard, pairs);
+                }
+                stats.push(stat);
                 loaded.insert(
                     shard,
                     Shard {
@@ -384,12 +517,79 @@ impl WorkerService for WorkerServiceImpl {
                     },
                 );
             }
+            let mut item_stats = Vec::new();
+            let mut item_pairs = BTreeMap::new();
+            if use_als {
+                for &shard in &req.item_shards {
+                    stop_if_cancelled(&cancel, &job)?;
+                    let batches = staging::read_item_shard(&staging, shard).await?;
+                    let pairs = run
+                        .tasks
+                        .spawn_blocking(move || als::item_pairs(&batches, seed, holdout))
+                        .await
+                        .map_err(|e| {
+                            WorkerError::InvalidRequest(format!("load panicked: {e}"))
+                        })??;
+                    let confidence_sum: f64 = pairs
+                        .strength
+                        .iter()
+                        .map(|&s| spec.als.confidence_of(s))
+                        .sum();
+                    item_stats.push(pb::ItemShardStats {
+                        shard,
+                        items: pairs.rows() as u64,
+                        pairs: pairs.nnz() as u64,
+                        confidence_sum,
+                    });
+                    shelf.put_ids(&job, Side::Items, shard, Arc::new(pairs.ids.clone()));
+                    item_pairs.insert(shard, pairs);
+                }
+            }
+            let als_job = use_als.then(|| {
+                let owned = |pairs: BTreeMap<u32, als::Pairs>| {
+                    pairs
+                        .into_iter()
+                        .map(|(s, pairs)| {
+                            (
+                                s,
+                                OwnedShard {
+                                    pairs,
+                                    conf: None,
+                                    factors: None,
+                                },
+                            )
+                        })
+                        .collect()
+                };
+                AlsJob {
+                    spec: spec.als.clone(),
+                    f: spec.als.factors as usize,
+                    seed,
+                    holdout,
+                    shards: spec.cluster.shards,
+                    users: owned(user_pairs),
+                    items: owned(item_pairs),
+                    linked: None,
+                    top_n: spec.recommend.top_n as usize,
+                    exclude_seen: spec.recommend.exclude_seen,
+                    eval_k: spec.evaluate.k as usize,
+                    catalog: None,
+                }
+            });
             let users: u64 = stats.iter().map(|s| s.users).sum();
-            info!(shards = req.shards.len(), users, "loaded");
+            info!(
+                shards = req.shards.len(),
+                item_shards = item_stats.len(),
+                users,
+                "loaded"
+            );
             // A reload replaces what the worker held for the job; a job released
             // meanwhile keeps nothing (same lock order as ReleaseJob: runs, jobs).
             let handle = Arc::new(tokio::sync::Mutex::new(JobState {
                 shards: loaded,
+                dims: DIMS,
+                als: als_job,
+                als_weight: spec.features.als_weight,
                 backend,
                 cancel: cancel.clone(),
             }));
@@ -402,6 +602,7 @@ impl WorkerService for WorkerServiceImpl {
             Ok(pb::LoadShardsResponse {
                 shards: stats,
                 dims: DIMS as u32,
+                item_shards: item_stats,
             })
         };
         self.tracked(&job_id, work)
@@ -423,26 +624,45 @@ impl WorkerService for WorkerServiceImpl {
             .into());
         }
         let job_id = req.job_id.clone();
-        self.with_job(&req.job_id, move |job, backend| {
-            for shard in job.shards.values_mut() {
-                stop_if_cancelled(&job.cancel, &job_id)?;
-                let scaled: Vec<f32> = shard
-                    .log_features
-                    .chunks_exact(DIMS)
-                    .flat_map(|row| {
-                        row.iter()
-                            .enumerate()
-                            .map(|(j, x)| ((x - req.mean[j]) / req.scale[j]) as f32)
-                    })
-                    .collect();
-                shard.points = Some(backend.upload(&scaled, DIMS)?);
-                shard.costs = vec![f32::INFINITY; shard.rfm.len()];
-                shard.nearest = vec![Nearest::default(); shard.rfm.len()];
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(Response::new(pb::StandardizeResponse {}))
+        let (shards, dims) = self
+            .with_job(&req.job_id, move |job, backend| {
+                let f = job.als.as_ref().map_or(0, |a| a.f);
+                let dims = f + DIMS;
+                let mut stats = Vec::new();
+                for (&id, shard) in job.shards.iter_mut() {
+                    stop_if_cancelled(&job.cancel, &job_id)?;
+                    let factors = match &job.als {
+                        Some(a) => a.user_features(&job_id, id, job.als_weight, backend)?,
+                        None => Vec::new(),
+                    };
+                    let mut features = Vec::with_capacity(shard.rfm.len() * dims);
+                    for (u, row) in shard.log_features.chunks_exact(DIMS).enumerate() {
+                        features.extend_from_slice(&factors[u * f..(u + 1) * f]);
+                        features.extend(
+                            row.iter()
+                                .enumerate()
+                                .map(|(j, x)| ((x - req.mean[j]) / req.scale[j]) as f32),
+                        );
+                    }
+                    let as_f64: Vec<f64> = features.iter().map(|&v| f64::from(v)).collect();
+                    stats.push(pb::ShardStats {
+                        shard: id,
+                        users: shard.rfm.len() as u64,
+                        moments: load::moments(&as_f64, dims),
+                        ..Default::default()
+                    });
+                    shard.points = Some(backend.upload(&features, dims)?);
+                    shard.costs = vec![f32::INFINITY; shard.rfm.len()];
+                    shard.nearest = vec![Nearest::default(); shard.rfm.len()];
+                }
+                job.dims = dims;
+                Ok((stats, dims))
+            })
+            .await?;
+        Ok(Response::new(pb::StandardizeResponse {
+            shards,
+            dims: dims as u32,
+        }))
     }
 
     async fn get_points(
@@ -453,7 +673,7 @@ impl WorkerService for WorkerServiceImpl {
         let job_id = req.job_id.clone();
         let values = self
             .with_job(&req.job_id, move |job, backend| {
-                let mut values = Vec::with_capacity(req.points.len() * DIMS);
+                let mut values = Vec::with_capacity(req.points.len() * job.dims);
                 for p in &req.points {
                     let shard = job.shards.get(&p.shard).ok_or(WorkerError::UnknownShard {
                         job: job_id.clone(),
@@ -464,11 +684,12 @@ impl WorkerService for WorkerServiceImpl {
                     })?;
                     values.extend(backend.download_rows(shard.points(&job_id, p.shard)?, &[row])?);
                 }
-                Ok(values)
+                Ok((values, job.dims))
             })
             .await?;
+        let (values, dims) = values;
         Ok(Response::new(pb::GetPointsResponse {
-            dims: DIMS as u32,
+            dims: dims as u32,
             values,
         }))
     }
@@ -482,6 +703,7 @@ impl WorkerService for WorkerServiceImpl {
         let job_id = req.job_id.clone();
         let shards = self
             .with_job(&req.job_id, move |job, backend| {
+                job.check_dims(req.dims as usize, "new centers")?;
                 let mut out = Vec::new();
                 for (&id, shard) in job.shards.iter_mut() {
                     stop_if_cancelled(&job.cancel, &job_id)?;
@@ -540,7 +762,7 @@ impl WorkerService for WorkerServiceImpl {
                         continue;
                     }
                     let values = backend.download_rows(shard.points(&job_id, id)?, &rows)?;
-                    for (row, v) in rows.iter().zip(values.chunks_exact(DIMS)) {
+                    for (row, v) in rows.iter().zip(values.chunks_exact(job.dims)) {
                         out.push(pb::SampledPoint {
                             point: Some(PointRef {
                                 shard: id,
@@ -572,13 +794,15 @@ impl WorkerService for WorkerServiceImpl {
         let job_id = req.job_id.clone();
         let shards = self
             .with_job(&req.job_id, move |job, backend| {
+                job.check_dims(req.dims as usize, "centroids")?;
+                let d = job.dims;
                 let mut out = Vec::new();
                 for (&id, shard) in job.shards.iter_mut() {
                     stop_if_cancelled(&job.cancel, &job_id)?;
                     if shard.rfm.is_empty() {
                         out.push(pb::ShardPartial {
                             shard: id,
-                            sums: vec![0.0; k * DIMS],
+                            sums: vec![0.0; k * d],
                             counts: vec![0; k],
                             inertia: 0.0,
                             far: Vec::new(),
@@ -598,7 +822,7 @@ impl WorkerService for WorkerServiceImpl {
                     let values = backend.download_rows(points, &far_rows)?;
                     let far = far_rows
                         .iter()
-                        .zip(values.chunks_exact(DIMS))
+                        .zip(values.chunks_exact(d))
                         .map(|(&row, v)| pb::FarPoint {
                             point: Some(PointRef {
                                 shard: id,
@@ -641,19 +865,92 @@ impl WorkerService for WorkerServiceImpl {
             info_span!("finalize", job = %req.job_id, attempt = req.attempt, phase = "finalize");
         let job_id = req.job_id.clone();
         let req = Arc::new(req);
-        let (finals, files) = {
+        let catalog = self.catalog(&job_id).instrument(span.clone()).await?;
+        let (finals, files, item_files) = {
             let req = req.clone();
             self.with_job(&job_id.clone(), move |job, backend| {
+                let catalog_items = match &catalog {
+                    Some(c) if !c.ids.is_empty() => {
+                        Some(backend.upload(&c.factors, job.als(&job_id)?.f)?)
+                    }
+                    _ => None,
+                };
+                job.check_dims(req.dims as usize, "centroids")?;
+                let d = job.dims;
                 let mut finals = Vec::new();
                 let mut files = Vec::new();
+                let mut item_files = Vec::new();
+                if let Some(a) = &job.als {
+                    for &id in a.items.keys() {
+                        let part = factors_part(
+                            "item_id",
+                            &a.items[&id].pairs.ids,
+                            &a.factors(Side::Items, &job_id, id, backend)?,
+                            a.f,
+                        )?;
+                        let rel = format!("item_factors.parquet/part-{id:05}.parquet");
+                        item_files.push(pb::WrittenFile {
+                            path: rel.clone(),
+                            rows: a.items[&id].pairs.rows() as u64,
+                            bytes: part.len() as u64,
+                        });
+                        files.push((rel, part));
+                    }
+                }
                 for (&id, shard) in job.shards.iter_mut() {
                     stop_if_cancelled(&job.cancel, &job_id)?;
+                    let mut more = Vec::new();
+                    if let Some(a) = &job.als {
+                        let part = factors_part(
+                            "user_id",
+                            &shard.rfm.users,
+                            &a.factors(Side::Users, &job_id, id, backend)?,
+                            a.f,
+                        )?;
+                        let rel = format!("user_factors.parquet/part-{id:05}.parquet");
+                        more.push(pb::WrittenFile {
+                            path: rel.clone(),
+                            rows: shard.rfm.len() as u64,
+                            bytes: part.len() as u64,
+                        });
+                        files.push((rel, part));
+                    }
+                    let mut ranking = None;
+                    if let (Some(a), Some(catalog), Some(items)) =
+                        (&job.als, &catalog, &catalog_items)
+                    {
+                        let (recs, rank) = a.recommend(
+                            &job_id,
+                            id,
+                            catalog,
+                            items,
+                            a.top_n,
+                            a.exclude_seen,
+                            a.eval_k,
+                            backend,
+                        )?;
+                        ranking = rank;
+                        if let Some(recs) = recs {
+                            let (part, rows) =
+                                recommendations_part(&shard.rfm.users, &recs, catalog)?;
+                            let rel = format!("recommendations.parquet/part-{id:05}.parquet");
+                            more.push(pb::WrittenFile {
+                                path: rel.clone(),
+                                rows,
+                                bytes: part.len() as u64,
+                            });
+                            files.push((rel, part));
+                        }
+                    }
                     if shard.rfm.is_empty() {
                         finals.push(pb::ShardFinal {
                             shard: id,
-                            segments: empty_segments(k),
+                            segments: empty_segments(k, d),
                             sample: Vec::new(),
                             file: None,
+                            files: more,
+                            ranking,
+                            items: Vec::new(),
                         });
                         continue;
                     }
@@ -665,7 +962,7 @@ impl WorkerService for WorkerServiceImpl {
                     backend.assign(points, &req.centroids, k, &mut shard.nearest)?;
                     let all_rows: Vec<u32> = (0..shard.rfm.len() as u32).collect();
                     let scaled = backend.download_rows(points, &all_rows)?;
-                    let segments = segment_partials(&shard.rfm, &scaled, &shard.nearest, k);
+                    let segments = segment_partials(&shard.rfm, &scaled, &shard.nearest, k, d);
                     let sample = sample_points(
                         &shard.rfm,
                         &shard.nearest,
@@ -673,8 +970,16 @@ impl WorkerService for WorkerServiceImpl {
                         backend,
                         req.seed,
                         req.sample_size as usize,
+                        d,
                     )?;
                     let bytes = assignments_parquet(&shard.rfm, &shard.nearest, k)?;
+                    let items = match &job.als {
+                        Some(a) => {
+                            let labels: Vec<u32> = shard.nearest.iter().map(|n| n.best).collect();
+                            a.segment_items(id, &labels)
+                        }
+                        None => Vec::new(),
+                    };
                     let rel = format!("assignments.parquet/part-{id:05}.parquet");
                     debug!(
                         shard = id,
@@ -691,10 +996,13 @@ impl WorkerService for WorkerServiceImpl {
                             rows: shard.rfm.len() as u64,
                             bytes: bytes.len() as u64,
                         }),
+                        files: more,
+                        ranking,
+                        items,
                     });
                     files.push((rel, bytes));
                 }
-                Ok((finals, files))
+                Ok((finals, files, item_files))
             })
             .instrument(span.clone())
             .await?
@@ -714,7 +1022,219 @@ impl WorkerService for WorkerServiceImpl {
         })
         .instrument(span)
         .await?;
-        Ok(Response::new(pb::FinalizeResponse { shards: finals }))
+        Ok(Response::new(pb::FinalizeResponse {
+            shards: finals,
+            item_files,
+        }))
+    }
+
+    async fn als_link(
+        &self,
+        req: Request<pb::AlsLinkRequest>,
+    ) -> Result<Response<pb::AlsLinkResponse>, Status> {
+        let req = req.into_inner();
+        let job = req.job_id.clone();
+        let span = info_span!("als_link", job = %job, attempt = req.attempt, phase = "als");
+        async move {
+            let (item_shards, user_shards, shards) = self
+                .with_job(&job, {
+                    let job = job.clone();
+                    move |state, _| {
+                        let a = state.als(&job)?;
+                        Ok((
+                            a.other_shards(Side::Users),
+                            a.other_shards(Side::Items),
+                            a.shards,
+                        ))
+                    }
+                })
+                .await?;
+            if req.owners.len() != shards as usize {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "{} shard owners for {shards} shards",
+                    req.owners.len()
+                )));
+            }
+            let wanted: Vec<(Side, u32)> = item_shards
+                .iter()
+                .map(|&s| (Side::Items, s))
+                .chain(user_shards.iter().map(|&s| (Side::Users, s)))
+                .collect();
+            let (peers, owners, job2) = (self.peers.clone(), req.owners.clone(), job.clone());
+            let lists = self
+                .tracked(&job, move |_| async move {
+                    futures::future::try_join_all(wanted.into_iter().map(|(side, shard)| {
+                        let (peers, owner) = (peers.clone(), owners[shard as usize].clone());
+                        let ticket = pb::FactorTicket {
+                            job_id: job2.clone(),
+                            side: side.to_proto(),
+                            shard,
+                            version: 0,
+                            ids: true,
+                            rows: Vec::new(),
+                        };
+                        async move {
+                            match peers.fetch(&owner, ticket).await? {
+                                crate::flight::Answer::Ids(ids) => Ok((side, shard, ids)),
+                                crate::flight::Answer::Rows { .. } => Err(WorkerError::Peer {
+                                    address: owner,
+                                    what: format!("ids of {} shard {shard}", side.as_str()),
+                                    message: "answered factors".into(),
+                                }),
+                            }
+                        }
+                    }))
+                    .await
+                })
+                .await?;
+            let mut item_lists = HashMap::new();
+            let mut user_lists = HashMap::new();
+            for (side, shard, ids) in lists {
+                match side {
+                    Side::Items => item_lists.insert(shard, ids),
+                    Side::Users => user_lists.insert(shard, ids),
+                };
+            }
+            let shelf = self.shelf.clone();
+            let owners = req.owners.clone();
+            let grams = self
+                .with_job(&job, {
+                    let job = job.clone();
+                    move |state, backend| {
+                        state.als_mut(&job)?.link(
+                            &job,
+                            owners,
+                            &item_lists,
+                            &user_lists,
+                            backend,
+                            &shelf,
+                        )
+                    }
+                })
+                .await?;
+            info!(item_shards = grams.len(), "ALS linked");
+            Ok(pb::AlsLinkResponse { item_shards: grams })
+        }
+        .instrument(span)
+        .await
+        .map(Response::new)
+        .map_err(|e: WorkerError| e.into())
+    }
+
+    async fn als_step(
+        &self,
+        req: Request<pb::AlsStepRequest>,
+    ) -> Result<Response<pb::AlsStepResponse>, Status> {
+        let req = req.into_inner();
+        let side = Side::from_proto(req.side)?;
+        let job = req.job_id.clone();
+        let span = info_span!(
+            "als_step",
+            job = %job,
+            attempt = req.attempt,
+            phase = "als",
+            side = side.as_str(),
+            iteration = req.iteration
+        );
+        async move {
+            let iteration = req.iteration;
+            let plan = self
+                .with_job(&job, {
+                    let job = job.clone();
+                    move |state, _| state.als(&job)?.fetch_plan(&job, side, iteration)
+                })
+                .await?;
+            let other = side.other();
+            let (peers, job2, plan2) = (self.peers.clone(), job.clone(), plan.clone());
+            let fetched = self
+                .tracked(&job, move |_| async move {
+                    futures::future::try_join_all(plan2.parts.iter().map(|(shard, rows, _)| {
+                        let owner = plan2.owners[*shard as usize].clone();
+                        let ticket = pb::FactorTicket {
+                            job_id: job2.clone(),
+                            side: other.to_proto(),
+                            shard: *shard,
+                            version: plan2.version,
+                            ids: false,
+                            rows: rows.clone(),
+                        };
+                        let peers = peers.clone();
+                        async move {
+                            match peers.fetch(&owner, ticket).await? {
+                                crate::flight::Answer::Rows { values, .. } => Ok(values),
+                                crate::flight::Answer::Ids(_) => Err(WorkerError::Peer {
+                                    address: owner,
+                                    what: format!("factors of {} shard {shard}", other.as_str()),
+                                    message: "answered ids".into(),
+                                }),
+                            }
+                        }
+                    }))
+                    .await
+                })
+                .await?;
+            let rows: usize = fetched.iter().map(Vec::len).sum();
+            let shelf = self.shelf.clone();
+            let shards = self
+                .with_job(&job, {
+                    let job = job.clone();
+                    move |state, backend| {
+                        stop_if_cancelled(&state.cancel, &job)?;
+                        state
+                            .als_mut(&job)?
+                            .step(&job, &plan, fetched, &req.gram, backend, &shelf)
+                    }
+                })
+                .await?;
+            debug!(
+                shards = shards.len(),
+                values_fetched = rows,
+                "ALS half-step"
+            );
+            Ok(pb::AlsStepResponse { shards })
+        }
+        .instrument(span)
+        .await
+        .map(Response::new)
+        .map_err(|e: WorkerError| e.into())
+    }
+
+    async fn als_fold_in(
+        &self,
+        req: Request<pb::AlsFoldInRequest>,
+    ) -> Result<Response<pb::AlsFoldInResponse>, Status> {
+        let req = req.into_inner();
+        let job = req.job_id.clone();
+        let span = info_span!("als_fold_in", job = %job, attempt = req.attempt, phase = "als");
+        async move {
+            let f = self
+                .with_job(&job, {
+                    let job = job.clone();
+                    move |state, _| Ok(state.als(&job)?.f)
+                })
+                .await?;
+            let model = store::resolve(&req.model)?;
+            let (ids, factors) = self
+                .tracked(
+                    &job,
+                    move |_| async move { read_model_items(&model, f).await },
+                )
+                .await?;
+            let items = ids.len() as u64;
+            let catalog = Arc::new(als_job::Catalog::from_table(ids, factors));
+            let shards = self
+                .with_job(&job, {
+                    let job = job.clone();
+                    move |state, backend| state.als_mut(&job)?.fold_in(&job, catalog, backend)
+                })
+                .await?;
+            info!(items, shards = shards.len(), "folded in");
+            Ok(pb::AlsFoldInResponse { shards, items })
+        }
+        .instrument(span)
+        .await
+        .map(Response::new)
+        .map_err(|e: WorkerError| e.into())
     }
 
     async fn release_job(
@@ -747,6 +1267,7 @@ impl WorkerService for WorkerServiceImpl {
             };
             run.control.cancel.cancel();
             run.tasks.close();
+            self.shelf.drop_job(&job);
             let removed = self
                 .jobs
                 .lock()
@@ -823,7 +1344,7 @@ fn farthest(nearest: &[Nearest], m: usize) -> Vec<u32> {
     rows
 }
 
-fn empty_segments(k: usize) -> Vec<pb::SegmentPartial> {
+fn empty_segments(k: usize, d: usize) -> Vec<pb::SegmentPartial> {
     (0..k)
         .map(|_| pb::SegmentPartial {
             count: 0,
@@ -831,7 +1352,7 @@ fn empty_segments(k: usize) -> Vec<pb::SegmentPartial> {
             rfm_sketch: vec![Sketch::default().to_proto(); 3],
             distance_sum: 0.0,
             inertia: 0.0,
-            feature_sum: vec![0.0; DIMS],
+            feature_sum: vec![0.0; d],
         })
         .collect()
 }
@@ -841,8 +1362,9 @@ fn segment_partials(
     points: &[f32],
     nearest: &[Nearest],
     k: usize,
+    d: usize,
 ) -> Vec<pb::SegmentPartial> {
-    let mut feature_sum = vec![0.0f64; k * DIMS];
+    let mut feature_sum = vec![0.0f64; k * d];
     let mut count = vec![0u64; k];
     let mut sums = vec![[0.0f64; 3]; k];
     let mut sketches = vec![[Sketch::default(), Sketch::default(), Sketch::default()]; k];
@@ -860,8 +1382,8 @@ fn segment_partials(
             sums[s][j] += v[j];
             sketches[s][j].add(v[j]);
         }
-        for (j, x) in points[i * DIMS..(i + 1) * DIMS].iter().enumerate() {
-            feature_sum[s * DIMS + j] += f64::from(*x);
+        for (j, x) in points[i * d..(i + 1) * d].iter().enumerate() {
+            feature_sum[s * d + j] += f64::from(*x);
         }
         dist[s] += f64::from(n.best_dist).sqrt();
         inertia[s] += f64::from(n.best_dist);
@@ -873,7 +1395,7 @@ fn segment_partials(
             rfm_sketch: sketches[s].iter().map(Sketch::to_proto).collect(),
             distance_sum: dist[s],
             inertia: inertia[s],
-            feature_sum: feature_sum[s * DIMS..(s + 1) * DIMS].to_vec(),
+            feature_sum: feature_sum[s * d..(s + 1) * d].to_vec(),
         })
         .collect()
 }
@@ -887,6 +1409,7 @@ fn sample_points(
     backend: &dyn Backend,
     seed: u64,
     size: usize,
+    d: usize,
 ) -> Result<Vec<pb::SamplePoint>, WorkerError> {
     let mut keyed: Vec<(u64, u32)> = rfm
         .users
@@ -907,13 +1430,176 @@ fn sample_points(
     let values = backend.download_rows(points, &rows)?;
     Ok(keyed
         .iter()
-        .zip(values.chunks_exact(DIMS))
+        .zip(values.chunks_exact(d))
         .map(|((key, row), v)| pb::SamplePoint {
             key: *key,
             label: nearest[*row as usize].best,
             values: v.to_vec(),
         })
         .collect())
+}
+
+/// Schema of `user_factors.parquet` / `item_factors.parquet` parts.
+pub fn factors_schema(id: &str) -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new(id, DataType::Utf8, false),
+        Field::new(
+            "factors",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, false))),
+            false,
+        ),
+    ]))
+}
+
+/// One part of a factors table: ids and their factor rows (row-major, `f` each).
+fn factors_part(
+    id: &str,
+    ids: &[String],
+    values: &[f32],
+    f: usize,
+) -> Result<Vec<u8>, WorkerError> {
+    let file = format!("{}_factors.parquet", id.trim_end_matches("_id"));
+    let offsets = arrow::buffer::OffsetBuffer::from_lengths(std::iter::repeat_n(f, ids.len()));
+    let list = arrow::array::ListArray::try_new(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        offsets,
+        Arc::new(Float32Array::from(values.to_vec())),
+        None,
+    )
+    .map_err(|source| WorkerError::Arrow {
+        file: file.clone(),
+        source,
+    })?;
+    let schema = factors_schema(id);
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(ids.iter())),
+            Arc::new(list),
+        ],
+    )
+    .map_err(|source| WorkerError::Arrow {
+        file: file.clone(),
+        source,
+    })?;
+    store::encode_parquet(schema, &[batch]).map_err(|source| WorkerError::Parquet { file, source })
+}
+
+/// Every item of a model's `item_factors.parquet/` (parts in name order): ids and
+/// row-major factors, each row checked to have `f` values.
+async fn read_model_items(
+    model: &store::Location,
+    f: usize,
+) -> Result<(Vec<String>, Vec<f32>), WorkerError> {
+    use arrow::array::AsArray;
+    let table = model.child("item_factors.parquet");
+    let parts = table.list().await?;
+    if parts.is_empty() {
+        return Err(WorkerError::InvalidRequest(format!(
+            "{}: no parts; is {} the output folder of a job with features.als = true?",
+            table.url(),
+            model.url()
+        )));
+    }
+    let (mut ids, mut factors) = (Vec::new(), Vec::new());
+    for part in parts {
+        let at = table.at(part.location);
+        let file = at.url();
+        let bytes = at.get().await?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|source| WorkerError::Parquet {
+                file: file.clone(),
+                source,
+            })?;
+        for batch in reader {
+            let batch = batch.map_err(|source| WorkerError::Arrow {
+                file: file.clone(),
+                source,
+            })?;
+            let (Some(id), Some(list)) = (
+                batch
+                    .column_by_name("item_id")
+                    .and_then(|c| c.as_string_opt::<i32>()),
+                batch
+                    .column_by_name("factors")
+                    .and_then(|c| c.as_list_opt::<i32>()),
+            ) else {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "{file}: not an item factors table (needs columns item_id: string, factors: list<float>)"
+                )));
+            };
+            for r in 0..batch.num_rows() {
+                let row = list.value(r);
+                let values = row
+                    .as_primitive_opt::<arrow::datatypes::Float32Type>()
+                    .filter(|v| v.len() == f)
+                    .ok_or_else(|| {
+                        WorkerError::InvalidRequest(format!(
+                            "{file}, row {r}: item `{}` has {} factors; the spec's als.factors is {f}",
+                            id.value(r),
+                            row.len()
+                        ))
+                    })?;
+                ids.push(id.value(r).to_string());
+                factors.extend_from_slice(values.values());
+            }
+        }
+    }
+    Ok((ids, factors))
+}
+
+/// Schema of `recommendations.parquet` parts.
+pub fn recommendations_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Utf8, false),
+        Field::new("rank", DataType::UInt32, false),
+        Field::new("item_id", DataType::Utf8, false),
+        Field::new("score", DataType::Float32, false),
+    ]))
+}
+
+/// One part of `recommendations.parquet`: every filled slot, rank 1 first.
+fn recommendations_part(
+    users: &[String],
+    top: &shoal_kernels::TopN,
+    catalog: &als_job::Catalog,
+) -> Result<(Vec<u8>, u64), WorkerError> {
+    let file = "recommendations.parquet";
+    let (mut user, mut rank, mut item, mut score) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (u, id) in users.iter().enumerate() {
+        for r in 0..top.n {
+            let i = top.items[u * top.n + r];
+            if i == shoal_kernels::NO_ITEM {
+                break;
+            }
+            user.push(id.as_str());
+            rank.push(r as u32 + 1);
+            item.push(catalog.ids[i as usize].as_str());
+            score.push(top.scores[u * top.n + r]);
+        }
+    }
+    let rows = user.len() as u64;
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(user)),
+        Arc::new(UInt32Array::from(rank)),
+        Arc::new(StringArray::from(item)),
+        Arc::new(Float32Array::from(score)),
+    ];
+    let batch = RecordBatch::try_new(recommendations_schema(), columns).map_err(|source| {
+        WorkerError::Arrow {
+            file: file.into(),
+            source,
+        }
+    })?;
+    let bytes = store::encode_parquet(recommendations_schema(), &[batch]).map_err(|source| {
+        WorkerError::Parquet {
+            file: file.into(),
+            source,
+        }
+    })?;
+    Ok((bytes, rows))
 }
 
 /// Schema of `assignments.parquet` parts.

@@ -7,6 +7,15 @@
 //! {staging}/ingest/shard-{shard:05}/split-{split:05}.parquet
 //! ```
 //!
+//! When the job learns ALS factors (`features.als = true`), every kept row with an
+//! item is also routed to its item shard (`shard_of(item, shards)`, the same hash
+//! and shard count as users) as an (item, user, strength) triple, so that the item
+//! side of ALS can be solved shard by shard too:
+//!
+//! ```text
+//! {staging}/items/shard-{shard:05}/split-{split:05}.parquet
+//! ```
+//!
 //! Each file is written with a single `put`, so a retried split overwrites the same
 //! objects and ingest is idempotent. A shard is the concatenation of its files in
 //! path order (= split order), rows in file order, so what a shard holds does not
@@ -36,6 +45,10 @@ pub const ORDER: &str = "order";
 pub const ITEM: &str = "item";
 pub const QUANTITY: &str = "quantity";
 pub const MONETARY: &str = "monetary";
+pub const WEIGHT: &str = "weight";
+pub const ITEM_LABEL: &str = "item_label";
+/// Column of the item-routed schema (with [`ITEM`] and [`USER`]).
+pub const STRENGTH: &str = "strength";
 
 /// How many staged files of one split are uploaded at the same time.
 const PUT_CONCURRENCY: usize = 16;
@@ -45,14 +58,19 @@ const READ_BATCH_ROWS: usize = 64 * 1024;
 
 /// The schema of every staged file:
 ///
-/// | column     | type    | null | meaning                                              |
-/// |------------|---------|------|------------------------------------------------------|
-/// | `user`     | Utf8    | no   | user id as read (integer text with `user_as_integer`)|
-/// | `time_ms`  | Int64   | no   | event time, ms since the Unix epoch (UTC)            |
-/// | `order`    | Utf8    | yes  | order id; null without an order column               |
-/// | `item`     | Utf8    | yes  | item id; null without an item column                 |
-/// | `quantity` | Float64 | no   | 1.0 without a quantity column                        |
-/// | `monetary` | Float64 | no   | `amount`, or `quantity * price`                      |
+/// | column       | type    | null | meaning                                               |
+/// |--------------|---------|------|-------------------------------------------------------|
+/// | `user`       | Utf8    | no   | user id as read (integer text with `user_as_integer`) |
+/// | `time_ms`    | Int64   | no   | event time, ms since the Unix epoch (UTC)             |
+/// | `order`      | Utf8    | yes  | order id; null without an order column                |
+/// | `item`       | Utf8    | yes  | item id; null without an item column                  |
+/// | `quantity`   | Float64 | no   | 1.0 without a quantity column                         |
+/// | `monetary`   | Float64 | no   | `amount`, or `quantity * price`                       |
+/// | `weight`     | Float64 | no   | event weight (`[input.events]`); 1.0 without events   |
+/// | `item_label` | Utf8    | yes  | `input.columns.item_label`; null without it or blank  |
+///
+/// The strength of a row's (user, item) interaction is `weight * quantity`, the
+/// same f64 product [`item_staged_schema`]'s `strength` holds.
 pub fn staged_schema() -> SchemaRef {
     static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
     SCHEMA
@@ -64,6 +82,28 @@ pub fn staged_schema() -> SchemaRef {
                 Field::new(ITEM, DataType::Utf8, true),
                 Field::new(QUANTITY, DataType::Float64, false),
                 Field::new(MONETARY, DataType::Float64, false),
+                Field::new(WEIGHT, DataType::Float64, false),
+                Field::new(ITEM_LABEL, DataType::Utf8, true),
+            ]))
+        })
+        .clone()
+}
+
+/// The schema of every item-routed file (written only with `features.als = true`):
+///
+/// | column     | type    | null | meaning                                            |
+/// |------------|---------|------|----------------------------------------------------|
+/// | `item`     | Utf8    | no   | item id, as in the user-routed `item` column       |
+/// | `user`     | Utf8    | no   | user id, as in the user-routed `user` column       |
+/// | `strength` | Float64 | no   | `weight * quantity` of the row, that exact product |
+pub fn item_staged_schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new(ITEM, DataType::Utf8, false),
+                Field::new(USER, DataType::Utf8, false),
+                Field::new(STRENGTH, DataType::Float64, false),
             ]))
         })
         .clone()
@@ -77,6 +117,16 @@ pub fn shard_prefix(staging: &Location, shard: u32) -> Location {
 /// The staged file of `split` for `shard`.
 pub fn split_file(staging: &Location, shard: u32, split: u32) -> Location {
     shard_prefix(staging, shard).child(&split_file_name(split))
+}
+
+/// The folder holding every item-routed file of item shard `shard`.
+pub fn item_shard_prefix(staging: &Location, shard: u32) -> Location {
+    staging.child(&format!("items/shard-{shard:05}"))
+}
+
+/// The item-routed file of `split` for item shard `shard`.
+pub fn item_split_file(staging: &Location, shard: u32, split: u32) -> Location {
+    item_shard_prefix(staging, shard).child(&split_file_name(split))
 }
 
 fn split_file_name(split: u32) -> String {
@@ -99,6 +149,16 @@ pub struct StagedRow<'a> {
     pub item: Option<&'a str>,
     pub quantity: f64,
     pub monetary: f64,
+    /// The row's event weight (`InputSpec::event_weight`).
+    pub weight: f64,
+    pub item_label: Option<&'a str>,
+}
+
+impl StagedRow<'_> {
+    /// The strength of the row's (user, item) interaction: `weight * quantity`.
+    pub fn strength(&self) -> f64 {
+        self.weight * self.quantity
+    }
 }
 
 /// The column buffers of one shard.
@@ -109,6 +169,8 @@ struct ShardBuffer {
     item: StringBuilder,
     quantity: Vec<f64>,
     monetary: Vec<f64>,
+    weight: Vec<f64>,
+    item_label: StringBuilder,
 }
 
 impl ShardBuffer {
@@ -120,6 +182,8 @@ impl ShardBuffer {
             item: StringBuilder::new(),
             quantity: Vec::new(),
             monetary: Vec::new(),
+            weight: Vec::new(),
+            item_label: StringBuilder::new(),
         }
     }
 
@@ -130,6 +194,8 @@ impl ShardBuffer {
         self.item.append_option(row.item);
         self.quantity.push(row.quantity);
         self.monetary.push(row.monetary);
+        self.weight.push(row.weight);
+        self.item_label.append_option(row.item_label);
     }
 
     fn len(&self) -> usize {
@@ -144,8 +210,46 @@ impl ShardBuffer {
             Arc::new(self.item.finish()),
             Arc::new(Float64Array::from(self.quantity)),
             Arc::new(Float64Array::from(self.monetary)),
+            Arc::new(Float64Array::from(self.weight)),
+            Arc::new(self.item_label.finish()),
         ];
         RecordBatch::try_new(staged_schema(), columns)
+    }
+}
+
+/// The column buffers of one item shard.
+struct ItemBuffer {
+    item: StringBuilder,
+    user: StringBuilder,
+    strength: Vec<f64>,
+}
+
+impl ItemBuffer {
+    fn new() -> Self {
+        ItemBuffer {
+            item: StringBuilder::new(),
+            user: StringBuilder::new(),
+            strength: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, item: &str, row: &StagedRow<'_>) {
+        self.item.append_value(item);
+        self.user.append_value(row.user);
+        self.strength.push(row.strength());
+    }
+
+    fn len(&self) -> usize {
+        self.strength.len()
+    }
+
+    fn finish(mut self) -> Result<RecordBatch, ArrowError> {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.item.finish()),
+            Arc::new(self.user.finish()),
+            Arc::new(Float64Array::from(self.strength)),
+        ];
+        RecordBatch::try_new(item_staged_schema(), columns)
     }
 }
 
@@ -157,13 +261,26 @@ pub struct StagedFile {
     pub bytes: u64,
 }
 
-/// Routes the rows of one split to per-shard buffers (`shard_of(user, shards)`), then
+/// Everything [`SplitWriter::write`] put on the store, each list in shard order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StagedFiles {
+    /// User-routed files ([`split_file`]).
+    pub users: Vec<StagedFile>,
+    /// Item-routed files ([`item_split_file`]); empty without item routing.
+    pub items: Vec<StagedFile>,
+}
+
+/// Routes the rows of one split to per-shard buffers (`shard_of(user, shards)`), and
+/// with item routing also to per-item-shard buffers (`shard_of(item, shards)`), then
 /// writes one Parquet file per non-empty shard.
 pub struct SplitWriter {
     split: u32,
     shards: u32,
     buffers: Vec<Option<ShardBuffer>>,
+    /// Item shard buffers; `None` without item routing.
+    items: Option<Vec<Option<ItemBuffer>>>,
     rows: u64,
+    item_rows: u64,
 }
 
 impl SplitWriter {
@@ -174,17 +291,41 @@ impl SplitWriter {
             split,
             shards,
             buffers: (0..shards).map(|_| None).collect(),
+            items: None,
             rows: 0,
+            item_rows: 0,
         }
     }
 
-    /// Buffers `row` in the shard of its user.
+    /// Also routes every row with an item to its item shard (for ALS), written as
+    /// [`item_split_file`]s with [`item_staged_schema`].
+    pub fn with_item_routing(mut self) -> Self {
+        self.items = Some((0..self.shards).map(|_| None).collect());
+        self
+    }
+
+    /// Whether rows are also routed to item shards.
+    pub fn routes_items(&self) -> bool {
+        self.items.is_some()
+    }
+
+    /// Buffers `row` in the shard of its user and, with item routing and an item,
+    /// in the item shard of its item.
     pub fn push(&mut self, row: StagedRow<'_>) {
         let shard = shard_of(row.user, self.shards) as usize;
         self.buffers[shard]
             .get_or_insert_with(ShardBuffer::new)
             .push(&row);
         self.rows += 1;
+        if let Some(items) = self.items.as_mut()
+            && let Some(item) = row.item.filter(|i| !i.is_empty())
+        {
+            let shard = shard_of(item, self.shards) as usize;
+            items[shard]
+                .get_or_insert_with(ItemBuffer::new)
+                .push(item, &row);
+            self.item_rows += 1;
+        }
     }
 
     /// Rows pushed so far.
@@ -192,11 +333,18 @@ impl SplitWriter {
         self.rows
     }
 
+    /// Rows routed to item shards so far (0 without item routing).
+    pub fn item_rows(&self) -> u64 {
+        self.item_rows
+    }
+
     /// Encodes each non-empty shard as one Parquet file and puts it at
-    /// [`split_file`], overwriting what an earlier attempt of the split wrote.
-    /// Returns the files written, in shard order.
-    pub async fn write(self, staging: &Location) -> Result<Vec<StagedFile>, WorkerError> {
+    /// [`split_file`] (and each non-empty item shard at [`item_split_file`]),
+    /// overwriting what an earlier attempt of the split wrote. Returns the files
+    /// written, in shard order.
+    pub async fn write(self, staging: &Location) -> Result<StagedFiles, WorkerError> {
         let split = self.split;
+        // (is an item file, location, what was written, bytes)
         let mut encoded = Vec::new();
         for (shard, buffer) in self.buffers.into_iter().enumerate() {
             let Some(buffer) = buffer.filter(|b| b.len() > 0) else {
@@ -205,35 +353,64 @@ impl SplitWriter {
             let shard = shard as u32;
             let loc = split_file(staging, shard, split);
             let rows = buffer.len() as u64;
-            let batch = buffer.finish().map_err(|source| WorkerError::Arrow {
-                file: loc.url(),
-                source,
-            })?;
-            let bytes = encode_parquet(&batch).map_err(|source| WorkerError::Parquet {
-                file: loc.url(),
-                source,
-            })?;
-            encoded.push((
-                loc,
-                StagedFile {
-                    shard,
-                    rows,
-                    bytes: bytes.len() as u64,
-                },
-                bytes,
-            ));
+            let batch = buffer.finish();
+            let (file, bytes) = encode_file(&loc, shard, rows, batch)?;
+            encoded.push((false, loc, file, bytes));
         }
-        let mut written: Vec<StagedFile> = futures::stream::iter(encoded)
-            .map(|(loc, file, bytes)| async move {
+        for (shard, buffer) in self.items.into_iter().flatten().enumerate() {
+            let Some(buffer) = buffer.filter(|b| b.len() > 0) else {
+                continue;
+            };
+            let shard = shard as u32;
+            let loc = item_split_file(staging, shard, split);
+            let rows = buffer.len() as u64;
+            let batch = buffer.finish();
+            let (file, bytes) = encode_file(&loc, shard, rows, batch)?;
+            encoded.push((true, loc, file, bytes));
+        }
+        let written: Vec<(bool, StagedFile)> = futures::stream::iter(encoded)
+            .map(|(is_item, loc, file, bytes)| async move {
                 loc.put(bytes).await?;
-                Ok::<_, WorkerError>(file)
+                Ok::<_, WorkerError>((is_item, file))
             })
             .buffer_unordered(PUT_CONCURRENCY)
             .try_collect()
             .await?;
-        written.sort_by_key(|f| f.shard);
-        Ok(written)
+        let mut files = StagedFiles::default();
+        for (is_item, file) in written {
+            if is_item {
+                files.items.push(file);
+            } else {
+                files.users.push(file);
+            }
+        }
+        files.users.sort_by_key(|f| f.shard);
+        files.items.sort_by_key(|f| f.shard);
+        Ok(files)
     }
+}
+
+/// Encodes one shard's batch as the Parquet bytes of the file at `loc`.
+fn encode_file(
+    loc: &Location,
+    shard: u32,
+    rows: u64,
+    batch: Result<RecordBatch, ArrowError>,
+) -> Result<(StagedFile, Bytes), WorkerError> {
+    let batch = batch.map_err(|source| WorkerError::Arrow {
+        file: loc.url(),
+        source,
+    })?;
+    let bytes = encode_parquet(&batch).map_err(|source| WorkerError::Parquet {
+        file: loc.url(),
+        source,
+    })?;
+    let file = StagedFile {
+        shard,
+        rows,
+        bytes: bytes.len() as u64,
+    };
+    Ok((file, bytes))
 }
 
 fn encode_parquet(batch: &RecordBatch) -> Result<Bytes, parquet::errors::ParquetError> {
@@ -249,8 +426,37 @@ fn encode_parquet(batch: &RecordBatch) -> Result<Bytes, parquet::errors::Parquet
 /// in file order, each batch with exactly [`staged_schema`]. An empty `Vec` when no
 /// split routed a row to the shard.
 pub async fn read_shard(staging: &Location, shard: u32) -> Result<Vec<RecordBatch>, WorkerError> {
-    let prefix = shard_prefix(staging, shard);
-    let expected = staged_schema();
+    read_staged(
+        &shard_prefix(staging, shard),
+        &staged_schema(),
+        "a staged shard file",
+    )
+    .await
+}
+
+/// Reads every item-routed row of item shard `shard`: its files in path order
+/// (= split order), rows in file order, each batch with exactly
+/// [`item_staged_schema`]. An empty `Vec` when no split routed a row to the shard
+/// (or the job does not route items).
+pub async fn read_item_shard(
+    staging: &Location,
+    shard: u32,
+) -> Result<Vec<RecordBatch>, WorkerError> {
+    read_staged(
+        &item_shard_prefix(staging, shard),
+        &item_staged_schema(),
+        "an item-routed shard file",
+    )
+    .await
+}
+
+/// The split files below `prefix`, in path order, each checked against `expected`;
+/// `what` names such a file in errors.
+async fn read_staged(
+    prefix: &Location,
+    expected: &SchemaRef,
+    what: &str,
+) -> Result<Vec<RecordBatch>, WorkerError> {
     let mut batches = Vec::new();
     for meta in prefix.list().await? {
         // Only our own files: object stores may show other objects (e.g. temporary
@@ -268,7 +474,7 @@ pub async fn read_shard(staging: &Location, shard: u32) -> Result<Vec<RecordBatc
         let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .map_err(parquet_err)?
             .with_batch_size(READ_BATCH_ROWS);
-        check_schema(builder.schema(), &expected).map_err(|source| WorkerError::Arrow {
+        check_schema(builder.schema(), expected, what).map_err(|source| WorkerError::Arrow {
             file: url.clone(),
             source,
         })?;
@@ -290,7 +496,7 @@ pub async fn read_shard(staging: &Location, shard: u32) -> Result<Vec<RecordBatc
 }
 
 /// Field names, types and nullability must match; metadata may differ.
-fn check_schema(found: &Schema, expected: &Schema) -> Result<(), ArrowError> {
+fn check_schema(found: &Schema, expected: &Schema, what: &str) -> Result<(), ArrowError> {
     let same = found.fields().len() == expected.fields().len()
         && found.fields().iter().zip(expected.fields()).all(|(f, e)| {
             f.name() == e.name()
@@ -315,7 +521,7 @@ fn check_schema(found: &Schema, expected: &Schema) -> Result<(), ArrowError> {
             .join(", ")
     };
     Err(ArrowError::SchemaError(format!(
-        "not a staged shard file: columns are [{}], expected [{}]; the staging prefix holds files of another shoal version or another program",
+        "not {what}: columns are [{}], expected [{}]; the staging prefix holds files of another shoal version or another program",
         show(found),
         show(expected)
     )))
@@ -332,7 +538,17 @@ mod tests {
         resolve(&dir.path().join("staging").display().to_string()).unwrap()
     }
 
-    type Row = (String, i64, Option<String>, Option<String>, f64, f64);
+    /// user, time_ms, order, item, quantity, monetary, weight, item_label
+    type Row = (
+        String,
+        i64,
+        Option<String>,
+        Option<String>,
+        f64,
+        f64,
+        f64,
+        Option<String>,
+    );
 
     fn rows_of(batches: &[RecordBatch]) -> Vec<Row> {
         let mut out = Vec::new();
@@ -343,6 +559,8 @@ mod tests {
             let item = b.column(3).as_string::<i32>();
             let qty = b.column(4).as_primitive::<Float64Type>();
             let money = b.column(5).as_primitive::<Float64Type>();
+            let weight = b.column(6).as_primitive::<Float64Type>();
+            let label = b.column(7).as_string::<i32>();
             for i in 0..b.num_rows() {
                 out.push((
                     user.value(i).to_string(),
@@ -351,6 +569,29 @@ mod tests {
                     item.is_valid(i).then(|| item.value(i).to_string()),
                     qty.value(i),
                     money.value(i),
+                    weight.value(i),
+                    label.is_valid(i).then(|| label.value(i).to_string()),
+                ));
+            }
+        }
+        out
+    }
+
+    /// item, user, strength
+    type ItemRow = (String, String, f64);
+
+    fn item_rows_of(batches: &[RecordBatch]) -> Vec<ItemRow> {
+        let mut out = Vec::new();
+        for b in batches {
+            assert_eq!(b.schema(), item_staged_schema());
+            let item = b.column(0).as_string::<i32>();
+            let user = b.column(1).as_string::<i32>();
+            let strength = b.column(2).as_primitive::<Float64Type>();
+            for i in 0..b.num_rows() {
+                out.push((
+                    item.value(i).to_string(),
+                    user.value(i).to_string(),
+                    strength.value(i),
                 ));
             }
         }
@@ -364,9 +605,18 @@ mod tests {
                     format!("u{}", i % 37),
                     1_000 * i as i64,
                     (i % 3 != 0).then(|| format!("o{i}")),
-                    (i % 5 != 0).then(|| format!("i{}", i % 11)),
+                    // every 5th row has no item, every 13th an empty one
+                    (i % 5 != 0).then(|| {
+                        if i % 13 == 0 {
+                            String::new()
+                        } else {
+                            format!("i{}", i % 11)
+                        }
+                    }),
                     (i % 4) as f64 + 1.0,
                     i as f64 * 0.5,
+                    [1.0, 0.1, 0.3, 2.5, 0.0][i % 5],
+                    (i % 7 != 0).then(|| format!("label {}", i % 11)),
                 )
             })
             .collect()
@@ -381,6 +631,8 @@ mod tests {
                 item: r.3.as_deref(),
                 quantity: r.4,
                 monetary: r.5,
+                weight: r.6,
+                item_label: r.7.as_deref(),
             });
         }
     }
@@ -399,6 +651,41 @@ mod tests {
         assert!(is_split_file_name("split-00012.parquet"));
         assert!(!is_split_file_name("split-00012.parquet#1"));
         assert!(!is_split_file_name("other.parquet"));
+        assert_eq!(
+            item_split_file(&staging, 3, 12).url(),
+            "file:///tmp/x/staging/items/shard-00003/split-00012.parquet"
+        );
+        assert_eq!(
+            item_shard_prefix(&staging, 65_535).url(),
+            "file:///tmp/x/staging/items/shard-65535"
+        );
+    }
+
+    #[test]
+    fn schemas_append_weight_and_label_and_name_the_item_columns() {
+        let names = |s: SchemaRef| {
+            s.fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.data_type().clone(), f.is_nullable()))
+                .collect::<Vec<_>>()
+        };
+        let user = names(staged_schema());
+        assert_eq!(
+            user.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(),
+            [
+                USER, TIME_MS, ORDER, ITEM, QUANTITY, MONETARY, WEIGHT, ITEM_LABEL
+            ]
+        );
+        assert_eq!(user[6], (WEIGHT.into(), DataType::Float64, false));
+        assert_eq!(user[7], (ITEM_LABEL.into(), DataType::Utf8, true));
+        assert_eq!(
+            names(item_staged_schema()),
+            [
+                (ITEM.into(), DataType::Utf8, false),
+                (USER.into(), DataType::Utf8, false),
+                (STRENGTH.into(), DataType::Float64, false),
+            ]
+        );
     }
 
     #[tokio::test]
@@ -422,8 +709,10 @@ mod tests {
         push_all(&mut w0, &first);
         assert_eq!(w0.rows(), 500);
         let files = w0.write(&staging).await.unwrap();
-        assert_eq!(files.iter().map(|f| f.rows).sum::<u64>(), 500);
-        assert!(files.windows(2).all(|w| w[0].shard < w[1].shard));
+        assert_eq!(files.users.iter().map(|f| f.rows).sum::<u64>(), 500);
+        assert!(files.users.windows(2).all(|w| w[0].shard < w[1].shard));
+        assert!(files.items.is_empty(), "no item routing unless asked");
+        assert!(read_item_shard(&staging, 0).await.unwrap().is_empty());
 
         let mut total = 0;
         for shard in 0..shards {
@@ -460,12 +749,94 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn item_routing_stages_item_user_strength_by_item_shard_in_split_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = staging_in(&dir);
+        let shards = 4;
+        let first = sample_rows(500);
+        let second: Vec<Row> = sample_rows(300)
+            .into_iter()
+            .map(|mut r| {
+                r.0 = format!("{}-b", r.0);
+                r
+            })
+            .collect();
+        let with_item = |rows: &[Row]| {
+            rows.iter()
+                .filter(|r| r.3.as_deref().is_some_and(|i| !i.is_empty()))
+                .count() as u64
+        };
+        // Written twice (a retried split overwrites) and out of split order.
+        for _ in 0..2 {
+            let mut w1 = SplitWriter::new(1, shards).with_item_routing();
+            assert!(w1.routes_items());
+            push_all(&mut w1, &second);
+            assert_eq!(w1.item_rows(), with_item(&second));
+            w1.write(&staging).await.unwrap();
+        }
+        let mut w0 = SplitWriter::new(0, shards).with_item_routing();
+        push_all(&mut w0, &first);
+        assert_eq!(w0.rows(), 500);
+        let files = w0.write(&staging).await.unwrap();
+        assert_eq!(files.users.iter().map(|f| f.rows).sum::<u64>(), 500);
+        assert_eq!(
+            files.items.iter().map(|f| f.rows).sum::<u64>(),
+            with_item(&first)
+        );
+        assert!(files.items.windows(2).all(|w| w[0].shard < w[1].shard));
+        assert!(files.items.iter().all(|f| f.bytes > 0));
+
+        let mut total = 0;
+        for shard in 0..shards {
+            // The user side is unchanged by item routing.
+            let want_users: Vec<Row> = first
+                .iter()
+                .chain(&second)
+                .filter(|r| shard_of(&r.0, shards) == shard)
+                .cloned()
+                .collect();
+            assert_eq!(
+                rows_of(&read_shard(&staging, shard).await.unwrap()),
+                want_users
+            );
+
+            let got = item_rows_of(&read_item_shard(&staging, shard).await.unwrap());
+            let want: Vec<ItemRow> = first
+                .iter()
+                .chain(&second)
+                .filter_map(|r| {
+                    let item = r.3.as_deref().filter(|i| !i.is_empty())?;
+                    (shard_of(item, shards) == shard)
+                        .then(|| (item.to_string(), r.0.clone(), r.6 * r.4))
+                })
+                .collect();
+            assert_eq!(got.len(), want.len(), "item shard {shard}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!((&g.0, &g.1), (&w.0, &w.1), "item shard {shard}");
+                assert_eq!(
+                    g.2.to_bits(),
+                    w.2.to_bits(),
+                    "strength is exactly weight * quantity"
+                );
+            }
+            total += got.len();
+        }
+        assert_eq!(total as u64, with_item(&first) + with_item(&second));
+        assert!(total > 0 && total < 800, "some rows have no item");
+    }
+
+    #[tokio::test]
     async fn empty_shard_reads_as_no_batches() {
         let dir = tempfile::tempdir().unwrap();
         let staging = staging_in(&dir);
         assert!(read_shard(&staging, 0).await.unwrap().is_empty());
-        let written = SplitWriter::new(0, 3).write(&staging).await.unwrap();
-        assert!(written.is_empty(), "no rows, no files");
+        assert!(read_item_shard(&staging, 0).await.unwrap().is_empty());
+        let written = SplitWriter::new(0, 3)
+            .with_item_routing()
+            .write(&staging)
+            .await
+            .unwrap();
+        assert_eq!(written, StagedFiles::default(), "no rows, no files");
         assert!(staging.list().await.unwrap().is_empty());
     }
 
@@ -484,6 +855,18 @@ mod tests {
         let err = read_shard(&staging, 0).await.unwrap_err().to_string();
         assert!(
             err.contains(&file.url()) && err.contains("not a staged shard file"),
+            "{err}"
+        );
+        // A user-routed file where an item-routed one belongs is foreign too.
+        let mut w = SplitWriter::new(0, 1);
+        push_all(&mut w, &sample_rows(3));
+        w.write(&staging).await.unwrap();
+        let user_file = split_file(&staging, 0, 0).get().await.unwrap();
+        let misplaced = item_split_file(&staging, 0, 0);
+        misplaced.put(user_file).await.unwrap();
+        let err = read_item_shard(&staging, 0).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&misplaced.url()) && err.contains("not an item-routed shard file"),
             "{err}"
         );
     }

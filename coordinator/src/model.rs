@@ -1,0 +1,147 @@
+//! A finished job's output folder used as a model (`[model] path` in a spec): its
+//! manifest, frozen centroids and feature scaling, checked against the spec that
+//! scores new users with it.
+
+use crate::CoordinatorError;
+use arrow::array::{Array, AsArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use shoal_proto::JobSpec;
+use shoal_proto::manifest::{MANIFEST, Manifest};
+use shoal_proto::store::{self, Location};
+
+/// What scoring against a model needs from it.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub folder: Location,
+    pub manifest: Manifest,
+    pub k: usize,
+    /// Feature dimensions (ALS factors, then recency, frequency, monetary).
+    pub dims: usize,
+    /// Row-major `k x dims`, in the model's segment order.
+    pub centroids: Vec<f32>,
+    /// Mean and scale of the three (log-scaled) RFM features.
+    pub rfm_mean: Vec<f64>,
+    pub rfm_scale: Vec<f64>,
+}
+
+fn bad(folder: &Location, reason: impl Into<String>) -> CoordinatorError {
+    CoordinatorError::Model {
+        url: folder.url(),
+        reason: reason.into(),
+    }
+}
+
+impl Model {
+    /// Reads and checks the model at `url` for `spec`.
+    pub async fn load(url: &str, spec: &JobSpec) -> Result<Model, CoordinatorError> {
+        let folder = store::resolve(url)?;
+        let manifest = match folder.child(MANIFEST).head().await? {
+            None => {
+                return Err(bad(
+                    &folder,
+                    "no _SUCCESS manifest: not the output folder of a finished shoal job (or the job did not finish)",
+                ));
+            }
+            Some(_) => {
+                let text = folder.child(MANIFEST).get().await?;
+                Manifest::from_json(&String::from_utf8_lossy(&text))
+                    .map_err(|e| bad(&folder, format!("_SUCCESS is not a shoal manifest: {e}")))?
+            }
+        };
+        let trained = &manifest.spec;
+        if trained.features.als != spec.features.als {
+            return Err(bad(
+                &folder,
+                format!(
+                    "the model was trained with features.als = {}, the spec asks for {}",
+                    trained.features.als, spec.features.als
+                ),
+            ));
+        }
+        if spec.features.als && trained.als.factors != spec.als.factors {
+            return Err(bad(
+                &folder,
+                format!(
+                    "the model has {} ALS factors, the spec asks for als.factors = {}",
+                    trained.als.factors, spec.als.factors
+                ),
+            ));
+        }
+        let listed = |path: &str| {
+            manifest
+                .files
+                .iter()
+                .any(|f| f.path == path || f.path.starts_with(&format!("{path}/")))
+        };
+        for needed in ["centroids.parquet", "report.json"]
+            .into_iter()
+            .chain(spec.features.als.then_some("item_factors.parquet"))
+        {
+            if !listed(needed) {
+                return Err(bad(&folder, format!("its manifest lists no {needed}")));
+            }
+        }
+        let dims = trained.feature_names().len();
+        let bytes = folder.child("centroids.parquet").get().await?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.build())
+            .map_err(|e| bad(&folder, format!("centroids.parquet: {e}")))?;
+        let mut centroids = Vec::new();
+        let mut k = 0;
+        for batch in reader {
+            let batch = batch.map_err(|e| bad(&folder, format!("centroids.parquet: {e}")))?;
+            let list = batch
+                .column_by_name("centroid")
+                .and_then(|c| c.as_list_opt::<i32>())
+                .ok_or_else(|| bad(&folder, "centroids.parquet has no list column `centroid`"))?;
+            for r in 0..list.len() {
+                let row = list.value(r);
+                let values = row
+                    .as_primitive_opt::<arrow::datatypes::Float32Type>()
+                    .ok_or_else(|| bad(&folder, "centroids.parquet: centroids are not float32"))?;
+                if values.len() != dims {
+                    return Err(bad(
+                        &folder,
+                        format!(
+                            "centroid {r} has {} values; the model's features are {dims}",
+                            values.len()
+                        ),
+                    ));
+                }
+                centroids.extend_from_slice(values.values());
+                k += 1;
+            }
+        }
+        if k == 0 {
+            return Err(bad(&folder, "centroids.parquet holds no centroid"));
+        }
+        let report: serde_json::Value =
+            serde_json::from_slice(&folder.child("report.json").get().await?)
+                .map_err(|e| bad(&folder, format!("report.json: {e}")))?;
+        let numbers = |key: &str| -> Result<Vec<f64>, CoordinatorError> {
+            let v: Vec<f64> = report["scaling"][key]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                .unwrap_or_default();
+            if v.len() != dims {
+                return Err(bad(
+                    &folder,
+                    format!(
+                        "report.json scaling.{key} has {} values, expected {dims}",
+                        v.len()
+                    ),
+                ));
+            }
+            Ok(v[dims - 3..].to_vec())
+        };
+        Ok(Model {
+            rfm_mean: numbers("mean")?,
+            rfm_scale: numbers("scale")?,
+            folder,
+            manifest,
+            k,
+            dims,
+            centroids,
+        })
+    }
+}

@@ -1,0 +1,459 @@
+//! Factor rows between workers over Arrow Flight.
+//!
+//! Every worker publishes, per job, the id lists of its shards (after loading) and
+//! the current factors of the shards it owns (after each ALS half-step) on its
+//! [`Shelf`]; its Flight service answers `DoGet` with a prost-encoded
+//! [`pb::FactorTicket`]: a shard's ids (one Utf8 column `id`) or the rows asked for
+//! of one version of its factors (one `FixedSizeList<Float32>` column `factors`).
+//! The shelf is separate from the job's state, so serving never waits for a step
+//! that is running on the same worker.
+
+use crate::WorkerError;
+use crate::als::Side;
+use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
+};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use prost::Message;
+use shoal_proto::auth::{AuthChannel, WithToken};
+use shoal_proto::{MAX_MESSAGE_BYTES, pb, tls};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::{Request, Response, Status, Streaming};
+
+/// What a worker publishes of one shard of one side.
+#[derive(Debug, Clone)]
+pub struct Shelved {
+    pub ids: Arc<Vec<String>>,
+    /// Version (half-steps of the side applied) and row-major factors; `None`
+    /// before the job's ALS is linked.
+    pub factors: Option<(u32, usize, Arc<Vec<f32>>)>,
+}
+
+type ShelfKey = (String, Side, u32);
+
+/// The id lists and factors this worker serves, per (job, side, shard).
+#[derive(Debug, Clone, Default)]
+pub struct Shelf(Arc<Mutex<HashMap<ShelfKey, Shelved>>>);
+
+impl Shelf {
+    pub fn put_ids(&self, job: &str, side: Side, shard: u32, ids: Arc<Vec<String>>) {
+        self.0.lock().expect("shelf lock").insert(
+            (job.to_string(), side, shard),
+            Shelved { ids, factors: None },
+        );
+    }
+
+    /// Publishes `version` of a shard's factors (its ids must be on the shelf).
+    pub fn put_factors(
+        &self,
+        job: &str,
+        side: Side,
+        shard: u32,
+        version: u32,
+        f: usize,
+        values: Vec<f32>,
+    ) -> Result<(), WorkerError> {
+        let mut shelf = self.0.lock().expect("shelf lock");
+        let entry = shelf
+            .get_mut(&(job.to_string(), side, shard))
+            .ok_or_else(|| WorkerError::UnknownShard {
+                job: job.to_string(),
+                shard,
+            })?;
+        if values.len() != entry.ids.len() * f {
+            return Err(WorkerError::Inconsistent {
+                job: job.to_string(),
+                detail: format!(
+                    "{} factor values for the {} {} of shard {shard} with {f} factors",
+                    values.len(),
+                    entry.ids.len(),
+                    side.as_str()
+                ),
+            });
+        }
+        entry.factors = Some((version, f, Arc::new(values)));
+        Ok(())
+    }
+
+    pub fn get(&self, job: &str, side: Side, shard: u32) -> Option<Shelved> {
+        self.0
+            .lock()
+            .expect("shelf lock")
+            .get(&(job.to_string(), side, shard))
+            .cloned()
+    }
+
+    /// Forgets everything of `job`.
+    pub fn drop_job(&self, job: &str) {
+        self.0.lock().expect("shelf lock").retain(|k, _| k.0 != job);
+    }
+
+    /// Answers a ticket from the shelf.
+    pub fn answer(&self, t: &pb::FactorTicket) -> Result<Answer, WorkerError> {
+        let side = Side::from_proto(t.side)?;
+        let what = format!("{} shard {} of job {}", side.as_str(), t.shard, t.job_id);
+        let shelved =
+            self.get(&t.job_id, side, t.shard)
+                .ok_or_else(|| WorkerError::UnknownShard {
+                    job: t.job_id.clone(),
+                    shard: t.shard,
+                })?;
+        if t.ids {
+            return Ok(Answer::Ids(shelved.ids));
+        }
+        let (version, f, values) = shelved.factors.ok_or(WorkerError::StaleFactors {
+            what: what.clone(),
+            have: 0,
+            wanted: t.version,
+        })?;
+        if version != t.version {
+            return Err(WorkerError::StaleFactors {
+                what,
+                have: version,
+                wanted: t.version,
+            });
+        }
+        let n = shelved.ids.len();
+        if t.rows.is_empty() {
+            return Ok(Answer::Rows {
+                f,
+                values: values.as_ref().clone(),
+            });
+        }
+        let mut out = Vec::with_capacity(t.rows.len() * f);
+        for &r in &t.rows {
+            let r = r as usize;
+            if r >= n {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "row {r} of {what}, which has {n} rows"
+                )));
+            }
+            out.extend_from_slice(&values[r * f..(r + 1) * f]);
+        }
+        Ok(Answer::Rows { f, values: out })
+    }
+}
+
+/// What a ticket gets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Ids(Arc<Vec<String>>),
+    Rows { f: usize, values: Vec<f32> },
+}
+
+impl Answer {
+    fn into_batch(self) -> Result<RecordBatch, WorkerError> {
+        let arrow = |e: arrow::error::ArrowError| WorkerError::Arrow {
+            file: "(flight answer)".into(),
+            source: e,
+        };
+        match self {
+            Answer::Ids(ids) => {
+                let col: ArrayRef = Arc::new(StringArray::from_iter_values(ids.iter()));
+                RecordBatch::try_new(
+                    Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, false)])),
+                    vec![col],
+                )
+                .map_err(arrow)
+            }
+            Answer::Rows { f, values } => {
+                let item = Arc::new(Field::new("item", DataType::Float32, false));
+                let list = FixedSizeListArray::try_new(
+                    item.clone(),
+                    f as i32,
+                    Arc::new(Float32Array::from(values)),
+                    None,
+                )
+                .map_err(arrow)?;
+                RecordBatch::try_new(
+                    Arc::new(Schema::new(vec![Field::new(
+                        "factors",
+                        DataType::FixedSizeList(item, f as i32),
+                        false,
+                    )])),
+                    vec![Arc::new(list)],
+                )
+                .map_err(arrow)
+            }
+        }
+    }
+
+    fn from_batches(batches: &[RecordBatch], ids: bool) -> Result<Answer, String> {
+        if ids {
+            let mut out = Vec::new();
+            for b in batches {
+                let col = b
+                    .column_by_name("id")
+                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                    .ok_or("answer lacks the Utf8 column `id`")?;
+                out.extend(col.iter().map(|v| v.unwrap_or_default().to_string()));
+            }
+            return Ok(Answer::Ids(Arc::new(out)));
+        }
+        let mut f = 0usize;
+        let mut values = Vec::new();
+        for b in batches {
+            let col = b
+                .column_by_name("factors")
+                .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
+                .ok_or("answer lacks the FixedSizeList column `factors`")?;
+            f = col.value_length() as usize;
+            let flat = col
+                .values()
+                .as_any()
+                .downcast_ref::<Float32Array>()
+                .ok_or("factors are not Float32")?;
+            values.extend_from_slice(&flat.values()[..col.len() * f]);
+        }
+        Ok(Answer::Rows { f, values })
+    }
+}
+
+/// The worker's Arrow Flight service: `DoGet` of [`pb::FactorTicket`]s.
+#[derive(Clone)]
+pub struct FactorService {
+    shelf: Shelf,
+}
+
+impl FactorService {
+    pub fn new(shelf: Shelf) -> FactorService {
+        FactorService { shelf }
+    }
+}
+
+fn unimplemented<T>(what: &str) -> Result<T, Status> {
+    Err(Status::unimplemented(format!(
+        "{what}: a shoal worker's Flight service answers DoGet of factor tickets only"
+    )))
+}
+
+#[tonic::async_trait]
+impl FlightService for FactorService {
+    type HandshakeStream = BoxStream<'static, Result<HandshakeResponse, Status>>;
+    type ListFlightsStream = BoxStream<'static, Result<FlightInfo, Status>>;
+    type DoGetStream = BoxStream<'static, Result<FlightData, Status>>;
+    type DoPutStream = BoxStream<'static, Result<PutResult, Status>>;
+    type DoExchangeStream = BoxStream<'static, Result<FlightData, Status>>;
+    type DoActionStream = BoxStream<'static, Result<arrow_flight::Result, Status>>;
+    type ListActionsStream = BoxStream<'static, Result<ActionType, Status>>;
+
+    async fn do_get(&self, req: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        let ticket = pb::FactorTicket::decode(req.into_inner().ticket)
+            .map_err(|e| Status::invalid_argument(format!("not a shoal factor ticket: {e}")))?;
+        let batch = self.shelf.answer(&ticket)?.into_batch()?;
+        let stream = FlightDataEncoderBuilder::new()
+            .build(futures::stream::once(async move { Ok(batch) }))
+            .map_err(|e| Status::internal(e.to_string()));
+        Ok(Response::new(stream.boxed()))
+    }
+
+    async fn handshake(
+        &self,
+        _: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        unimplemented("Handshake")
+    }
+    async fn list_flights(
+        &self,
+        _: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        unimplemented("ListFlights")
+    }
+    async fn get_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        unimplemented("GetFlightInfo")
+    }
+    async fn poll_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        unimplemented("PollFlightInfo")
+    }
+    async fn get_schema(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        unimplemented("GetSchema")
+    }
+    async fn do_put(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        unimplemented("DoPut")
+    }
+    async fn do_exchange(
+        &self,
+        _: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        unimplemented("DoExchange")
+    }
+    async fn do_action(
+        &self,
+        _: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        unimplemented("DoAction")
+    }
+    async fn list_actions(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        unimplemented("ListActions")
+    }
+}
+
+/// Fetches from other workers' Flight services (and from this worker's own shelf
+/// when it owns the shard), with the workers' token and CA.
+#[derive(Clone)]
+pub struct Peers {
+    shelf: Shelf,
+    token: WithToken,
+    ca: Option<PathBuf>,
+    clients: Arc<Mutex<HashMap<String, FlightServiceClient<AuthChannel>>>>,
+}
+
+impl Peers {
+    pub fn new(shelf: Shelf, token: WithToken, ca: Option<PathBuf>) -> Peers {
+        Peers {
+            shelf,
+            token,
+            ca,
+            clients: Arc::default(),
+        }
+    }
+
+    fn client(&self, address: &str) -> Result<FlightServiceClient<AuthChannel>, WorkerError> {
+        let mut clients = self.clients.lock().expect("peer clients lock");
+        if let Some(c) = clients.get(address) {
+            return Ok(c.clone());
+        }
+        let channel = tls::endpoint(address, self.ca.as_deref())?
+            .connect_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let client = FlightServiceClient::with_interceptor(channel, self.token.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        clients.insert(address.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Answers `ticket`, from the local shelf when this worker holds the shard,
+    /// else from `owner` over Flight.
+    pub async fn fetch(
+        &self,
+        owner: &str,
+        ticket: pb::FactorTicket,
+    ) -> Result<Answer, WorkerError> {
+        let side = Side::from_proto(ticket.side)?;
+        if self.shelf.get(&ticket.job_id, side, ticket.shard).is_some() {
+            return self.shelf.answer(&ticket);
+        }
+        let what = format!(
+            "{} of {} shard {}",
+            if ticket.ids { "ids" } else { "factors" },
+            side.as_str(),
+            ticket.shard
+        );
+        let peer = |message: String| WorkerError::Peer {
+            address: owner.to_string(),
+            what: what.clone(),
+            message,
+        };
+        let ids = ticket.ids;
+        let mut client = arrow_flight::FlightClient::new_from_inner(self.client(owner)?);
+        let stream = client
+            .do_get(Ticket {
+                ticket: ticket.encode_to_vec().into(),
+            })
+            .await
+            .map_err(|e| peer(e.to_string()))?;
+        let batches: Vec<RecordBatch> = stream
+            .try_collect()
+            .await
+            .map_err(|e| peer(e.to_string()))?;
+        Answer::from_batches(&batches, ids).map_err(|m| peer(m.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticket(side: Side, shard: u32, version: u32, rows: Vec<u32>) -> pb::FactorTicket {
+        pb::FactorTicket {
+            job_id: "j".into(),
+            side: side.to_proto(),
+            shard,
+            version,
+            ids: false,
+            rows,
+        }
+    }
+
+    #[test]
+    fn shelf_answers_rows_in_the_order_asked_and_refuses_other_versions() {
+        let shelf = Shelf::default();
+        let ids = Arc::new(vec!["a".to_string(), "b".into(), "c".into()]);
+        shelf.put_ids("j", Side::Items, 2, ids.clone());
+        let early = shelf
+            .answer(&ticket(Side::Items, 2, 0, vec![]))
+            .unwrap_err();
+        assert!(matches!(early, WorkerError::StaleFactors { .. }), "{early}");
+        shelf
+            .put_factors("j", Side::Items, 2, 1, 2, vec![0., 1., 10., 11., 20., 21.])
+            .unwrap();
+        assert_eq!(
+            shelf
+                .answer(&ticket(Side::Items, 2, 1, vec![2, 0]))
+                .unwrap(),
+            Answer::Rows {
+                f: 2,
+                values: vec![20., 21., 0., 1.]
+            }
+        );
+        let stale = shelf
+            .answer(&ticket(Side::Items, 2, 0, vec![]))
+            .unwrap_err();
+        assert!(stale.to_string().contains("version 1"), "{stale}");
+        assert!(shelf.answer(&ticket(Side::Items, 2, 1, vec![3])).is_err());
+        assert!(shelf.answer(&ticket(Side::Users, 2, 1, vec![])).is_err());
+        let mut t = ticket(Side::Items, 2, 9, vec![]);
+        t.ids = true;
+        assert_eq!(shelf.answer(&t).unwrap(), Answer::Ids(ids));
+        assert!(
+            shelf
+                .put_factors("j", Side::Items, 2, 2, 2, vec![0.0; 5])
+                .is_err()
+        );
+        shelf.drop_job("j");
+        assert!(shelf.get("j", Side::Items, 2).is_none());
+    }
+
+    #[test]
+    fn answers_survive_the_arrow_round_trip() {
+        let rows = Answer::Rows {
+            f: 3,
+            values: (0..12).map(|v| v as f32).collect(),
+        };
+        let batch = rows.clone().into_batch().unwrap();
+        assert_eq!(
+            Answer::from_batches(&[batch.slice(0, 2), batch.slice(2, 2)], false).unwrap(),
+            rows
+        );
+        let ids = Answer::Ids(Arc::new(vec!["x".into(), "y".into()]));
+        let batch = ids.clone().into_batch().unwrap();
+        assert_eq!(Answer::from_batches(&[batch], true).unwrap(), ids);
+    }
+}
