@@ -1,6 +1,7 @@
 //! `shoal`: the one command-line tool. It parses arguments, sets up tracing and
 //! calls into the crates; everything else lives in them.
 
+mod assign;
 mod bench;
 mod client;
 mod watch;
@@ -66,6 +67,28 @@ enum Command {
         #[arg(long, env = "SHOAL_WORKERS")]
         workers: Option<u32>,
         /// Compute device, overriding the spec's cluster.device: auto | cpu | cuda.
+        #[arg(long, env = "SHOAL_DEVICE")]
+        device: Option<Device>,
+    },
+    /// Score the users of a new interaction log against a finished job's model
+    /// (fold-in): their factors solved with the model's item factors fixed, RFM
+    /// with the model's scaling, each user assigned to the nearest of its frozen
+    /// centroids. Writes the same outputs as a full run, with _SUCCESS.
+    Assign {
+        /// The finished job's output folder (path, file:// or s3:// URL).
+        #[arg(long, env = "SHOAL_MODEL")]
+        model: String,
+        /// A job spec (`.toml`: its [input] is used) or the interaction log itself
+        /// (path, URL, folder or glob; read with the model's input settings).
+        #[arg(long, env = "SHOAL_INPUT")]
+        input: String,
+        /// Output folder.
+        #[arg(long, env = "SHOAL_OUTPUT")]
+        output: String,
+        /// Workers to start (default: the model's cluster.workers).
+        #[arg(long, env = "SHOAL_WORKERS")]
+        workers: Option<u32>,
+        /// Compute device: auto | cpu | cuda.
         #[arg(long, env = "SHOAL_DEVICE")]
         device: Option<Device>,
     },
@@ -309,6 +332,20 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             device,
         } => {
             let mut spec = JobSpec::from_file(&spec, &cwd()?)?;
+            if let Some(device) = device {
+                spec.cluster.device = device;
+            }
+            let workers = workers.unwrap_or(spec.cluster.workers);
+            run_in_process(spec, workers).await
+        }
+        Command::Assign {
+            model,
+            input,
+            output,
+            workers,
+            device,
+        } => {
+            let mut spec = assign::assign_spec(&model, &input, &output, &cwd()?).await?;
             if let Some(device) = device {
                 spec.cluster.device = device;
             }

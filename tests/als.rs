@@ -260,3 +260,106 @@ async fn planted_low_rank_preferences_are_recovered() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fold_in_puts_trained_users_back_in_their_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    write_low_rank_log(&input);
+    let model = dir.path().join("model");
+    let mut train = spec(&input, &model);
+    train.evaluate.holdout = 0.0;
+    let cluster = Cluster::start(2).await;
+    let status = run_job(&cluster.url, &train).await;
+    assert!(succeeded(&status), "{status:?}");
+
+    // A spec naming a model with another factor count is refused up front.
+    let mut wrong = train.clone();
+    wrong.output.path = dir.path().join("wrong").display().to_string();
+    wrong.als.factors = 8;
+    wrong.model = Some(shoal_proto::spec::ModelSpec {
+        path: model.display().to_string(),
+    });
+    let status = run_job(&cluster.url, &wrong).await;
+    assert!(!succeeded(&status));
+    assert!(
+        status.error.contains("16 ALS factors") && status.error.contains("als.factors = 8"),
+        "{}",
+        status.error
+    );
+    cluster.stop().await;
+
+    // `shoal assign` on the same log: every user solved against the frozen items.
+    let scored = dir.path().join("scored");
+    let ran = run_shoal(
+        &[
+            "assign",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            scored.to_str().unwrap(),
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{}", ran.text());
+    let trained = read_assignments(&model);
+    let folded = read_assignments(&scored);
+    assert_eq!(trained.len(), folded.len());
+    let same = trained
+        .iter()
+        .filter(|(u, a)| folded[*u].segment == a.segment)
+        .count();
+    eprintln!("fold-in: {same} of {} users kept their segment", trained.len());
+    assert!(
+        same as f64 >= 0.99 * trained.len() as f64,
+        "{same} of {} users kept their segment",
+        trained.len()
+    );
+    // Same outputs as a full run: the model's item factors, user factors,
+    // recommendations, the report naming the model, and a manifest.
+    let manifest = read_manifest(&scored);
+    for table in [
+        "assignments.parquet/",
+        "user_factors.parquet/",
+        "item_factors.parquet/",
+        "recommendations.parquet/",
+        "segments.parquet",
+        "report.json",
+    ] {
+        assert!(
+            manifest.files.iter().any(|f| f.path.starts_with(table)),
+            "{table} not in the manifest"
+        );
+    }
+    assert_eq!(
+        read_factors(&scored, "item_factors.parquet", "item_id"),
+        read_factors(&model, "item_factors.parquet", "item_id")
+    );
+    let report = read_report(&scored);
+    assert_eq!(report["als"]["model"]["path"], format!("file://{}", model.display()));
+    assert_eq!(report["kmeans"]["iterations"], 0);
+
+    // A folder that is not a finished job is refused with what to give instead.
+    let ran = run_shoal(
+        &[
+            "assign",
+            "--model",
+            dir.path().to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            dir.path().join("nope").to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_ne!(ran.code, Some(0));
+    assert!(ran.stderr.contains("no _SUCCESS manifest"), "{}", ran.text());
+}

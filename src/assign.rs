@@ -1,0 +1,58 @@
+//! `shoal assign`: the spec of a fold-in job, built from a finished job's model
+//! folder and a new interaction log.
+
+use shoal_proto::JobSpec;
+use shoal_proto::manifest::{MANIFEST, Manifest};
+use shoal_proto::spec::ModelSpec;
+use shoal_proto::store;
+use std::path::Path;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The model's own spec with `input` (a job spec whose `[input]` is taken, or an
+/// interaction log read with the model's input settings), `output`, and the
+/// model itself; relative local paths resolved against `cwd`.
+pub async fn assign_spec(
+    model: &str,
+    input: &str,
+    output: &str,
+    cwd: &Path,
+) -> Result<JobSpec, BoxError> {
+    let absolute = |p: &str| {
+        if p.contains("://") || Path::new(p).is_absolute() {
+            p.to_string()
+        } else {
+            cwd.join(p).display().to_string()
+        }
+    };
+    let model = absolute(model);
+    let folder = store::resolve(&model)?;
+    let manifest = match folder.child(MANIFEST).head().await? {
+        Some(_) => {
+            let bytes = folder.child(MANIFEST).get().await?;
+            Manifest::from_json(&String::from_utf8_lossy(&bytes)).map_err(|e| {
+                format!("--model {model}: _SUCCESS is not a shoal manifest ({e})")
+            })?
+        }
+        None => {
+            return Err(format!(
+                "--model {model}: no _SUCCESS manifest; give the output folder of a finished shoal job"
+            )
+            .into());
+        }
+    };
+    let mut spec = manifest.spec;
+    spec.name = format!("{}-assign", spec.name);
+    if input.ends_with(".toml") {
+        let given = JobSpec::from_file(Path::new(&absolute(input)), cwd)?;
+        spec.input = given.input;
+    } else {
+        spec.input.interactions = absolute(input);
+    }
+    spec.output.path = absolute(output);
+    spec.cluster.staging = None;
+    spec.evaluate.holdout = 0.0;
+    spec.model = Some(ModelSpec { path: model });
+    spec.validate()?;
+    Ok(spec)
+}
