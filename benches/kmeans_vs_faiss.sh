@@ -14,20 +14,11 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-requirements="benches/requirements-kmeans.txt"
-venv="target/bench-venv"
 bin="${CARGO_TARGET_DIR:-target}/release/shoal"
 
-# --- Python venv (shared with rfm_vs_sklearn.sh): created once, reinstalled only
-# --- when a requirements file changes, so a later run needs no network.
-stamp="$venv/.requirements-kmeans.sha256"
-want="$(cat "$requirements" benches/requirements.txt | sha256sum | cut -d' ' -f1)"
-if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-    echo "==> setting up $venv (numpy, scikit-learn, faiss-cpu)" >&2
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --disable-pip-version-check --quiet -r "$requirements"
-    echo "$want" >"$stamp"
-fi
+# shellcheck source=benches/venv.sh
+source benches/venv.sh
+bench_venv kmeans benches/requirements-kmeans.txt benches/requirements.txt
 
 # --- shoal
 echo "==> cargo build --release" >&2

@@ -14,21 +14,12 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 spec="benches/rfm_vs_sklearn.toml"
-requirements="benches/requirements.txt"
-venv="target/bench-venv"
 out="target/bench-out/rfm" # must match [output] path in $spec
 bin="${CARGO_TARGET_DIR:-target}/release/shoal"
 
-# --- Python venv: created once, reinstalled only when requirements.txt changes, so a
-# --- later run needs no network.
-stamp="$venv/.requirements.sha256"
-want="$(sha256sum "$requirements" | cut -d' ' -f1)"
-if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-    echo "==> setting up $venv (pandas, pyarrow, scikit-learn)" >&2
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --disable-pip-version-check --quiet -r "$requirements"
-    echo "$want" >"$stamp"
-fi
+# shellcheck source=benches/venv.sh
+source benches/venv.sh
+bench_venv rfm benches/requirements.txt
 
 # --- shoal
 echo "==> cargo build --release" >&2

@@ -30,9 +30,8 @@ pub async fn assign_spec(
     let manifest = match folder.child(MANIFEST).head().await? {
         Some(_) => {
             let bytes = folder.child(MANIFEST).get().await?;
-            Manifest::from_json(&String::from_utf8_lossy(&bytes)).map_err(|e| {
-                format!("--model {model}: _SUCCESS is not a shoal manifest ({e})")
-            })?
+            Manifest::from_json(&String::from_utf8_lossy(&bytes))
+                .map_err(|e| format!("--model {model}: _SUCCESS is not a shoal manifest ({e})"))?
         }
         None => {
             return Err(format!(

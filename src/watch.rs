@@ -138,6 +138,9 @@ pub fn phase_detail(s: &JobStatus, t: &PhaseTiming) -> String {
             }
             text
         }
+        "als" if running && s.iteration > 0 => {
+            format!("iteration {} · {} users", s.iteration, thousands(t.rows))
+        }
         _ if t.rows > 0 => format!("{} users", thousands(t.rows)),
         _ => String::new(),
     }

@@ -316,7 +316,10 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
         .iter()
         .filter(|(u, a)| folded[*u].segment == a.segment)
         .count();
-    eprintln!("fold-in: {same} of {} users kept their segment", trained.len());
+    eprintln!(
+        "fold-in: {same} of {} users kept their segment",
+        trained.len()
+    );
     assert!(
         same as f64 >= 0.99 * trained.len() as f64,
         "{same} of {} users kept their segment",
@@ -343,7 +346,10 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
         read_factors(&model, "item_factors.parquet", "item_id")
     );
     let report = read_report(&scored);
-    assert_eq!(report["als"]["model"]["path"], format!("file://{}", model.display()));
+    assert_eq!(
+        report["als"]["model"]["path"],
+        format!("file://{}", model.display())
+    );
     assert_eq!(report["kmeans"]["iterations"], 0);
 
     // A folder that is not a finished job is refused with what to give instead.
@@ -361,5 +367,9 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
     )
     .await;
     assert_ne!(ran.code, Some(0));
-    assert!(ran.stderr.contains("no _SUCCESS manifest"), "{}", ran.text());
+    assert!(
+        ran.stderr.contains("no _SUCCESS manifest"),
+        "{}",
+        ran.text()
+    );
 }

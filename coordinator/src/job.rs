@@ -772,6 +772,7 @@ async fn fold_in(
         held_out_pairs: 0,
         nonpositive_pairs: 0,
         loss_per_iteration: Vec::new(),
+        seconds_per_iteration: Vec::new(),
         evaluation: None,
         model: Some(output::ModelFacts {
             path: model.folder.url(),
@@ -848,7 +849,9 @@ async fn run_als(
     let cells = confidence + n_users as f64 * n_items as f64 - pairs as f64;
     let lambda = spec.regularization;
     let mut losses = Vec::new();
+    let mut seconds = Vec::new();
     for iteration in 0..spec.iterations {
+        let started = Instant::now();
         let mut data_loss = 0.0;
         let mut traces = 0.0;
         for side in [pb::AlsSide::Users, pb::AlsSide::Items] {
@@ -877,6 +880,7 @@ async fn run_als(
         }
         let loss = (data_loss + lambda * traces) / cells.max(1.0);
         losses.push(loss);
+        seconds.push(started.elapsed().as_secs_f64());
         d.progress(Progress {
             iteration: Some(iteration + 1),
             phase_progress: Some(f64::from(iteration + 1) / f64::from(spec.iterations)),
@@ -893,6 +897,7 @@ async fn run_als(
         held_out_pairs: users.values().map(|s| s.held_out).sum(),
         nonpositive_pairs: users.values().map(|s| s.nonpositive).sum(),
         loss_per_iteration: losses,
+        seconds_per_iteration: seconds,
         evaluation: None,
         model: None,
     })

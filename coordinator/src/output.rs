@@ -324,6 +324,9 @@ pub struct AlsFacts {
     /// user × item cell plus λ(‖X‖² + ‖Y‖²)), divided by the sum of the
     /// confidences over the cells (Σc over pairs + users·items − pairs).
     pub loss_per_iteration: Vec<f64>,
+    /// Wall-clock seconds of each iteration (both half-steps, Gram reductions
+    /// and factor transfers included).
+    pub seconds_per_iteration: Vec<f64>,
     /// Ranking quality on the held-out pairs (`evaluate.holdout > 0`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<Evaluation>,

@@ -353,6 +353,11 @@ impl State {
                             s.phase = phase.into();
                             s.phase_progress = 0.0;
                             s.phase_eta_ms = 0;
+                            // ALS and Lloyd each count their own iterations (the
+                            // last phase's count stays for the phases after it)
+                            if matches!(phase, "als" | "lloyd") {
+                                s.iteration = 0;
+                            }
                             if let Some(last) = s.phases.last_mut()
                                 && last.finished_unix_ms == 0
                             {

@@ -927,6 +927,14 @@ device = "auto"
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_shipped_nightly_spec_is_valid() {
+        let spec = JobSpec::parse(include_str!("../../deploy/k8s/base/job.toml"))
+            .expect("deploy/k8s/base/job.toml parses and validates");
+        assert!(spec.features.als);
+        assert_eq!(spec.input.columns.item(), Some("sku"));
+    }
+
     fn demo() -> JobSpec {
         JobSpec::parse(DEMO_SPEC).expect("demo spec is valid")
     }

@@ -237,18 +237,25 @@ impl AlsJob {
             Vec::new()
         };
         let mut out = Vec::with_capacity(owned.len());
+        let (mut t_solve, mut t_gram, mut t_loss) = (0.0, 0.0, 0.0);
         for (&id, shard) in owned.iter_mut() {
             let (csr, conf) = shard.conf.as_ref().expect("linked shards have confidences");
             let x = shard.factors.as_mut().expect("linked shards have factors");
+            let t = std::time::Instant::now();
             backend.als_solve(x, &local.rows, gram, conf, params)?;
+            t_solve += t.elapsed().as_secs_f64();
             let host = download_all(backend, x)?;
+            let t = std::time::Instant::now();
             let own_gram = backend.gram(x)?;
+            t_gram += t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
             let data_loss = if plan.side == Side::Items {
                 // the loss of the finished iteration: new items against new users
-                als::data_loss(csr, &host, &other_rows, gram, f)
+                als::data_loss(csr, &host, &other_rows, gram, &own_gram, f)
             } else {
                 0.0
             };
+            t_loss += t.elapsed().as_secs_f64();
             out.push(pb::GramPartial {
                 shard: id,
                 gram: own_gram,
@@ -261,6 +268,13 @@ impl AlsJob {
             Side::Users => linked.user_version = version,
             Side::Items => linked.item_version = version,
         }
+        tracing::debug!(
+            side = plan.side.as_str(),
+            solve_s = t_solve,
+            gram_s = t_gram,
+            loss_s = t_loss,
+            "ALS half-step timings"
+        );
         Ok(out)
     }
 
