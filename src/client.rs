@@ -3,6 +3,7 @@
 
 use crate::watch::{self, EXIT_CANCELLED, View, is_finished, state_name};
 use shoal_proto::auth::{AuthChannel, WithToken};
+use shoal_proto::manifest::{MANIFEST, Manifest};
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::{
     GetJobRequest, JobState, JobStatus, ListJobsRequest, ListWorkersRequest, SubmitJobRequest,
@@ -326,22 +327,24 @@ pub async fn finish(status: &JobStatus) -> Result<ExitCode, BoxError> {
         "  segments.parquet      one row per segment: size, share, RFM mean and median, centroid"
     );
     println!("  centroids.parquet     the centroids in scaled feature space");
-    if out
-        .child("user_factors.parquet")
-        .list()
-        .await
-        .is_ok_and(|l| !l.is_empty())
-    {
+    // what this run wrote, from its manifest (the folder may hold other files)
+    let listed: Vec<String> = match out.child(MANIFEST).get().await {
+        Ok(bytes) => Manifest::from_json(&String::from_utf8_lossy(&bytes))
+            .map(|m| m.files.into_iter().map(|f| f.path).collect())
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let has = |prefix: &str| listed.iter().any(|p| p.starts_with(prefix));
+    if has("user_factors.parquet/") {
         println!("  user_factors.parquet/ one row per user: ALS factors");
+    }
+    if has("item_factors.parquet/") {
         println!("  item_factors.parquet/ one row per item: ALS factors");
+    }
+    if has("segment_items.parquet") {
         println!("  segment_items.parquet each segment's top items: users, share, lift, label");
     }
-    if out
-        .child("recommendations.parquet")
-        .list()
-        .await
-        .is_ok_and(|l| !l.is_empty())
-    {
+    if has("recommendations.parquet/") {
         println!("  recommendations.parquet/ per user: rank, item, score");
     }
     println!(

@@ -287,6 +287,28 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
         "{}",
         status.error
     );
+
+    // A re-run into a folder that held ALS outputs, without ALS, leaves none of
+    // them behind.
+    let rerun = dir.path().join("rerun");
+    let mut again = train.clone();
+    again.output.path = rerun.display().to_string();
+    assert!(succeeded(&run_job(&cluster.url, &again).await));
+    assert!(rerun.join("user_factors.parquet").exists());
+    again.features.als = false;
+    assert!(succeeded(&run_job(&cluster.url, &again).await));
+    for table in [
+        "user_factors.parquet",
+        "item_factors.parquet",
+        "recommendations.parquet",
+        "segment_items.parquet",
+    ] {
+        // (an object store has no folders; a local one may keep an empty one)
+        let path = rerun.join(table);
+        let empty = !path.exists()
+            || (path.is_dir() && std::fs::read_dir(&path).unwrap().next().is_none());
+        assert!(empty, "{table} left over");
+    }
     cluster.stop().await;
 
     // `shoal assign` on the same log: every user solved against the frozen items.
@@ -351,6 +373,28 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
         format!("file://{}", model.display())
     );
     assert_eq!(report["kmeans"]["iterations"], 0);
+
+    // Writing over the model itself is refused, and the model stays whole.
+    let ran = run_shoal(
+        &[
+            "assign",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            model.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_ne!(ran.code, Some(0));
+    assert!(
+        ran.text().contains("is the model's folder"),
+        "{}",
+        ran.text()
+    );
+    assert_eq!(read_assignments(&model).len(), trained.len());
 
     // A folder that is not a finished job is refused with what to give instead.
     let ran = run_shoal(

@@ -313,6 +313,11 @@ async fn drive(
         },
     );
     let output = store::resolve(&spec.output.path)?;
+    // Checked before the output folder is touched (it must not be the model's).
+    let model = match &spec.model {
+        Some(m) => Some(Model::load(&m.path, spec, &output).await?),
+        None => None,
+    };
     if output.head().await?.is_some() {
         return Err(CoordinatorError::OutputIsFile { url: output.url() });
     }
@@ -320,10 +325,6 @@ async fn drive(
     output::clear_previous(&output).await?;
     let staging_url = spec.staging_for(&ctx.id);
     let staging = store::resolve(&staging_url)?;
-    let model = match &spec.model {
-        Some(m) => Some(Model::load(&m.path, spec).await?),
-        None => None,
-    };
     let inputs = store::list_inputs(&spec.input.interactions).await?;
     let splits = plan_splits(spec, &inputs).await?;
     info!(objects = inputs.len(), splits = splits.len(), "planned");
@@ -466,7 +467,7 @@ async fn drive(
         ..Default::default()
     });
     let k = model.as_ref().map_or(spec.segments.k as usize, |m| m.k);
-    if users < k as u64 {
+    if model.is_none() && users < k as u64 {
         return Err(CoordinatorError::TooFewUsers {
             k: spec.segments.k,
             users,
@@ -667,6 +668,8 @@ async fn drive(
         // the item factors scored against belong to the outputs too
         item_files = output::copy_item_factors(model, &output).await?;
     }
+    // the manifest lists them in one order whatever the number of workers
+    item_files.sort_by(|a, b| a.path.cmp(&b.path));
     let finals = in_shard_order(
         finals.into_iter().flat_map(|f| f.shards),
         d.shards,
@@ -752,6 +755,7 @@ async fn fold_in(
                 job_id: d.job_id(),
                 attempt: ATTEMPT,
                 model: model.folder.url(),
+                item_parts: model.item_parts(),
             };
             async move { c.als_fold_in(req).await }
         })

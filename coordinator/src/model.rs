@@ -24,6 +24,31 @@ pub struct Model {
     pub rfm_scale: Vec<f64>,
 }
 
+fn toml_of<T: serde::Serialize>(v: &T) -> toml::Table {
+    toml::Table::try_from(v).unwrap_or_default()
+}
+
+/// The spec fields (`section.key`) whose values differ, and `segments.seed` when
+/// `seed_differs`.
+fn differing<const N: usize>(
+    sections: [(&str, toml::Table, toml::Table); N],
+    seed_differs: bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, a, b) in &sections {
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for k in keys {
+            if a.get(k) != b.get(k) {
+                out.push(format!("{name}.{k}"));
+            }
+        }
+    }
+    if seed_differs {
+        out.push("segments.seed".into());
+    }
+    out
+}
+
 fn bad(folder: &Location, reason: impl Into<String>) -> CoordinatorError {
     CoordinatorError::Model {
         url: folder.url(),
@@ -32,9 +57,36 @@ fn bad(folder: &Location, reason: impl Into<String>) -> CoordinatorError {
 }
 
 impl Model {
-    /// Reads and checks the model at `url` for `spec`.
-    pub async fn load(url: &str, spec: &JobSpec) -> Result<Model, CoordinatorError> {
+    /// The `item_factors.parquet/` parts the model's manifest lists, in order.
+    pub fn item_parts(&self) -> Vec<String> {
+        self.manifest
+            .files
+            .iter()
+            .filter(|f| f.path.starts_with("item_factors.parquet/"))
+            .map(|f| f.path.clone())
+            .collect()
+    }
+
+    /// Reads and checks the model at `url` for `spec`, whose outputs go to
+    /// `output` (which must not be the model's folder).
+    pub async fn load(
+        url: &str,
+        spec: &JobSpec,
+        output: &Location,
+    ) -> Result<Model, CoordinatorError> {
         let folder = store::resolve(url)?;
+        let (m, o) = (
+            folder.url().trim_end_matches('/').to_string(),
+            output.url().trim_end_matches('/').to_string(),
+        );
+        if m == o || o.starts_with(&format!("{m}/")) {
+            return Err(bad(
+                &folder,
+                format!(
+                    "output.path {o} is the model's folder (or inside it): scoring would overwrite the model; write to another folder"
+                ),
+            ));
+        }
         let manifest = match folder.child(MANIFEST).head().await? {
             None => {
                 return Err(bad(
@@ -64,6 +116,28 @@ impl Model {
                 format!(
                     "the model has {} ALS factors, the spec asks for als.factors = {}",
                     trained.als.factors, spec.als.factors
+                ),
+            ));
+        }
+        // Everything that shapes a user's features must be the model's, or the
+        // frozen centroids would mean something else.
+        let differs = differing(
+            [
+                ("als", toml_of(&trained.als), toml_of(&spec.als)),
+                (
+                    "features",
+                    toml_of(&trained.features),
+                    toml_of(&spec.features),
+                ),
+            ],
+            trained.segments.seed != spec.segments.seed,
+        );
+        if !differs.is_empty() {
+            return Err(bad(
+                &folder,
+                format!(
+                    "{} differ from the model's; use the model's values (`shoal assign` copies them)",
+                    differs.join(", ")
                 ),
             ));
         }

@@ -21,7 +21,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Files a job writes at the top of its output folder (besides the manifest).
-const JOB_FILES: [&str; 3] = ["segments.parquet", "centroids.parquet", "report.json"];
+const JOB_FILES: [&str; 4] = [
+    "segments.parquet",
+    "centroids.parquet",
+    "report.json",
+    "segment_items.parquet",
+];
+/// Tables written as a folder of per-shard parts.
+const PART_TABLES: [&str; 4] = [
+    ASSIGNMENTS,
+    "user_factors.parquet",
+    "item_factors.parquet",
+    "recommendations.parquet",
+];
 const ASSIGNMENTS: &str = "assignments.parquet";
 
 /// Removes the manifest first, then the outputs of an earlier run, so the folder
@@ -31,7 +43,9 @@ pub async fn clear_previous(output: &Location) -> Result<(), CoordinatorError> {
     for f in JOB_FILES {
         output.child(f).delete().await?;
     }
-    output.child(ASSIGNMENTS).delete_all().await?;
+    for t in PART_TABLES {
+        output.child(t).delete_all().await?;
+    }
     Ok(())
 }
 

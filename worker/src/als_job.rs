@@ -65,6 +65,10 @@ pub struct AlsJob {
 #[derive(Debug, Clone)]
 pub struct FetchPlan {
     pub side: Side,
+    /// Half-steps of `side` applied when the plan was made (checked again when
+    /// the step runs).
+    pub own_version: u32,
+    /// Version of the other side's factors to fetch.
     pub version: u32,
     pub owners: Vec<String>,
     /// (shard, positions, first local row)
@@ -179,6 +183,7 @@ impl AlsJob {
         }
         Ok(FetchPlan {
             side,
+            own_version,
             version,
             owners: linked.owners.clone(),
             parts: local.needed.by_shard(),
@@ -212,7 +217,19 @@ impl AlsJob {
         let linked = self.linked.as_mut().ok_or_else(|| {
             WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
         })?;
-        let version = plan.version_after_step(linked);
+        let current = match plan.side {
+            Side::Users => linked.user_version,
+            Side::Items => linked.item_version,
+        };
+        if current != plan.own_version {
+            // another call for the same half-step ran in between
+            return Err(WorkerError::StaleFactors {
+                what: format!("{} factors of job {job}", plan.side.as_str()),
+                have: current,
+                wanted: plan.own_version,
+            });
+        }
+        let version = plan.own_version + 1;
         let (owned, local) = match plan.side {
             Side::Users => (&mut self.users, &mut linked.items_local),
             Side::Items => (&mut self.items, &mut linked.users_local),
@@ -238,6 +255,7 @@ impl AlsJob {
         };
         let mut out = Vec::with_capacity(owned.len());
         let (mut t_solve, mut t_gram, mut t_loss) = (0.0, 0.0, 0.0);
+        let mut solved = Vec::with_capacity(owned.len());
         for (&id, shard) in owned.iter_mut() {
             let (csr, conf) = shard.conf.as_ref().expect("linked shards have confidences");
             let x = shard.factors.as_mut().expect("linked shards have factors");
@@ -262,6 +280,10 @@ impl AlsJob {
                 data_loss,
                 rows: x.n() as u64,
             });
+            solved.push((id, host));
+        }
+        // published once every shard is solved: a failed step publishes nothing
+        for (id, host) in solved {
             shelf.put_factors(job, plan.side, id, version, f, host)?;
         }
         match plan.side {
@@ -303,13 +325,19 @@ impl AlsJob {
 
     /// The resident factors of an owned shard.
     fn resident(&self, side: Side, job: &str, shard: u32) -> Result<&Resident, WorkerError> {
-        self.owned(side)
+        let owned = self
+            .owned(side)
             .get(&shard)
-            .and_then(|s| s.factors.as_ref())
             .ok_or(WorkerError::UnknownShard {
                 job: job.to_string(),
                 shard,
-            })
+            })?;
+        owned.factors.as_ref().ok_or_else(|| {
+            WorkerError::InvalidRequest(format!(
+                "job {job}: the ALS factors of {} shard {shard} do not exist yet (AlsLink or AlsFoldIn comes first)",
+                side.as_str()
+            ))
+        })
     }
 
     /// The current factors of an owned shard (row-major).
@@ -321,15 +349,6 @@ impl AlsJob {
         backend: &dyn Backend,
     ) -> Result<Vec<f32>, WorkerError> {
         download_all(backend, self.resident(side, job, shard)?)
-    }
-}
-
-impl FetchPlan {
-    fn version_after_step(&self, linked: &Linked) -> u32 {
-        match self.side {
-            Side::Users => linked.user_version + 1,
-            Side::Items => linked.item_version + 1,
-        }
     }
 }
 
@@ -345,23 +364,38 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// From each item shard's ids and factors, in shard order.
-    pub fn new(shards: u32, parts: Vec<(u32, Arc<Vec<String>>, Vec<f32>)>) -> Catalog {
+    /// From each item shard's ids and factors (`f` per row), in shard order.
+    pub fn new(
+        job: &str,
+        shards: u32,
+        f: usize,
+        parts: Vec<(u32, Arc<Vec<String>>, Vec<f32>)>,
+    ) -> Result<Catalog, WorkerError> {
         let mut ids = Vec::new();
         let mut factors = Vec::new();
         let mut lists = HashMap::new();
         for (shard, list, values) in parts {
+            if values.len() != list.len() * f {
+                return Err(WorkerError::Inconsistent {
+                    job: job.to_string(),
+                    detail: format!(
+                        "item shard {shard}: {} ids but {} factor values ({f} per row)",
+                        list.len(),
+                        values.len()
+                    ),
+                });
+            }
             lists.insert(shard, (ids.len() as u32, list.clone()));
             ids.extend(list.iter().cloned());
             factors.extend(values);
         }
-        Catalog {
+        Ok(Catalog {
             ids,
             factors,
             lists,
             shards,
             lookup: HashMap::new(),
-        }
+        })
     }
 
     /// From a model's item table (ids in table order, row-major factors).
@@ -544,7 +578,9 @@ impl AlsJob {
     /// Fold-in: solves every user's factors with the model's item factors
     /// (`catalog`) fixed, from the same initial rows as training and with as many
     /// CG steps as training gave a row in all its iterations (at least one per
-    /// factor), so a user the model was trained on lands where training put it.
+    /// factor), so a user the model was trained on lands close to where training
+    /// put it (not exactly: training's last user step saw the previous item
+    /// factors, and started warm).
     /// Pairs whose item the model does not know are left out (and counted).
     pub fn fold_in(
         &mut self,
@@ -666,7 +702,7 @@ mod tests {
                 (s, Arc::new(ids), vec![0.0; n])
             })
             .collect();
-        let catalog = Catalog::new(shards, parts);
+        let catalog = Catalog::new("j", shards, 1, parts).unwrap();
         for (i, id) in catalog.ids.iter().enumerate() {
             assert_eq!(catalog.index(id), Some(i as u32));
         }

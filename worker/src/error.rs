@@ -100,7 +100,7 @@ pub enum WorkerError {
         message: String,
     },
     #[error(
-        "{what}: this worker has version {have}, version {wanted} was asked for (the steps of the job ran out of order; retry the step)"
+        "{what}: the owner holds version {have}, version {wanted} was asked for (the job's steps ran out of order, or its ALS is not linked there yet); re-run the job"
     )]
     StaleFactors {
         what: String,

@@ -31,6 +31,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::{Request, Response, Status, Streaming};
 
+/// Longest a fetch from another worker may take.
+const PEER_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// What a worker publishes of one shard of one side.
 #[derive(Debug, Clone)]
 pub struct Shelved {
@@ -341,6 +344,8 @@ impl Peers {
         }
         let channel = tls::endpoint(address, self.ca.as_deref())?
             .connect_timeout(Duration::from_secs(10))
+            // a peer that stops answering fails the step instead of holding it
+            .timeout(PEER_TIMEOUT)
             .connect_lazy();
         let client = FlightServiceClient::with_interceptor(channel, self.token.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -369,7 +374,9 @@ impl Peers {
         let peer = |message: String| WorkerError::Peer {
             address: owner.to_string(),
             what: what.clone(),
-            message,
+            message: format!(
+                "{message} (workers fetch factor rows from each other's gRPC port: can this worker reach that one?)"
+            ),
         };
         let ids = ticket.ids;
         let mut client = arrow_flight::FlightClient::new_from_inner(self.client(owner)?);

@@ -323,7 +323,7 @@ impl WorkerServiceImpl {
                     Ok(match &state.als {
                         Some(a) if a.top_n > 0 || a.holdout > 0.0 => match &a.catalog {
                             Some(c) => Err(c.clone()),
-                            None => Ok(Some((a.catalog_source(&job)?, a.shards))),
+                            None => Ok(Some((a.catalog_source(&job)?, a.shards, a.f))),
                         },
                         _ => Ok(None),
                     })
@@ -334,7 +334,7 @@ impl WorkerServiceImpl {
             Err(model) => return Ok(Some(model)),
             Ok(source) => source,
         };
-        let Some(((owners, version), shards)) = source else {
+        let Some(((owners, version), shards, f)) = source else {
             return Ok(None);
         };
         let (peers, job2) = (self.peers.clone(), job.to_string());
@@ -370,7 +370,9 @@ impl WorkerServiceImpl {
                 .await
             })
             .await?;
-        Ok(Some(Arc::new(als_job::Catalog::new(shards, parts))))
+        Ok(Some(Arc::new(als_job::Catalog::new(
+            job, shards, f, parts,
+        )?)))
     }
 
     /// Number of jobs this worker holds state for.
@@ -474,6 +476,9 @@ impl WorkerService for WorkerServiceImpl {
             let use_als = spec.features.als;
             let (seed, holdout) = (spec.segments.seed, spec.evaluate.holdout);
             let mut user_pairs = BTreeMap::new();
+            // id lists to serve, published with the job's state (never for a job
+            // released meanwhile, whose shelf entries would outlive it)
+            let mut published = Vec::new();
             for &shard in &req.shards {
                 stop_if_cancelled(&cancel, &job)?;
                 let batches = staging::read_shard(&staging, shard).await?;
@@ -502,7 +507,7 @@ impl WorkerService for WorkerServiceImpl {
                     stat.pairs = pairs.nnz() as u64;
                     stat.held_out = pairs.held.len() as u64;
                     stat.nonpositive = pairs.nonpositive;
-                    shelf.put_ids(&job, Side::Users, shard, Arc::new(rfm.users.clone()));
+                    published.push((Side::Users, shard, Arc::new(rfm.users.clone())));
                     user_pairs.insert(shard, pairs);
                 }
                 stats.push(stat);
@@ -541,7 +546,7 @@ impl WorkerService for WorkerServiceImpl {
                         pairs: pairs.nnz() as u64,
                         confidence_sum,
                     });
-                    shelf.put_ids(&job, Side::Items, shard, Arc::new(pairs.ids.clone()));
+                    published.push((Side::Items, shard, Arc::new(pairs.ids.clone())));
                     item_pairs.insert(shard, pairs);
                 }
             }
@@ -595,6 +600,9 @@ impl WorkerService for WorkerServiceImpl {
             }));
             let runs = runs.lock().expect("runs lock");
             stop_if_cancelled(&cancel, &job)?;
+            for (side, shard, ids) in published {
+                shelf.put_ids(&job, side, shard, ids);
+            }
             jobs.lock()
                 .expect("job map lock")
                 .insert(job.clone(), handle);
@@ -1214,11 +1222,11 @@ impl WorkerService for WorkerServiceImpl {
                 })
                 .await?;
             let model = store::resolve(&req.model)?;
+            let parts = req.item_parts.clone();
             let (ids, factors) = self
-                .tracked(
-                    &job,
-                    move |_| async move { read_model_items(&model, f).await },
-                )
+                .tracked(&job, move |_| async move {
+                    read_model_items(&model, &parts, f).await
+                })
                 .await?;
             let items = ids.len() as u64;
             let catalog = Arc::new(als_job::Catalog::from_table(ids, factors));
@@ -1485,25 +1493,25 @@ fn factors_part(
     store::encode_parquet(schema, &[batch]).map_err(|source| WorkerError::Parquet { file, source })
 }
 
-/// Every item of a model's `item_factors.parquet/` (parts in name order): ids and
-/// row-major factors, each row checked to have `f` values.
+/// Every item of a model's item factor `parts` (paths in its folder, as its
+/// manifest lists them): ids and row-major factors, each row checked to have `f`
+/// values, each id once.
 async fn read_model_items(
     model: &store::Location,
+    parts: &[String],
     f: usize,
 ) -> Result<(Vec<String>, Vec<f32>), WorkerError> {
     use arrow::array::AsArray;
-    let table = model.child("item_factors.parquet");
-    let parts = table.list().await?;
     if parts.is_empty() {
         return Err(WorkerError::InvalidRequest(format!(
-            "{}: no parts; is {} the output folder of a job with features.als = true?",
-            table.url(),
+            "the manifest of {} lists no item_factors.parquet parts; is it the output folder of a job with features.als = true?",
             model.url()
         )));
     }
     let (mut ids, mut factors) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::HashSet::new();
     for part in parts {
-        let at = table.at(part.location);
+        let at = model.child(part);
         let file = at.url();
         let bytes = at.get().await?;
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
@@ -1541,6 +1549,12 @@ async fn read_model_items(
                             row.len()
                         ))
                     })?;
+                if !seen.insert(id.value(r).to_string()) {
+                    return Err(WorkerError::InvalidRequest(format!(
+                        "{file}, row {r}: item `{}` appears twice in the model's item factors",
+                        id.value(r)
+                    )));
+                }
                 ids.push(id.value(r).to_string());
                 factors.extend_from_slice(values.values());
             }
