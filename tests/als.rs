@@ -305,29 +305,18 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
     ] {
         // (an object store has no folders; a local one may keep an empty one)
         let path = rerun.join(table);
-        let empty = !path.exists()
-            || (path.is_dir() && std::fs::read_dir(&path).unwrap().next().is_none());
+        let empty =
+            !path.exists() || (path.is_dir() && std::fs::read_dir(&path).unwrap().next().is_none());
         assert!(empty, "{table} left over");
     }
     cluster.stop().await;
 
     // `shoal assign` on the same log: every user solved against the frozen items.
     let scored = dir.path().join("scored");
-    let ran = run_shoal(
-        &[
-            "assign",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            scored.to_str().unwrap(),
-            "--workers",
-            "2",
-            "--device",
-            "cpu",
-        ],
-        &[],
+    let ran = assign(
+        model.to_str().unwrap(),
+        input.to_str().unwrap(),
+        scored.to_str().unwrap(),
     )
     .await;
     assert_eq!(ran.code, Some(0), "{}", ran.text());
@@ -375,17 +364,10 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
     assert_eq!(report["kmeans"]["iterations"], 0);
 
     // Writing over the model itself is refused, and the model stays whole.
-    let ran = run_shoal(
-        &[
-            "assign",
-            "--model",
-            model.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            model.to_str().unwrap(),
-        ],
-        &[],
+    let ran = assign(
+        model.to_str().unwrap(),
+        input.to_str().unwrap(),
+        model.to_str().unwrap(),
     )
     .await;
     assert_ne!(ran.code, Some(0));
@@ -397,17 +379,10 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
     assert_eq!(read_assignments(&model).len(), trained.len());
 
     // A folder that is not a finished job is refused with what to give instead.
-    let ran = run_shoal(
-        &[
-            "assign",
-            "--model",
-            dir.path().to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            dir.path().join("nope").to_str().unwrap(),
-        ],
-        &[],
+    let ran = assign(
+        dir.path().to_str().unwrap(),
+        input.to_str().unwrap(),
+        dir.path().join("nope").to_str().unwrap(),
     )
     .await;
     assert_ne!(ran.code, Some(0));
@@ -416,4 +391,25 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
         "{}",
         ran.text()
     );
+}
+
+/// `shoal assign` with two CPU workers.
+async fn assign(model: &str, input: &str, output: &str) -> Ran {
+    run_shoal(
+        &[
+            "assign",
+            "--model",
+            model,
+            "--input",
+            input,
+            "--output",
+            output,
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    )
+    .await
 }
