@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+use shoal_kernels::bench::als::{self, AlsProblem, AlsSettings};
 use shoal_kernels::bench::{Blobs, Labelling, in_thread_pool, lloyd, write_npy_f32};
 use shoal_kernels::device::{DeviceChoice, select};
 
@@ -20,6 +21,45 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Lloyd iterations on seeded Gaussian blobs; prints one JSON line.
     Kmeans(KmeansArgs),
+    /// Implicit-ALS iterations on a seeded interaction matrix; prints one JSON line.
+    Als(AlsArgs),
+}
+
+#[derive(Args, Debug)]
+struct AlsArgs {
+    /// Users (rows of the interaction matrix).
+    #[arg(long, env = "SHOAL_BENCH_USERS", default_value_t = 100_000)]
+    users: usize,
+    /// Items (columns).
+    #[arg(long, env = "SHOAL_BENCH_ITEMS", default_value_t = 20_000)]
+    items: usize,
+    /// Interactions drawn (duplicates are summed into one pair).
+    #[arg(long, env = "SHOAL_BENCH_PAIRS", default_value_t = 2_000_000)]
+    pairs: usize,
+    /// Factors per user and item.
+    #[arg(long, env = "SHOAL_BENCH_FACTORS", default_value_t = 64)]
+    factors: usize,
+    /// ALS iterations to time.
+    #[arg(long, env = "SHOAL_BENCH_ITERS", default_value_t = 10)]
+    iters: usize,
+    /// Conjugate-gradient steps per row and half-step.
+    #[arg(long, env = "SHOAL_BENCH_CG_STEPS", default_value_t = 3)]
+    cg_steps: u32,
+    /// λ.
+    #[arg(long, env = "SHOAL_BENCH_REGULARIZATION", default_value_t = 0.01)]
+    regularization: f32,
+    /// Confidence = 1 + alpha × count.
+    #[arg(long, env = "SHOAL_BENCH_ALPHA", default_value_t = 40.0)]
+    alpha: f32,
+    /// Seed of the data and of the initial factors.
+    #[arg(long, env = "SHOAL_BENCH_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Backend to run on: auto, cpu or cuda.
+    #[arg(long, env = "SHOAL_BENCH_DEVICE", default_value_t = DeviceChoice::Cpu)]
+    device: DeviceChoice,
+    /// Threads of the CPU work (default: one per core).
+    #[arg(long, env = "SHOAL_BENCH_THREADS")]
+    threads: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -63,18 +103,73 @@ struct KmeansArgs {
 pub fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
     match args.what {
         BenchCommand::Kmeans(a) => kmeans(a),
+        BenchCommand::Als(a) => als(a),
     }
+}
+
+/// `--threads`, or one per core.
+fn threads_of(threads: Option<usize>) -> Result<usize, BoxError> {
+    match threads {
+        Some(0) => Err("--threads must be at least 1".into()),
+        Some(t) => Ok(t),
+        None => Ok(std::thread::available_parallelism().map_or(1, |p| p.get())),
+    }
+}
+
+fn als(a: AlsArgs) -> Result<ExitCode, BoxError> {
+    if a.iters == 0 {
+        return Err("--iters must be at least 1".into());
+    }
+    if !(1..=1024).contains(&a.factors) {
+        return Err(format!("--factors must be in 1..=1024, not {}", a.factors).into());
+    }
+    let threads = threads_of(a.threads)?;
+    let (backend, _why) = select(a.device)?;
+    let device = backend.name();
+    in_thread_pool(threads, || -> Result<ExitCode, BoxError> {
+        tracing::info!(
+            users = a.users,
+            items = a.items,
+            pairs = a.pairs,
+            seed = a.seed,
+            "generating interactions"
+        );
+        let problem = AlsProblem::generate(a.users, a.items, a.pairs, a.alpha, a.seed)?;
+        tracing::info!(iters = a.iters, device, threads, "running ALS iterations");
+        let settings = AlsSettings {
+            factors: a.factors,
+            iters: a.iters,
+            regularization: a.regularization,
+            cg_steps: a.cg_steps,
+            seed: a.seed,
+        };
+        let r = als::run(backend.as_ref(), &problem, settings)?;
+        let line = serde_json::json!({
+            "users": a.users,
+            "items": a.items,
+            "pairs": problem.nnz(),
+            "factors": a.factors,
+            "iters": a.iters,
+            "cg_steps": a.cg_steps,
+            "seed": a.seed,
+            "device": device,
+            "threads": threads,
+            "secs_per_iter": r.secs_per_iter(),
+            "user_secs_per_iter": r.user_secs_per_iter(),
+            "item_secs_per_iter": r.item_secs_per_iter(),
+            "loss": r.loss,
+        });
+        println!("{line}");
+        Ok(ExitCode::SUCCESS)
+    })
+    .map_err(|e| format!("cannot start {threads} threads: {e}"))?
 }
 
 fn kmeans(a: KmeansArgs) -> Result<ExitCode, BoxError> {
     if a.iters == 0 {
         return Err("--iters must be at least 1".into());
     }
-    let threads = match a.threads {
-        Some(0) => return Err("--threads must be at least 1".into()),
-        Some(t) => t,
-        None => std::thread::available_parallelism().map_or(1, |p| p.get()),
-    };
+    let threads = threads_of(a.threads)?;
     let (backend, _why) = select(a.device)?;
     let device = backend.name();
 

@@ -17,7 +17,8 @@
 // (lanes stride the features, a fixed butterfly sums the lanes), then every
 // thread adds the round's terms to its feature in CSR order. Block-wide dot
 // products reduce warps in a fixed tree, then the warp sums in warp order, so a
-// row's result depends only on its own data.
+// row's result depends only on its own data. With want_loss, each row's pair
+// loss (with the new x_u) goes to row_loss[u], for the host to add in row order.
 //
 // Host-provided defines: ALS_CHUNK.
 
@@ -80,12 +81,44 @@ __device__ __forceinline__ float sparse_terms(float acc, u64 begin, u64 end,
     return acc;
 }
 
+// sum over the stored items j of row [begin, end) of c_j (1 - s_j)^2 - s_j^2 with
+// s_j = y_j . v, in double, valid in thread 0: warps compute the dot products of a
+// round, thread 0 adds the terms in CSR order.
+__device__ __forceinline__ double pair_loss_terms(u64 begin, u64 end,
+                                                  const u32* __restrict__ indices,
+                                                  const float* __restrict__ values,
+                                                  const float* __restrict__ y, u32 d,
+                                                  const float* v, float* dots) {
+    const u32 f = threadIdx.x, lane = f & 31, warp = f >> 5, warps = blockDim.x >> 5;
+    double total = 0.0;
+    for (u64 c0 = begin; c0 < end; c0 += ALS_CHUNK) {
+        const u32 count = (u32)min((u64)ALS_CHUNK, end - c0);
+        for (u32 j = warp; j < count; j += warps) {
+            const float* yj = y + (u64)indices[c0 + j] * d;
+            float dot = 0.0f;
+            for (u32 g = lane; g < d; g += 32) dot = fmaf(yj[g], v[g], dot);
+            dot = warp_sum(dot);
+            if (lane == 0) dots[j] = dot;
+        }
+        __syncthreads();
+        if (f == 0) {
+            for (u32 j = 0; j < count; ++j) {
+                const double s = dots[j], c = values[c0 + j];
+                total += c * (1.0 - s) * (1.0 - s) - s * s;
+            }
+        }
+        __syncthreads();
+    }
+    return total;
+}
+
 // Dynamic shared memory: [A^T: d*d floats if a_in_shared] [v: blockDim floats]
 // [coef: ALS_CHUNK floats] [cols: ALS_CHUNK u32] [red: 32 floats].
 extern "C" __global__ void __launch_bounds__(1024)
     als_cg(float* __restrict__ x, const float* __restrict__ y, const float* __restrict__ at,
            const u64* __restrict__ indptr, const u32* __restrict__ indices,
-           const float* __restrict__ values, u64 rows, u32 d, u32 cg_steps, u32 a_in_shared) {
+           const float* __restrict__ values, u64 rows, u32 d, u32 cg_steps, u32 a_in_shared,
+           double* __restrict__ row_loss, u32 want_loss) {
     extern __shared__ __align__(16) float smem[];
     const u32 f = threadIdx.x;
     const u32 threads = blockDim.x;
@@ -137,6 +170,12 @@ extern "C" __global__ void __launch_bounds__(1024)
                 p = fmaf(rs_new / rs_old, p, r);
                 rs_old = rs_new;
             }
+        }
+        if (want_loss) {
+            v[f] = xf;
+            __syncthreads();
+            const double loss = pair_loss_terms(begin, end, indices, values, y, d, v, coef);
+            if (f == 0) row_loss[u] = loss;
         }
         if (f < d) xu[f] = xf;
         __syncthreads();  // v is rewritten by the next row

@@ -23,6 +23,8 @@
 //!   the workers run) the backend may skip points, and the figure is the nominal
 //!   work of a plain Lloyd iteration over the time taken.
 
+pub mod als;
+
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;

@@ -243,7 +243,7 @@ impl Backend for CpuBackend {
         yty: &[f64],
         confidence: &Resident,
         params: CgParams,
-    ) -> Result<(), KernelError> {
+    ) -> Result<Option<f64>, KernelError> {
         let y = storage::<HostPoints>(y, NAME, "the fixed factors (y)", "dense")?;
         let confidence = storage::<Csr>(confidence, NAME, "the confidences", "sparse")?;
         let x = storage_mut::<HostPoints>(x, NAME, "the factors being solved (x)", "dense")?;

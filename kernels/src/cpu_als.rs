@@ -7,9 +7,11 @@
 //!   are exact in f64) in parallel, and adds the block results in block order. The
 //!   blocks do not depend on the number of threads, so neither do the bits.
 //! - [`als_solve`] runs the conjugate-gradient solver of the `implicit` library
-//!   (`_solve_cg`) on every row in parallel; a row only reads its own confidences,
-//!   the item factors and `YᵀY + λI`, and works sequentially in per-thread scratch,
-//!   so its result depends on nothing else.
+//!   (`_solve_cg`) on blocks of rows in parallel: a block gathers its item rows
+//!   once, its `(YᵀY + λI)·p` products are one `sgemm` per CG step, the rest is
+//!   done row by row. A row only reads its own confidences, the item factors and
+//!   `YᵀY + λI`, with the same arithmetic in any block, so its result depends on
+//!   nothing else.
 //! - [`top_n`] scores fixed tiles of [`TOPN_QUERY_TILE`] queries against blocks of
 //!   [`TOPN_ITEM_BLOCK`] items with one `sgemm` each and keeps the best `n` per
 //!   query in a buffer of `2n` candidates that is cut back to the best `n` whenever
@@ -31,8 +33,6 @@ pub(crate) const TOPN_QUERY_TILE: usize = 64;
 /// Items per `sgemm` of [`top_n`]: the `TOPN_QUERY_TILE x TOPN_ITEM_BLOCK` scores
 /// (64 KiB) stay in cache while they are offered to the selections.
 pub(crate) const TOPN_ITEM_BLOCK: usize = 256;
-/// Independent accumulators of [`dot`] (one AVX register of f32).
-const LANES: usize = 8;
 /// CG stops once the squared norm of the residual is below this (as `implicit`).
 const CG_TOLERANCE: f32 = 1e-20;
 
@@ -205,26 +205,18 @@ fn block_gram(block: &[f32], d: usize, wide: &mut Vec<f64>) -> Vec<f64> {
 // ---------------------------------------------------------------------------
 // Implicit ALS with conjugate gradient.
 
-/// Per-thread buffers of [`als_solve`].
-struct CgScratch {
-    r: Vec<f32>,
-    p: Vec<f32>,
-    ap: Vec<f32>,
-}
-
-impl CgScratch {
-    fn new(d: usize) -> Self {
-        CgScratch {
-            r: vec![0.0; d],
-            p: vec![0.0; d],
-            ap: vec![0.0; d],
-        }
-    }
-}
-
 /// One implicit-ALS half-step over every row of the row-major `x` (`d` features
 /// per row), with item factors `y`, Gram `yty` and confidences `confidence`
-/// (`x` rows by `y` rows). See [`crate::Backend::als_solve`].
+/// (`x` rows by `y` rows). See [`crate::Backend::als_solve`]; returns the pair
+/// loss when `params.pair_loss` asks for it.
+///
+/// The rows are cut into blocks (see [`row_blocks`]) solved in parallel. A block
+/// copies the item rows its rows refer to into one contiguous buffer once (so the
+/// CG steps read them from cache, not from wherever they lie in `y`), and runs
+/// `implicit`'s `_solve_cg` on all its rows in lockstep: each step's
+/// `(YᵀY + λI)·p` products of the whole block are one `sgemm`, the sparse terms
+/// and the vector updates are done row by row. A row's arithmetic is the same
+/// whatever block it is in, so its result depends on nothing but its own data.
 pub(crate) fn als_solve(
     x: &mut [f32],
     y: &[f32],
@@ -233,7 +225,7 @@ pub(crate) fn als_solve(
     yty: &[f64],
     confidence: &Csr,
     params: CgParams,
-) -> Result<(), KernelError> {
+) -> Result<Option<f64>, KernelError> {
     let (x_n, y_n) = (x.len() / d, y.len() / d);
     check::als(
         (x_n, d),
@@ -243,7 +235,7 @@ pub(crate) fn als_solve(
         params.regularization,
     )?;
     // The values are finite (checked by `upload_sparse`).
-    if let Some(pos) = confidence.values.par_iter().position_first(|&c| c < 1.0) {
+    if let Some(pos) = first_below_one(&confidence.values) {
         let row = confidence.indptr.partition_point(|&o| o as usize <= pos) - 1;
         return Err(KernelError::Shape(format!(
             "confidence of row {row}, item {} is {}: implicit ALS needs confidences >= 1 \
@@ -259,8 +251,8 @@ pub(crate) fn als_solve(
         cg_steps = params.cg_steps,
         "implicit ALS half-step on the cpu backend"
     );
-    if params.cg_steps == 0 || x_n == 0 {
-        return Ok(());
+    if x_n == 0 {
+        return Ok(params.pair_loss.then_some(0.0));
     }
 
     // A = YᵀY + λI in f32, built once.
@@ -276,107 +268,686 @@ pub(crate) fn als_solve(
         })
         .collect();
 
-    x.par_chunks_mut(d).enumerate().for_each_init(
-        || CgScratch::new(d),
-        |scratch, (u, xu)| {
-            let (cols, conf) = confidence.row(u);
-            cg_row(&a, y, d, cols, conf, params.cg_steps, xu, scratch);
-        },
-    );
-    Ok(())
+    let blocks = row_blocks(&confidence.indptr, d);
+    let mut slices = Vec::with_capacity(blocks.len());
+    let mut rest = &mut x[..];
+    for rows in &blocks {
+        let (head, tail) = rest.split_at_mut(rows.len() * d);
+        slices.push((rows.start, head));
+        rest = tail;
+    }
+    let job = CgJob {
+        a: &a,
+        y,
+        d,
+        confidence,
+        cg_steps: params.cg_steps,
+        pair_loss: params.pair_loss,
+    };
+    let losses: Vec<f64> = slices
+        .into_par_iter()
+        .map_init(
+            || CgScratch::new(d),
+            |scratch, (first, xb)| job.solve_block(first, xb, scratch),
+        )
+        .collect();
+    // Block results added in block order: the same bits whatever the threads.
+    Ok(params.pair_loss.then(|| losses.iter().sum()))
 }
 
-/// `implicit`'s `_solve_cg` for one row: `cg_steps` CG steps on
-/// `(A + Yᵀ(C_u − I)Y) x = Yᵀ C_u p_u` from the current `x`.
-#[allow(clippy::too_many_arguments)]
-fn cg_row(
-    a: &[f32],
+/// Position of the first value below 1, searched in parallel chunks.
+fn first_below_one(values: &[f32]) -> Option<usize> {
+    const CHUNK: usize = 1 << 16;
+    let chunk = values
+        .par_chunks(CHUNK)
+        .position_first(|c| c.iter().any(|&v| v < 1.0))?;
+    let start = chunk * CHUNK;
+    values[start..]
+        .iter()
+        .position(|&v| v < 1.0)
+        .map(|p| start + p)
+}
+
+/// Rows per block of [`als_solve`]: the height of its `sgemm`s.
+const CG_BLOCK_ROWS: usize = 64;
+/// Gathered item values per block of [`als_solve`] (1 MiB of f32): a block takes
+/// rows until its gathered rows would pass this. A row that alone needs more is
+/// solved by itself, reading the item rows where they are.
+const CG_GATHER_BUDGET: usize = 1 << 16;
+
+/// The blocks of [`als_solve`]: consecutive rows, at most [`CG_BLOCK_ROWS`] and
+/// at most [`CG_GATHER_BUDGET`] gathered values each (a row over the budget is
+/// alone in its block). They depend only on the CSR, not on the threads.
+fn row_blocks(indptr: &[u64], d: usize) -> Vec<std::ops::Range<usize>> {
+    let rows = indptr.len() - 1;
+    let mut blocks = Vec::with_capacity(rows.div_ceil(CG_BLOCK_ROWS));
+    let mut start = 0;
+    let mut gathered = 0usize;
+    for r in 0..rows {
+        let need = (indptr[r + 1] - indptr[r]) as usize * d;
+        if r > start && (r - start == CG_BLOCK_ROWS || gathered + need > CG_GATHER_BUDGET) {
+            blocks.push(start..r);
+            start = r;
+            gathered = 0;
+        }
+        gathered += need;
+    }
+    blocks.push(start..rows);
+    blocks
+}
+
+/// Per-thread buffers of [`als_solve`].
+struct CgScratch {
+    /// The gathered item rows of a block, row after row in CSR order.
+    items: Vec<f32>,
+    r: Vec<f32>,
+    p: Vec<f32>,
+    ap: Vec<f32>,
+    rs_old: Vec<f32>,
+    active: Vec<bool>,
+}
+
+impl CgScratch {
+    fn new(d: usize) -> Self {
+        let block = CG_BLOCK_ROWS * d;
+        CgScratch {
+            items: Vec::new(),
+            r: vec![0.0; block],
+            p: vec![0.0; block],
+            ap: vec![0.0; block],
+            rs_old: vec![0.0; CG_BLOCK_ROWS],
+            active: vec![false; CG_BLOCK_ROWS],
+        }
+    }
+}
+
+/// What every block of one [`als_solve`] shares.
+struct CgJob<'a> {
+    /// `YᵀY + λI`, `d x d` (symmetric).
+    a: &'a [f32],
+    y: &'a [f32],
+    d: usize,
+    confidence: &'a Csr,
+    cg_steps: u32,
+    pair_loss: bool,
+}
+
+impl CgJob<'_> {
+    /// Solves the rows `first..` of `xb` (`xb.len() / d` rows) and returns their
+    /// pair loss (0 unless asked for).
+    fn solve_block(&self, first: usize, xb: &mut [f32], scratch: &mut CgScratch) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU runs AVX2 and FMA (checked just above).
+            return unsafe { self.solve_block_fma(first, xb, scratch) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        return self.solve_block_body::<true>(first, xb, scratch);
+        #[cfg(not(target_arch = "aarch64"))]
+        self.solve_block_body::<false>(first, xb, scratch)
+    }
+
+    /// [`CgJob::solve_block_body`] compiled for AVX2 with fused multiply-adds.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn solve_block_fma(&self, first: usize, xb: &mut [f32], scratch: &mut CgScratch) -> f64 {
+        self.solve_block_body::<true>(first, xb, scratch)
+    }
+
+    /// `FMA`: whether `a * b + c` is computed with one rounding (the CPU has the
+    /// instruction) or two.
+    #[inline(always)]
+    fn solve_block_body<const FMA: bool>(
+        &self,
+        first: usize,
+        xb: &mut [f32],
+        scratch: &mut CgScratch,
+    ) -> f64 {
+        let d = self.d;
+        let m = xb.len() / d;
+        let conf = self.confidence;
+        let (lo, hi) = (conf.indptr[first] as usize, conf.indptr[first + m] as usize);
+        let gathered = (hi - lo) * d <= CG_GATHER_BUDGET;
+        if gathered {
+            let cols = &conf.indices[lo..hi];
+            scratch.items.clear();
+            scratch.items.reserve(cols.len() * d);
+            for (k, &i) in cols.iter().enumerate() {
+                if let Some(&ahead) = cols.get(k + GATHER_PREFETCH) {
+                    prefetch_row(&self.y[ahead as usize * d..(ahead as usize + 1) * d]);
+                }
+                let i = i as usize;
+                scratch.items.extend_from_slice(&self.y[i * d..(i + 1) * d]);
+            }
+        }
+        let CgScratch {
+            items,
+            r,
+            p,
+            ap,
+            rs_old,
+            active,
+        } = scratch;
+        let (r, p, ap) = (&mut r[..m * d], &mut p[..m * d], &mut ap[..m * d]);
+        let y = self.y;
+        // The item rows of block row `u` and their confidences.
+        let row = |u: usize| {
+            let (a, b) = (
+                conf.indptr[first + u] as usize,
+                conf.indptr[first + u + 1] as usize,
+            );
+            let rows = if gathered {
+                ItemRows::Gathered(&items[(a - lo) * d..(b - lo) * d])
+            } else {
+                ItemRows::Direct(&conf.indices[a..b])
+            };
+            (rows, &conf.values[a..b])
+        };
+
+        // r = Yᵀ C_u p_u − (A + Yᵀ(C_u − I)Y) x
+        block_times_a::<FMA>(-1.0, xb, self.a, r, d);
+        for u in 0..m {
+            let (rows, c) = row(u);
+            let (xu, ru) = (&xb[u * d..(u + 1) * d], &mut r[u * d..(u + 1) * d]);
+            sparse_terms::<FMA, true>(rows, y, d, c, xu, ru);
+            p[u * d..(u + 1) * d].copy_from_slice(ru);
+            rs_old[u] = dot::<FMA>(ru, ru);
+            active[u] = rs_old[u] >= CG_TOLERANCE;
+        }
+        for _ in 0..self.cg_steps {
+            if !active[..m].contains(&true) {
+                break;
+            }
+            // Ap = (A + Yᵀ(C_u − I)Y) p
+            block_times_a::<FMA>(1.0, p, self.a, ap, d);
+            for u in 0..m {
+                if !active[u] {
+                    continue;
+                }
+                let (rows, c) = row(u);
+                let span = u * d..(u + 1) * d;
+                let (pu, apu) = (&p[span.clone()], &mut ap[span.clone()]);
+                sparse_terms::<FMA, false>(rows, y, d, c, pu, apu);
+                let p_ap = dot::<FMA>(pu, apu);
+                if p_ap.is_nan() || p_ap <= 0.0 {
+                    // Only when the system is not positive definite (λ = 0 and
+                    // degenerate factors): stop rather than step to infinity.
+                    active[u] = false;
+                    continue;
+                }
+                let alpha = rs_old[u] / p_ap;
+                let (xu, ru) = (&mut xb[span.clone()], &mut r[span.clone()]);
+                axpy::<FMA>(alpha, pu, xu);
+                axpy::<FMA>(-alpha, apu, ru);
+                let rs_new = dot::<FMA>(ru, ru);
+                if rs_new < CG_TOLERANCE {
+                    active[u] = false;
+                    continue;
+                }
+                let beta = rs_new / rs_old[u];
+                for (pv, &rv) in p[span].iter_mut().zip(ru.iter()) {
+                    *pv = madd::<FMA>(beta, *pv, rv);
+                }
+                rs_old[u] = rs_new;
+            }
+        }
+        if !self.pair_loss {
+            return 0.0;
+        }
+        let mut loss = 0.0f64;
+        for u in 0..m {
+            let (rows, c) = row(u);
+            loss += pair_loss::<FMA>(rows, y, d, c, &xb[u * d..(u + 1) * d]);
+        }
+        loss
+    }
+}
+
+/// How many item rows ahead the gather of a block asks for its rows: the rows
+/// are scattered over `y`, and each is a few cache lines.
+const GATHER_PREFETCH: usize = 8;
+
+/// Asks the CPU to bring `row` into cache (no effect on the values).
+#[inline(always)]
+fn prefetch_row(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        // SAFETY: a prefetch hint reads nothing and cannot fault; the address is
+        // that of an element of `row`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast::<i8>(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+/// Where the item rows of one CG row are read from.
+#[derive(Clone, Copy)]
+enum ItemRows<'a> {
+    /// Copied out, one after the other.
+    Gathered(&'a [f32]),
+    /// Rows of `y` at these indices.
+    Direct(&'a [u32]),
+}
+
+impl<'a> ItemRows<'a> {
+    #[inline(always)]
+    fn get(self, y: &'a [f32], d: usize, k: usize) -> &'a [f32] {
+        match self {
+            ItemRows::Gathered(v) => &v[k * d..(k + 1) * d],
+            ItemRows::Direct(cols) => {
+                let i = cols[k] as usize;
+                &y[i * d..(i + 1) * d]
+            }
+        }
+    }
+}
+
+/// `out = alpha · (block · A)` for the row-major `block` (`out.len() / d` rows of
+/// `d`) and the `d x d` matrix `a`: [`avx2::block_times_a`] with `FMA` on
+/// x86-64, one `sgemm` otherwise.
+#[inline(always)]
+fn block_times_a<const FMA: bool>(alpha: f32, block: &[f32], a: &[f32], out: &mut [f32], d: usize) {
+    let m = block.len() / d;
+    assert_eq!(out.len(), m * d, "block and out differ in size");
+    assert_eq!(a.len(), d * d, "a is not d x d");
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: as in `dot`: only reached once AVX2 and FMA were detected.
+        return unsafe { avx2::block_times_a(alpha, block, a, out, d) };
+    }
+    // SAFETY: sgemm reads `block` as m x d with strides (d, 1) (last element
+    // (m-1)*d + d-1 < block.len()), `a` as d x d with strides (d, 1) (last element
+    // d*d - 1 < a.len()) and writes `out` as m x d with strides (d, 1), last
+    // element < out.len() = m*d. `out` is a separate &mut, so it aliases neither
+    // input; beta = 0, so its old contents are never read.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            d,
+            d,
+            alpha,
+            block.as_ptr(),
+            d as isize,
+            1,
+            a.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            out.as_mut_ptr(),
+            d as isize,
+            1,
+        );
+    }
+}
+
+/// Item rows per round of [`sparse_terms`]: their dot products, then their
+/// updates, while the rows are still in L1.
+const SPARSE_ROUND: usize = 32;
+
+/// `out += Σ_k coef_k y_k` over the item rows `y_k` of one CG row with
+/// confidences `c`: `coef_k = c_k − (c_k − 1)(y_k · v)` for the residual
+/// (`RESIDUAL`), `(c_k − 1)(y_k · v)` for the product with `v`. The terms are
+/// added in item order.
+#[inline(always)]
+fn sparse_terms<const FMA: bool, const RESIDUAL: bool>(
+    rows: ItemRows<'_>,
     y: &[f32],
     d: usize,
-    cols: &[u32],
-    conf: &[f32],
-    cg_steps: u32,
-    x: &mut [f32],
-    scratch: &mut CgScratch,
+    c: &[f32],
+    v: &[f32],
+    out: &mut [f32],
 ) {
-    let CgScratch { r, p, ap } = scratch;
-    let item = |i: u32| &y[i as usize * d..(i as usize + 1) * d];
-
-    // r = Yᵀ C_u p_u − (A + Yᵀ(C_u − I)Y) x
-    mat_vec(a, x, r);
-    for v in r.iter_mut() {
-        *v = -*v;
-    }
-    for (&i, &c) in cols.iter().zip(conf) {
-        let yi = item(i);
-        axpy(c - (c - 1.0) * dot(yi, x), yi, r);
-    }
-    p.copy_from_slice(r);
-    let mut rs_old = dot(r, r);
-    if rs_old < CG_TOLERANCE {
-        return;
-    }
-    for _ in 0..cg_steps {
-        // Ap = (A + Yᵀ(C_u − I)Y) p
-        mat_vec(a, p, ap);
-        for (&i, &c) in cols.iter().zip(conf) {
-            let yi = item(i);
-            axpy((c - 1.0) * dot(yi, p), yi, ap);
+    let mut coef = [0.0f32; SPARSE_ROUND];
+    for start in (0..c.len()).step_by(SPARSE_ROUND) {
+        let n = SPARSE_ROUND.min(c.len() - start);
+        let row = |k: usize| rows.get(y, d, start + k);
+        dots::<FMA>(row, v, &mut coef[..n]);
+        for (t, &ck) in coef[..n].iter_mut().zip(&c[start..start + n]) {
+            let scaled = (ck - 1.0) * *t;
+            *t = if RESIDUAL { ck - scaled } else { scaled };
         }
-        let p_ap = dot(p, ap);
-        if p_ap.is_nan() || p_ap <= 0.0 {
-            // Only when the system is not positive definite (λ = 0 and degenerate
-            // factors): stop rather than step to infinity.
-            break;
-        }
-        let alpha = rs_old / p_ap;
-        axpy(alpha, p, x);
-        axpy(-alpha, ap, r);
-        let rs_new = dot(r, r);
-        if rs_new < CG_TOLERANCE {
-            break;
-        }
-        let beta = rs_new / rs_old;
-        for (pv, &rv) in p.iter_mut().zip(r.iter()) {
-            *pv = rv + beta * *pv;
-        }
-        rs_old = rs_new;
+        axpys::<FMA>(row, &coef[..n], out);
     }
 }
 
-/// `out = A v` for the row-major square `a`.
-#[inline]
-fn mat_vec(a: &[f32], v: &[f32], out: &mut [f32]) {
-    let d = v.len();
-    for (o, row) in out.iter_mut().zip(a.chunks_exact(d)) {
-        *o = dot(row, v);
+/// `out[k] = row(k) · v` for every `k < out.len()`.
+#[inline(always)]
+fn dots<'a, const FMA: bool>(row: impl Fn(usize) -> &'a [f32], v: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: as in `dot`: only reached once AVX2 and FMA were detected.
+        return unsafe { avx2::dots(row, v, out) };
     }
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = dot::<FMA>(row(k), v);
+    }
+}
+
+/// `out += Σ_k coef[k] row(k)`, the terms added in `k` order.
+#[inline(always)]
+fn axpys<'a, const FMA: bool>(row: impl Fn(usize) -> &'a [f32], coef: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: as in `dot`: only reached once AVX2 and FMA were detected.
+        return unsafe { avx2::axpys(row, coef, out) };
+    }
+    for (k, &ck) in coef.iter().enumerate() {
+        axpy::<FMA>(ck, row(k), out);
+    }
+}
+
+/// `Σ_k c_k (1 − s_k)² − s_k²` with `s_k = y_k · x` (in f64 after the dot).
+#[inline(always)]
+fn pair_loss<const FMA: bool>(
+    rows: ItemRows<'_>,
+    y: &[f32],
+    d: usize,
+    c: &[f32],
+    x: &[f32],
+) -> f64 {
+    let mut total = 0.0f64;
+    let mut dot_of = [0.0f32; SPARSE_ROUND];
+    for start in (0..c.len()).step_by(SPARSE_ROUND) {
+        let n = SPARSE_ROUND.min(c.len() - start);
+        dots::<FMA>(|k| rows.get(y, d, start + k), x, &mut dot_of[..n]);
+        for (&s, &ck) in dot_of[..n].iter().zip(&c[start..start + n]) {
+            let s = f64::from(s);
+            total += f64::from(ck) * (1.0 - s) * (1.0 - s) - s * s;
+        }
+    }
+    total
+}
+
+/// `a * b + c`, with one rounding when `FMA`.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
 /// `y += alpha x`.
-#[inline]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+#[inline(always)]
+fn axpy<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yv, &xv) in y.iter_mut().zip(x) {
-        *yv += alpha * xv;
+        *yv = madd::<FMA>(alpha, xv, *yv);
     }
 }
 
-/// Dot product with [`LANES`] independent accumulators (vectorises), summed in a
-/// fixed tree.
-#[inline]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let (xc, xr) = x.as_chunks::<LANES>();
-    let (yc, yr) = y.as_chunks::<LANES>();
-    let mut acc = [0.0f32; LANES];
+/// Independent accumulators of the portable [`dot`]: four AVX registers of f32,
+/// so that the additions of one product are not one long dependency chain.
+const DOT_LANES: usize = 32;
+
+/// Dot product. With `FMA` on x86-64 it is [`avx2::dot`]; otherwise
+/// [`DOT_LANES`] independent accumulators summed in a fixed tree.
+#[inline(always)]
+fn dot<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: on x86-64, `FMA = true` is only instantiated by
+        // `CgJob::solve_block_fma`, which runs once the CPU was found to have
+        // AVX2 and FMA.
+        return unsafe { avx2::dot(x, y) };
+    }
+    let (xc, xr) = x.as_chunks::<DOT_LANES>();
+    let (yc, yr) = y.as_chunks::<DOT_LANES>();
+    let mut acc = [0.0f32; DOT_LANES];
     for (a, b) in xc.iter().zip(yc) {
-        for l in 0..LANES {
-            acc[l] += a[l] * b[l];
+        for l in 0..DOT_LANES {
+            acc[l] = madd::<FMA>(a[l], b[l], acc[l]);
         }
     }
     for (l, (a, b)) in xr.iter().zip(yr).enumerate() {
-        acc[l] += a * b;
+        acc[l] = madd::<FMA>(*a, *b, acc[l]);
     }
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    let mut width = DOT_LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// The CG's vector kernels in AVX2 + FMA, for CPUs that have them.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `x · y` over the shorter length: two 8-lane accumulators over blocks of
+    /// 16, one more block of 8 into the first, the lanes summed in a fixed order,
+    /// then the last `len % 8` terms one by one.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) fn dot(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len().min(y.len());
+        let (xp, yp) = (x.as_ptr(), y.as_ptr());
+        let mut a0 = _mm256_setzero_ps();
+        let mut a1 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY (every load below): it reads 8 floats from i, with i + 8 <= n,
+        // and n is at most the length of both slices.
+        while i + 16 <= n {
+            unsafe {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)), a0);
+                a1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(xp.add(i + 8)),
+                    _mm256_loadu_ps(yp.add(i + 8)),
+                    a1,
+                );
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            unsafe {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)), a0);
+            }
+            i += 8;
+        }
+        let v = _mm256_add_ps(a0, a1);
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        let mut s = _mm_cvtss_f32(h);
+        while i < n {
+            s = x[i].mul_add(y[i], s);
+            i += 1;
+        }
+        s
+    }
+
+    /// `out[k] = row(k) · v`, four rows at a time: two 8-lane accumulators per
+    /// row over blocks of 16 features (one more block of 8 into the first), the
+    /// four rows' lanes summed together by horizontal adds, then each row's last
+    /// `d % 8` terms one by one. Left-over rows (fewer than four) go through
+    /// [`dot`]. Every row of `row` must have `v.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) fn dots<'a>(row: impl Fn(usize) -> &'a [f32], v: &[f32], out: &mut [f32]) {
+        let d = v.len();
+        let vp = v.as_ptr();
+        let groups = out.len() / 4;
+        for g in 0..groups {
+            let r = [row(4 * g), row(4 * g + 1), row(4 * g + 2), row(4 * g + 3)];
+            assert!(
+                r.iter().all(|x| x.len() == d),
+                "rows of another length than v"
+            );
+            let p = r.map(|x| x.as_ptr());
+            let mut lo = [_mm256_setzero_ps(); 4];
+            let mut hi = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            // SAFETY (every load below): 8 floats from i with i + 8 <= d, the
+            // length of v and of each row (asserted above).
+            while i + 16 <= d {
+                let (va, vb) =
+                    unsafe { (_mm256_loadu_ps(vp.add(i)), _mm256_loadu_ps(vp.add(i + 8))) };
+                for j in 0..4 {
+                    unsafe {
+                        lo[j] = _mm256_fmadd_ps(_mm256_loadu_ps(p[j].add(i)), va, lo[j]);
+                        hi[j] = _mm256_fmadd_ps(_mm256_loadu_ps(p[j].add(i + 8)), vb, hi[j]);
+                    }
+                }
+                i += 16;
+            }
+            if i + 8 <= d {
+                let va = unsafe { _mm256_loadu_ps(vp.add(i)) };
+                for j in 0..4 {
+                    lo[j] = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(p[j].add(i)) }, va, lo[j]);
+                }
+                i += 8;
+            }
+            let a = [0, 1, 2, 3].map(|j| _mm256_add_ps(lo[j], hi[j]));
+            let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            let sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let mut s = [0.0f32; 4];
+            // SAFETY: `s` holds 4 floats.
+            unsafe { _mm_storeu_ps(s.as_mut_ptr(), sums) };
+            for (j, sj) in s.iter_mut().enumerate() {
+                for t in i..d {
+                    *sj = r[j][t].mul_add(v[t], *sj);
+                }
+            }
+            out[4 * g..4 * g + 4].copy_from_slice(&s);
+        }
+        for (k, o) in out.iter_mut().enumerate().skip(4 * groups) {
+            *o = dot(row(k), v);
+        }
+    }
+
+    /// `out = alpha · (block · A)` (`block` and `out`: `m x d`, `a`: `d x d`, all
+    /// row-major; sizes checked by the caller): for each row, `Σ_k block[k] a[k]`
+    /// in `k` order with one rounding per step, columns in blocks of 32 (then 8)
+    /// held in registers, rows two at a time sharing the loads of `a`, the last
+    /// `d % 8` columns one by one; then times `alpha`. A row's values do not
+    /// depend on the rows next to it.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) fn block_times_a(alpha: f32, block: &[f32], a: &[f32], out: &mut [f32], d: usize) {
+        let m = block.len() / d;
+        let ap = a.as_ptr();
+        let scale = _mm256_set1_ps(alpha);
+        let mut u = 0;
+        while u < m {
+            // two rows, or the last one alone (then `u1` repeats it, unwritten)
+            let pair = u + 1 < m;
+            let (x0, x1) = (
+                &block[u * d..(u + 1) * d],
+                &block[if pair { u + 1 } else { u } * d..][..d],
+            );
+            let mut c = 0;
+            // SAFETY (every load below): 8 floats of row k of a from column
+            // c + 8j with c + 8j + 8 <= d, inside a (d x d).
+            while c + 32 <= d {
+                let mut acc0 = [_mm256_setzero_ps(); 4];
+                let mut acc1 = [_mm256_setzero_ps(); 4];
+                for k in 0..d {
+                    let (b0, b1) = (_mm256_set1_ps(x0[k]), _mm256_set1_ps(x1[k]));
+                    for j in 0..4 {
+                        let v = unsafe { _mm256_loadu_ps(ap.add(k * d + c + 8 * j)) };
+                        acc0[j] = _mm256_fmadd_ps(b0, v, acc0[j]);
+                        acc1[j] = _mm256_fmadd_ps(b1, v, acc1[j]);
+                    }
+                }
+                store_scaled(&mut out[u * d + c..u * d + c + 32], &acc0, scale);
+                if pair {
+                    store_scaled(
+                        &mut out[(u + 1) * d + c..(u + 1) * d + c + 32],
+                        &acc1,
+                        scale,
+                    );
+                }
+                c += 32;
+            }
+            while c + 8 <= d {
+                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for k in 0..d {
+                    let v = unsafe { _mm256_loadu_ps(ap.add(k * d + c)) };
+                    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(x0[k]), v, acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_set1_ps(x1[k]), v, acc1);
+                }
+                store_scaled(&mut out[u * d + c..u * d + c + 8], &[acc0], scale);
+                if pair {
+                    store_scaled(
+                        &mut out[(u + 1) * d + c..(u + 1) * d + c + 8],
+                        &[acc1],
+                        scale,
+                    );
+                }
+                c += 8;
+            }
+            for col in c..d {
+                let (mut s0, mut s1) = (0.0f32, 0.0f32);
+                for k in 0..d {
+                    s0 = x0[k].mul_add(a[k * d + col], s0);
+                    s1 = x1[k].mul_add(a[k * d + col], s1);
+                }
+                out[u * d + col] = alpha * s0;
+                if pair {
+                    out[(u + 1) * d + col] = alpha * s1;
+                }
+            }
+            u += if pair { 2 } else { 1 };
+        }
+    }
+
+    /// `out[8j..8j + 8] = scale · acc[j]`; `out` holds `8 · acc.len()` floats.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn store_scaled(out: &mut [f32], acc: &[__m256], scale: __m256) {
+        assert_eq!(out.len(), 8 * acc.len(), "out is not 8 floats per register");
+        for (j, v) in acc.iter().enumerate() {
+            // SAFETY: 8 floats from 8j, with 8j + 8 <= out.len() (asserted).
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), _mm256_mul_ps(scale, *v)) };
+        }
+    }
+
+    /// `out += Σ_k coef[k] row(k)`: `out` in blocks of 32 (then 8) values held
+    /// in registers while every row is added in `k` order, the last `len % 8`
+    /// values one by one. Every row must have `out.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) fn axpys<'a>(row: impl Fn(usize) -> &'a [f32], coef: &[f32], out: &mut [f32]) {
+        let d = out.len();
+        for k in 0..coef.len() {
+            assert_eq!(row(k).len(), d, "rows of another length than out");
+        }
+        let op = out.as_mut_ptr();
+        let mut i = 0;
+        // SAFETY (every load and store below): 8 floats from i + 8m with
+        // i + 8m + 8 <= d, the length of out and of every row (asserted above).
+        while i + 32 <= d {
+            let mut acc = [0, 8, 16, 24].map(|o| unsafe { _mm256_loadu_ps(op.add(i + o)) });
+            for (k, &ck) in coef.iter().enumerate() {
+                let c = _mm256_set1_ps(ck);
+                let rp = row(k).as_ptr();
+                for (m, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(c, unsafe { _mm256_loadu_ps(rp.add(i + 8 * m)) }, *a);
+                }
+            }
+            for (m, a) in acc.iter().enumerate() {
+                unsafe { _mm256_storeu_ps(op.add(i + 8 * m), *a) };
+            }
+            i += 32;
+        }
+        while i + 8 <= d {
+            let mut a = unsafe { _mm256_loadu_ps(op.add(i)) };
+            for (k, &ck) in coef.iter().enumerate() {
+                let rp = row(k).as_ptr();
+                a = _mm256_fmadd_ps(_mm256_set1_ps(ck), unsafe { _mm256_loadu_ps(rp.add(i)) }, a);
+            }
+            unsafe { _mm256_storeu_ps(op.add(i), a) };
+            i += 8;
+        }
+        for (t, o) in out.iter_mut().enumerate().skip(i) {
+            for (k, &ck) in coef.iter().enumerate() {
+                *o = ck.mul_add(row(k)[t], *o);
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -713,6 +1284,7 @@ mod tests {
         CgParams {
             regularization,
             cg_steps,
+            pair_loss: false,
         }
     }
 
@@ -1350,7 +1922,8 @@ mod tests {
             let y = backend.upload(&pb.y, d).unwrap();
             let conf = backend.upload_sparse(&pb.conf).unwrap();
             let p = params(0.1, 3);
-            let shape = |r: Result<(), KernelError>| matches!(r, Err(KernelError::Shape(_)));
+            let shape =
+                |r: Result<Option<f64>, KernelError>| matches!(r, Err(KernelError::Shape(_)));
 
             let y_wide = backend
                 .upload(&rng.values(items * (d + 1), 1.0), d + 1)

@@ -293,6 +293,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// and writes `x_u` back. `yty` is the plain Gram `YᵀY` (`d x d`, from
     /// [`Backend::gram`], reduced over workers); λ is `params.regularization`.
     /// Rows are independent: a row's result does not depend on the other rows.
+    ///
+    /// With `params.pair_loss` it also returns, for the new rows, the stored pairs'
+    /// part of the objective, `Σ_u Σ_{i ∈ u} c_ui (1 − s)² − s²` with
+    /// `s = x_u · y_i` (the rest of the data term is `Σ (YᵀY) ∘ (XᵀX)`), summed in
+    /// an order that does not depend on the number of threads; `None` otherwise.
     fn als_solve(
         &self,
         x: &mut Resident,
@@ -300,7 +305,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         yty: &[f64],
         confidence: &Resident,
         params: CgParams,
-    ) -> Result<(), KernelError>;
+    ) -> Result<Option<f64>, KernelError>;
 
     /// For every row `q` of `queries`, the `n` items `j` (rows of `items`) with the
     /// highest score `q · items[j]`, best first (ties: lower index first), skipping
@@ -333,6 +338,8 @@ pub struct CgParams {
     pub regularization: f32,
     /// Conjugate-gradient steps per row (implicit's default is 3).
     pub cg_steps: u32,
+    /// Also return the pair loss of the solved rows (see [`Backend::als_solve`]).
+    pub pair_loss: bool,
 }
 
 /// Top-N results: `n` slots per query row, row-major.

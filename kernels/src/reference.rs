@@ -254,6 +254,26 @@ pub fn als_solve(
     }
 }
 
+/// The stored pairs' part of the implicit-ALS data term for the rows of `x`
+/// (`confidence.rows x d`) against `y`: `Σ_u Σ_{i ∈ u} c_ui (1 − s)² − s²` with
+/// `s = x_u · y_i` (an f32 dot product), the terms in f64, one after the other.
+///
+/// # Panics
+/// If the shapes disagree.
+pub fn pair_loss(x: &[f32], y: &[f32], d: usize, confidence: &Csr) -> f64 {
+    assert_eq!(x.len(), confidence.rows * d, "x is not confidence.rows x d");
+    assert_eq!(y.len(), confidence.cols * d, "y is not confidence.cols x d");
+    let mut total = 0.0f64;
+    for (u, xu) in x.chunks_exact(d).enumerate() {
+        let (cols, conf) = confidence.row(u);
+        for (&i, &c) in cols.iter().zip(conf) {
+            let s = f64::from(dot32(xu, row_of(y, d, i)));
+            total += f64::from(c) * (1.0 - s) * (1.0 - s) - s * s;
+        }
+    }
+    total
+}
+
 /// The exact minimiser of the implicit-ALS objective of one row: builds
 /// `YᵀY + λI + Yᵀ(C_u − I)Y` and `Yᵀ C_u p_u` in f64 and solves with a Cholesky
 /// factorisation.

@@ -86,6 +86,7 @@ test_backends!(
     als_solve_matches_reference,
     als_solve_converges_to_the_exact_solution,
     als_solve_rows_are_independent,
+    als_solve_pair_loss_matches_reference,
     als_solve_rejects_bad_input,
     top_n_matches_reference,
     top_n_ties_go_to_the_lowest_index,
@@ -639,12 +640,16 @@ fn als_solve_matches_reference(b: &dyn Backend) {
         (33, 25, 80),
         (70, 12, 100),
         (256, 4, 300),
+        // row 1 holds all 1,500 items: more item rows than the CPU backend
+        // gathers per block, so it reads them in place
+        (64, 6, 1500),
     ] {
         let case = als_case(30 + d as u64, rows, items, d);
         for steps in [0u32, 1, 3] {
             let params = CgParams {
                 regularization: 0.1,
                 cg_steps: steps,
+                pair_loss: false,
             };
             let got = run_als(b, &case, params);
             let mut want = case.x.clone();
@@ -673,6 +678,7 @@ fn als_solve_converges_to_the_exact_solution(b: &dyn Backend) {
         let params = CgParams {
             regularization: 0.5,
             cg_steps: 3 * d as u32,
+            pair_loss: false,
         };
         let got = run_als(b, &case, params);
         for u in 0..rows {
@@ -695,29 +701,101 @@ fn als_solve_converges_to_the_exact_solution(b: &dyn Backend) {
 }
 
 fn als_solve_rows_are_independent(b: &dyn Backend) {
-    let case = als_case(50, 30, 70, 24);
+    // d = 24: whole blocks of 8 features only; d = 37: a block of 32, then
+    // single features; 1,500 items: row 1 holds them all (read in place on the
+    // CPU backend, the other rows gathered); 131 rows: more than one block of
+    // rows, an odd number of them.
+    for &(seed, rows, items, d) in &[(50, 30, 70, 24), (51, 131, 90, 37), (52, 9, 1500, 64)] {
+        rows_solved_alone_are_equal(b, seed, rows, items, d);
+    }
+}
+
+fn rows_solved_alone_are_equal(b: &dyn Backend, seed: u64, rows: usize, items: usize, d: usize) {
+    let case = als_case(seed, rows, items, d);
     let params = CgParams {
         regularization: 0.1,
         cg_steps: 3,
+        pair_loss: false,
     };
     let all = run_als(b, &case, params);
-    let d = case.d;
-    for &u in &[0usize, 1, 7, 29] {
+    for &u in &[0usize, 1, 7, rows - 1] {
         let (cols, conf) = case.confidence.row(u);
         let single = AlsCase {
             d,
             y: case.y.clone(),
             yty: case.yty.clone(),
             confidence: csr_from_rows(
-                70,
+                items,
                 &[cols.iter().copied().zip(conf.iter().copied()).collect()],
             ),
             x: case.x[u * d..(u + 1) * d].to_vec(),
         };
         let alone = run_als(b, &single, params);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&alone), bits(&all[u * d..(u + 1) * d]), "row {u}");
+        assert_eq!(
+            bits(&alone),
+            bits(&all[u * d..(u + 1) * d]),
+            "d={d} row {u}"
+        );
     }
+}
+
+fn als_solve_pair_loss_matches_reference(b: &dyn Backend) {
+    for &(d, rows, items) in &[(1, 9, 20), (37, 40, 80), (64, 6, 1500)] {
+        let case = als_case(70 + d as u64, rows, items, d);
+        for steps in [0u32, 3] {
+            let params = CgParams {
+                regularization: 0.1,
+                cg_steps: steps,
+                pair_loss: true,
+            };
+            let mut x = b.upload(&case.x, d).unwrap();
+            let y = b.upload(&case.y, d).unwrap();
+            let c = b.upload_sparse(&case.confidence).unwrap();
+            let got = b
+                .als_solve(&mut x, &y, &case.yty, &c, params)
+                .unwrap()
+                .expect("a pair loss was asked for");
+            // of the new rows, as the backend left them
+            let all: Vec<u32> = (0..rows as u32).collect();
+            let solved = b.download_rows(&x, &all).unwrap();
+            let want = reference::pair_loss(&solved, &case.y, d, &case.confidence);
+            let scale: f64 = case.confidence.values.iter().map(|&v| f64::from(v)).sum();
+            assert!(
+                (got - want).abs() <= 1e-5 * scale,
+                "d={d} steps={steps}: {got} vs {want}"
+            );
+            if steps == 0 {
+                assert_eq!(solved, case.x, "no step leaves the rows alone");
+            }
+        }
+        let params = CgParams {
+            regularization: 0.1,
+            cg_steps: 3,
+            pair_loss: false,
+        };
+        let mut x = b.upload(&case.x, d).unwrap();
+        let y = b.upload(&case.y, d).unwrap();
+        let c = b.upload_sparse(&case.confidence).unwrap();
+        assert_eq!(
+            b.als_solve(&mut x, &y, &case.yty, &c, params).unwrap(),
+            None
+        );
+    }
+    // no rows: a loss of 0
+    let case = als_case(79, 0, 5, 3);
+    let mut x = b.upload(&case.x, 3).unwrap();
+    let y = b.upload(&case.y, 3).unwrap();
+    let c = b.upload_sparse(&case.confidence).unwrap();
+    let params = CgParams {
+        regularization: 0.1,
+        cg_steps: 3,
+        pair_loss: true,
+    };
+    assert_eq!(
+        b.als_solve(&mut x, &y, &case.yty, &c, params).unwrap(),
+        Some(0.0)
+    );
 }
 
 fn als_solve_rejects_bad_input(b: &dyn Backend) {
@@ -725,6 +803,7 @@ fn als_solve_rejects_bad_input(b: &dyn Backend) {
     let params = CgParams {
         regularization: 0.1,
         cg_steps: 3,
+        pair_loss: false,
     };
     let mut x = b.upload(&case.x, 4).unwrap();
     let y = b.upload(&case.y, 4).unwrap();
@@ -753,6 +832,7 @@ fn als_solve_rejects_bad_input(b: &dyn Backend) {
     let negative = CgParams {
         regularization: -1.0,
         cg_steps: 3,
+        pair_loss: false,
     };
     assert!(matches!(
         b.als_solve(&mut x, &y, &case.yty, &c, negative),

@@ -394,88 +394,61 @@ pub fn confidence_matrix(
     needed: &Needed,
     als: &AlsSpec,
 ) -> Csr {
-    let local: Vec<u32> = located
+    let column: Vec<Option<u32>> = located
         .iter()
-        .map(|&at| needed.index(at).expect("every located row is needed"))
+        .map(|&at| Some(needed.index(at).expect("every located row is needed")))
         .collect();
+    confidence_rows(pairs, &column, needed.rows.len(), als).0
+}
+
+/// The confidence matrix of a [`Pairs`] with `cols` columns, where `column[o]` is
+/// the column of its other `o`; pairs whose other has no column are left out and
+/// counted (the second value). Each row's columns are sorted.
+pub fn confidence_rows(
+    pairs: &Pairs,
+    column: &[Option<u32>],
+    cols: usize,
+    als: &AlsSpec,
+) -> (Csr, u64) {
     let mut indptr = Vec::with_capacity(pairs.rows() + 1);
     let mut indices = Vec::with_capacity(pairs.nnz());
     let mut values = Vec::with_capacity(pairs.nnz());
     indptr.push(0u64);
+    let mut unknown = 0u64;
     let mut row: Vec<(u32, f32)> = Vec::new();
     for r in 0..pairs.rows() {
-        let (cols, strength) = pairs.row(r);
+        let (others, strength) = pairs.row(r);
         row.clear();
-        row.extend(
-            cols.iter()
-                .zip(strength)
-                .map(|(&c, &s)| (local[c as usize], als.confidence_of(s) as f32)),
-        );
+        for (&o, &s) in others.iter().zip(strength) {
+            match column[o as usize] {
+                Some(c) => row.push((c, als.confidence_of(s) as f32)),
+                None => unknown += 1,
+            }
+        }
         row.sort_unstable_by_key(|e| e.0);
         indices.extend(row.iter().map(|e| e.0));
         values.extend(row.iter().map(|e| e.1));
         indptr.push(indices.len() as u64);
     }
-    Csr {
+    let csr = Csr {
         rows: pairs.rows(),
-        cols: needed.rows.len(),
+        cols,
         indptr,
         indices,
         values,
-    }
+    };
+    (csr, unknown)
 }
 
-/// The data term of the objective over the rows of `conf`:
+/// The data term of the objective over the rows of one shard:
 /// `Σ_r [ x_rᵀ G x_r + Σ_{i ∈ row} (c_ri (1 − s)² − s²) ]` with `s = x_r · y_i`,
 /// where `G` is the Gram matrix of every row of the other side (absent pairs have
-/// confidence 1 and preference 0). `x`: this side's rows, `y`: the local rows of
-/// the other side, both row-major with `f` columns; `own_gram` is `XᵀX` of `x`,
-/// so the first term is `Σ_ab G_ab (XᵀX)_ab`. Rows are summed in blocks of fixed
-/// size, the blocks in order, so the result does not depend on the threads.
-pub fn data_loss(
-    conf: &Csr,
-    x: &[f32],
-    y: &[f32],
-    gram: &[f64],
-    own_gram: &[f64],
-    f: usize,
-) -> f64 {
-    use rayon::prelude::*;
-    const BLOCK: usize = 1024;
+/// confidence 1 and preference 0). `pair_loss` is the second sum (from
+/// [`shoal_kernels::Backend::als_solve`]); `own_gram` is `XᵀX` of the shard's
+/// rows, so the first sum is `Σ_ab G_ab (XᵀX)_ab`.
+pub fn data_loss(pair_loss: f64, gram: &[f64], own_gram: &[f64]) -> f64 {
     let quad: f64 = gram.iter().zip(own_gram).map(|(a, b)| a * b).sum();
-    let blocks: Vec<f64> = (0..conf.rows.div_ceil(BLOCK))
-        .into_par_iter()
-        .map(|b| {
-            let mut total = 0.0f64;
-            for r in b * BLOCK..((b + 1) * BLOCK).min(conf.rows) {
-                let xr = &x[r * f..(r + 1) * f];
-                let (a, e) = (conf.indptr[r] as usize, conf.indptr[r + 1] as usize);
-                for (&i, &c) in conf.indices[a..e].iter().zip(&conf.values[a..e]) {
-                    let s = f64::from(dot(xr, &y[i as usize * f..(i as usize + 1) * f]));
-                    let c = f64::from(c);
-                    total += c * (1.0 - s) * (1.0 - s) - s * s;
-                }
-            }
-            total
-        })
-        .collect();
-    quad + blocks.into_iter().sum::<f64>()
-}
-
-/// A dot product with eight independent accumulators (vectorises).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, ar) = a.as_chunks::<8>();
-    let (bc, br) = b.as_chunks::<8>();
-    for (p, q) in ac.iter().zip(bc) {
-        for l in 0..8 {
-            acc[l] += p[l] * q[l];
-        }
-    }
-    for (l, (p, q)) in ar.iter().zip(br).enumerate() {
-        acc[l] += p * q;
-    }
-    acc.iter().sum()
+    quad + pair_loss
 }
 
 /// Sum of the confidences of every stored pair (the loss is normalised by it).
@@ -649,7 +622,19 @@ mod tests {
                 }
             }
         }
-        let got = data_loss(&conf, &x, &y, &gram, &own, f);
+        // the pair terms as the item half-step gets them: a solve with no CG step
+        use shoal_kernels::Backend;
+        let backend = shoal_kernels::CpuBackend::new();
+        let mut xr = backend.upload(&x, f).unwrap();
+        let yr = backend.upload(&y, f).unwrap();
+        let cr = backend.upload_sparse(&conf).unwrap();
+        let params = shoal_kernels::CgParams {
+            regularization: 0.1,
+            cg_steps: 0,
+            pair_loss: true,
+        };
+        let pairs = backend.als_solve(&mut xr, &yr, &gram, &cr, params).unwrap();
+        let got = data_loss(pairs.unwrap(), &gram, &own);
         assert!((got - dense).abs() < 1e-6, "{got} vs {dense}");
     }
 

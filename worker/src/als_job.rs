@@ -5,6 +5,7 @@
 use crate::WorkerError;
 use crate::als::{self, Needed, Pairs, Side};
 use crate::flight::Shelf;
+use rayon::prelude::*;
 use shoal_kernels::{Backend, CgParams, Csr, Resident};
 use shoal_proto::pb;
 use shoal_proto::spec::AlsSpec;
@@ -21,7 +22,8 @@ fn download_all(backend: &dyn Backend, m: &Resident) -> Result<Vec<f32>, WorkerE
 pub struct OwnedShard {
     pub pairs: Pairs,
     /// The confidence matrix in the worker's local space of the other side (host
-    /// copy for the loss and the exclusions, resident copy for the solve).
+    /// copy for the exclusions of the recommendations, resident copy for the
+    /// solve).
     pub conf: Option<(Csr, Resident)>,
     pub factors: Option<Resident>,
 }
@@ -213,6 +215,8 @@ impl AlsJob {
         let params = CgParams {
             regularization: self.spec.regularization as f32,
             cg_steps: self.spec.cg_steps,
+            // the loss of an iteration is taken once both sides are solved
+            pair_loss: plan.side == Side::Items,
         };
         let linked = self.linked.as_mut().ok_or_else(|| {
             WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
@@ -248,39 +252,37 @@ impl AlsJob {
             let rows: Vec<u32> = (*first..*first + positions.len() as u32).collect();
             backend.write_rows(&mut local.rows, &rows, values)?;
         }
-        let other_rows = if plan.side == Side::Items && !owned.is_empty() {
-            download_all(backend, &local.rows)?
-        } else {
-            Vec::new()
-        };
-        let mut out = Vec::with_capacity(owned.len());
-        let (mut t_solve, mut t_gram, mut t_loss) = (0.0, 0.0, 0.0);
-        let mut solved = Vec::with_capacity(owned.len());
-        for (&id, shard) in owned.iter_mut() {
-            let (csr, conf) = shard.conf.as_ref().expect("linked shards have confidences");
-            let x = shard.factors.as_mut().expect("linked shards have factors");
-            let t = std::time::Instant::now();
-            backend.als_solve(x, &local.rows, gram, conf, params)?;
-            t_solve += t.elapsed().as_secs_f64();
-            let host = download_all(backend, x)?;
-            let t = std::time::Instant::now();
-            let own_gram = backend.gram(x)?;
-            t_gram += t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            let data_loss = if plan.side == Side::Items {
-                // the loss of the finished iteration: new items against new users
-                als::data_loss(csr, &host, &other_rows, gram, &own_gram, f)
-            } else {
-                0.0
-            };
-            t_loss += t.elapsed().as_secs_f64();
-            out.push(pb::GramPartial {
-                shard: id,
-                gram: own_gram,
-                data_loss,
-                rows: x.n() as u64,
-            });
-            solved.push((id, host));
+        // The shards are solved side by side (each solve is parallel inside too):
+        // a worker's few small shards would otherwise leave cores idle at the end
+        // of each one.
+        let started = std::time::Instant::now();
+        let local_rows = &local.rows;
+        let results: Vec<Result<(pb::GramPartial, Vec<f32>), WorkerError>> = owned
+            .par_iter_mut()
+            .map(|(&id, shard)| {
+                let (_, conf) = shard.conf.as_ref().expect("linked shards have confidences");
+                let x = shard.factors.as_mut().expect("linked shards have factors");
+                let pair_loss = backend.als_solve(x, local_rows, gram, conf, params)?;
+                let host = download_all(backend, x)?;
+                let own_gram = backend.gram(x)?;
+                // the loss of the finished iteration (item side): new items
+                // against new users
+                let data_loss = pair_loss.map_or(0.0, |p| als::data_loss(p, gram, &own_gram));
+                let partial = pb::GramPartial {
+                    shard: id,
+                    gram: own_gram,
+                    data_loss,
+                    rows: x.n() as u64,
+                };
+                Ok((partial, host))
+            })
+            .collect();
+        let mut out = Vec::with_capacity(results.len());
+        let mut solved = Vec::with_capacity(results.len());
+        for r in results {
+            let (partial, host) = r?;
+            solved.push((partial.shard, host));
+            out.push(partial);
         }
         // published once every shard is solved: a failed step publishes nothing
         for (id, host) in solved {
@@ -292,10 +294,9 @@ impl AlsJob {
         }
         tracing::debug!(
             side = plan.side.as_str(),
-            solve_s = t_solve,
-            gram_s = t_gram,
-            loss_s = t_loss,
-            "ALS half-step timings"
+            shards = out.len(),
+            solve_s = started.elapsed().as_secs_f64(),
+            "ALS half-step: shards solved"
         );
         Ok(out)
     }
@@ -604,35 +605,13 @@ impl AlsJob {
         let params = CgParams {
             regularization: self.spec.regularization as f32,
             cg_steps: (self.spec.iterations * self.spec.cg_steps).max(f as u32),
+            pair_loss: false,
         };
         let mut out = Vec::new();
         for (&id, shard) in self.users.iter_mut() {
             let p = &shard.pairs;
             let global: Vec<Option<u32>> = p.others.iter().map(|o| catalog.index(o)).collect();
-            let (mut indptr, mut indices, mut values) = (vec![0u64], Vec::new(), Vec::new());
-            let mut unknown = 0u64;
-            let mut row: Vec<(u32, f32)> = Vec::new();
-            for r in 0..p.rows() {
-                row.clear();
-                let (cols, strength) = p.row(r);
-                for (&c, &s) in cols.iter().zip(strength) {
-                    match global[c as usize] {
-                        Some(g) => row.push((g, self.spec.confidence_of(s) as f32)),
-                        None => unknown += 1,
-                    }
-                }
-                row.sort_unstable_by_key(|e| e.0);
-                indices.extend(row.iter().map(|e| e.0));
-                values.extend(row.iter().map(|e| e.1));
-                indptr.push(indices.len() as u64);
-            }
-            let csr = Csr {
-                rows: p.rows(),
-                cols: catalog.ids.len(),
-                indptr,
-                indices,
-                values,
-            };
+            let (csr, unknown) = als::confidence_rows(p, &global, catalog.ids.len(), &self.spec);
             let mut init = vec![0f32; p.rows() * f];
             for (r, uid) in p.ids.iter().enumerate() {
                 als::initial_row(self.seed, Side::Users, uid, &mut init[r * f..(r + 1) * f]);

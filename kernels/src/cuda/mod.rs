@@ -751,7 +751,7 @@ impl Backend for CudaBackend {
         yty: &[f64],
         confidence: &Resident,
         params: CgParams,
-    ) -> Result<(), KernelError> {
+    ) -> Result<Option<f64>, KernelError> {
         let name = self.name;
         let y = self.dense(y, "the fixed factors (y)")?;
         let confidence = self.sparse(confidence, "the confidences")?;
@@ -778,8 +778,11 @@ impl Backend for CudaBackend {
             device = name,
             "implicit ALS half-step"
         );
-        if params.cg_steps == 0 || x_n == 0 {
-            return Ok(());
+        if x_n == 0 {
+            return Ok(params.pair_loss.then_some(0.0));
+        }
+        if params.cg_steps == 0 && !params.pair_loss {
+            return Ok(None);
         }
         if let Some((row, item, value)) = confidence.first_below_one {
             return Err(KernelError::Shape(format!(
@@ -807,12 +810,14 @@ impl Backend for CudaBackend {
         let blocks = (u64::from(self.multiprocessors.max(1)) * u64::from(blocks_per_sm))
             .min(x_n as u64)
             .min(MAX_GRID_X) as u32;
-        let (rows64, d32, steps, in_shared) = (
+        let (rows64, d32, steps, in_shared, want_loss) = (
             x_n as u64,
             d as u32,
             params.cg_steps,
             u32::from(a_in_shared),
+            u32::from(params.pair_loss),
         );
+        let mut row_loss = self.zeros::<f64>(if params.pair_loss { x_n } else { 0 })?;
         let mut launch = self.stream.launch_builder(&self.kernels.als_cg);
         launch
             .arg(&mut x.values)
@@ -824,7 +829,9 @@ impl Backend for CudaBackend {
             .arg(&rows64)
             .arg(&d32)
             .arg(&steps)
-            .arg(&in_shared);
+            .arg(&in_shared)
+            .arg(&mut row_loss)
+            .arg(&want_loss);
         let config = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (threads, 1, 1),
@@ -832,16 +839,24 @@ impl Backend for CudaBackend {
         };
         // SAFETY: als_cg(float* x, const float* y, const float* at, const u64*
         // indptr, const u32* indices, const float* values, u64 rows, u32 d, u32
-        // cg_steps, u32 a_in_shared): the arguments match in order and type. x is
-        // rows x d, y is y_n x d, at is d x d; the CSR has rows + 1 offsets and
-        // columns < y_n (validated at upload, shapes checked above). Each row is
-        // written by one block only. The dynamic shared memory holds exactly the
+        // cg_steps, u32 a_in_shared, double* row_loss, u32 want_loss): the
+        // arguments match in order and type. x is rows x d, y is y_n x d, at is
+        // d x d; the CSR has rows + 1 offsets and columns < y_n (validated at
+        // upload, shapes checked above); row_loss holds rows values when
+        // want_loss is set (it is only written then). Each row is written by one
+        // block only. The dynamic shared memory holds exactly the
         // layout the kernel carves (A when a_in_shared, then v, coef, cols, red),
         // within the opt-in limit set at load.
         unsafe { launch.launch(config) }.map_err(driver("launching als_cg"))?;
-        self.stream
-            .synchronize()
-            .map_err(driver("waiting for the ALS solve"))
+        if !params.pair_loss {
+            self.stream
+                .synchronize()
+                .map_err(driver("waiting for the ALS solve"))?;
+            return Ok(None);
+        }
+        let mut losses = vec![0.0f64; x_n];
+        self.download(&row_loss, &mut losses)?;
+        Ok(Some(losses.iter().sum()))
     }
 
     fn top_n(
