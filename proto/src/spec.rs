@@ -990,6 +990,39 @@ path = "out"
         assert_eq!(s.cluster, ClusterSpec::default());
         assert_eq!(s.input.clean.on_bad_rows, OnBadRows::Skip);
         assert_eq!(s.input.format, None);
+        assert_eq!(s.features, FeaturesSpec::default());
+        assert!(s.features.rfm && !s.features.als);
+        assert_eq!(s.features.als_weight, 1.0);
+        assert_eq!(s.features.extra, "");
+        assert_eq!(
+            s.als,
+            AlsSpec {
+                factors: 64,
+                iterations: 15,
+                regularization: 0.01,
+                alpha: 40.0,
+                confidence: Confidence::Linear,
+                cg_steps: 3,
+            }
+        );
+        assert_eq!(
+            s.recommend,
+            RecommendSpec {
+                top_n: 10,
+                exclude_seen: true
+            }
+        );
+        assert_eq!(
+            s.evaluate,
+            EvaluateSpec {
+                holdout: 0.0,
+                k: 10
+            }
+        );
+        assert_eq!(s.input.columns.event(), None);
+        assert_eq!(s.input.columns.item_label(), None);
+        assert!(s.input.events.is_empty());
+        assert_eq!(s.feature_names(), ["recency_days", "frequency", "monetary"]);
     }
 
     #[test]
@@ -1109,56 +1142,6 @@ path = "out"
         assert_eq!(names[0], "als_0");
         assert_eq!(names[31], "als_31");
         assert_eq!(&names[32..], ["recency_days", "frequency", "monetary"]);
-    }
-
-    #[test]
-    fn new_sections_default_when_left_out() {
-        let s = JobSpec::parse(
-            r#"name = "x"
-[input]
-interactions = "a.csv"
-[input.columns]
-user = "u"
-time = "t"
-amount = "a"
-[output]
-path = "out"
-"#,
-        )
-        .unwrap();
-        assert_eq!(s.features, FeaturesSpec::default());
-        assert!(s.features.rfm && !s.features.als);
-        assert_eq!(s.features.als_weight, 1.0);
-        assert_eq!(s.features.extra, "");
-        assert_eq!(
-            s.als,
-            AlsSpec {
-                factors: 64,
-                iterations: 15,
-                regularization: 0.01,
-                alpha: 40.0,
-                confidence: Confidence::Linear,
-                cg_steps: 3,
-            }
-        );
-        assert_eq!(
-            s.recommend,
-            RecommendSpec {
-                top_n: 10,
-                exclude_seen: true
-            }
-        );
-        assert_eq!(
-            s.evaluate,
-            EvaluateSpec {
-                holdout: 0.0,
-                k: 10
-            }
-        );
-        assert_eq!(s.input.columns.event(), None);
-        assert_eq!(s.input.columns.item_label(), None);
-        assert!(s.input.events.is_empty());
-        assert_eq!(s.feature_names(), ["recency_days", "frequency", "monetary"]);
     }
 
     /// The demo spec with an event column and `[input.events]`.

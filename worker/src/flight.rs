@@ -392,6 +392,61 @@ impl Peers {
             .map_err(|e| peer(e.to_string()))?;
         Answer::from_batches(&batches, ids).map_err(|m| peer(m.to_string()))
     }
+
+    /// The id list of `side`'s shard `shard` of `job`, from `owner`.
+    pub async fn fetch_ids(
+        &self,
+        owner: &str,
+        job: &str,
+        side: Side,
+        shard: u32,
+    ) -> Result<Arc<Vec<String>>, WorkerError> {
+        let ticket = pb::FactorTicket {
+            job_id: job.to_string(),
+            side: side.to_proto(),
+            shard,
+            version: 0,
+            ids: true,
+            rows: Vec::new(),
+        };
+        match self.fetch(owner, ticket).await? {
+            Answer::Ids(ids) => Ok(ids),
+            Answer::Rows { .. } => Err(wrong_answer(owner, "ids", side, shard)),
+        }
+    }
+
+    /// Rows `rows` (every row when empty) of version `version` of the factors of
+    /// `side`'s shard `shard` of `job`, from `owner`: row-major values.
+    pub async fn fetch_rows(
+        &self,
+        owner: &str,
+        job: &str,
+        (side, shard): (Side, u32),
+        version: u32,
+        rows: Vec<u32>,
+    ) -> Result<Vec<f32>, WorkerError> {
+        let ticket = pb::FactorTicket {
+            job_id: job.to_string(),
+            side: side.to_proto(),
+            shard,
+            version,
+            ids: false,
+            rows,
+        };
+        match self.fetch(owner, ticket).await? {
+            Answer::Rows { values, .. } => Ok(values),
+            Answer::Ids(_) => Err(wrong_answer(owner, "factors", side, shard)),
+        }
+    }
+}
+
+/// A peer answered ids for factors or factors for ids.
+fn wrong_answer(owner: &str, wanted: &str, side: Side, shard: u32) -> WorkerError {
+    WorkerError::Peer {
+        address: owner.to_string(),
+        what: format!("{wanted} of {} shard {shard}", side.as_str()),
+        message: "answered another kind of data".into(),
+    }
 }
 
 #[cfg(test)]

@@ -316,26 +316,34 @@ impl WorkerServiceImpl {
 
     /// Every item's id and final factors, when the job recommends or evaluates.
     async fn catalog(&self, job: &str) -> Result<Option<Arc<als_job::Catalog>>, WorkerError> {
+        /// Where the catalogue comes from.
+        enum Source {
+            /// Not needed: the job neither recommends nor evaluates.
+            None,
+            /// A fold-in's model, read at load.
+            Model(Arc<als_job::Catalog>),
+            /// The item shards' owners and the final version, with the shard
+            /// count and the factor count.
+            Shards((Vec<String>, u32), u32, usize),
+        }
         let source = self
             .with_job(job, {
                 let job = job.to_string();
                 move |state, _| {
                     Ok(match &state.als {
                         Some(a) if a.top_n > 0 || a.holdout > 0.0 => match &a.catalog {
-                            Some(c) => Err(c.clone()),
-                            None => Ok(Some((a.catalog_source(&job)?, a.shards, a.f))),
+                            Some(c) => Source::Model(c.clone()),
+                            None => Source::Shards(a.catalog_source(&job)?, a.shards, a.f),
                         },
-                        _ => Ok(None),
+                        _ => Source::None,
                     })
                 }
             })
             .await?;
-        let source = match source {
-            Err(model) => return Ok(Some(model)),
-            Ok(source) => source,
-        };
-        let Some(((owners, version), shards, f)) = source else {
-            return Ok(None);
+        let ((owners, version), shards, f) = match source {
+            Source::None => return Ok(None),
+            Source::Model(model) => return Ok(Some(model)),
+            Source::Shards(at, shards, f) => (at, shards, f),
         };
         let (peers, job2) = (self.peers.clone(), job.to_string());
         let parts = self
@@ -344,27 +352,11 @@ impl WorkerServiceImpl {
                     let (peers, owner, job) =
                         (peers.clone(), owners[shard as usize].clone(), job2.clone());
                     async move {
-                        let ticket = |ids| pb::FactorTicket {
-                            job_id: job.clone(),
-                            side: Side::Items.to_proto(),
-                            shard,
-                            version,
-                            ids,
-                            rows: Vec::new(),
-                        };
-                        let ids = peers.fetch(&owner, ticket(true)).await?;
-                        let rows = peers.fetch(&owner, ticket(false)).await?;
-                        match (ids, rows) {
-                            (
-                                crate::flight::Answer::Ids(ids),
-                                crate::flight::Answer::Rows { values, .. },
-                            ) => Ok((shard, ids, values)),
-                            _ => Err(WorkerError::Peer {
-                                address: owner,
-                                what: format!("item shard {shard}"),
-                                message: "answered the wrong kind of data".into(),
-                            }),
-                        }
+                        let ids = peers.fetch_ids(&owner, &job, Side::Items, shard).await?;
+                        let values = peers
+                            .fetch_rows(&owner, &job, (Side::Items, shard), version, Vec::new())
+                            .await?;
+                        Ok::<_, WorkerError>((shard, ids, values))
                     }
                 }))
                 .await
@@ -1072,24 +1064,11 @@ impl WorkerService for WorkerServiceImpl {
             let lists = self
                 .tracked(&job, move |_| async move {
                     futures::future::try_join_all(wanted.into_iter().map(|(side, shard)| {
-                        let (peers, owner) = (peers.clone(), owners[shard as usize].clone());
-                        let ticket = pb::FactorTicket {
-                            job_id: job2.clone(),
-                            side: side.to_proto(),
-                            shard,
-                            version: 0,
-                            ids: true,
-                            rows: Vec::new(),
-                        };
+                        let (peers, owner, job) =
+                            (peers.clone(), owners[shard as usize].clone(), job2.clone());
                         async move {
-                            match peers.fetch(&owner, ticket).await? {
-                                crate::flight::Answer::Ids(ids) => Ok((side, shard, ids)),
-                                crate::flight::Answer::Rows { .. } => Err(WorkerError::Peer {
-                                    address: owner,
-                                    what: format!("ids of {} shard {shard}", side.as_str()),
-                                    message: "answered factors".into(),
-                                }),
-                            }
+                            let ids = peers.fetch_ids(&owner, &job, side, shard).await?;
+                            Ok::<_, WorkerError>((side, shard, ids))
                         }
                     }))
                     .await
@@ -1158,25 +1137,9 @@ impl WorkerService for WorkerServiceImpl {
                 .tracked(&job, move |_| async move {
                     futures::future::try_join_all(plan2.parts.iter().map(|(shard, rows, _)| {
                         let owner = plan2.owners[*shard as usize].clone();
-                        let ticket = pb::FactorTicket {
-                            job_id: job2.clone(),
-                            side: other.to_proto(),
-                            shard: *shard,
-                            version: plan2.version,
-                            ids: false,
-                            rows: rows.clone(),
-                        };
-                        let peers = peers.clone();
-                        async move {
-                            match peers.fetch(&owner, ticket).await? {
-                                crate::flight::Answer::Rows { values, .. } => Ok(values),
-                                crate::flight::Answer::Ids(_) => Err(WorkerError::Peer {
-                                    address: owner,
-                                    what: format!("factors of {} shard {shard}", other.as_str()),
-                                    message: "answered ids".into(),
-                                }),
-                            }
-                        }
+                        let (peers, job, at) = (peers.clone(), job2.clone(), (other, *shard));
+                        let (version, rows) = (plan2.version, rows.clone());
+                        async move { peers.fetch_rows(&owner, &job, at, version, rows).await }
                     }))
                     .await
                 })

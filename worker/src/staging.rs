@@ -346,27 +346,32 @@ impl SplitWriter {
         let split = self.split;
         // (is an item file, location, what was written, bytes)
         let mut encoded = Vec::new();
-        for (shard, buffer) in self.buffers.into_iter().enumerate() {
-            let Some(buffer) = buffer.filter(|b| b.len() > 0) else {
-                continue;
+        // (is an item file, shard, rows, batch) of every non-empty buffer
+        let users = self
+            .buffers
+            .into_iter()
+            .enumerate()
+            .filter_map(|(shard, b)| {
+                let b = b.filter(|b| b.len() > 0)?;
+                Some((false, shard as u32, b.len() as u64, b.finish()))
+            });
+        let items = self
+            .items
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(shard, b)| {
+                let b = b.filter(|b| b.len() > 0)?;
+                Some((true, shard as u32, b.len() as u64, b.finish()))
+            });
+        for (is_item, shard, rows, batch) in users.chain(items) {
+            let loc = if is_item {
+                item_split_file(staging, shard, split)
+            } else {
+                split_file(staging, shard, split)
             };
-            let shard = shard as u32;
-            let loc = split_file(staging, shard, split);
-            let rows = buffer.len() as u64;
-            let batch = buffer.finish();
             let (file, bytes) = encode_file(&loc, shard, rows, batch)?;
-            encoded.push((false, loc, file, bytes));
-        }
-        for (shard, buffer) in self.items.into_iter().flatten().enumerate() {
-            let Some(buffer) = buffer.filter(|b| b.len() > 0) else {
-                continue;
-            };
-            let shard = shard as u32;
-            let loc = item_split_file(staging, shard, split);
-            let rows = buffer.len() as u64;
-            let batch = buffer.finish();
-            let (file, bytes) = encode_file(&loc, shard, rows, batch)?;
-            encoded.push((true, loc, file, bytes));
+            encoded.push((is_item, loc, file, bytes));
         }
         let written: Vec<(bool, StagedFile)> = futures::stream::iter(encoded)
             .map(|(is_item, loc, file, bytes)| async move {
