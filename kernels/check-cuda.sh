@@ -20,26 +20,9 @@ venv="${SHOAL_CUDA_VENV:-$repo/target/cuda-venv}"
 out="$repo/target/cuda-ptx"
 
 # --- NVRTC + ptxas from the pinned wheels, in a venv reused while it matches. ---
-installed_version() { # package -> version, or nothing
-    "$venv/bin/python" - "$1" <<'EOF' 2>/dev/null || true
-import sys, importlib.metadata as m
-try:
-    print(m.version(sys.argv[1]))
-except m.PackageNotFoundError:
-    pass
-EOF
-}
-venv_ok() {
-    [[ -x "$venv/bin/python" ]] || return 1
-    [[ "$(installed_version nvidia-cuda-nvrtc-cu12)" == "$CUDA_WHEEL_VERSION" ]] || return 1
-    [[ "$(installed_version nvidia-cuda-nvcc-cu12)" == "$CUDA_WHEEL_VERSION" ]] || return 1
-}
-if ! venv_ok; then
-    echo "check-cuda: installing ${WHEELS[*]} into $venv"
-    [[ -x "$venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${WHEELS[@]}"
-    venv_ok || { echo "check-cuda: the wheels did not install as pinned" >&2; exit 1; }
-fi
+# shellcheck source=scripts/pinned-venv.sh
+source scripts/pinned-venv.sh
+pinned_venv "$venv" "${WHEELS[@]}" || { echo "check-cuda: the wheels did not install as pinned" >&2; exit 1; }
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 nvrtc_lib="$site/nvidia/cuda_nvrtc/lib"
 ptxas="$site/nvidia/cuda_nvcc/bin/ptxas"

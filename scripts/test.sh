@@ -26,16 +26,9 @@ bash deploy/check.sh
 # the pin (reinstalled when MOTO_VERSION changes).
 MOTO_VERSION="5.2.5"
 s3_venv="${SHOAL_S3_VENV:-$PWD/target/s3-venv}"
-moto_ok() {
-    [[ -x "$s3_venv/bin/moto_server" ]] || return 1
-    [[ "$("$s3_venv/bin/python" -c 'import importlib.metadata as m; print(m.version("moto"))' 2>/dev/null)" == "$MOTO_VERSION" ]]
-}
-if ! moto_ok; then
-    echo "test: installing moto[server]==$MOTO_VERSION into $s3_venv"
-    [[ -x "$s3_venv/bin/python" ]] || "${PYTHON:-python3}" -m venv "$s3_venv"
-    "$s3_venv/bin/python" -m pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
-    moto_ok || { echo "test: moto did not install as pinned" >&2; exit 1; }
-fi
+# shellcheck source=scripts/pinned-venv.sh
+source scripts/pinned-venv.sh
+pinned_venv "$s3_venv" "moto[server]==$MOTO_VERSION" || { echo "test: moto did not install as pinned" >&2; exit 1; }
 export SHOAL_TEST_MOTO_SERVER="$s3_venv/bin/moto_server"
 
 # Let the CUDA backend find the NVRTC library the check installed.

@@ -116,13 +116,7 @@ pub async fn spawn_coordinator(
                 addr: listen.to_string(),
                 source,
             })?;
-            tracker.spawn(async move {
-                if let Ok(Err(e)) = http.task.await {
-                    warn!(error = %e, "the HTTP endpoints stopped");
-                }
-            });
-            info!(addr = %http.addr, "HTTP endpoints: /healthz /readyz /metrics");
-            Some(http.addr)
+            Some(http.track(&tracker))
         }
     };
     let services = grpc::Services { state };

@@ -33,6 +33,21 @@ pub struct HttpServer {
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+impl HttpServer {
+    /// Hands the server's task to `tracker` (a failure is logged) and logs the
+    /// address it listens on, which it returns.
+    pub fn track(self, tracker: &tokio_util::task::TaskTracker) -> SocketAddr {
+        let HttpServer { addr, task } = self;
+        tracker.spawn(async move {
+            if let Ok(Err(e)) = task.await {
+                tracing::warn!(error = %e, "the HTTP endpoints stopped");
+            }
+        });
+        tracing::info!(addr = %addr, "HTTP endpoints: /healthz /readyz /metrics");
+        addr
+    }
+}
+
 /// Binds `listen` and serves the endpoints for `registry` and `probe`.
 pub async fn serve(
     listen: SocketAddr,
