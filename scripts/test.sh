@@ -29,6 +29,11 @@ s3_venv="${SHOAL_S3_VENV:-$PWD/target/s3-venv}"
 # shellcheck source=scripts/pinned-venv.sh
 source scripts/pinned-venv.sh
 pinned_venv "$s3_venv" "moto[server]==$MOTO_VERSION" || { echo "test: moto did not install as pinned" >&2; exit 1; }
+if [[ ! -x "$s3_venv/bin/moto_server" ]]; then
+    # moto without its server extra: install the extra
+    "$s3_venv/bin/python" -m pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+    [[ -x "$s3_venv/bin/moto_server" ]] || { echo "test: no moto_server in $s3_venv" >&2; exit 1; }
+fi
 export SHOAL_TEST_MOTO_SERVER="$s3_venv/bin/moto_server"
 
 # Let the CUDA backend find the NVRTC library the check installed.

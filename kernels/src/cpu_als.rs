@@ -8,8 +8,8 @@
 //!   blocks do not depend on the number of threads, so neither do the bits.
 //! - [`als_solve`] runs the conjugate-gradient solver of the `implicit` library
 //!   (`_solve_cg`) on blocks of rows in parallel: a block gathers its item rows
-//!   once, its `(YᵀY + λI)·p` products are one `sgemm` per CG step, the rest is
-//!   done row by row. A row only reads its own confidences, the item factors and
+//!   once, its `(YᵀY + λI)·p` products are one block product per CG step (AVX2
+//!   registers, or `sgemm` without AVX2/FMA), the rest is done row by row. A row only reads its own confidences, the item factors and
 //!   `YᵀY + λI`, with the same arithmetic in any block, so its result depends on
 //!   nothing else.
 //! - [`top_n`] scores fixed tiles of [`TOPN_QUERY_TILE`] queries against blocks of
@@ -214,7 +214,7 @@ fn block_gram(block: &[f32], d: usize, wide: &mut Vec<f64>) -> Vec<f64> {
 /// copies the item rows its rows refer to into one contiguous buffer once (so the
 /// CG steps read them from cache, not from wherever they lie in `y`), and runs
 /// `implicit`'s `_solve_cg` on all its rows in lockstep: each step's
-/// `(YᵀY + λI)·p` products of the whole block are one `sgemm`, the sparse terms
+/// `(YᵀY + λI)·p` products of the whole block are one block product, the sparse terms
 /// and the vector updates are done row by row. A row's arithmetic is the same
 /// whatever block it is in, so its result depends on nothing but its own data.
 pub(crate) fn als_solve(
@@ -255,16 +255,15 @@ pub(crate) fn als_solve(
         return Ok(params.pair_loss.then_some(0.0));
     }
 
-    // A = YᵀY + λI in f32, built once.
+    // Aᵀ with A = YᵀY + λI in f32, built once: the block products take the rows
+    // of `a` as the columns of A (the same as A itself when YᵀY is symmetric, as
+    // every Gram is).
     let lambda = params.regularization;
     let a: Vec<f32> = (0..d * d)
         .map(|pos| {
-            let diag = if pos / d == pos % d {
-                f64::from(lambda)
-            } else {
-                0.0
-            };
-            (yty[pos] + diag) as f32
+            let (i, j) = (pos / d, pos % d);
+            let diag = if i == j { f64::from(lambda) } else { 0.0 };
+            (yty[j * d + i] + diag) as f32
         })
         .collect();
 
@@ -308,9 +307,9 @@ fn first_below_one(values: &[f32]) -> Option<usize> {
         .map(|p| start + p)
 }
 
-/// Rows per block of [`als_solve`]: the height of its `sgemm`s.
+/// Rows per block of [`als_solve`]: the height of its `(YᵀY + λI)·P` products.
 const CG_BLOCK_ROWS: usize = 64;
-/// Gathered item values per block of [`als_solve`] (1 MiB of f32): a block takes
+/// Gathered item values per block of [`als_solve`] (256 KiB of f32): a block takes
 /// rows until its gathered rows would pass this. A row that alone needs more is
 /// solved by itself, reading the item rows where they are.
 const CG_GATHER_BUDGET: usize = 1 << 16;
@@ -381,23 +380,32 @@ impl CgJob<'_> {
             // SAFETY: the CPU runs AVX2 and FMA (checked just above).
             return unsafe { self.solve_block_fma(first, xb, scratch) };
         }
-        #[cfg(target_arch = "aarch64")]
-        return self.solve_block_body::<true>(first, xb, scratch);
-        #[cfg(not(target_arch = "aarch64"))]
-        self.solve_block_body::<false>(first, xb, scratch)
+        if cfg!(target_arch = "aarch64") {
+            // SAFETY: off x86-64 the FMA path uses no x86 instructions (FMA is
+            // part of the aarch64 base).
+            unsafe { self.solve_block_body::<true>(first, xb, scratch) }
+        } else {
+            // SAFETY: without FMA the body uses no target-specific instructions.
+            unsafe { self.solve_block_body::<false>(first, xb, scratch) }
+        }
     }
 
     /// [`CgJob::solve_block_body`] compiled for AVX2 with fused multiply-adds.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     fn solve_block_fma(&self, first: usize, xb: &mut [f32], scratch: &mut CgScratch) -> f64 {
-        self.solve_block_body::<true>(first, xb, scratch)
+        // SAFETY: this function only runs on CPUs with AVX2 and FMA.
+        unsafe { self.solve_block_body::<true>(first, xb, scratch) }
     }
 
     /// `FMA`: whether `a * b + c` is computed with one rounding (the CPU has the
     /// instruction) or two.
+    ///
+    /// # Safety
+    /// With `FMA` on x86-64 the CPU must have AVX2 and FMA (the body then calls
+    /// the [`avx2`] kernels).
     #[inline(always)]
-    fn solve_block_body<const FMA: bool>(
+    unsafe fn solve_block_body<const FMA: bool>(
         &self,
         first: usize,
         xb: &mut [f32],
@@ -828,6 +836,7 @@ mod avx2 {
     #[inline]
     pub(super) fn block_times_a(alpha: f32, block: &[f32], a: &[f32], out: &mut [f32], d: usize) {
         let m = block.len() / d;
+        assert_eq!(a.len(), d * d, "a is not d x d");
         let ap = a.as_ptr();
         let scale = _mm256_set1_ps(alpha);
         let mut u = 0;
@@ -1027,6 +1036,41 @@ impl Selection {
         }
     }
 
+    /// Offers `scores[j]` as item `first_item + j` for every `j`. The items must
+    /// come after every item offered before, so that a score equal to the bar's
+    /// loses the tie: while there is a bar, only scores above it are offered, and
+    /// runs of scores that are not are skipped 16 at a time.
+    #[inline(always)]
+    fn offer_row(&mut self, scores: &[f32], first_item: u32) {
+        const RUN: usize = 16;
+        let mut j = 0;
+        while j < scores.len() {
+            if let Some(bar) = self.bar {
+                // NaN ranks as -inf: never above the bar
+                let t = rank(bar.score);
+                let above = |v: f32| v > t;
+                while j + RUN <= scores.len()
+                    && !scores[j..j + RUN]
+                        .iter()
+                        .fold(false, |any, &v| any | above(v))
+                {
+                    j += RUN;
+                }
+                while j < scores.len() && !above(scores[j]) {
+                    j += 1;
+                }
+                if j == scores.len() {
+                    break;
+                }
+            }
+            self.offer(Candidate {
+                score: scores[j],
+                item: first_item + j as u32,
+            });
+            j += 1;
+        }
+    }
+
     fn cut(&mut self) {
         let n = self.n;
         self.buf.select_nth_unstable_by(n - 1, best_first);
@@ -1179,26 +1223,28 @@ fn top_n_tile(
         match exclude {
             None => {
                 for (scores, sel) in rows {
-                    for (j, &score) in scores.iter().enumerate() {
-                        sel.offer(Candidate {
-                            score,
-                            item: (first_item + j) as u32,
-                        });
-                    }
+                    sel.offer_row(scores, first_item as u32);
                 }
             }
             Some(ex) => {
                 for (q, ((scores, sel), cursor)) in rows.zip(&mut scratch.cursors[..m]).enumerate()
                 {
-                    // Strictly increasing columns, and the items come in order.
+                    // Strictly increasing columns, and the items come in order: the
+                    // runs between this block's excluded items are offered.
                     let skip = ex.row(first_query + q).0;
-                    for (j, &score) in scores.iter().enumerate() {
-                        let item = (first_item + j) as u32;
-                        if skip.get(*cursor) == Some(&item) {
+                    let mut j = 0;
+                    while j < nb {
+                        let next = match skip.get(*cursor) {
+                            Some(&item) if (item as usize) < first_item + nb => {
+                                item as usize - first_item
+                            }
+                            _ => nb,
+                        };
+                        sel.offer_row(&scores[j..next], (first_item + j) as u32);
+                        if next < nb {
                             *cursor += 1;
-                            continue;
                         }
-                        sel.offer(Candidate { score, item });
+                        j = next + 1;
                     }
                 }
             }
