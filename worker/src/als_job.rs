@@ -13,6 +13,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Every row of resident dense data, row-major.
+/// An error when a failed half-step left `linked`'s factors partly solved.
+fn usable(linked: &Linked, job: &str) -> Result<(), WorkerError> {
+    match &linked.broken {
+        None => Ok(()),
+        Some(why) => Err(WorkerError::Inconsistent {
+            job: job.to_string(),
+            detail: format!("the ALS factors cannot be used: {why}; run the job again"),
+        }),
+    }
+}
+
 fn download_all(backend: &dyn Backend, m: &Resident) -> Result<Vec<f32>, WorkerError> {
     let all: Vec<u32> = (0..m.n() as u32).collect();
     Ok(backend.download_rows(m, &all)?)
@@ -43,6 +54,9 @@ pub struct Linked {
     /// Half-steps applied per side.
     pub user_version: u32,
     pub item_version: u32,
+    /// Set when a half-step failed part way: some shards' factors moved on and
+    /// others did not, so no later step may start from them.
+    pub broken: Option<String>,
 }
 
 pub struct AlsJob {
@@ -95,9 +109,11 @@ impl AlsJob {
     }
 
     fn linked(&self, job: &str) -> Result<&Linked, WorkerError> {
-        self.linked.as_ref().ok_or_else(|| {
+        let linked = self.linked.as_ref().ok_or_else(|| {
             WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
-        })
+        })?;
+        usable(linked, job)?;
+        Ok(linked)
     }
 
     /// Builds the confidence matrices and the initial factors, once the id lists
@@ -149,6 +165,7 @@ impl AlsJob {
             users_local,
             user_version: 0,
             item_version: 0,
+            broken: None,
         });
         self.items
             .iter()
@@ -221,6 +238,7 @@ impl AlsJob {
         let linked = self.linked.as_mut().ok_or_else(|| {
             WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
         })?;
+        usable(linked, job)?;
         let current = match plan.side {
             Side::Users => linked.user_version,
             Side::Items => linked.item_version,
@@ -277,6 +295,13 @@ impl AlsJob {
                 Ok((partial, host))
             })
             .collect();
+        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+            linked.broken = Some(format!(
+                "its {} half-step {} failed part way ({e})",
+                plan.side.as_str(),
+                plan.own_version + 1
+            ));
+        }
         let mut out = Vec::with_capacity(results.len());
         let mut solved = Vec::with_capacity(results.len());
         for r in results {
@@ -641,6 +666,111 @@ impl AlsJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A linked job of one user shard and one item shard, all on this worker.
+    fn linked_job(shelf: &Shelf, backend: &dyn Backend) -> AlsJob {
+        let rows = [
+            ("u1", "a", 1.0),
+            ("u1", "b", 2.0),
+            ("u2", "b", 1.0),
+            ("u3", "c", 3.0),
+        ];
+        let users = als::build_pairs(rows.iter().copied(), None, true, 1, 0.0).unwrap();
+        let flipped: Vec<(&str, &str, f64)> = rows.iter().map(|&(u, i, s)| (i, u, s)).collect();
+        let items = als::build_pairs(flipped.into_iter(), None, false, 1, 0.0).unwrap();
+        let owned = |pairs| {
+            BTreeMap::from([(
+                0,
+                OwnedShard {
+                    pairs,
+                    conf: None,
+                    factors: None,
+                },
+            )])
+        };
+        let user_lists = HashMap::from([(0, Arc::new(users.ids.clone()))]);
+        let item_lists = HashMap::from([(0, Arc::new(items.ids.clone()))]);
+        shelf.put_ids("j", Side::Users, 0, user_lists[&0].clone());
+        shelf.put_ids("j", Side::Items, 0, item_lists[&0].clone());
+        let mut job = AlsJob {
+            spec: AlsSpec {
+                factors: 2,
+                ..AlsSpec::default()
+            },
+            f: 2,
+            seed: 1,
+            holdout: 0.0,
+            shards: 1,
+            users: owned(users),
+            items: owned(items),
+            linked: None,
+            top_n: 0,
+            exclude_seen: true,
+            eval_k: 10,
+            catalog: None,
+        };
+        job.link(
+            "j",
+            vec!["here".into()],
+            &item_lists,
+            &user_lists,
+            backend,
+            shelf,
+        )
+        .unwrap();
+        job
+    }
+
+    /// The rows `plan` asks for, from the shelf.
+    fn fetch(shelf: &Shelf, plan: &FetchPlan) -> Vec<Vec<f32>> {
+        plan.parts
+            .iter()
+            .map(|(shard, rows, _)| {
+                let ticket = pb::FactorTicket {
+                    job_id: "j".into(),
+                    side: plan.side.other().to_proto(),
+                    shard: *shard,
+                    version: plan.version,
+                    ids: false,
+                    rows: rows.clone(),
+                };
+                match shelf.answer(&ticket).unwrap() {
+                    crate::flight::Answer::Rows { values, .. } => values,
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_half_step_stops_every_later_one() {
+        let (shelf, backend) = (Shelf::default(), shoal_kernels::CpuBackend::new());
+        let mut job = linked_job(&shelf, &backend);
+        // a good user half-step
+        let plan = job.fetch_plan("j", Side::Users, 0).unwrap();
+        let rows = fetch(&shelf, &plan);
+        let gram = vec![1.0, 0.0, 0.0, 1.0];
+        let done = job.step("j", &plan, rows, &gram, &backend, &shelf).unwrap();
+        assert_eq!(done.len(), 1);
+        // an item half-step whose solve fails (a Gram with NaN)
+        let plan = job.fetch_plan("j", Side::Items, 0).unwrap();
+        let rows = fetch(&shelf, &plan);
+        let bad = vec![f64::NAN, 0.0, 0.0, 1.0];
+        assert!(
+            job.step("j", &plan, rows.clone(), &bad, &backend, &shelf)
+                .is_err()
+        );
+        // neither side can go on from there, whatever the Gram
+        let err = job
+            .step("j", &plan, rows, &gram, &backend, &shelf)
+            .unwrap_err();
+        assert!(err.to_string().contains("run the job again"), "{err}");
+        let err = job.fetch_plan("j", Side::Users, 1).unwrap_err();
+        assert!(
+            err.to_string().contains("items half-step 1 failed"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn ranking_metrics_follow_implicits_definitions() {
