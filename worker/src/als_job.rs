@@ -733,6 +733,7 @@ mod tests {
                     version: plan.version,
                     ids: false,
                     rows: rows.clone(),
+                    runs: Vec::new(),
                 };
                 match shelf.answer(&ticket).unwrap() {
                     crate::flight::Answer::Rows { values, .. } => values,

@@ -128,23 +128,67 @@ impl Shelf {
             });
         }
         let n = shelved.ids.len();
-        if t.rows.is_empty() {
+        if !t.rows.is_empty() && !t.runs.is_empty() {
+            return Err(WorkerError::InvalidRequest(format!(
+                "a ticket for {what} lists both rows and runs"
+            )));
+        }
+        if !t.runs.len().is_multiple_of(2) {
+            return Err(WorkerError::InvalidRequest(format!(
+                "a ticket for {what} has {} run values: runs come as (first, count) pairs",
+                t.runs.len()
+            )));
+        }
+        if t.rows.is_empty() && t.runs.is_empty() {
             return Ok(Answer::Rows {
                 f,
                 values: values.as_ref().clone(),
             });
         }
-        let mut out = Vec::with_capacity(t.rows.len() * f);
-        for &r in &t.rows {
-            let r = r as usize;
-            if r >= n {
+        let runs: Vec<(usize, usize)> = if t.runs.is_empty() {
+            t.rows.iter().map(|&r| (r as usize, 1)).collect()
+        } else {
+            t.runs
+                .chunks_exact(2)
+                .map(|p| (p[0] as usize, p[1] as usize))
+                .collect()
+        };
+        let wanted: usize = runs.iter().map(|r| r.1).sum();
+        let mut out = Vec::with_capacity(wanted * f);
+        for (first, count) in runs {
+            if first + count > n {
                 return Err(WorkerError::InvalidRequest(format!(
-                    "row {r} of {what}, which has {n} rows"
+                    "rows {first}..{} of {what}, which has {n} rows",
+                    first + count
                 )));
             }
-            out.extend_from_slice(&values[r * f..(r + 1) * f]);
+            out.extend_from_slice(&values[first * f..(first + count) * f]);
         }
         Ok(Answer::Rows { f, values: out })
+    }
+}
+
+/// `rows` for a ticket: as they are (`rows`), or as (first, count) pairs of
+/// consecutive rows (`runs`), whichever is shorter; the other is empty. Empty
+/// `rows` (every row) stay empty.
+pub fn ticket_rows(rows: Vec<u32>) -> (Vec<u32>, Vec<u32>) {
+    let mut runs: Vec<u32> = Vec::new();
+    for &r in &rows {
+        match runs.len() {
+            len if len >= 2 && runs[len - 2].checked_add(runs[len - 1]) == Some(r) => {
+                runs[len - 1] += 1;
+            }
+            _ => runs.extend([r, 1]),
+        }
+        if runs.len() >= rows.len() {
+            // no shorter than the list itself
+            return (rows, Vec::new());
+        }
+    }
+    if runs.is_empty() {
+        (rows, Vec::new())
+    } else {
+        (Vec::new(), runs)
     }
 }
 
@@ -408,6 +452,7 @@ impl Peers {
             version: 0,
             ids: true,
             rows: Vec::new(),
+            runs: Vec::new(),
         };
         match self.fetch(owner, ticket).await? {
             Answer::Ids(ids) => Ok(ids),
@@ -425,6 +470,7 @@ impl Peers {
         version: u32,
         rows: Vec<u32>,
     ) -> Result<Vec<f32>, WorkerError> {
+        let (rows, runs) = ticket_rows(rows);
         let ticket = pb::FactorTicket {
             job_id: job.to_string(),
             side: side.to_proto(),
@@ -432,6 +478,7 @@ impl Peers {
             version,
             ids: false,
             rows,
+            runs,
         };
         match self.fetch(owner, ticket).await? {
             Answer::Rows { values, .. } => Ok(values),
@@ -461,7 +508,60 @@ mod tests {
             version,
             ids: false,
             rows,
+            runs: Vec::new(),
         }
+    }
+
+    #[test]
+    fn tickets_carry_the_shorter_of_rows_and_runs() {
+        assert_eq!(ticket_rows(vec![]), (vec![], vec![]));
+        assert_eq!(ticket_rows(vec![7]), (vec![7], vec![]));
+        assert_eq!(ticket_rows(vec![3, 9, 4]), (vec![3, 9, 4], vec![]));
+        assert_eq!(ticket_rows(vec![0, 1, 2, 3]), (vec![], vec![0, 4]));
+        assert_eq!(
+            ticket_rows(vec![5, 6, 7, 8, 20, 21, 2]),
+            (vec![], vec![5, 4, 20, 2, 2, 1])
+        );
+        // as long as the list: the list
+        assert_eq!(
+            ticket_rows(vec![5, 6, 7, 20, 21, 2]),
+            (vec![5, 6, 7, 20, 21, 2], vec![])
+        );
+        assert_eq!(
+            ticket_rows(vec![u32::MAX, 0, 1]),
+            (vec![u32::MAX, 0, 1], vec![])
+        );
+        let many: Vec<u32> = (100..1_000_100).collect();
+        assert_eq!(ticket_rows(many), (vec![], vec![100, 1_000_000]));
+    }
+
+    #[test]
+    fn shelf_answers_runs_like_the_rows_they_stand_for() {
+        let shelf = Shelf::default();
+        let ids = Arc::new((0..6).map(|i| i.to_string()).collect::<Vec<_>>());
+        shelf.put_ids("j", Side::Users, 0, ids);
+        let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        shelf
+            .put_factors("j", Side::Users, 0, 3, 2, values)
+            .unwrap();
+        for rows in [vec![1, 2, 3, 5, 0], vec![4, 5], vec![2]] {
+            let (listed, runs) = ticket_rows(rows.clone());
+            let mut t = ticket(Side::Users, 0, 3, listed);
+            t.runs = runs;
+            assert_eq!(
+                shelf.answer(&t).unwrap(),
+                shelf.answer(&ticket(Side::Users, 0, 3, rows)).unwrap()
+            );
+        }
+        let mut t = ticket(Side::Users, 0, 3, vec![]);
+        t.runs = vec![4, 3];
+        let err = shelf.answer(&t).unwrap_err();
+        assert!(err.to_string().contains("rows 4..7"), "{err}");
+        t.runs = vec![4];
+        assert!(shelf.answer(&t).unwrap_err().to_string().contains("pairs"));
+        t.rows = vec![1];
+        t.runs = vec![0, 1];
+        assert!(shelf.answer(&t).unwrap_err().to_string().contains("both"));
     }
 
     #[test]
