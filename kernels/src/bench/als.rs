@@ -9,9 +9,10 @@
 //!   duplicates summed; the confidence of a pair is `1 + alpha · count`;
 //! - initial factors uniform in [0, 0.01), one stream per row;
 //! - iteration `t` solves the users against the items of `t − 1`, then the items
-//!   against the new users (each half-step: `YᵀY` of the fixed side, then
-//!   [`Backend::als_solve`]); the loss after it is the objective's data term
-//!   plus `λ (‖X‖² + ‖Y‖²)`, divided by the number of cells.
+//!   against the new users (each half-step, as on a worker: [`Backend::als_solve`]
+//!   against the fixed side's Gram, then the Gram of the solved side, which the
+//!   next half-step uses); the loss after it is the objective's data term plus
+//!   `λ (‖X‖² + ‖Y‖²)`, divided by the number of cells.
 
 use std::time::Instant;
 
@@ -119,10 +120,10 @@ fn csr_of(rows: usize, cols: usize, sorted: impl Iterator<Item = (u32, u32)>, al
 /// Timings and losses of [`run`].
 #[derive(Debug, Clone, Default)]
 pub struct AlsReport {
-    /// Seconds of each iteration's user half-step (Gram of the items + solve).
+    /// Seconds of each iteration's user half-step (solve + Gram of the users).
     pub user_secs: Vec<f64>,
-    /// Seconds of each iteration's item half-step (Gram of the users + solve with
-    /// the pair loss).
+    /// Seconds of each iteration's item half-step (solve with the pair loss + Gram
+    /// of the items).
     pub item_secs: Vec<f64>,
     /// The loss after each iteration.
     pub loss: Vec<f64>,
@@ -210,57 +211,30 @@ fn run_on(
     let by_item = backend.upload_sparse(&problem.by_item)?;
     let mut report = AlsReport::default();
     let cells = problem.users as f64 * problem.items as f64;
+    let params = |pair_loss| CgParams {
+        regularization,
+        cg_steps,
+        pair_loss,
+    };
+    // each Gram is computed once, right after its side is solved
+    let mut yty = backend.gram(&y)?;
     for _ in 0..iters {
         let t = Instant::now();
-        half_step(
-            backend,
-            &mut x,
-            &y,
-            &by_user,
-            regularization,
-            cg_steps,
-            false,
-        )?;
+        backend.als_solve(&mut x, &y, &yty, &by_user, params(false))?;
+        let xtx = backend.gram(&x)?;
         report.user_secs.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        let (xtx, pairs) = half_step(
-            backend,
-            &mut y,
-            &x,
-            &by_item,
-            regularization,
-            cg_steps,
-            true,
-        )?;
+        let pairs = backend.als_solve(&mut y, &x, &xtx, &by_item, params(true))?;
+        yty = backend.gram(&y)?;
         report.item_secs.push(t.elapsed().as_secs_f64());
-        let yty = backend.gram(&y)?;
         let quad: f64 = xtx.iter().zip(&yty).map(|(a, b)| a * b).sum();
         let trace = |g: &[f64]| (0..f).map(|i| g[i * f + i]).sum::<f64>();
         let reg = f64::from(regularization) * (trace(&xtx) + trace(&yty));
-        report.loss.push((quad + pairs + reg) / cells);
+        report
+            .loss
+            .push((quad + pairs.unwrap_or(0.0) + reg) / cells);
     }
     Ok((report, x, y))
-}
-
-/// Gram of `fixed`, then the solve of `solved`; returns the Gram and the pair loss
-/// (0 unless `loss`).
-fn half_step(
-    backend: &dyn Backend,
-    solved: &mut Resident,
-    fixed: &Resident,
-    confidence: &Resident,
-    regularization: f32,
-    cg_steps: u32,
-    loss: bool,
-) -> Result<(Vec<f64>, f64), KernelError> {
-    let gram = backend.gram(fixed)?;
-    let params = CgParams {
-        regularization,
-        cg_steps,
-        pair_loss: loss,
-    };
-    let pairs = backend.als_solve(solved, fixed, &gram, confidence, params)?;
-    Ok((gram, pairs.unwrap_or(0.0)))
 }
 
 #[cfg(test)]
