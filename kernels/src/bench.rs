@@ -1,10 +1,10 @@
 //! A synthetic k-means benchmark of a [`Backend`]: Gaussian blobs generated from a
 //! seed, a seeded initialisation, and plain Lloyd iterations timed one by one.
 //!
-//! It measures the two hot calls of a k-means round as the workers make them,
-//! [`Backend::assign_labels`] (or [`Backend::assign`]) and
-//! [`Backend::partial_sums`], plus the centroid update the
-//! coordinator does after merging, on one process and one data set. `shoal bench
+//! It measures the hot calls of a k-means round on one process and one data set:
+//! [`Backend::lloyd_round`] (exact labels and their partial sums; or, with
+//! [`Labelling::FullPass`], [`Backend::assign`] then [`Backend::partial_sums`]),
+//! plus the centroid update the coordinator does after merging. `shoal bench
 //! kmeans` prints its [`LloydReport`]; `benches/kmeans_vs_faiss.sh` runs faiss and
 //! scikit-learn on the same points from the same initial centroids.
 //!
@@ -19,9 +19,9 @@
 //! - the nominal FLOPs of one assignment are `2·n·k·d` (one multiply-add per
 //!   feature of each point–centroid pair), whatever the backend actually does.
 //!   With [`Labelling::FullPass`] every iteration is a full `assign` pass, so its
-//!   GFLOP/s is the rate of the distance kernel; with [`Labelling::Bounded`] (what
-//!   the workers run) the backend may skip points, and the figure is the nominal
-//!   work of a plain Lloyd iteration over the time taken.
+//!   GFLOP/s is the rate of the distance kernel; with [`Labelling::Bounded`] the
+//!   backend may skip points, and the figure is the nominal work of a plain
+//!   Lloyd iteration over the time taken.
 
 pub mod als;
 
@@ -194,7 +194,9 @@ pub struct LloydReport {
     pub iters: usize,
     /// Wall time of each iteration (assign, labels, partial sums, update), seconds.
     pub iter_secs: Vec<f64>,
-    /// Wall time of the `assign` call alone in each iteration, seconds.
+    /// Wall time of the labelling in each iteration, seconds: the `assign` call
+    /// with [`Labelling::FullPass`], the `lloyd_round` call (labels and partial
+    /// sums) with [`Labelling::Bounded`].
     pub assign_secs: Vec<f64>,
     /// Points whose distances were computed in each iteration.
     pub recomputed: Vec<usize>,
@@ -254,8 +256,8 @@ fn labels_and_inertia(near: &[Nearest], labels: &mut [u32]) -> f64 {
 /// How [`lloyd`] labels the points each iteration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Labelling {
-    /// [`Backend::assign_labels`], as the workers do: exact labels, skipping the
-    /// points whose label provably cannot have changed.
+    /// [`Backend::lloyd_round`]: exact labels, skipping the points whose label
+    /// provably cannot have changed, and their partial sums.
     Bounded,
     /// A full [`Backend::assign`] pass every iteration: measures the distance
     /// kernel itself.
@@ -301,24 +303,21 @@ pub fn lloyd(
     };
     for _ in 0..iters {
         let start = Instant::now();
-        let recomputed = match labelling {
+        let (recomputed, sums, assigned) = match labelling {
             Labelling::FullPass => {
                 backend.assign(points, &centroids, k, &mut near)?;
-                n
+                let assigned = Instant::now();
+                report
+                    .iter_inertia
+                    .push(labels_and_inertia(&near, &mut labels));
+                (n, backend.partial_sums(points, &labels, k)?, assigned)
             }
             Labelling::Bounded => {
-                backend
-                    .assign_labels(points, &mut bounds, &centroids, k, &mut labels)?
-                    .recomputed
+                let (stats, sums) =
+                    backend.lloyd_round(points, &mut bounds, &centroids, k, &mut labels)?;
+                (stats.recomputed, sums, Instant::now())
             }
         };
-        let assigned = Instant::now();
-        if labelling == Labelling::FullPass {
-            report
-                .iter_inertia
-                .push(labels_and_inertia(&near, &mut labels));
-        }
-        let sums = backend.partial_sums(points, &labels, k)?;
         for (j, c) in centroids.chunks_exact_mut(d).enumerate() {
             let count = sums.counts[j];
             if count == 0 {

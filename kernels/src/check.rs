@@ -55,7 +55,13 @@ pub(crate) fn points(points: &[f32], d: usize) -> Result<(), KernelError> {
             points.len()
         )));
     }
-    if let Some(pos) = points.par_iter().position_first(|v| !v.is_finite()) {
+    // A plain scan of each chunk first (it vectorises; rayon's per-value
+    // `position_first` costs tens of nanoseconds a value), the position only on
+    // error.
+    let bad = |v: &f32| !v.is_finite();
+    if points.par_chunks(1 << 16).any(|c| c.iter().any(bad))
+        && let Some(pos) = points.iter().position(bad)
+    {
         return Err(KernelError::NonFinitePoint {
             row: pos / d,
             col: pos % d,

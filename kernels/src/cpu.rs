@@ -42,7 +42,7 @@ const DIRECT_MAX_D: usize = 16;
 const CENTROID_BLOCK: usize = 128;
 /// Points per partial of `partial_sums`. A constant, so that the order in which
 /// the sums are added does not depend on the number of threads.
-const SUM_CHUNK_ROWS: usize = 4096;
+pub(crate) const SUM_CHUNK_ROWS: usize = 4096;
 /// Upper bound on the memory held by chunk partials waiting to be merged.
 const PARTIALS_BUDGET_BYTES: usize = 256 << 20;
 /// Independent accumulators of [`lane_sq_dist`] (one AVX register of f32).
@@ -144,6 +144,17 @@ impl Backend for CpuBackend {
         cpu_bounds::assign_labels(points, bounds, centroids, k, labels)
     }
 
+    fn lloyd_round(
+        &self,
+        points: &Resident,
+        bounds: &mut Resident,
+        centroids: &[f32],
+        k: usize,
+        labels: &mut [u32],
+    ) -> Result<(LabelStats, PartialSums), KernelError> {
+        cpu_bounds::lloyd_round(points, bounds, centroids, k, labels)
+    }
+
     fn partial_sums(
         &self,
         points: &Resident,
@@ -173,40 +184,16 @@ impl Backend for CpuBackend {
         }
         tracing::trace!(n, d, k, "partial sums on the cpu backend");
 
-        let chunks = n.div_ceil(SUM_CHUNK_ROWS);
-        let partial_bytes = (k * d + k) * 8;
-        // How many chunk partials are computed before being merged: only bounds the
-        // memory, the merge order is the (reversed) chunk order whatever this is.
-        let batch = (rayon::current_num_threads() * 4)
-            .min(PARTIALS_BUDGET_BYTES / partial_bytes.max(1))
-            .max(1);
-
-        // From the last chunk to the first, and merged in that order: right after
-        // `assign`, which streams the points from the first to the last, the last
-        // ones are still in the cache.
-        let mut total = PartialSums::zeros(k, d);
-        let mut last = chunks;
-        while last > 0 {
-            let first = last.saturating_sub(batch);
-            let partials: Vec<PartialSums> = (first..last)
-                .into_par_iter()
-                .rev()
-                .map(|c| {
-                    let rows = c * SUM_CHUNK_ROWS..((c + 1) * SUM_CHUNK_ROWS).min(n);
-                    chunk_sums(
-                        &host.values[rows.start * d..rows.end * d],
-                        d,
-                        &labels[rows],
-                        k,
-                    )
-                })
-                .collect();
-            for p in &partials {
-                total.merge(p);
-            }
-            last = first;
-        }
-        Ok(total)
+        let mut items = vec![(); n.div_ceil(SUM_CHUNK_ROWS)];
+        Ok(merge_chunk_sums(k, d, &mut items, |c, _| {
+            let rows = c * SUM_CHUNK_ROWS..((c + 1) * SUM_CHUNK_ROWS).min(n);
+            chunk_sums(
+                &host.values[rows.start * d..rows.end * d],
+                d,
+                &labels[rows],
+                k,
+            )
+        }))
     }
 
     fn upload_sparse(&self, m: &Csr) -> Result<Resident, KernelError> {
@@ -273,35 +260,143 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Sums and counts of one chunk, sequentially.
-fn chunk_sums(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU runs AVX2 (checked just above).
-        return unsafe { chunk_sums_avx2(points, d, labels, k) };
+/// The partial sums of a set of points cut into chunks of [`SUM_CHUNK_ROWS`]:
+/// `chunk(c, &mut items[c])` gives chunk `c`'s (one item per chunk, for what the
+/// chunk's work needs of its own). Chunks run in parallel batches, and their
+/// partials are merged from the last chunk to the first whatever the batches
+/// (right after a pass that streamed the points from the first to the last, the
+/// last ones are still in the cache), so the sums do not depend on the threads.
+pub(crate) fn merge_chunk_sums<T: Send>(
+    k: usize,
+    d: usize,
+    items: &mut [T],
+    chunk: impl Fn(usize, &mut T) -> PartialSums + Sync,
+) -> PartialSums {
+    let partial_bytes = (k * d + k) * 8;
+    // How many chunk partials are computed before being merged: only bounds the
+    // memory, the merge order is the (reversed) chunk order whatever this is.
+    let batch = (rayon::current_num_threads() * 4)
+        .min(PARTIALS_BUDGET_BYTES / partial_bytes.max(1))
+        .max(1);
+    let mut total = PartialSums::zeros(k, d);
+    let mut last = items.len();
+    while last > 0 {
+        let first = last.saturating_sub(batch);
+        let partials: Vec<PartialSums> = items[first..last]
+            .par_iter_mut()
+            .enumerate()
+            .rev()
+            .map(|(i, item)| chunk(first + i, item))
+            .collect();
+        for p in &partials {
+            total.merge(p);
+        }
+        last = first;
     }
-    chunk_sums_body(points, d, labels, k)
+    total
 }
 
-/// [`chunk_sums_body`] compiled for AVX2: the same additions in the same order,
+/// Sums and counts of one chunk, sequentially.
+fn chunk_sums(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
+    let mut sums = ChunkSums::new(k, d);
+    sums.add(points, labels);
+    sums.finish()
+}
+
+/// The partial sums of one chunk, built up from its points in order (in pieces
+/// or at once: the same additions in the same order). While they grow, each
+/// centroid's sums start a cache line of their own (rows padded to whole lines),
+/// so that no vector of them is split between two lines.
+pub(crate) struct ChunkSums {
+    k: usize,
+    d: usize,
+    /// `d` rounded up to whole lines of 8 f64.
+    stride: usize,
+    lines: Vec<Line>,
+    counts: Vec<u64>,
+}
+
+/// One cache line of f64 sums.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f64; 8]);
+
+impl ChunkSums {
+    pub(crate) fn new(k: usize, d: usize) -> ChunkSums {
+        let stride = d.next_multiple_of(8);
+        ChunkSums {
+            k,
+            d,
+            stride,
+            lines: vec![Line([0.0; 8]); k * stride / 8],
+            counts: vec![0; k],
+        }
+    }
+
+    /// Adds `points` (labels `labels`, each `< k`), one after the other.
+    pub(crate) fn add(&mut self, points: &[f32], labels: &[u32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU runs AVX-512F (checked just above).
+                return unsafe { add_sums_avx512(self, points, labels) };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU runs AVX2 (checked just above).
+                return unsafe { add_sums_avx2(self, points, labels) };
+            }
+        }
+        add_sums_body(self, points, labels)
+    }
+
+    pub(crate) fn finish(self) -> PartialSums {
+        let (d, stride) = (self.d, self.stride);
+        let mut sums = Vec::with_capacity(self.k * d);
+        for j in 0..self.k {
+            let line = j * stride / 8;
+            let row = self.lines[line..line + stride / 8].iter().flat_map(|l| l.0);
+            sums.extend(row.take(d));
+        }
+        PartialSums {
+            k: self.k,
+            d,
+            sums,
+            counts: self.counts,
+        }
+    }
+}
+
+/// [`add_sums_body`] compiled for AVX2: the same additions in the same order,
 /// four f64 at a time instead of two.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn chunk_sums_avx2(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
-    chunk_sums_body(points, d, labels, k)
+fn add_sums_avx2(p: &mut ChunkSums, points: &[f32], labels: &[u32]) {
+    add_sums_body(p, points, labels)
+}
+
+/// [`add_sums_body`] compiled for AVX-512: the same additions in the same order,
+/// eight f64 at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn add_sums_avx512(p: &mut ChunkSums, points: &[f32], labels: &[u32]) {
+    add_sums_body(p, points, labels)
 }
 
 #[inline(always)]
-fn chunk_sums_body(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
-    let mut p = PartialSums::zeros(k, d);
+fn add_sums_body(p: &mut ChunkSums, points: &[f32], labels: &[u32]) {
+    let (d, stride) = (p.d, p.stride);
+    let counts = &mut p.counts;
+    // SAFETY: `Line` is 8 f64 and nothing else (`repr(C)`, size 64), so the lines
+    // are `k * stride` consecutive, initialised f64, borrowed exclusively here.
+    let sums =
+        unsafe { std::slice::from_raw_parts_mut(p.lines.as_mut_ptr().cast::<f64>(), p.k * stride) };
     for (x, &label) in points.chunks_exact(d).zip(labels) {
         let label = label as usize;
-        p.counts[label] += 1;
-        for (s, &v) in p.sums[label * d..(label + 1) * d].iter_mut().zip(x) {
+        counts[label] += 1;
+        for (s, &v) in sums[label * stride..label * stride + d].iter_mut().zip(x) {
             *s += f64::from(v);
         }
     }
-    p
 }
 
 /// Nothing seen yet (both indices `NO_SECOND`).
@@ -506,7 +601,54 @@ pub(crate) fn assign_rows(
     }
 }
 
+/// The AVX-512 kernel's own values for one point (see [`kernel_values`]): its
+/// best and second best by the expanded form, before [`refine`] and [`finish`],
+/// and the squared norm of the shifted point. When `norm` is not below the
+/// kernel's overflow limit, `near` is instead the point's final result (by direct
+/// distances, as `assign` gives it) and `norm` is +inf.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Raw {
+    pub(crate) near: Nearest,
+    pub(crate) norm: f32,
+}
+
+/// Whether [`kernel_values`] runs on this CPU for `d` features: only the AVX-512
+/// kernel (chosen above [`DIRECT_MAX_D`] features) hands out its own values.
+pub(crate) fn kernel_values_available(d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return d > DIRECT_MAX_D && lanes::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use lanes::{KernelPass, Rows, Scratch as KernelScratch, TILE as KERNEL_TILE};
+
+/// What `assign` makes of a point's kernel values (`raw.norm` below the limit):
+/// the best and second best by direct distances, completed. Where
+/// [`kernel_values_available`] holds.
+pub(crate) fn refine_finish(near: Nearest, x: &[f32], centroids: &[f32], k: usize) -> Nearest {
+    let mut s = near;
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            fused::available(),
+            "the AVX2 refinement runs only with AVX2 and FMA"
+        );
+        // SAFETY: the CPU runs AVX2 and FMA (asserted just above).
+        unsafe { fused::refine_avx(&mut s, x, centroids, x.len()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    refine(&mut s, x, centroids, x.len());
+    finish(s, k)
+}
+
 fn assign_gemm(points: &[f32], d: usize, centroids: &[f32], k: usize, out: &mut [Nearest]) {
+    #[cfg(target_arch = "x86_64")]
+    if lanes::available() {
+        lanes::assign(points, d, centroids, k, out);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if fused::available() {
         fused::assign(points, d, centroids, k, out);
@@ -660,6 +802,9 @@ fn refine(s: &mut Nearest, x: &[f32], centroids: &[f32], d: usize) {
 /// norms): a point above it, or every point when a centroid is above it, gets all
 /// its distances directly instead.
 #[cfg(target_arch = "x86_64")]
+mod lanes;
+
+#[cfg(target_arch = "x86_64")]
 mod fused {
     use std::arch::x86_64::*;
 
@@ -781,7 +926,7 @@ mod fused {
     }
 
     /// Nearest and second nearest by direct distances (far-out points).
-    fn nearest_direct(x: &[f32], centroids: &[f32], d: usize, k: usize) -> Nearest {
+    pub(super) fn nearest_direct(x: &[f32], centroids: &[f32], d: usize, k: usize) -> Nearest {
         let mut s = EMPTY;
         for (j, c) in centroids.chunks_exact(d).enumerate() {
             offer(&mut s, j as u32, lane_sq_dist(x, c));
@@ -1132,7 +1277,7 @@ mod fused {
     /// [`refine`] bit for bit, with both distances in one pass.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn refine_avx(s: &mut Nearest, x: &[f32], centroids: &[f32], d: usize) {
+    pub(super) fn refine_avx(s: &mut Nearest, x: &[f32], centroids: &[f32], d: usize) {
         let row = |j: u32| &centroids[j as usize * d..(j as usize + 1) * d];
         if s.second == NO_SECOND {
             if s.best != NO_SECOND {
@@ -1220,7 +1365,7 @@ pub(crate) mod tests {
         fn below(&mut self, n: usize) -> usize {
             (self.next_u64() % n as u64) as usize
         }
-        fn values(&mut self, len: usize) -> Vec<f32> {
+        pub(crate) fn values(&mut self, len: usize) -> Vec<f32> {
             (0..len).map(|_| self.unit()).collect()
         }
     }

@@ -18,8 +18,19 @@
 //! triangle inequality) and `δ` bounds the rounding error of one squared distance
 //! as the kernel computes it. Then the kernel's value for `a` is below its value
 //! for every other centroid, strictly, so a full pass would pick `a` as well, ties
-//! included. The other points are gathered and go through the full kernel, which
-//! also refreshes their bounds from its best and second best.
+//! included. The other points go through the full kernel, which also refreshes
+//! their bounds from its best and second best.
+//!
+//! Where the kernel hands out its own values (the AVX-512 kernel), the refresh
+//! needs no direct distances for most points: with `K_b ≤ K_s` the kernel's best
+//! and second best values of a point `x`, each within `δ_x / 2` of the true
+//! squared distance, as are the direct ones, `K_s − K_b > 2δ_x` proves that the
+//! direct distances (hence a full pass) order the two the same way, so the label
+//! is the kernel's best, with `u² = K_b + δ_x` and `l² = K_s − δ_x` (every other
+//! centroid's kernel value is at least `K_s`). Here `δ_x = γ (‖x − s‖ + R)²`,
+//! `‖x − s‖` bounded from the kernel's squared norm of `x'`. Only the points
+//! closer to a tie than that get their direct distances, exactly as the full
+//! pass does.
 //!
 //! The rounding bound: the kernel computes `(‖x'‖² − 2x'·c' + ‖c'‖²)` with `x' =
 //! x − s`, `c' = c − s` (s the f32 mean of the centroids) by chains of at most `d`
@@ -32,9 +43,9 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{HostPoints, NAME, assign_rows};
+use crate::cpu::{self, HostPoints, NAME, Raw, assign_rows};
 use crate::cpu_als::{storage, storage_mut};
-use crate::{KernelError, LabelStats, Nearest, Resident, check};
+use crate::{Backend, KernelError, LabelStats, Nearest, PartialSums, Resident, check};
 
 /// Points per work item of the bound pass.
 const CHUNK: usize = 1 << 14;
@@ -47,6 +58,9 @@ pub(crate) struct Bounds {
     lower: Vec<f32>,
     /// The centroids of the previous round (`k x d`), empty before the first.
     previous: Vec<f32>,
+    /// The last round's results of the kernel (on CPUs whose kernel does not
+    /// hand out its own values), kept for the next.
+    near: Vec<Nearest>,
 }
 
 impl Bounds {
@@ -57,6 +71,7 @@ impl Bounds {
             upper: Vec::new(),
             lower: Vec::new(),
             previous: Vec::new(),
+            near: Vec::new(),
         }
     }
 }
@@ -188,15 +203,182 @@ impl Geometry {
     }
 }
 
-/// New bounds for every point from a full pass.
-fn refresh_all(state: &mut Bounds, near: &[Nearest], geo: &Geometry) {
+impl Geometry {
+    /// `δ_x` of a point whose shifted squared norm the kernel computed as
+    /// `norm` (see the module docs): `γ (‖x − s‖ + R)²`, rounded up, with
+    /// `‖x − s‖ ≤ √(norm (1 + γ))` widened by the rounding of the shift.
+    #[inline(always)]
+    fn kernel_delta(&self, norm: f32) -> f32 {
+        let t = (norm * (1.0 + self.gamma)).sqrt() * UP * UP + 0.5 * self.two_radius;
+        self.gamma * t * t * UP
+    }
+
+    /// Label and bounds of a point (row `x`) from the kernel's own values: as
+    /// [`Geometry::fresh`] of the full pass's result, which is computed only
+    /// when the kernel's values are too close to a tie to decide.
+    #[inline(always)]
+    fn fresh_kernel(&self, raw: &Raw, x: &[f32], centroids: &[f32], k: usize) -> (u32, f32, f32) {
+        let near = &raw.near;
+        if raw.norm == f32::INFINITY {
+            // Already the final result, by direct distances.
+            return self.fresh(near);
+        }
+        let delta = self.kernel_delta(raw.norm);
+        // `ks − kb` is computed in f32: rounded down, it must still beat 2δ.
+        if near.best != crate::NO_SECOND
+            && (near.second_dist - near.best_dist) * DOWN > 2.0 * delta * UP
+        {
+            let u = ((near.best_dist + delta) * UP).sqrt() * UP;
+            let l = ((near.second_dist - delta) * DOWN).max(0.0).sqrt() * DOWN;
+            return (near.best, u, l);
+        }
+        self.fresh(&cpu::refine_finish(*near, x, centroids, k))
+    }
+}
+
+/// Label and bounds, exactly as a full pass would give them, of the points
+/// `rows` (all when `None`), in that order, into `out`.
+fn fresh_points(
+    host: &HostPoints,
+    rows: Option<&[u32]>,
+    centroids: &[f32],
+    k: usize,
+    geo: &Geometry,
+    state: &mut Bounds,
+    out: &mut [(u32, f32, f32)],
+) {
+    let d = host.d;
+    let m = out.len();
+    let row = |i: usize| {
+        let r = rows.map_or(i, |rows| rows[i] as usize);
+        &host.values[r * d..(r + 1) * d]
+    };
+    #[cfg(target_arch = "x86_64")]
+    if cpu::kernel_values_available(d) {
+        let pass = cpu::KernelPass::new(centroids, d, k);
+        let source = match rows {
+            None => cpu::Rows::Block(&host.values),
+            Some(rows) => cpu::Rows::Picked {
+                points: &host.values,
+                rows,
+            },
+        };
+        out.par_chunks_mut(cpu::KERNEL_TILE)
+            .enumerate()
+            .for_each_init(
+                || (cpu::KernelScratch::new(d), vec![RAW; cpu::KERNEL_TILE]),
+                |(scratch, raw), (t, out)| {
+                    let first = t * cpu::KERNEL_TILE;
+                    let raw = &mut raw[..out.len()];
+                    pass.values(source, first..first + out.len(), scratch, raw);
+                    for (i, (o, raw)) in out.iter_mut().zip(raw.iter()).enumerate() {
+                        *o = geo.fresh_kernel(raw, row(first + i), centroids, k);
+                    }
+                },
+            );
+        return;
+    }
+    state.near.resize(m, Nearest::default());
+    match rows {
+        None => assign_rows(&host.values, d, centroids, k, &mut state.near),
+        Some(rows) => {
+            let mut gathered = vec![0.0f32; m * d];
+            gathered
+                .par_chunks_mut(d * 1024)
+                .zip(rows.par_chunks(1024))
+                .for_each(|(dst, rows)| {
+                    for (dst, &r) in dst.chunks_exact_mut(d).zip(rows) {
+                        let r = r as usize;
+                        dst.copy_from_slice(&host.values[r * d..(r + 1) * d]);
+                    }
+                });
+            assign_rows(&gathered, d, centroids, k, &mut state.near);
+        }
+    }
+    out.par_iter_mut()
+        .zip(state.near.par_iter())
+        .for_each(|(o, s)| *o = geo.fresh(s));
+}
+
+/// A placeholder kernel value.
+#[cfg(target_arch = "x86_64")]
+const RAW: Raw = Raw {
+    near: Nearest {
+        best: crate::NO_SECOND,
+        best_dist: f32::INFINITY,
+        second: crate::NO_SECOND,
+        second_dist: f32::INFINITY,
+    },
+    norm: 0.0,
+};
+
+/// New labels and bounds for every point from a full pass; with `sums`, also
+/// the partial sums of the new labels when they can be had in the same pass
+/// over the points (they are those of `Backend::partial_sums`, bit for bit).
+fn refresh_all(
+    host: &HostPoints,
+    centroids: &[f32],
+    k: usize,
+    geo: &Geometry,
+    state: &mut Bounds,
+    sums: bool,
+) -> Option<PartialSums> {
+    #[cfg(target_arch = "x86_64")]
+    if sums && cpu::kernel_values_available(host.d) {
+        return Some(refresh_all_with_sums(host, centroids, k, geo, state));
+    }
+    let _ = sums;
+    let mut fresh = vec![(0u32, 0.0f32, 0.0f32); state.n];
+    fresh_points(host, None, centroids, k, geo, state, &mut fresh);
     state
         .labels
         .par_iter_mut()
         .zip(state.upper.par_iter_mut())
         .zip(state.lower.par_iter_mut())
-        .zip(near.par_iter())
-        .for_each(|(((a, u), l), s)| (*a, *u, *l) = geo.fresh(s));
+        .zip(fresh.par_iter())
+        .for_each(|(((a, u), l), f)| (*a, *u, *l) = *f);
+    None
+}
+
+/// [`refresh_all`] and the partial sums in one pass: each chunk of the sums
+/// (see `cpu::merge_chunk_sums`) labels its points tile by tile and adds each
+/// tile to its sums while the tile's rows are still in the cache.
+#[cfg(target_arch = "x86_64")]
+fn refresh_all_with_sums(
+    host: &HostPoints,
+    centroids: &[f32],
+    k: usize,
+    geo: &Geometry,
+    state: &mut Bounds,
+) -> PartialSums {
+    let d = host.d;
+    let pass = cpu::KernelPass::new(centroids, d, k);
+    let source = cpu::Rows::Block(&host.values);
+    let rows = cpu::SUM_CHUNK_ROWS;
+    let mut chunks: Vec<_> = state
+        .labels
+        .chunks_mut(rows)
+        .zip(state.upper.chunks_mut(rows))
+        .zip(state.lower.chunks_mut(rows))
+        .collect();
+    cpu::merge_chunk_sums(k, d, &mut chunks, |c, ((a, u), l)| {
+        let mut scratch = cpu::KernelScratch::new(d);
+        let mut raw = vec![RAW; cpu::KERNEL_TILE];
+        let mut sums = cpu::ChunkSums::new(k, d);
+        let start = c * rows;
+        for t0 in (0..a.len()).step_by(cpu::KERNEL_TILE) {
+            let m = (a.len() - t0).min(cpu::KERNEL_TILE);
+            let first = start + t0;
+            let tile = &host.values[first * d..(first + m) * d];
+            pass.values(source, first..first + m, &mut scratch, &mut raw[..m]);
+            for (i, (raw, x)) in raw[..m].iter().zip(tile.chunks_exact(d)).enumerate() {
+                let j = t0 + i;
+                (a[j], u[j], l[j]) = geo.fresh_kernel(raw, x, centroids, k);
+            }
+            sums.add(tile, &a[t0..t0 + m]);
+        }
+        sums.finish()
+    })
 }
 
 /// See [`Backend::assign_labels`](crate::Backend::assign_labels).
@@ -207,6 +389,37 @@ pub(crate) fn assign_labels(
     k: usize,
     labels: &mut [u32],
 ) -> Result<LabelStats, KernelError> {
+    Ok(label_round(points, bounds, centroids, k, labels, false)?.0)
+}
+
+/// See [`Backend::lloyd_round`](crate::Backend::lloyd_round): the partial sums
+/// come out of the labelling pass when it is a full one (on CPUs whose kernel
+/// hands out its values), else from a pass of their own.
+pub(crate) fn lloyd_round(
+    points: &Resident,
+    bounds: &mut Resident,
+    centroids: &[f32],
+    k: usize,
+    labels: &mut [u32],
+) -> Result<(LabelStats, PartialSums), KernelError> {
+    let (stats, sums) = label_round(points, bounds, centroids, k, labels, true)?;
+    let sums = match sums {
+        Some(sums) => sums,
+        None => crate::CpuBackend::new().partial_sums(points, labels, k)?,
+    };
+    Ok((stats, sums))
+}
+
+/// One round of labels; with `want_sums`, also the partial sums when the round
+/// makes a full pass that can give them.
+fn label_round(
+    points: &Resident,
+    bounds: &mut Resident,
+    centroids: &[f32],
+    k: usize,
+    labels: &mut [u32],
+    want_sums: bool,
+) -> Result<(LabelStats, Option<PartialSums>), KernelError> {
     let host = storage::<HostPoints>(points, NAME, "the points of assign_labels", "dense")?;
     let d = host.d;
     let n = host.values.len() / d;
@@ -223,17 +436,14 @@ pub(crate) fn assign_labels(
     if state.previous.len() != centroids.len() {
         // First round, or another k: every point through the kernel.
         let geo = geometry(centroids, centroids, d, k);
-        let mut near = vec![Nearest::default(); n];
-        assign_rows(&host.values, d, centroids, k, &mut near);
         state.labels.resize(n, 0);
         state.upper.resize(n, 0.0);
         state.lower.resize(n, 0.0);
-        refresh_all(state, &near, &geo);
+        let sums = refresh_all(host, centroids, k, &geo, state, want_sums);
         state.previous = centroids.to_vec();
         labels.copy_from_slice(&state.labels);
-        return Ok(LabelStats { recomputed: n });
+        return Ok((LabelStats { recomputed: n }, sums));
     }
-
     let geo = geometry(centroids, &state.previous, d, k);
     // Pass 1: move the bounds, and list the points they cannot certify.
     let pending: Vec<Vec<u32>> = state
@@ -265,30 +475,19 @@ pub(crate) fn assign_labels(
         .collect();
 
     // Pass 2: the uncertified points through the kernel. When most points are
-    // uncertified, all of them in place (gathering them would cost more than the
-    // distances of the others saved).
+    // uncertified, all of them in place (picking them out of the others would
+    // cost more than the distances of the others saved).
     let m: usize = pending.iter().map(Vec::len).sum();
+    let mut sums = None;
     if m > n / 2 {
-        let mut near = vec![Nearest::default(); n];
-        assign_rows(&host.values, d, centroids, k, &mut near);
-        refresh_all(state, &near, &geo);
+        sums = refresh_all(host, centroids, k, &geo, state, want_sums);
     } else if m > 0 {
         let rows: Vec<u32> = pending.concat();
-        let mut gathered = vec![0.0f32; m * d];
-        gathered
-            .par_chunks_mut(d * 1024)
-            .zip(rows.par_chunks(1024))
-            .for_each(|(dst, rows)| {
-                for (dst, &r) in dst.chunks_exact_mut(d).zip(rows) {
-                    let r = r as usize;
-                    dst.copy_from_slice(&host.values[r * d..(r + 1) * d]);
-                }
-            });
-        let mut near = vec![Nearest::default(); m];
-        assign_rows(&gathered, d, centroids, k, &mut near);
+        let mut fresh = vec![(0u32, 0.0f32, 0.0f32); m];
+        fresh_points(host, Some(&rows), centroids, k, &geo, state, &mut fresh);
         // Back to the points, chunk by chunk as listed in pass 1.
         let mut results = Vec::with_capacity(pending.len());
-        let mut rest = near.as_slice();
+        let mut rest = fresh.as_slice();
         for p in &pending {
             let (mine, after) = rest.split_at(p.len());
             results.push(mine);
@@ -301,16 +500,16 @@ pub(crate) fn assign_labels(
             .zip(state.lower.par_chunks_mut(CHUNK))
             .zip(pending.par_iter().zip(results.par_iter()))
             .enumerate()
-            .for_each(|(c, (((a, u), l), (rows, near)))| {
-                for (&r, s) in rows.iter().zip(near.iter()) {
+            .for_each(|(c, (((a, u), l), (rows, fresh)))| {
+                for (&r, f) in rows.iter().zip(fresh.iter()) {
                     let i = r as usize - c * CHUNK;
-                    (a[i], u[i], l[i]) = geo.fresh(s);
+                    (a[i], u[i], l[i]) = *f;
                 }
             });
     }
     state.previous.copy_from_slice(centroids);
     labels.copy_from_slice(&state.labels);
-    Ok(LabelStats { recomputed: m })
+    Ok((LabelStats { recomputed: m }, sums))
 }
 
 #[cfg(test)]
@@ -381,6 +580,62 @@ mod tests {
         trajectory.push(base.clone());
         trajectory.push(base);
         follow(&points, d, &trajectory);
+    }
+
+    #[test]
+    fn ties_above_the_direct_path_go_to_the_lowest_index() {
+        // As above with 24 features (the expanded-form kernels): points of a
+        // small integer grid, centroids on it too (one twice), so that many
+        // points are exactly equidistant to several centroids.
+        let d = 24;
+        let mut rng = Rng(12);
+        let grid = |rng: &mut Rng| (rng.unit() * 2.5).round();
+        let points: Vec<f32> = (0..3000 * d).map(|_| grid(&mut rng)).collect();
+        let mut base: Vec<f32> = (0..6 * d).map(|_| grid(&mut rng)).collect();
+        base.extend_from_within(2 * d..3 * d);
+        let mut nudged = base.clone();
+        nudged[5] += 1e-6;
+        follow(
+            &points,
+            d,
+            &[base.clone(), base.clone(), nudged, base.clone(), base],
+        );
+    }
+
+    #[test]
+    fn lloyd_rounds_give_the_labels_and_sums_of_separate_calls() {
+        // Several chunks of the sums, magnitudes that make the f64 sums round,
+        // rounds with full passes (the first, a jump) and with certified points.
+        let (n, d, k) = (3 * crate::cpu::SUM_CHUNK_ROWS + 555, 40, 9);
+        let mut rng = Rng(31);
+        let points: Vec<f32> = (0..n * d)
+            .map(|_| rng.unit() * 2f32.powi((rng.unit() * 20.0) as i32))
+            .collect();
+        let mut c: Vec<f32> = points[..k * d].to_vec();
+        let cpu = CpuBackend::new();
+        let resident = cpu.upload(&points, d).unwrap();
+        let mut fused = cpu.lloyd_bounds(&resident).unwrap();
+        let mut separate = cpu.lloyd_bounds(&resident).unwrap();
+        let (mut l1, mut l2) = (vec![0; n], vec![0; n]);
+        let bits = |p: &crate::PartialSums| p.sums.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for round in 0..8 {
+            if round == 4 {
+                c.iter_mut().for_each(|v| *v += 50.0);
+            } else {
+                c.iter_mut().for_each(|v| *v += rng.unit() * 0.01);
+            }
+            let (s1, sums1) = cpu
+                .lloyd_round(&resident, &mut fused, &c, k, &mut l1)
+                .unwrap();
+            let s2 = cpu
+                .assign_labels(&resident, &mut separate, &c, k, &mut l2)
+                .unwrap();
+            let sums2 = cpu.partial_sums(&resident, &l2, k).unwrap();
+            assert_eq!(s1, s2, "round {round}");
+            assert_eq!(l1, l2, "round {round}");
+            assert_eq!(bits(&sums1), bits(&sums2), "round {round}");
+            assert_eq!(sums1.counts, sums2.counts, "round {round}");
+        }
     }
 
     #[test]

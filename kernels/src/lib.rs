@@ -259,6 +259,21 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         labels: &mut [u32],
     ) -> Result<LabelStats, KernelError>;
 
+    /// One Lloyd round: [`Backend::assign_labels`], then [`Backend::partial_sums`]
+    /// of the new labels, with the results of those two calls (bit for bit); a
+    /// backend may get both from one pass over the points.
+    fn lloyd_round(
+        &self,
+        points: &Resident,
+        bounds: &mut Resident,
+        centroids: &[f32],
+        k: usize,
+        labels: &mut [u32],
+    ) -> Result<(LabelStats, PartialSums), KernelError> {
+        let stats = self.assign_labels(points, bounds, centroids, k, labels)?;
+        Ok((stats, self.partial_sums(points, labels, k)?))
+    }
+
     /// Sums (f64) and counts of the points per label; labels must be `< k`.
     fn partial_sums(
         &self,
