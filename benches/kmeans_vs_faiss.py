@@ -164,8 +164,9 @@ def main() -> int:
             "reported_inertia": shoal["inertia"],
             "recomputed": shoal["iter_recomputed"],
             "last_assign_inertia": None,
-            "note": "Backend::assign_labels (exact labels, skips points whose label is certified "
-                    "unchanged by distance bounds); assign GFLOP/s = nominal 2nkd over its time",
+            "note": "Backend::lloyd_round (exact labels, skips points whose label is certified "
+                    "unchanged by distance bounds, and their partial sums); assign GFLOP/s = "
+                    "nominal 2nkd over its time",
         })
         # The same iterations with a full distance pass each (the kernel's own rate).
         assert shoal_full["inertia"] == shoal["inertia"], (shoal_full["inertia"], shoal["inertia"])
