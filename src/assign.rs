@@ -10,11 +10,13 @@ use std::path::Path;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The model's own spec with `input` (a job spec whose `[input]` is taken, or an
-/// interaction log read with the model's input settings), `output`, and the
-/// model itself; relative local paths resolved against `cwd`.
+/// interaction log read with the model's input settings), the `features.extra`
+/// table `extra` (else the spec's, else the model's), `output`, and the model
+/// itself; relative local paths resolved against `cwd`.
 pub async fn assign_spec(
     model: &str,
     input: &str,
+    extra: Option<&str>,
     output: &str,
     cwd: &Path,
 ) -> Result<JobSpec, BoxError> {
@@ -45,8 +47,20 @@ pub async fn assign_spec(
     if input.ends_with(".toml") {
         let given = JobSpec::from_file(Path::new(&absolute(input)), cwd)?;
         spec.input = given.input;
+        if given.features.extra().is_some() {
+            spec.features.extra = given.features.extra;
+        }
     } else {
         spec.input.interactions = absolute(input);
+    }
+    if let Some(extra) = extra {
+        if spec.features.extra().is_none() {
+            return Err(format!(
+                "--extra {extra}: the model {model} was trained without a features.extra table, so its segments know no such features"
+            )
+            .into());
+        }
+        spec.features.extra = absolute(extra);
     }
     spec.output.path = absolute(output);
     spec.cluster.staging = None;

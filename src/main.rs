@@ -73,7 +73,9 @@ enum Command {
     /// Score the users of a new interaction log against a finished job's model
     /// (fold-in): their factors solved with the model's item factors fixed, RFM
     /// with the model's scaling, each user assigned to the nearest of its frozen
-    /// centroids. Writes the same outputs as a full run, with _SUCCESS.
+    /// centroids. With a features.extra table, its users without interactions
+    /// are assigned from its features alone (cold start). Writes the same
+    /// outputs as a full run, with _SUCCESS.
     Assign {
         /// The finished job's output folder (path, file:// or s3:// URL).
         #[arg(long, env = "SHOAL_MODEL")]
@@ -82,6 +84,11 @@ enum Command {
         /// (path, URL, folder or glob; read with the model's input settings).
         #[arg(long, env = "SHOAL_INPUT")]
         input: String,
+        /// Today's features.extra table, with the model's columns (default: the
+        /// model's own table, when it was trained with one; a `.toml` --input's
+        /// features.extra, when it names one).
+        #[arg(long, env = "SHOAL_EXTRA")]
+        extra: Option<String>,
         /// Output folder.
         #[arg(long, env = "SHOAL_OUTPUT")]
         output: String,
@@ -341,11 +348,13 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
         Command::Assign {
             model,
             input,
+            extra,
             output,
             workers,
             device,
         } => {
-            let mut spec = assign::assign_spec(&model, &input, &output, &cwd()?).await?;
+            let mut spec =
+                assign::assign_spec(&model, &input, extra.as_deref(), &output, &cwd()?).await?;
             if let Some(device) = device {
                 spec.cluster.device = device;
             }

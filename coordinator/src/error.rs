@@ -79,6 +79,8 @@ pub enum CoordinatorError {
     Tls(#[from] shoal_proto::tls::TlsError),
     #[error("model {url} cannot be used: {reason}")]
     Model { url: String, reason: String },
+    #[error("features.extra: {reason}")]
+    ExtraTable { reason: String },
 }
 
 impl CoordinatorError {
@@ -108,7 +110,8 @@ impl CoordinatorError {
             | CoordinatorError::OutputIsFile { .. }
             | CoordinatorError::ParquetFooter { .. }
             | CoordinatorError::UnknownFormat { .. }
-            | CoordinatorError::Model { .. } => Code::InvalidArgument,
+            | CoordinatorError::Model { .. }
+            | CoordinatorError::ExtraTable { .. } => Code::InvalidArgument,
             CoordinatorError::Store(StoreError::Io { .. }) => Code::Unavailable,
             CoordinatorError::Store(_) => Code::InvalidArgument,
             CoordinatorError::Write { .. } | CoordinatorError::Protocol { .. } => Code::Internal,

@@ -3,7 +3,7 @@
 //! every step to the workers and merges their answers in shard order.
 
 use crate::CoordinatorError;
-use crate::kmeans;
+use crate::{extra, kmeans};
 use crate::model::Model;
 use crate::output::{self, PhaseTimes, Report};
 use crate::state::{Progress, StateHandle, WorkerEntry};
@@ -12,7 +12,7 @@ use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use shoal_proto::auth::{AuthChannel, WithToken};
 use shoal_proto::pb::worker_service_client::WorkerServiceClient;
 use shoal_proto::pb::{self, PointRef};
-use shoal_proto::spec::Format;
+use shoal_proto::spec::{Format, RFM_DIMS};
 use shoal_proto::store::{self, InputObject};
 use shoal_proto::tls;
 use shoal_proto::{JobId, JobSpec, MAX_MESSAGE_BYTES, hash};
@@ -326,8 +326,26 @@ async fn drive(
     let staging_url = spec.staging_for(&ctx.id);
     let staging = store::resolve(&staging_url)?;
     let inputs = store::list_inputs(&spec.input.interactions).await?;
-    let splits = plan_splits(spec, &inputs).await?;
-    info!(objects = inputs.len(), splits = splits.len(), "planned");
+    let splits = plan_splits(spec.input.format, &inputs).await?;
+    let extra_inputs = match spec.features.extra() {
+        Some(pattern) => {
+            let found = store::list_inputs(pattern).await?;
+            if found.is_empty() {
+                return Err(CoordinatorError::ExtraTable {
+                    reason: format!("no object matches `{pattern}`"),
+                });
+            }
+            found
+        }
+        None => Vec::new(),
+    };
+    let extra_splits = plan_splits(None, &extra_inputs).await?;
+    info!(
+        objects = inputs.len(),
+        splits = splits.len(),
+        extra_splits = extra_splits.len(),
+        "planned"
+    );
     let workers = wait_for_workers(&ctx.state).await?;
     let token = WithToken::new(ctx.state.config.worker_token.as_deref()).map_err(|reason| {
         CoordinatorError::BadToken {
@@ -357,16 +375,19 @@ async fn drive(
         spec_toml: spec.to_toml(),
         staging: staging.url(),
     };
-    let per_member: Vec<Vec<pb::Split>> = (0..d.crew.len())
-        .map(|m| {
-            splits
-                .iter()
-                .filter(|s| s.index as usize % d.crew.len() == m)
-                .cloned()
-                .collect()
-        })
-        .collect();
-    let bytes_total: u64 = splits.iter().map(|s| s.size).sum();
+    let share = |splits: &[pb::Split]| -> Vec<Vec<pb::Split>> {
+        (0..d.crew.len())
+            .map(|m| {
+                splits
+                    .iter()
+                    .filter(|s| s.index as usize % d.crew.len() == m)
+                    .cloned()
+                    .collect()
+            })
+            .collect()
+    };
+    let (per_member, extra_per_member) = (share(&splits), share(&extra_splits));
+    let bytes_total: u64 = splits.iter().chain(&extra_splits).map(|s| s.size).sum();
     d.progress(Progress {
         bytes_total: Some(bytes_total),
         bytes_read: Some(0),
@@ -378,6 +399,7 @@ async fn drive(
             job: Some(job_ctx.clone()),
             attempt: ATTEMPT,
             splits: per_member[m].clone(),
+            extra_splits: extra_per_member[m].clone(),
         };
         async move { c.ingest(req).await }
     });
@@ -385,9 +407,14 @@ async fn drive(
         answers = ingest => answers?,
         never = watch_ingest(&d, bytes_total) => match never {},
     };
-    let mut split_results: Vec<pb::SplitResult> =
-        answers.into_iter().flat_map(|a| a.splits).collect();
+    let mut split_results = Vec::new();
+    let mut extra_results = Vec::new();
+    for a in answers {
+        split_results.extend(a.splits);
+        extra_results.extend(a.extra_splits);
+    }
     split_results.sort_by_key(|s| s.split);
+    extra_results.sort_by_key(|s| s.split);
     let rows = output::RowTally::from_splits(&split_results);
     d.progress(Progress {
         rows_read: Some(rows.read),
@@ -414,8 +441,31 @@ async fn drive(
         .max()
         .unwrap_or(0);
     info!(read = rows.read, kept = rows.kept, "ingested");
-    let bytes_read = split_results.iter().map(|s| s.bytes_read).sum();
-    ctx.state.config.metrics.ingested(rows.read, bytes_read);
+    // The extra table's columns, as its splits agree on them.
+    let extra_columns = extra::agree(&extra_results, |i| {
+        extra_splits
+            .get(i as usize)
+            .map_or_else(|| format!("split {i}"), |s| s.object.clone())
+    })?;
+    let extra_rows = extra::tally(&extra_results);
+    if spec.features.extra().is_some() && extra_rows.kept == 0 {
+        return Err(CoordinatorError::ExtraTable {
+            reason: format!(
+                "no row of the table is usable: read {}, dropped {}",
+                extra_rows.read,
+                extra_rows.dropped_text()
+            ),
+        });
+    }
+    if let Some(model) = &model {
+        model.check_extra(&extra_columns)?;
+    }
+    let bytes_read = split_results
+        .iter()
+        .map(|s| s.bytes_read)
+        .chain(extra_results.iter().map(|s| s.bytes_read))
+        .sum();
+    ctx.state.config.metrics.ingested(rows.read + extra_rows.read, bytes_read);
     times.add("ingest", t);
 
     // ---- load
@@ -433,6 +483,7 @@ async fn drive(
                 } else {
                     Vec::new()
                 },
+                extra_columns: extra_columns.clone(),
             };
             async move { c.load_shards(req).await }
         })
@@ -503,12 +554,21 @@ async fn drive(
     let t = Instant::now();
     d.phase("scale");
     let moments: Vec<Vec<pb::Moments>> = stats.values().map(|s| s.moments.clone()).collect();
-    let (rfm_mean, rfm_scale) = match &model {
+    let extra_dims = extra::dims(&extra_columns);
+    let extra_moments: Vec<Vec<pb::Moments>> =
+        stats.values().map(|s| s.extra_moments.clone()).collect();
+    let (rfm_mean, rfm_scale, extra_mean, extra_scale) = match &model {
         // the model's scaling, so its centroids mean what they meant
-        Some(model) => (model.rfm_mean.clone(), model.rfm_scale.clone()),
+        Some(model) => (
+            model.rfm_mean.clone(),
+            model.rfm_scale.clone(),
+            model.extra_mean.clone(),
+            model.extra_scale.clone(),
+        ),
         None => {
             let (mean, scale, _) = kmeans::merge_moments(&moments, dims);
-            (mean, scale)
+            let (extra_mean, extra_scale, _) = kmeans::merge_moments(&extra_moments, extra_dims);
+            (mean, scale, extra_mean, extra_scale)
         }
     };
     let scaled = d
@@ -518,14 +578,17 @@ async fn drive(
                 attempt: ATTEMPT,
                 mean: rfm_mean.clone(),
                 scale: rfm_scale.clone(),
+                extra_mean: extra_mean.clone(),
+                extra_scale: extra_scale.clone(),
             };
             async move { c.standardize(req).await }
         })
         .await?;
     // With ALS the factor block (L2-normalised, times features.als_weight) comes
-    // first; it is used as it is (mean 0, scale 1 in the report's terms).
+    // first; it is used as it is (mean 0, scale 1 in the report's terms). The
+    // extra table's block comes after RFM.
     let factors = als.as_ref().map_or(0, |_| spec.als.factors as usize);
-    let dims = factors + dims;
+    let dims = factors + dims + extra_dims;
     if let Some(bad) = scaled.iter().find(|s| s.dims as usize != dims) {
         return Err(CoordinatorError::Protocol {
             worker: "(all)".into(),
@@ -542,8 +605,16 @@ async fn drive(
     let feature_moments: Vec<Vec<pb::Moments>> =
         scaled_stats.iter().map(|s| s.moments.clone()).collect();
     let factor_var = kmeans::merge_variances(&feature_moments, dims);
-    let mean: Vec<f64> = std::iter::repeat_n(0.0, factors).chain(rfm_mean).collect();
-    let scale: Vec<f64> = std::iter::repeat_n(1.0, factors).chain(rfm_scale).collect();
+    let mean: Vec<f64> = std::iter::repeat_n(0.0, factors)
+        .chain(rfm_mean)
+        .chain(extra_mean)
+        .collect();
+    let scale: Vec<f64> = std::iter::repeat_n(1.0, factors)
+        .chain(rfm_scale)
+        .chain(extra_scale)
+        .collect();
+    let mut feature_names = spec.feature_names();
+    feature_names.extend(extra::feature_names(&extra_columns));
     times.add("scale", t);
 
     let seed = spec.segments.seed;
@@ -566,12 +637,13 @@ async fn drive(
         d.phase("lloyd");
         // scikit-learn's tolerance: relative to the mean variance of the features,
         // which is 1 for every standardised RFM feature and 0 for a constant one; the
-        // factor block's as measured.
+        // factor block's and the extra table's (whose missing values sit at the
+        // mean) as measured.
         let mean_var = (0..dims)
             .map(|j| match j.checked_sub(factors) {
-                None => factor_var[j],
-                Some(_) if scale[j] == 1.0 => 0.0,
-                Some(_) => 1.0,
+                Some(r) if r < RFM_DIMS && scale[j] == 1.0 => 0.0,
+                Some(r) if r < RFM_DIMS => 1.0,
+                _ => factor_var[j],
             })
             .sum::<f64>()
             / dims as f64;
@@ -634,7 +706,7 @@ async fn drive(
     // ---- finalize: segments ordered by monetary centroid, highest first
     let t = Instant::now();
     d.phase("finalize");
-    let money = dims - 1;
+    let money = factors + RFM_DIMS - 1;
     let mut order: Vec<usize> = (0..k).collect();
     order.sort_by(|&a, &b| {
         centroids[b * dims + money]
@@ -679,8 +751,13 @@ async fn drive(
     let summary = output::summarize(
         &finals,
         &centroids,
+        output::Layout {
+            dims,
+            rfm_at: factors,
+            names: &feature_names,
+            extra_at: (extra_dims > 0).then_some((factors + RFM_DIMS, spec.features.extra_weight)),
+        },
         k,
-        dims,
         &mean,
         &scale,
         SILHOUETTE_SAMPLE as usize,
@@ -696,7 +773,7 @@ async fn drive(
         ctx,
         &rows,
         users,
-        dims,
+        &feature_names,
         &mean,
         &scale,
         output::KmeansFacts {
@@ -715,6 +792,19 @@ async fn drive(
         d.crew.len(),
         reference_ms,
     );
+    report.extra = spec.features.extra().map(|table| {
+        let mut facts = extra::ExtraFacts::new(
+            table,
+            &extra_columns,
+            spec.features.extra_weight,
+            extra_rows.clone(),
+            &stats.values().cloned().collect::<Vec<_>>(),
+        );
+        if model.is_some() {
+            facts.cold_start_users = Some(summary.segments.iter().map(|s| s.cold_start_users).sum());
+        }
+        facts
+    });
     report.als = als.map(|mut facts| {
         if spec.evaluate.holdout > 0.0 {
             facts.evaluation = output::Evaluation::from_partials(
@@ -937,14 +1027,15 @@ fn in_shard_order<T>(
 
 /// Cuts the input objects into splits: one per CSV object (a gzip stream cannot be
 /// split), Parquet row groups grouped into splits of about [`SPLIT_BYTES`].
+/// Splits of the objects `inputs`, read as `format` (else as their names say).
 async fn plan_splits(
-    spec: &JobSpec,
+    format: Option<Format>,
     inputs: &[InputObject],
 ) -> Result<Vec<pb::Split>, CoordinatorError> {
     let mut splits = Vec::new();
     for obj in inputs {
         let named = Format::from_name(&obj.url);
-        let (format, gzip) = match (spec.input.format, named) {
+        let (format, gzip) = match (format, named) {
             (Some(f), Some((nf, gz))) if f == nf => (f, gz),
             (Some(f), _) => (f, obj.url.to_ascii_lowercase().ends_with(".gz")),
             (None, Some(x)) => x,

@@ -4,6 +4,7 @@
 //! the job-level outputs and the manifest ([`output`]).
 
 pub mod error;
+pub mod extra;
 pub mod grpc;
 pub mod job;
 pub mod kmeans;

@@ -5,8 +5,9 @@
 use crate::CoordinatorError;
 use arrow::array::{Array, AsArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use shoal_proto::JobSpec;
 use shoal_proto::manifest::{MANIFEST, Manifest};
+use shoal_proto::spec::RFM_DIMS;
+use shoal_proto::{JobSpec, pb};
 use shoal_proto::store::{self, Location};
 
 /// What scoring against a model needs from it.
@@ -15,13 +16,19 @@ pub struct Model {
     pub folder: Location,
     pub manifest: Manifest,
     pub k: usize,
-    /// Feature dimensions (ALS factors, then recency, frequency, monetary).
+    /// Feature dimensions (ALS factors, then recency, frequency, monetary, then
+    /// a `features.extra` table's).
     pub dims: usize,
     /// Row-major `k x dims`, in the model's segment order.
     pub centroids: Vec<f32>,
     /// Mean and scale of the three (log-scaled) RFM features.
     pub rfm_mean: Vec<f64>,
     pub rfm_scale: Vec<f64>,
+    /// The model's `features.extra` columns (empty without a table), and the
+    /// mean and scale of their features.
+    pub extra_columns: Vec<pb::ExtraColumn>,
+    pub extra_mean: Vec<f64>,
+    pub extra_scale: Vec<f64>,
 }
 
 fn toml_of<T: serde::Serialize>(v: &T) -> toml::Table {
@@ -57,6 +64,27 @@ fn bad(folder: &Location, reason: impl Into<String>) -> CoordinatorError {
 }
 
 impl Model {
+    /// Checks that today's `features.extra` table has the model's columns.
+    pub fn check_extra(&self, columns: &[pb::ExtraColumn]) -> Result<(), CoordinatorError> {
+        if columns == self.extra_columns.as_slice() {
+            return Ok(());
+        }
+        let show = |c: &[pb::ExtraColumn]| {
+            c.iter()
+                .map(|c| format!("{} ({})", c.name, c.dims))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Err(bad(
+            &self.folder,
+            format!(
+                "the features.extra table has the columns [{}], the model's had [{}] (name (values)); give a table with the model's columns",
+                show(columns),
+                show(&self.extra_columns)
+            ),
+        ))
+    }
+
     /// The `item_factors.parquet/` parts the model's manifest lists, in order.
     pub fn item_parts(&self) -> Vec<String> {
         self.manifest
@@ -119,15 +147,34 @@ impl Model {
                 ),
             ));
         }
+        if trained.features.extra().is_some() != spec.features.extra().is_some() {
+            return Err(bad(
+                &folder,
+                if spec.features.extra().is_some() {
+                    "the model was trained without a features.extra table; leave features.extra out (or train a model with one)".to_string()
+                } else {
+                    format!(
+                        "the model was trained with the features.extra table {}; give one with the same columns (`shoal assign --extra TABLE`)",
+                        trained.features.extra
+                    )
+                },
+            ));
+        }
         // Everything that shapes a user's features must be the model's, or the
-        // frozen centroids would mean something else.
+        // frozen centroids would mean something else. (The extra table itself is
+        // today's, its columns are checked after ingest.)
+        let without_table = |f: &shoal_proto::spec::FeaturesSpec| {
+            let mut f = f.clone();
+            f.extra.clear();
+            toml_of(&f)
+        };
         let differs = differing(
             [
                 ("als", toml_of(&trained.als), toml_of(&spec.als)),
                 (
                     "features",
-                    toml_of(&trained.features),
-                    toml_of(&spec.features),
+                    without_table(&trained.features),
+                    without_table(&spec.features),
                 ),
             ],
             trained.segments.seed != spec.segments.seed,
@@ -155,7 +202,43 @@ impl Model {
                 return Err(bad(&folder, format!("its manifest lists no {needed}")));
             }
         }
-        let dims = trained.feature_names().len();
+        let report: serde_json::Value =
+            serde_json::from_slice(&folder.child("report.json").get().await?)
+                .map_err(|e| bad(&folder, format!("report.json: {e}")))?;
+        let dims = match report["features"].as_array() {
+            Some(names) => names.len(),
+            None => return Err(bad(&folder, "report.json lists no features")),
+        };
+        let mut extra_columns = Vec::new();
+        if trained.features.extra().is_some() {
+            let cols = report["extra"]["columns"]
+                .as_array()
+                .ok_or_else(|| bad(&folder, "report.json describes no features.extra columns"))?;
+            for c in cols {
+                match (c["name"].as_str(), c["dims"].as_u64()) {
+                    (Some(name), Some(dims)) => extra_columns.push(pb::ExtraColumn {
+                        name: name.to_string(),
+                        dims: dims as u32,
+                    }),
+                    _ => return Err(bad(&folder, "report.json: a features.extra column without name or dims")),
+                }
+            }
+        }
+        let rfm_at = if trained.features.als {
+            trained.als.factors as usize
+        } else {
+            0
+        };
+        let extra_dims = shoal_proto::extra::dims(&extra_columns);
+        if rfm_at + RFM_DIMS + extra_dims != dims {
+            return Err(bad(
+                &folder,
+                format!(
+                    "report.json lists {dims} features, its ALS, RFM and features.extra blocks make {}",
+                    rfm_at + RFM_DIMS + extra_dims
+                ),
+            ));
+        }
         let bytes = folder.child("centroids.parquet").get().await?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .and_then(|b| b.build())
@@ -189,9 +272,6 @@ impl Model {
         if k == 0 {
             return Err(bad(&folder, "centroids.parquet holds no centroid"));
         }
-        let report: serde_json::Value =
-            serde_json::from_slice(&folder.child("report.json").get().await?)
-                .map_err(|e| bad(&folder, format!("report.json: {e}")))?;
         let numbers = |key: &str| -> Result<Vec<f64>, CoordinatorError> {
             let v: Vec<f64> = report["scaling"][key]
                 .as_array()
@@ -206,11 +286,16 @@ impl Model {
                     ),
                 ));
             }
-            Ok(v[dims - 3..].to_vec())
+            Ok(v)
         };
+        let (mean, scale) = (numbers("mean")?, numbers("scale")?);
+        let rfm = rfm_at..rfm_at + RFM_DIMS;
         Ok(Model {
-            rfm_mean: numbers("mean")?,
-            rfm_scale: numbers("scale")?,
+            rfm_mean: mean[rfm.clone()].to_vec(),
+            rfm_scale: scale[rfm.clone()].to_vec(),
+            extra_mean: mean[rfm.end..].to_vec(),
+            extra_scale: scale[rfm.end..].to_vec(),
+            extra_columns,
             folder,
             manifest,
             k,

@@ -112,6 +112,20 @@ pub struct SegmentSummary {
     /// With ALS: the items most of the segment's users bought.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_items: Vec<TopItem>,
+    /// With a `features.extra` table (and a weight above 0): the mean of each of
+    /// its features over the segment's users, in the table's units (a user
+    /// without a value counts at the feature's overall mean).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_means: BTreeMap<String, f64>,
+    /// In a fold-in with a `features.extra` table: the users without
+    /// interactions assigned to the segment from the table alone (not in `size`
+    /// nor in the RFM figures).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cold_start_users: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Items listed per segment.
@@ -188,24 +202,42 @@ pub struct Summary {
     pub calinski_harabasz: Option<f64>,
 }
 
+/// Where the blocks of a job's feature vector are.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout<'a> {
+    pub dims: usize,
+    /// The first of the three RFM features.
+    pub rfm_at: usize,
+    /// Every feature's name.
+    pub names: &'a [String],
+    /// A `features.extra` block: where it starts (it runs to the end) and its
+    /// weight.
+    pub extra_at: Option<(usize, f64)>,
+}
+
 /// Merges the finalize answers (in shard order) into segment figures and metrics.
 pub fn summarize(
     finals: &[pb::ShardFinal],
     centroids: &[f32],
+    layout: Layout<'_>,
     k: usize,
-    dims: usize,
     mean: &[f64],
     scale: &[f64],
     sample_size: usize,
 ) -> Summary {
+    let dims = layout.dims;
     let mut count = vec![0u64; k];
     let mut rfm_sum = vec![[0.0f64; 3]; k];
     let mut sketches = vec![[Sketch::default(), Sketch::default(), Sketch::default()]; k];
     let mut dist_sum = vec![0.0f64; k];
     let mut inertia_c = vec![0.0f64; k];
     let mut feat_sum = vec![0.0f64; k * dims];
+    let mut cold = vec![0u64; k];
     let mut sample: Vec<&pb::SamplePoint> = Vec::new();
     for f in finals {
+        for (c, n) in f.cold_start.iter().enumerate().take(k) {
+            cold[c] += n;
+        }
         for (c, s) in f.segments.iter().enumerate().take(k) {
             count[c] += s.count;
             for j in 0..3 {
@@ -224,13 +256,25 @@ pub fn summarize(
     }
     let users: u64 = count.iter().sum();
     let inertia: f64 = inertia_c.iter().sum();
-    // The RFM block is last (after the ALS factors, when there are any).
-    let rfm = dims.saturating_sub(3);
+    let rfm = layout.rfm_at;
     let original = |c: usize, j: usize| {
         let j = rfm + j;
         let y = f64::from(centroids[c * dims + j]) * scale[j] + mean[j];
         // features are log1p (sign-preserving for money): undo it
         y.signum() * y.abs().exp_m1()
+    };
+    // A segment's mean of an extra feature: its members' mean in the scaled
+    // space, mapped back.
+    let extra_means = |c: usize| -> BTreeMap<String, f64> {
+        let Some((at, weight)) = layout.extra_at.filter(|&(_, w)| w > 0.0) else {
+            return BTreeMap::new();
+        };
+        (at..dims)
+            .map(|j| {
+                let scaled = feat_sum[c * dims + j] / count[c].max(1) as f64;
+                (layout.names[j].clone(), scaled / weight * scale[j] + mean[j])
+            })
+            .collect()
     };
     let segments = (0..k)
         .map(|c| {
@@ -254,6 +298,8 @@ pub fn summarize(
                 centroid_frequency: original(c, 1),
                 centroid_monetary: original(c, 2),
                 top_items: Vec::new(),
+                extra_means: extra_means(c),
+                cold_start_users: cold[c],
             }
         })
         .collect::<Vec<SegmentSummary>>();
@@ -448,6 +494,9 @@ pub struct Report {
     /// ALS, when the spec asks for it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub als: Option<AlsFacts>,
+    /// The `features.extra` table, when the spec names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra: Option<crate::extra::ExtraFacts>,
     pub kmeans: KmeansFacts,
     pub quality: Quality,
     pub segments: Vec<SegmentSummary>,
@@ -463,7 +512,7 @@ impl Report {
         ctx: &JobContext,
         rows: &RowTally,
         users: u64,
-        dims: usize,
+        features: &[String],
         mean: &[f64],
         scale: &[f64],
         kmeans: KmeansFacts,
@@ -476,7 +525,8 @@ impl Report {
         let mut seconds: BTreeMap<String, f64> = times.0.into_iter().collect();
         seconds.insert("total".into(), started.elapsed().as_secs_f64());
         let reference_time = rfc3339(reference_ms);
-        debug_assert_eq!(dims, ctx.spec.feature_names().len());
+        debug_assert_eq!(features.len(), mean.len());
+        let extra = ctx.spec.features.extra().is_some();
         Report {
             job_id: ctx.id.to_string(),
             name: ctx.spec.name.clone(),
@@ -485,17 +535,25 @@ impl Report {
             rows: rows.clone(),
             users,
             reference_time,
-            features: ctx.spec.feature_names(),
+            features: features.to_vec(),
             scaling: Scaling {
-                transform: if ctx.spec.features.als {
-                    "als_*: L2-normalised user factors times features.als_weight (mean 0, scale 1 here); RFM: log1p, then (x - mean) / scale"
-                } else {
-                    "log1p, then (x - mean) / scale"
+                transform: match (ctx.spec.features.als, extra) {
+                    (true, false) => {
+                        "als_*: L2-normalised user factors times features.als_weight (mean 0, scale 1 here); RFM: log1p, then (x - mean) / scale"
+                    }
+                    (true, true) => {
+                        "als_*: L2-normalised user factors times features.als_weight (mean 0, scale 1 here); RFM: log1p, then (x - mean) / scale; features.extra: (x - mean) / scale times features.extra_weight, 0 where missing"
+                    }
+                    (false, false) => "log1p, then (x - mean) / scale",
+                    (false, true) => {
+                        "RFM: log1p, then (x - mean) / scale; features.extra: (x - mean) / scale times features.extra_weight, 0 where missing"
+                    }
                 },
                 mean: mean.to_vec(),
                 scale: scale.to_vec(),
             },
             als: None,
+            extra: None,
             kmeans,
             quality: Quality {
                 silhouette: summary.silhouette,

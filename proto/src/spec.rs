@@ -170,6 +170,9 @@ pub struct Columns {
     pub item_label: String,
 }
 
+/// The features of the RFM block: recency, frequency, monetary.
+pub const RFM_DIMS: usize = 3;
+
 fn non_empty(s: &str) -> Option<&str> {
     let s = s.trim();
     (!s.is_empty()).then_some(s)
@@ -252,9 +255,31 @@ pub struct FeaturesSpec {
     /// How much the ALS block weighs against the RFM block in the distance.
     #[serde(default = "one")]
     pub als_weight: f64,
-    /// Reserved for external feature tables; must be empty in this version.
+    /// A table of per-user features to segment on beside the others: a path,
+    /// `file://` or `s3://` URL, folder or glob of CSV or Parquet files with a
+    /// user column and numeric columns (Parquet also list<number> columns, each
+    /// a vector of one fixed length). Standardised like RFM and placed after it;
+    /// a user without a row (or a missing value) gets the column's mean. Empty:
+    /// none.
     #[serde(default)]
     pub extra: String,
+    /// The user column of `extra`; default: `input.columns.user`. Its ids are
+    /// read like the interactions' (`input.user_as_integer` applies).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub extra_user: String,
+    /// The feature columns of `extra`; default: every column but the user's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_columns: Vec<String>,
+    /// How much the `extra` block weighs against the RFM block in the distance.
+    #[serde(default = "one")]
+    pub extra_weight: f64,
+}
+
+impl FeaturesSpec {
+    /// The `extra` table, when there is one.
+    pub fn extra(&self) -> Option<&str> {
+        non_empty(&self.extra)
+    }
 }
 
 fn yes() -> bool {
@@ -272,6 +297,9 @@ impl Default for FeaturesSpec {
             als: false,
             als_weight: one(),
             extra: String::new(),
+            extra_user: String::new(),
+            extra_columns: Vec::new(),
+            extra_weight: one(),
         }
     }
 }
@@ -569,6 +597,9 @@ impl JobSpec {
         }
         fix(&mut self.input.interactions, base);
         fix(&mut self.output.path, base);
+        if !self.features.extra.is_empty() {
+            fix(&mut self.features.extra, base);
+        }
         if let Some(staging) = self.cluster.staging.as_mut() {
             fix(staging, base);
         }
@@ -653,11 +684,57 @@ impl JobSpec {
                 format!("must be a finite number >= 0, got {aw}"),
             ));
         }
-        if !self.features.extra.is_empty() {
+        let features = &self.features;
+        if features.extra.trim() != features.extra {
             return Err(invalid(
                 "features.extra",
-                "external feature tables are not supported in this version; leave features.extra empty",
+                "has leading or trailing spaces; give the path or URL exactly",
             ));
+        }
+        if features.extra().is_none() {
+            for (field, set) in [
+                ("features.extra_user", !features.extra_user.is_empty()),
+                ("features.extra_columns", !features.extra_columns.is_empty()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        field,
+                        "is set but features.extra names no table; set features.extra or leave this out",
+                    ));
+                }
+            }
+        }
+        let ew = features.extra_weight;
+        if !ew.is_finite() || ew < 0.0 {
+            return Err(invalid(
+                "features.extra_weight",
+                format!("must be a finite number >= 0, got {ew}"),
+            ));
+        }
+        if features.extra_user.trim() != features.extra_user {
+            return Err(invalid(
+                "features.extra_user",
+                "has leading or trailing spaces; give the column name exactly",
+            ));
+        }
+        let extra_user = self.extra_user_column();
+        let mut seen = std::collections::BTreeSet::new();
+        for c in &features.extra_columns {
+            if c.trim().is_empty() {
+                return Err(invalid("features.extra_columns", "holds an empty column name"));
+            }
+            if !seen.insert(c.as_str()) {
+                return Err(invalid(
+                    "features.extra_columns",
+                    format!("names column `{c}` twice"),
+                ));
+            }
+            if c == extra_user {
+                return Err(invalid(
+                    "features.extra_columns",
+                    format!("names `{c}`, the user column of the table; list feature columns only"),
+                ));
+            }
         }
         if !self.input.events.is_empty() && cols.event().is_none() {
             return Err(invalid(
@@ -837,9 +914,10 @@ impl JobSpec {
         Ok(())
     }
 
-    /// The feature names, in the order of the feature vector: with ALS the
-    /// factors first (`als_0` .. `als_{F-1}`), then recency_days, frequency,
-    /// monetary.
+    /// The names of the features the spec fixes, in the order of the feature
+    /// vector: with ALS the factors first (`als_0` .. `als_{F-1}`), then
+    /// recency_days, frequency, monetary. A `features.extra` table's features
+    /// come after them, named by its columns.
     pub fn feature_names(&self) -> Vec<String> {
         let mut names = Vec::new();
         if self.features.als {
@@ -849,6 +927,15 @@ impl JobSpec {
             names.extend(["recency_days", "frequency", "monetary"].map(String::from));
         }
         names
+    }
+
+    /// The user column of the `features.extra` table.
+    pub fn extra_user_column(&self) -> &str {
+        if self.features.extra_user.is_empty() {
+            self.input.columns.user()
+        } else {
+            &self.features.extra_user
+        }
     }
 
     /// Where jobs of this spec stage rows: `cluster.staging`, or `<output.path>/_staging`.
@@ -1217,10 +1304,36 @@ path = "out"
             (
                 with(
                     "als_weight = 1.0",
-                    "als_weight = 1.0\nextra = \"s3://b/t.parquet\"",
+                    "als_weight = 1.0\nextra = \" s3://b/t.parquet\"",
                 ),
                 "features.extra",
-                "leave features.extra empty",
+                "spaces",
+            ),
+            (
+                with("als_weight = 1.0", "als_weight = 1.0\nextra_weight = -2.0"),
+                "features.extra_weight",
+                ">= 0",
+            ),
+            (
+                with("als_weight = 1.0", "als_weight = 1.0\nextra_user = \"id\""),
+                "features.extra_user",
+                "names no table",
+            ),
+            (
+                with(
+                    "als_weight = 1.0",
+                    "als_weight = 1.0\nextra = \"t.csv\"\nextra_columns = [\"age\", \"age\"]",
+                ),
+                "features.extra_columns",
+                "`age` twice",
+            ),
+            (
+                with(
+                    "als_weight = 1.0",
+                    "als_weight = 1.0\nextra = \"t.csv\"\nextra_columns = [\"CustomerID\"]",
+                ),
+                "features.extra_columns",
+                "user column",
             ),
             (
                 with(
@@ -1379,7 +1492,11 @@ path = "out"
     #[test]
     fn every_new_field_round_trips_through_toml() {
         let text = with_events("view = 0.1\n\"add to cart\" = 0.5\npurchase = 3.0\n")
-            .replacen("als_weight = 1.0", "als_weight = 0.75", 1)
+            .replacen(
+                "als_weight = 1.0",
+                "als_weight = 0.75\nextra = \"s3://b/profiles/\"\nextra_user = \"id\"\nextra_columns = [\"age\", \"emb\"]\nextra_weight = 0.5",
+                1,
+            )
             .replacen("factors = 32", "factors = 8", 1)
             .replacen("iterations = 15", "iterations = 4", 1)
             .replacen("regularization = 0.01", "regularization = 0.125", 1)
@@ -1396,6 +1513,10 @@ path = "out"
         assert_eq!(s.input.events.len(), 3);
         assert_eq!(s.input.events["add to cart"], 0.5);
         assert_eq!(s.features.als_weight, 0.75);
+        assert_eq!(s.features.extra(), Some("s3://b/profiles/"));
+        assert_eq!(s.extra_user_column(), "id");
+        assert_eq!(s.features.extra_columns, ["age", "emb"]);
+        assert_eq!(s.features.extra_weight, 0.5);
         assert_eq!(
             s.als,
             AlsSpec {
@@ -1445,8 +1566,15 @@ path = "out"
         assert_eq!(s.output.path, "/srv/shoal/out/online-retail");
         let mut u = demo();
         u.output.path = "file:///tmp/x".into();
+        u.features.extra = "profiles/*.parquet".into();
         u.resolve_paths(Path::new("/srv"));
         assert_eq!(u.output.path, "file:///tmp/x");
+        assert_eq!(u.features.extra, "/srv/profiles/*.parquet");
+        // Without a table nothing is made up, and the table's users default to
+        // the interactions' user column.
+        let d = demo();
+        assert_eq!(d.features.extra(), None);
+        assert_eq!(d.extra_user_column(), d.input.columns.user());
     }
 
     #[test]

@@ -109,6 +109,21 @@ pub enum WorkerError {
     },
     #[error("the shards of job {job} do not agree: {detail}")]
     Inconsistent { job: String, detail: String },
+    #[error("column `{column}` ({field}) not found in the features.extra table {file}; columns are: {}", present.join(", "))]
+    ExtraMissingColumn {
+        file: String,
+        field: &'static str,
+        column: String,
+        present: Vec<String>,
+    },
+    #[error(
+        "user `{user}` has more than one row in the features.extra table ({first} and {second}); give each user at most one row"
+    )]
+    DuplicateExtraUser {
+        user: String,
+        first: String,
+        second: String,
+    },
 }
 
 impl WorkerError {
@@ -136,6 +151,8 @@ impl WorkerError {
             | WorkerError::Gzip { .. }
             | WorkerError::Parquet { .. }
             | WorkerError::Arrow { .. }
+            | WorkerError::ExtraMissingColumn { .. }
+            | WorkerError::DuplicateExtraUser { .. }
             | WorkerError::InvalidRequest(_) => Code::InvalidArgument,
             WorkerError::Kernel(e) if e.is_input_error() => Code::InvalidArgument,
             WorkerError::Kernel(_) => Code::Internal,

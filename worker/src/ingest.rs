@@ -122,7 +122,7 @@ pub struct IngestControl {
 }
 
 impl IngestControl {
-    fn check(&self) -> Result<(), WorkerError> {
+    pub(crate) fn check(&self) -> Result<(), WorkerError> {
         if self.cancel.is_cancelled() {
             return Err(WorkerError::Cancelled {
                 job: self.job.clone(),
@@ -154,20 +154,9 @@ pub async fn ingest_split_controlled(
 ) -> Result<pb::SplitResult, WorkerError> {
     control.check()?;
     let loc = resolve(&split.object)?;
-    let format = split_format(split)?;
-    let mut cleaner = Cleaner::new(spec, split, control)?;
-    let bytes_read = match format {
-        Format::Csv => read_csv(spec, split, &loc, &mut cleaner).await?,
-        Format::Parquet => {
-            if split.gzip {
-                return Err(WorkerError::InvalidRequest(format!(
-                    "split {} of {}: gzip-compressed Parquet is not supported (Parquet compresses its pages itself)",
-                    split.index, split.object
-                )));
-            }
-            read_parquet(spec, split, &loc, &mut cleaner).await?
-        }
-    };
+    let mut sink = (Cleaner::new(spec, split, control)?, None);
+    let bytes_read = read_split(split, &loc, &mut sink).await?;
+    let (cleaner, _) = sink;
     let Cleaner {
         counts,
         read,
@@ -207,6 +196,27 @@ pub async fn ingest_split_controlled(
         max_time_ms: if kept > 0 { max_time_ms } else { 0 },
         bytes_read,
     })
+}
+
+/// Reads `split` (at `loc`) into `sink`, as CSV or Parquet; returns the bytes
+/// fetched.
+pub(crate) async fn read_split(
+    split: &pb::Split,
+    loc: &Location,
+    sink: &mut (dyn Sink + Send),
+) -> Result<u64, WorkerError> {
+    match split_format(split)? {
+        Format::Csv => read_csv(split, loc, sink).await,
+        Format::Parquet => {
+            if split.gzip {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "split {} of {}: gzip-compressed Parquet is not supported (Parquet compresses its pages itself)",
+                    split.index, split.object
+                )));
+            }
+            read_parquet(split, loc, sink).await
+        }
+    }
 }
 
 fn split_format(split: &pb::Split) -> Result<Format, WorkerError> {
@@ -306,7 +316,7 @@ struct Slot {
 
 /// The input column named `want`: an exact match, else the first match ignoring
 /// case and surrounding spaces.
-fn find_column(schema: &Schema, want: &str) -> Option<usize> {
+pub(crate) fn find_column(schema: &Schema, want: &str) -> Option<usize> {
     let fields = schema.fields();
     fields.iter().position(|f| f.name() == want).or_else(|| {
         let want = want.trim();
@@ -354,7 +364,7 @@ impl Plan {
 }
 
 /// A text column of any of Arrow's string layouts.
-enum Text {
+pub(crate) enum Text {
     Utf8(StringArray),
     Large(LargeStringArray),
     View(StringViewArray),
@@ -371,7 +381,7 @@ impl Text {
     }
 
     #[inline]
-    fn get(&self, i: usize) -> Option<&str> {
+    pub(crate) fn get(&self, i: usize) -> Option<&str> {
         match self {
             Text::Utf8(a) => (!a.is_null(i)).then(|| a.value(i)),
             Text::Large(a) => (!a.is_null(i)).then(|| a.value(i)),
@@ -381,13 +391,13 @@ impl Text {
 }
 
 /// A number column: numeric input cast to f64, or text parsed row by row.
-enum Numbers {
+pub(crate) enum Numbers {
     F64(Float64Array),
     Text(Text),
 }
 
 /// One value of a number column.
-enum Num {
+pub(crate) enum Num {
     Missing,
     Bad,
     Value(f64),
@@ -395,7 +405,7 @@ enum Num {
 
 impl Numbers {
     #[inline]
-    fn get(&self, i: usize) -> Num {
+    pub(crate) fn get(&self, i: usize) -> Num {
         match self {
             Numbers::F64(a) => {
                 if a.is_null(i) {
@@ -420,7 +430,7 @@ impl Numbers {
     }
 
     /// The value as read, for error messages.
-    fn describe(&self, i: usize) -> String {
+    pub(crate) fn describe(&self, i: usize) -> String {
         match self {
             Numbers::F64(a) if a.is_null(i) => "null".to_string(),
             Numbers::F64(a) => format!("`{}`", a.value(i)),
@@ -429,7 +439,7 @@ impl Numbers {
     }
 }
 
-fn describe_text(value: Option<&str>) -> String {
+pub(crate) fn describe_text(value: Option<&str>) -> String {
     match value {
         None => "empty".to_string(),
         Some(s) if s.trim().is_empty() => format!("blank (`{s}`)"),
@@ -457,14 +467,14 @@ struct Prepared {
 }
 
 /// Unwraps dictionary encoding: the values' type is what counts.
-fn decoded(array: &ArrayRef) -> Result<ArrayRef, ArrowError> {
+pub(crate) fn decoded(array: &ArrayRef) -> Result<ArrayRef, ArrowError> {
     match array.data_type() {
         DataType::Dictionary(_, values) => cast(array, values),
         _ => Ok(array.clone()),
     }
 }
 
-fn user_text(array: &ArrayRef) -> Result<Option<Text>, ArrowError> {
+pub(crate) fn user_text(array: &ArrayRef) -> Result<Option<Text>, ArrowError> {
     let array = decoded(array)?;
     let dt = array.data_type();
     if let Some(t) = Text::from_string_array(&array) {
@@ -512,7 +522,7 @@ fn id_text(array: &ArrayRef) -> Result<Option<Text>, ArrowError> {
     Ok(None)
 }
 
-fn numbers(array: &ArrayRef) -> Result<Option<Numbers>, ArrowError> {
+pub(crate) fn numbers(array: &ArrayRef) -> Result<Option<Numbers>, ArrowError> {
     let array = decoded(array)?;
     if let Some(t) = Text::from_string_array(&array) {
         return Ok(Some(Numbers::Text(t)));
@@ -837,6 +847,7 @@ pub fn canonical_integer(s: &str, out: &mut String) -> bool {
 
 /// Cleans batches of one split and buffers the kept rows per shard.
 struct Cleaner<'a> {
+    spec: &'a JobSpec,
     file: &'a str,
     /// For the event weights.
     input: &'a InputSpec,
@@ -875,6 +886,7 @@ impl<'a> Cleaner<'a> {
             writer = writer.with_item_routing();
         }
         Ok(Cleaner {
+            spec,
             file: &split.object,
             input,
             fail_on_bad: input.clean.on_bad_rows == OnBadRows::Fail,
@@ -908,6 +920,7 @@ impl<'a> Cleaner<'a> {
             .rows_read
             .fetch_add(rows as u64, Ordering::Relaxed);
         let Cleaner {
+            spec: _,
             file,
             input,
             fail_on_bad,
@@ -1088,6 +1101,59 @@ impl<'a> Cleaner<'a> {
 }
 
 // ---------------------------------------------------------------------------
+// Readers
+
+/// What the CSV and Parquet readers feed: it picks the columns it needs from a
+/// file's schema, then takes the file's rows batch by batch.
+pub(crate) trait Sink {
+    /// The input column indices to read (sorted, distinct), from the schema of
+    /// `file`; called once per file, before any batch.
+    fn plan(&mut self, schema: &Schema, file: &str) -> Result<Vec<usize>, WorkerError>;
+    /// Checks, before any row is read, that the planned columns have usable
+    /// types (Parquet files carry them; CSV columns are all text).
+    fn check_types(&self, schema: &Schema, file: &str) -> Result<(), WorkerError>;
+    /// One batch of the planned columns (in projection order); `row_number` maps
+    /// a row's index in read order (over the whole split) to its 1-based data
+    /// row in the file.
+    fn batch(
+        &mut self,
+        columns: &[ArrayRef],
+        rows: usize,
+        row_number: &dyn Fn(u64) -> u64,
+    ) -> Result<(), WorkerError>;
+    /// The job's cancellation and counters.
+    fn control(&self) -> &IngestControl;
+}
+
+impl Sink for (Cleaner<'_>, Option<Plan>) {
+    fn plan(&mut self, schema: &Schema, file: &str) -> Result<Vec<usize>, WorkerError> {
+        let plan = Plan::new(self.0.spec, schema, file)?;
+        let projection = plan.projection.clone();
+        self.1 = Some(plan);
+        Ok(projection)
+    }
+
+    fn check_types(&self, schema: &Schema, file: &str) -> Result<(), WorkerError> {
+        Prepared::check_types(self.1.as_ref().expect("planned"), schema, file)
+    }
+
+    fn batch(
+        &mut self,
+        columns: &[ArrayRef],
+        rows: usize,
+        row_number: &dyn Fn(u64) -> u64,
+    ) -> Result<(), WorkerError> {
+        let plan = self.1.as_ref().expect("planned");
+        let cols = Prepared::new(plan, columns, self.0.file)?;
+        self.0.batch(plan, &cols, rows, row_number)
+    }
+
+    fn control(&self) -> &IngestControl {
+        self.0.control
+    }
+}
+
+// ---------------------------------------------------------------------------
 // CSV
 
 /// Maps an I/O error from the (possibly gunzipped) object stream: object-store
@@ -1155,11 +1221,11 @@ fn csv_schema(header: &[u8], file: &str) -> Result<Schema, WorkerError> {
     ))
 }
 
-async fn read_csv(
-    spec: &JobSpec,
+/// Reads the CSV object of `split` into `sink`; returns the bytes fetched.
+pub(crate) async fn read_csv(
     split: &pb::Split,
     loc: &Location,
-    cleaner: &mut Cleaner<'_>,
+    sink: &mut (dyn Sink + Send),
 ) -> Result<u64, WorkerError> {
     let file = split.object.as_str();
     let got = loc
@@ -1169,7 +1235,7 @@ async fn read_csv(
         .map_err(|e| StoreError::io(file, e))?;
     let fetched = Arc::new(AtomicU64::new(0));
     let counter = fetched.clone();
-    let job_bytes = cleaner.control.bytes_read.clone();
+    let job_bytes = sink.control().bytes_read.clone();
     let stream = got
         .into_stream()
         .inspect_ok(move |chunk| {
@@ -1208,32 +1274,28 @@ async fn read_csv(
         0
     };
     let schema = Arc::new(csv_schema(&head[bom..end.max(bom)], file)?);
-    let plan = Plan::new(spec, &schema, file)?;
+    let projection = sink.plan(&schema, file)?;
 
     let mut decoder = arrow::csv::ReaderBuilder::new(schema)
         .with_header(true)
         .with_batch_size(BATCH_ROWS)
-        .with_projection(plan.projection.clone())
+        .with_projection(projection)
         .build_decoder();
     let csv_err = |source| WorkerError::Csv {
         file: file.to_string(),
         source,
     };
-    let flush = |decoder: &mut Decoder, cleaner: &mut Cleaner<'_>| -> Result<(), WorkerError> {
+    let flush = |decoder: &mut Decoder, sink: &mut (dyn Sink + Send)| -> Result<(), WorkerError> {
         if let Some(batch) = decoder.flush().map_err(csv_err)? {
-            let cols = Prepared::new(&plan, batch.columns(), file)?;
-            cleaner.batch(&plan, &cols, batch.num_rows(), &|index| index + 1)?;
+            sink.batch(batch.columns(), batch.num_rows(), &|index| index + 1)?;
         }
         Ok(())
     };
-    // Feeds bytes to the decoder, cleaning every full batch.
-    let feed = |decoder: &mut Decoder,
-                cleaner: &mut Cleaner<'_>,
-                buf: &[u8]|
-     -> Result<usize, WorkerError> {
+    // Feeds bytes to the decoder, handing every full batch to the sink.
+    let feed = |decoder: &mut Decoder, sink: &mut (dyn Sink + Send), buf: &[u8]| -> Result<usize, WorkerError> {
         let n = decoder.decode(buf).map_err(csv_err)?;
         if decoder.capacity() == 0 {
-            flush(decoder, cleaner)?;
+            flush(decoder, sink)?;
         } else if n == 0 && !buf.is_empty() {
             return Err(csv_err(ArrowError::CsvError(
                 "the CSV decoder made no progress".to_string(),
@@ -1244,7 +1306,7 @@ async fn read_csv(
 
     let mut pending = &head[bom..];
     while !pending.is_empty() {
-        let n = feed(&mut decoder, cleaner, pending)?;
+        let n = feed(&mut decoder, sink, pending)?;
         pending = &pending[n..];
     }
     loop {
@@ -1252,12 +1314,12 @@ async fn read_csv(
         if buf.is_empty() {
             break;
         }
-        let n = feed(&mut decoder, cleaner, buf)?;
+        let n = feed(&mut decoder, sink, buf)?;
         reader.as_mut().consume(n);
     }
     // End of input: completes a last record without a line end.
-    feed(&mut decoder, cleaner, &[])?;
-    flush(&mut decoder, cleaner)?;
+    feed(&mut decoder, sink, &[])?;
+    flush(&mut decoder, sink)?;
     Ok(fetched.load(Ordering::Relaxed))
 }
 
@@ -1297,11 +1359,12 @@ fn file_row(segments: &[Segment], index: u64) -> u64 {
         + 1
 }
 
-async fn read_parquet(
-    spec: &JobSpec,
+/// Reads the row groups of `split` from its Parquet object into `sink`;
+/// returns the bytes fetched.
+pub(crate) async fn read_parquet(
     split: &pb::Split,
     loc: &Location,
-    cleaner: &mut Cleaner<'_>,
+    sink: &mut (dyn Sink + Send),
 ) -> Result<u64, WorkerError> {
     let file = split.object.as_str();
     let reader = ParquetSource::new(loc);
@@ -1310,8 +1373,8 @@ async fn read_parquet(
         .await
         .map_err(|e| parquet_error(file, e))?;
     let schema = builder.schema().clone();
-    let plan = Plan::new(spec, &schema, file)?;
-    Prepared::check_types(&plan, &schema, file)?;
+    let projection = sink.plan(&schema, file)?;
+    sink.check_types(&schema, file)?;
 
     let metadata = builder.metadata().clone();
     let groups = metadata.num_row_groups();
@@ -1344,7 +1407,7 @@ async fn read_parquet(
         read_start += rows;
     }
 
-    let mask = ProjectionMask::roots(builder.parquet_schema(), plan.projection.iter().copied());
+    let mask = ProjectionMask::roots(builder.parquet_schema(), projection);
     let mut stream = builder
         .with_projection(mask)
         .with_row_groups(selected)
@@ -1366,12 +1429,11 @@ async fn read_parquet(
         .await
         .map_err(|e| parquet_error(file, e))?
     {
-        count_bytes(cleaner.control);
+        count_bytes(sink.control());
         let batch: RecordBatch = batch;
-        let cols = Prepared::new(&plan, batch.columns(), file)?;
-        cleaner.batch(&plan, &cols, batch.num_rows(), &row_number)?;
+        sink.batch(batch.columns(), batch.num_rows(), &row_number)?;
     }
-    count_bytes(cleaner.control);
+    count_bytes(sink.control());
     Ok(fetched.load(Ordering::Relaxed))
 }
 

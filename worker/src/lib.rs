@@ -5,6 +5,7 @@
 //! k-means steps ([`service`]).
 
 pub mod error;
+pub mod extra;
 pub mod ingest;
 pub mod staging;
 

@@ -129,15 +129,19 @@ pub fn aggregate(batches: &[RecordBatch], reference_ms: i64) -> Result<ShardRfm,
 pub fn moments(features: &[f64], dims: usize) -> Vec<pb::Moments> {
     let mut m = vec![pb::Moments::default(); dims];
     for row in features.chunks_exact(dims) {
-        for (j, x) in row.iter().enumerate() {
-            let s = &mut m[j];
-            s.count += 1;
-            let delta = x - s.mean;
-            s.mean += delta / s.count as f64;
-            s.m2 += delta * (x - s.mean);
+        for (s, &x) in m.iter_mut().zip(row) {
+            add_to_moments(s, x);
         }
     }
     m
+}
+
+/// Adds `x` to the streaming moments `s` (Welford).
+pub fn add_to_moments(s: &mut pb::Moments, x: f64) {
+    s.count += 1;
+    let delta = x - s.mean;
+    s.mean += delta / s.count as f64;
+    s.m2 += delta * (x - s.mean);
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use crate::als_job::{self, AlsJob, OwnedShard};
 use crate::flight::{Peers, Shelf};
 use crate::ingest::IngestControl;
 use crate::load::{self, DIMS, ShardRfm};
-use crate::{WorkerError, ingest, staging};
+use crate::{WorkerError, extra, ingest, staging};
 use arrow::array::{ArrayRef, Float32Array, Float64Array, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
@@ -39,6 +39,11 @@ struct Shard {
     rfm: ShardRfm,
     /// log-scaled features, row-major `DIMS` per user (before standardisation)
     log_features: Vec<f64>,
+    /// `features.extra`: the table's features of every user, row-major (NaN
+    /// where missing; empty without a table).
+    extra: Vec<f32>,
+    /// Rows of the table whose user has no interactions here.
+    orphans: Vec<(String, Vec<f32>)>,
     points: Option<Resident>,
     /// k-means|| cost of every point: squared distance to the nearest chosen center
     costs: Vec<f32>,
@@ -61,6 +66,14 @@ struct JobState {
     als: Option<AlsJob>,
     /// `features.als_weight` of the spec.
     als_weight: f64,
+    /// `features.extra`: the table's columns (empty without one), its weight,
+    /// and (once standardised) the mean and scale of its features.
+    extra_columns: Vec<pb::ExtraColumn>,
+    extra_weight: f64,
+    extra_scaling: (Vec<f64>, Vec<f64>),
+    /// A fold-in (`[model]`): the users of the extra table without interactions
+    /// are assigned from its features alone.
+    fold_in: bool,
     /// The backend this job runs on (its spec's `cluster.device`).
     backend: Arc<dyn Backend>,
     /// Fired by ReleaseJob; long steps check it between shards.
@@ -408,16 +421,35 @@ impl WorkerService for WorkerServiceImpl {
         let spec = Arc::new(spec);
         let staging = Arc::new(staging);
         let parallelism = self.ingest_parallelism;
-        let splits = req.splits;
+        // Interaction splits, then the splits of the features.extra table, on one
+        // pool of tasks.
+        let splits: Vec<(bool, pb::Split)> = req
+            .splits
+            .into_iter()
+            .map(|s| (false, s))
+            .chain(req.extra_splits.into_iter().map(|s| (true, s)))
+            .collect();
+        enum Done {
+            Log(pb::SplitResult),
+            Extra(pb::ExtraSplitResult),
+        }
         let work = move |run: Arc<JobRun>| async move {
             futures::stream::iter(splits)
-                .map(|split| {
+                .map(|(is_extra, split)| {
                     let (spec, staging, control) =
                         (spec.clone(), staging.clone(), run.control.clone());
                     // each split on its own task, so parsing runs on all cores
                     joined(
                         run.spawn(async move {
-                            ingest::ingest_split_controlled(&spec, &split, &staging, &control).await
+                            if is_extra {
+                                extra::ingest_split(&spec, &split, &staging, &control)
+                                    .await
+                                    .map(Done::Extra)
+                            } else {
+                                ingest::ingest_split_controlled(&spec, &split, &staging, &control)
+                                    .await
+                                    .map(Done::Log)
+                            }
                         }),
                         "ingest task",
                     )
@@ -426,18 +458,33 @@ impl WorkerService for WorkerServiceImpl {
                 .collect::<Vec<_>>()
                 .await
                 .into_iter()
-                .collect::<Result<Vec<pb::SplitResult>, _>>()
+                .collect::<Result<Vec<Done>, _>>()
         };
         async move {
-            let mut results = self.tracked(&job, work).await?;
+            let (mut results, mut extra_results) = (Vec::new(), Vec::new());
+            for done in self.tracked(&job, work).await? {
+                match done {
+                    Done::Log(r) => results.push(r),
+                    Done::Extra(r) => extra_results.push(r),
+                }
+            }
             results.sort_by_key(|r| r.split);
+            extra_results.sort_by_key(|r| r.split);
             let rows: u64 = results
                 .iter()
                 .filter_map(|r| r.counts.as_ref())
                 .map(|c| c.read)
                 .sum();
-            info!(splits = results.len(), rows, "ingested");
-            Ok(Response::new(pb::IngestResponse { splits: results }))
+            info!(
+                splits = results.len(),
+                rows,
+                extra_splits = extra_results.len(),
+                "ingested"
+            );
+            Ok(Response::new(pb::IngestResponse {
+                splits: results,
+                extra_splits: extra_results,
+            }))
         }
         .instrument(span)
         .await
@@ -495,6 +542,19 @@ impl WorkerService for WorkerServiceImpl {
                     moments: load::moments(&feats, DIMS),
                     ..Default::default()
                 };
+                let joined = if req.extra_columns.is_empty() {
+                    extra::Joined::default()
+                } else {
+                    let table =
+                        extra::ShardExtra::read(&staging, shard, &req.extra_columns).await?;
+                    let e = extra::dims(&req.extra_columns);
+                    let joined = table.join(&rfm.users, e);
+                    stat.extra_moments = extra::moments(&joined.values, e);
+                    stat.extra_users = joined.users_with_row;
+                    stat.extra_missing_values = joined.missing;
+                    stat.extra_orphans = joined.orphans.len() as u64;
+                    joined
+                };
                 if let Some(pairs) = pairs {
                     stat.pairs = pairs.nnz() as u64;
                     stat.held_out = pairs.held.len() as u64;
@@ -508,6 +568,8 @@ impl WorkerService for WorkerServiceImpl {
                     Shard {
                         rfm,
                         log_features: feats,
+                        extra: joined.values,
+                        orphans: joined.orphans,
                         points: None,
                         costs: Vec::new(),
                         nearest: Vec::new(),
@@ -587,6 +649,10 @@ impl WorkerService for WorkerServiceImpl {
                 dims: DIMS,
                 als: als_job,
                 als_weight: spec.features.als_weight,
+                extra_columns: req.extra_columns.clone(),
+                extra_weight: spec.features.extra_weight,
+                extra_scaling: (Vec::new(), Vec::new()),
+                fold_in: spec.model.is_some(),
                 backend,
                 cancel: cancel.clone(),
             }));
@@ -627,7 +693,15 @@ impl WorkerService for WorkerServiceImpl {
         let (shards, dims) = self
             .with_job(&req.job_id, move |job, backend| {
                 let f = job.als.as_ref().map_or(0, |a| a.f);
-                let dims = f + DIMS;
+                let e = extra::dims(&job.extra_columns);
+                if req.extra_mean.len() != e || req.extra_scale.len() != e {
+                    return Err(WorkerError::InvalidRequest(format!(
+                        "scaling of the features.extra block needs {e} means and scales, got {} and {}",
+                        req.extra_mean.len(),
+                        req.extra_scale.len()
+                    )));
+                }
+                let dims = f + DIMS + e;
                 let mut stats = Vec::new();
                 for (&id, shard) in job.shards.iter_mut() {
                     stop_if_cancelled(&job.cancel, &job_id)?;
@@ -643,6 +717,12 @@ impl WorkerService for WorkerServiceImpl {
                                 .enumerate()
                                 .map(|(j, x)| ((x - req.mean[j]) / req.scale[j]) as f32),
                         );
+                        features.extend(extra::scaled(
+                            &shard.extra[u * e..(u + 1) * e],
+                            &req.extra_mean,
+                            &req.extra_scale,
+                            job.extra_weight,
+                        ));
                     }
                     let as_f64: Vec<f64> = features.iter().map(|&v| f64::from(v)).collect();
                     stats.push(pb::ShardStats {
@@ -656,6 +736,7 @@ impl WorkerService for WorkerServiceImpl {
                     shard.nearest = vec![Nearest::default(); shard.rfm.len()];
                 }
                 job.dims = dims;
+                job.extra_scaling = (req.extra_mean.clone(), req.extra_scale.clone());
                 Ok((stats, dims))
             })
             .await?;
@@ -877,6 +958,14 @@ impl WorkerService for WorkerServiceImpl {
                 };
                 job.check_dims(req.dims as usize, "centroids")?;
                 let d = job.dims;
+                let job_parts = ColdParts {
+                    fold_in: job.fold_in,
+                    at: d - extra::dims(&job.extra_columns),
+                    dims: extra::dims(&job.extra_columns),
+                    weight: job.extra_weight,
+                    mean: job.extra_scaling.0.clone(),
+                    scale: job.extra_scaling.1.clone(),
+                };
                 let mut finals = Vec::new();
                 let mut files = Vec::new();
                 let mut item_files = Vec::new();
@@ -942,15 +1031,37 @@ impl WorkerService for WorkerServiceImpl {
                             files.push((rel, part));
                         }
                     }
+                    let cold = cold_start(job_cold(&job_parts, shard), &req.centroids, k, d, backend)?;
+                    let mut cold_counts = vec![0u64; if cold.is_empty() { 0 } else { k }];
+                    for n in &cold {
+                        cold_counts[n.best as usize] += 1;
+                    }
+                    let cold_users: Vec<&str> =
+                        shard.orphans.iter().take(cold.len()).map(|(u, _)| u.as_str()).collect();
                     if shard.rfm.is_empty() {
+                        let file = if cold.is_empty() {
+                            None
+                        } else {
+                            let bytes =
+                                assignments_parquet(&shard.rfm, &[], k, &cold_users, &cold)?;
+                            let rel = format!("assignments.parquet/part-{id:05}.parquet");
+                            let file = pb::WrittenFile {
+                                path: rel.clone(),
+                                rows: cold.len() as u64,
+                                bytes: bytes.len() as u64,
+                            };
+                            files.push((rel, bytes));
+                            Some(file)
+                        };
                         finals.push(pb::ShardFinal {
                             shard: id,
                             segments: empty_segments(k, d),
                             sample: Vec::new(),
-                            file: None,
+                            file,
                             files: more,
                             ranking,
                             items: Vec::new(),
+                            cold_start: cold_counts,
                         });
                         continue;
                     }
@@ -972,7 +1083,8 @@ impl WorkerService for WorkerServiceImpl {
                         req.sample_size as usize,
                         d,
                     )?;
-                    let bytes = assignments_parquet(&shard.rfm, &shard.nearest, k)?;
+                    let bytes =
+                        assignments_parquet(&shard.rfm, &shard.nearest, k, &cold_users, &cold)?;
                     let items = match &job.als {
                         Some(a) => {
                             let labels: Vec<u32> = shard.nearest.iter().map(|n| n.best).collect();
@@ -993,12 +1105,13 @@ impl WorkerService for WorkerServiceImpl {
                         sample,
                         file: Some(pb::WrittenFile {
                             path: rel.clone(),
-                            rows: shard.rfm.len() as u64,
+                            rows: (shard.rfm.len() + cold.len()) as u64,
                             bytes: bytes.len() as u64,
                         }),
                         files: more,
                         ranking,
                         items,
+                        cold_start: cold_counts,
                     });
                     files.push((rel, bytes));
                 }
@@ -1295,6 +1408,54 @@ impl WorkerService for WorkerServiceImpl {
 }
 
 /// Rows of the `m` largest distances (ties: lower row first), largest first.
+/// What a fold-in needs to assign a shard's cold-start users.
+struct ColdParts {
+    fold_in: bool,
+    /// Where the extra block starts in the feature vector, and its length.
+    at: usize,
+    dims: usize,
+    weight: f64,
+    mean: Vec<f64>,
+    scale: Vec<f64>,
+}
+
+/// The scaled extra features (row-major, `parts.dims` each) of the shard's
+/// users without interactions, when the job assigns them (a fold-in with an
+/// extra block that weighs something), with the block's place; `None`
+/// otherwise.
+fn job_cold(parts: &ColdParts, shard: &Shard) -> Option<(Vec<f32>, usize, usize)> {
+    if !parts.fold_in || parts.dims == 0 || parts.weight <= 0.0 || shard.orphans.is_empty() {
+        return None;
+    }
+    let mut features = Vec::with_capacity(shard.orphans.len() * parts.dims);
+    for (_, values) in &shard.orphans {
+        features.extend(extra::scaled(values, &parts.mean, &parts.scale, parts.weight));
+    }
+    Some((features, parts.at, parts.dims))
+}
+
+/// Nearest and second nearest centroid of each cold-start user by the extra
+/// block alone: its features against the same block of every centroid.
+fn cold_start(
+    cold: Option<(Vec<f32>, usize, usize)>,
+    centroids: &[f32],
+    k: usize,
+    d: usize,
+    backend: &dyn Backend,
+) -> Result<Vec<Nearest>, WorkerError> {
+    let Some((features, at, e)) = cold else {
+        return Ok(Vec::new());
+    };
+    let block: Vec<f32> = centroids
+        .chunks_exact(d)
+        .flat_map(|c| c[at..at + e].iter().copied())
+        .collect();
+    let points = backend.upload(&features, e)?;
+    let mut nearest = vec![Nearest::default(); features.len() / e];
+    backend.assign(&points, &block, k, &mut nearest)?;
+    Ok(nearest)
+}
+
 fn farthest(nearest: &[Nearest], m: usize) -> Vec<u32> {
     let m = m.min(nearest.len());
     if m == 0 {
@@ -1587,35 +1748,55 @@ pub fn assignments_schema() -> Arc<Schema> {
         Field::new("distance", DataType::Float32, false),
         Field::new("second_segment", DataType::UInt32, true),
         Field::new("second_distance", DataType::Float32, true),
-        Field::new("recency_days", DataType::Float64, false),
-        Field::new("frequency", DataType::UInt64, false),
-        Field::new("monetary", DataType::Float64, false),
+        // null for a cold-start user (no interactions)
+        Field::new("recency_days", DataType::Float64, true),
+        Field::new("frequency", DataType::UInt64, true),
+        Field::new("monetary", DataType::Float64, true),
+        // assigned from the features.extra table alone (a fold-in's users
+        // without interactions): distances are over that block only
+        Field::new("cold_start", DataType::Boolean, false),
     ]))
 }
 
+/// The assignments part of a shard: its users (RFM from `rfm`, results
+/// `nearest`), then its cold-start users (`cold_users`, results `cold`).
 fn assignments_parquet(
     rfm: &ShardRfm,
     nearest: &[Nearest],
     k: usize,
+    cold_users: &[&str],
+    cold: &[Nearest],
 ) -> Result<Vec<u8>, WorkerError> {
     let second = |n: &Nearest| (k > 1 && n.second != NO_SECOND).then_some(n.second);
+    let all = || nearest.iter().chain(cold);
+    fn none<T>(n: usize) -> impl Iterator<Item = Option<T>> {
+        std::iter::repeat_with(|| None).take(n)
+    }
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(rfm.users.iter())),
-        Arc::new(UInt32Array::from_iter_values(
-            nearest.iter().map(|n| n.best),
+        Arc::new(StringArray::from_iter_values(
+            rfm.users.iter().map(String::as_str).chain(cold_users.iter().copied()),
         )),
+        Arc::new(UInt32Array::from_iter_values(all().map(|n| n.best))),
         Arc::new(Float32Array::from_iter_values(
-            nearest.iter().map(|n| n.best_dist.sqrt()),
+            all().map(|n| n.best_dist.sqrt()),
         )),
-        Arc::new(UInt32Array::from_iter(nearest.iter().map(second))),
+        Arc::new(UInt32Array::from_iter(all().map(second))),
         Arc::new(Float32Array::from_iter(
-            nearest
-                .iter()
-                .map(|n| second(n).map(|_| n.second_dist.sqrt())),
+            all().map(|n| second(n).map(|_| n.second_dist.sqrt())),
         )),
-        Arc::new(Float64Array::from(rfm.recency_days.clone())),
-        Arc::new(UInt64Array::from(rfm.frequency.clone())),
-        Arc::new(Float64Array::from(rfm.monetary.clone())),
+        Arc::new(Float64Array::from_iter(
+            rfm.recency_days.iter().map(|&v| Some(v)).chain(none(cold.len())),
+        )),
+        Arc::new(UInt64Array::from_iter(
+            rfm.frequency.iter().map(|&v| Some(v)).chain(none(cold.len())),
+        )),
+        Arc::new(Float64Array::from_iter(
+            rfm.monetary.iter().map(|&v| Some(v)).chain(none(cold.len())),
+        )),
+        Arc::new(arrow::array::BooleanArray::from_iter(
+            std::iter::repeat_n(Some(false), nearest.len())
+                .chain(std::iter::repeat_n(Some(true), cold.len())),
+        )),
     ];
     let batch = RecordBatch::try_new(assignments_schema(), columns).map_err(|source| {
         WorkerError::Arrow {

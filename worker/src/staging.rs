@@ -418,7 +418,7 @@ fn encode_file(
     Ok((file, bytes))
 }
 
-fn encode_parquet(batch: &RecordBatch) -> Result<Bytes, parquet::errors::ParquetError> {
+pub(crate) fn encode_parquet(batch: &RecordBatch) -> Result<Bytes, parquet::errors::ParquetError> {
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .build();
