@@ -313,9 +313,10 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
 
     // `shoal assign` on the same log: every user solved against the frozen items.
     let scored = dir.path().join("scored");
-    let ran = assign(
+    let ran = shoal_assign(
         model.to_str().unwrap(),
         input.to_str().unwrap(),
+        None,
         scored.to_str().unwrap(),
     )
     .await;
@@ -364,9 +365,10 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
     assert_eq!(report["kmeans"]["iterations"], 0);
 
     // Writing over the model itself is refused, and the model stays whole.
-    let ran = assign(
+    let ran = shoal_assign(
         model.to_str().unwrap(),
         input.to_str().unwrap(),
+        None,
         model.to_str().unwrap(),
     )
     .await;
@@ -379,9 +381,10 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
     assert_eq!(read_assignments(&model).len(), trained.len());
 
     // A folder that is not a finished job is refused with what to give instead.
-    let ran = assign(
+    let ran = shoal_assign(
         dir.path().to_str().unwrap(),
         input.to_str().unwrap(),
+        None,
         dir.path().join("nope").to_str().unwrap(),
     )
     .await;
@@ -391,25 +394,4 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
         "{}",
         ran.text()
     );
-}
-
-/// `shoal assign` with two CPU workers.
-async fn assign(model: &str, input: &str, output: &str) -> Ran {
-    run_shoal(
-        &[
-            "assign",
-            "--model",
-            model,
-            "--input",
-            input,
-            "--output",
-            output,
-            "--workers",
-            "2",
-            "--device",
-            "cpu",
-        ],
-        &[],
-    )
-    .await
 }

@@ -18,7 +18,8 @@ pub fn agree(
     let Some(first) = results.first() else {
         return Ok(Vec::new());
     };
-    let names = |r: &pb::ExtraSplitResult| r.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    let names =
+        |r: &pb::ExtraSplitResult| r.columns.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
     let mut columns: Vec<pb::ExtraColumn> = first
         .columns
         .iter()
@@ -185,7 +186,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            got.iter().map(|c| (c.name.as_str(), c.dims)).collect::<Vec<_>>(),
+            got.iter()
+                .map(|c| (c.name.as_str(), c.dims))
+                .collect::<Vec<_>>(),
             [("age", 1), ("emb", 4)]
         );
         assert!(agree(&[], object).unwrap().is_empty());
@@ -194,20 +197,28 @@ mod tests {
     #[test]
     fn disagreements_name_the_files() {
         let err = agree(
-            &[split(0, &[("age", 1)]), split(3, &[("age", 1), ("spend", 1)])],
+            &[
+                split(0, &[("age", 1)]),
+                split(3, &[("age", 1), ("spend", 1)]),
+            ],
             object,
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("part-0.parquet") && err.contains("part-3.parquet"), "{err}");
-        let err = agree(
-            &[split(0, &[("emb", 8)]), split(1, &[("emb", 4)])],
-            object,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("`emb`") && err.contains("8") && err.contains("4"), "{err}");
-        let err = agree(&[split(0, &[("emb", 0)])], object).unwrap_err().to_string();
+        assert!(
+            err.contains("part-0.parquet") && err.contains("part-3.parquet"),
+            "{err}"
+        );
+        let err = agree(&[split(0, &[("emb", 8)]), split(1, &[("emb", 4)])], object)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`emb`") && err.contains("8") && err.contains("4"),
+            "{err}"
+        );
+        let err = agree(&[split(0, &[("emb", 0)])], object)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("holds no value"), "{err}");
     }
 }

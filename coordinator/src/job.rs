@@ -3,10 +3,10 @@
 //! every step to the workers and merges their answers in shard order.
 
 use crate::CoordinatorError;
-use crate::{extra, kmeans};
 use crate::model::Model;
 use crate::output::{self, PhaseTimes, Report};
 use crate::state::{Progress, StateHandle, WorkerEntry};
+use crate::{extra, kmeans};
 use futures::future::try_join_all;
 use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use shoal_proto::auth::{AuthChannel, WithToken};
@@ -329,10 +329,15 @@ async fn drive(
     let splits = plan_splits(spec.input.format, &inputs).await?;
     let extra_inputs = match spec.features.extra() {
         Some(pattern) => {
-            let found = store::list_inputs(pattern).await?;
+            let found = match store::list_inputs(pattern).await {
+                Err(shoal_proto::StoreError::NoInputs { .. }) => Vec::new(),
+                other => other?,
+            };
             if found.is_empty() {
                 return Err(CoordinatorError::ExtraTable {
-                    reason: format!("no object matches `{pattern}`"),
+                    reason: format!(
+                        "no object matches `{pattern}` (looked for a file, a folder and a glob)"
+                    ),
                 });
             }
             found
@@ -465,7 +470,10 @@ async fn drive(
         .map(|s| s.bytes_read)
         .chain(extra_results.iter().map(|s| s.bytes_read))
         .sum();
-    ctx.state.config.metrics.ingested(rows.read + extra_rows.read, bytes_read);
+    ctx.state
+        .config
+        .metrics
+        .ingested(rows.read + extra_rows.read, bytes_read);
     times.add("ingest", t);
 
     // ---- load
@@ -801,7 +809,8 @@ async fn drive(
             &stats.values().cloned().collect::<Vec<_>>(),
         );
         if model.is_some() {
-            facts.cold_start_users = Some(summary.segments.iter().map(|s| s.cold_start_users).sum());
+            facts.cold_start_users =
+                Some(summary.segments.iter().map(|s| s.cold_start_users).sum());
         }
         facts
     });

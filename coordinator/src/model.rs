@@ -7,8 +7,8 @@ use arrow::array::{Array, AsArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use shoal_proto::manifest::{MANIFEST, Manifest};
 use shoal_proto::spec::RFM_DIMS;
-use shoal_proto::{JobSpec, pb};
 use shoal_proto::store::{self, Location};
+use shoal_proto::{JobSpec, pb};
 
 /// What scoring against a model needs from it.
 #[derive(Debug, Clone)]
@@ -220,7 +220,12 @@ impl Model {
                         name: name.to_string(),
                         dims: dims as u32,
                     }),
-                    _ => return Err(bad(&folder, "report.json: a features.extra column without name or dims")),
+                    _ => {
+                        return Err(bad(
+                            &folder,
+                            "report.json: a features.extra column without name or dims",
+                        ));
+                    }
                 }
             }
         }

@@ -272,7 +272,10 @@ pub fn summarize(
         (at..dims)
             .map(|j| {
                 let scaled = feat_sum[c * dims + j] / count[c].max(1) as f64;
-                (layout.names[j].clone(), scaled / weight * scale[j] + mean[j])
+                (
+                    layout.names[j].clone(),
+                    scaled / weight * scale[j] + mean[j],
+                )
             })
             .collect()
     };

@@ -721,7 +721,10 @@ impl JobSpec {
         let mut seen = std::collections::BTreeSet::new();
         for c in &features.extra_columns {
             if c.trim().is_empty() {
-                return Err(invalid("features.extra_columns", "holds an empty column name"));
+                return Err(invalid(
+                    "features.extra_columns",
+                    "holds an empty column name",
+                ));
             }
             if !seen.insert(c.as_str()) {
                 return Err(invalid(

@@ -173,9 +173,12 @@ pub fn succeeded(s: &JobStatus) -> bool {
 pub struct Assigned {
     pub segment: u32,
     pub distance: f32,
+    /// RFM; 0 for a cold-start user (null in the file).
     pub recency_days: f64,
     pub frequency: u64,
     pub monetary: f64,
+    /// Assigned from the features.extra table alone (no interactions).
+    pub cold_start: bool,
 }
 
 /// Reads every part of `<out>/assignments.parquet/`, keyed by user id.
@@ -233,15 +236,27 @@ fn add_assignments<R: ChunkReader + 'static>(rows: &mut BTreeMap<String, Assigne
         let f = f.as_any().downcast_ref::<UInt64Array>().unwrap();
         let m = col("monetary");
         let m = m.as_any().downcast_ref::<Float64Array>().unwrap();
+        let cold = col("cold_start");
+        let cold = cold
+            .as_any()
+            .downcast_ref::<arrow::array::BooleanArray>()
+            .unwrap();
         for i in 0..b.num_rows() {
+            assert_eq!(
+                r.is_null(i),
+                cold.value(i),
+                "user {}: RFM is null exactly for cold-start users",
+                user.value(i)
+            );
             let prev = rows.insert(
                 user.value(i).to_string(),
                 Assigned {
                     segment: seg.value(i),
                     distance: dist.value(i),
-                    recency_days: r.value(i),
-                    frequency: f.value(i),
-                    monetary: m.value(i),
+                    recency_days: if r.is_null(i) { 0.0 } else { r.value(i) },
+                    frequency: if f.is_null(i) { 0 } else { f.value(i) },
+                    monetary: if m.is_null(i) { 0.0 } else { m.value(i) },
+                    cold_start: cold.value(i),
                 },
             );
             assert!(prev.is_none(), "user {} appears twice", user.value(i));
@@ -684,6 +699,17 @@ impl Ran {
 /// Runs `shoal ARGS` with `env` to its end (off the async runtime's threads), its
 /// standard output a pipe (not a terminal). Killed, and the test failed, if it
 /// runs longer than [`DEADLINE`].
+/// `shoal assign` of `input` (and the features.extra table `extra`) against
+/// `model`, with two CPU workers.
+pub async fn shoal_assign(model: &str, input: &str, extra: Option<&str>, output: &str) -> Ran {
+    let mut args = vec!["assign", "--model", model, "--input", input];
+    if let Some(extra) = extra {
+        args.extend(["--extra", extra]);
+    }
+    args.extend(["--output", output, "--workers", "2", "--device", "cpu"]);
+    run_shoal(&args, &[]).await
+}
+
 pub async fn run_shoal(args: &[&str], env: &[(&str, &str)]) -> Ran {
     let mut cmd = shoal();
     cmd.args(args)

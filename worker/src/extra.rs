@@ -101,7 +101,9 @@ pub fn staged_schema(columns: usize) -> SchemaRef {
         Field::new(ROW, DataType::UInt64, false),
     ];
     let item = Arc::new(Field::new("item", DataType::Float32, true));
-    fields.extend((0..columns).map(|c| Field::new(format!("f{c}"), DataType::List(item.clone()), true)));
+    fields.extend(
+        (0..columns).map(|c| Field::new(format!("f{c}"), DataType::List(item.clone()), true)),
+    );
     Arc::new(Schema::new(fields))
 }
 
@@ -129,7 +131,9 @@ impl ShardBuffer {
             users: StringBuilder::new(),
             files: StringBuilder::new(),
             rows: UInt64Builder::new(),
-            values: (0..columns).map(|_| ListBuilder::new(Float32Builder::new())).collect(),
+            values: (0..columns)
+                .map(|_| ListBuilder::new(Float32Builder::new()))
+                .collect(),
             len: 0,
         }
     }
@@ -156,7 +160,11 @@ impl ShardBuffer {
             Arc::new(self.files.finish()),
             Arc::new(self.rows.finish()),
         ];
-        cols.extend(self.values.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        cols.extend(
+            self.values
+                .iter_mut()
+                .map(|b| Arc::new(b.finish()) as ArrayRef),
+        );
         RecordBatch::try_new(schema, cols)
     }
 }
@@ -260,7 +268,11 @@ impl Sink for Reader<'_> {
                 vector: column_kind(schema.field(i).data_type()) == Some(true),
             })
             .collect();
-        self.dims = self.planned.iter().map(|p| (!p.vector).then_some(1)).collect();
+        self.dims = self
+            .planned
+            .iter()
+            .map(|p| (!p.vector).then_some(1))
+            .collect();
         Ok(projection)
     }
 
@@ -458,7 +470,9 @@ impl Lists {
 
 fn list_values(array: &ArrayRef) -> Result<Lists, arrow::error::ArrowError> {
     let as_f64 = |values: &ArrayRef| -> Result<Float64Array, arrow::error::ArrowError> {
-        Ok(cast(values, &DataType::Float64)?.as_primitive::<Float64Type>().clone())
+        Ok(cast(values, &DataType::Float64)?
+            .as_primitive::<Float64Type>()
+            .clone())
     };
     Ok(match array.data_type() {
         DataType::List(_) => {
@@ -481,7 +495,11 @@ fn list_values(array: &ArrayRef) -> Result<Lists, arrow::error::ArrowError> {
             let l = array.as_fixed_size_list();
             let n = *n as usize;
             // The child values of a sliced array start at the slice's first list.
-            let base = if l.is_empty() { 0 } else { l.value_offset_at(0) };
+            let base = if l.is_empty() {
+                0
+            } else {
+                l.value_offset_at(0)
+            };
             Lists {
                 offsets: (0..=l.len()).map(|i| base + i * n).collect(),
                 nulls: l.nulls().cloned(),
@@ -677,10 +695,18 @@ impl ShardExtra {
         url: &str,
     ) -> Result<(), WorkerError> {
         let bad = |detail: String| {
-            WorkerError::InvalidRequest(format!("{url}: not a staged features.extra file: {detail}"))
+            WorkerError::InvalidRequest(format!(
+                "{url}: not a staged features.extra file: {detail}"
+            ))
         };
-        let users = batch.column(0).as_string_opt::<i32>().ok_or_else(|| bad("user is not text".into()))?;
-        let files = batch.column(1).as_string_opt::<i32>().ok_or_else(|| bad("file is not text".into()))?;
+        let users = batch
+            .column(0)
+            .as_string_opt::<i32>()
+            .ok_or_else(|| bad("user is not text".into()))?;
+        let files = batch
+            .column(1)
+            .as_string_opt::<i32>()
+            .ok_or_else(|| bad("file is not text".into()))?;
         let rows = batch
             .column(2)
             .as_primitive_opt::<arrow::datatypes::UInt64Type>()
@@ -714,7 +740,8 @@ impl ShardExtra {
                         rows.value(i)
                     )));
                 }
-                values.extend((0..v.len()).map(|j| if v.is_null(j) { f32::NAN } else { v.value(j) }));
+                values
+                    .extend((0..v.len()).map(|j| if v.is_null(j) { f32::NAN } else { v.value(j) }));
             }
             let user = users.value(i).to_string();
             let row = ExtraRow {
@@ -778,7 +805,12 @@ pub fn moments(values: &[f32], dims: usize) -> Vec<pb::Moments> {
 }
 
 /// The staged block of one user: `(x − mean) / scale · weight`, 0 where missing.
-pub fn scaled(values: &[f32], mean: &[f64], scale: &[f64], weight: f64) -> impl Iterator<Item = f32> {
+pub fn scaled(
+    values: &[f32],
+    mean: &[f64],
+    scale: &[f64],
+    weight: f64,
+) -> impl Iterator<Item = f32> {
     values.iter().zip(mean).zip(scale).map(move |((&x, m), s)| {
         if x.is_nan() {
             0.0
@@ -786,4 +818,217 @@ pub fn scaled(values: &[f32], mean: &[f64], scale: &[f64], weight: f64) -> impl 
             ((f64::from(x) - m) / s * weight) as f32
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{
+        DictionaryArray, FixedSizeListBuilder, Float64Builder, Int32Array, LargeListBuilder,
+    };
+    use arrow::datatypes::Int32Type;
+    use bytes::Bytes;
+    use parquet::arrow::ArrowWriter;
+    use shoal_proto::spec::DEMO_SPEC;
+
+    const SHARDS: u32 = 3;
+
+    fn spec() -> JobSpec {
+        let mut s = JobSpec::parse(DEMO_SPEC).unwrap();
+        s.input.user_as_integer = true;
+        s.cluster.shards = SHARDS;
+        s.features.extra = "t.parquet".into();
+        s
+    }
+
+    fn split(object: &str) -> pb::Split {
+        pb::Split {
+            index: 2,
+            object: object.to_string(),
+            size: 0,
+            format: String::new(),
+            row_groups: Vec::new(),
+            gzip: false,
+        }
+    }
+
+    /// Every staged row of every shard, by user.
+    async fn staged(staging: &Location, columns: &[pb::ExtraColumn]) -> HashMap<String, ExtraRow> {
+        let mut all = HashMap::new();
+        for shard in 0..SHARDS {
+            let rows = ShardExtra::read(staging, shard, columns)
+                .await
+                .unwrap()
+                .rows;
+            for (u, r) in rows {
+                assert_eq!(shard_of(&u, SHARDS), shard, "user {u} in its shard");
+                all.insert(u, r);
+            }
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn parquet_lists_of_every_layout_numbers_and_nulls_are_staged_and_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = resolve(&dir.path().join("staging").display().to_string()).unwrap();
+        // Users as floats (`user_as_integer`), a fixed-size list of f64, a large
+        // list with a null element and a null list, and a dictionary of ints.
+        let mut fixed = FixedSizeListBuilder::new(Float64Builder::new(), 2);
+        let mut large = LargeListBuilder::new(Float32Builder::new());
+        for i in 0..4 {
+            fixed.values().append_slice(&[i as f64, 10.0 + i as f64]);
+            fixed.append(true);
+            match i {
+                1 => large.append(false),
+                2 => {
+                    large.values().append_value(1.5);
+                    large.values().append_null();
+                    large.values().append_value(3.5);
+                    large.append(true);
+                }
+                _ => {
+                    large.values().append_slice(&[i as f32; 3]);
+                    large.append(true);
+                }
+            }
+        }
+        let dict: DictionaryArray<Int32Type> = DictionaryArray::try_new(
+            Int32Array::from(vec![0, 1, 0, 1]),
+            Arc::new(Int32Array::from(vec![7, 9])),
+        )
+        .unwrap();
+        let users = Arc::new(Float64Array::from(vec![17850.0, 12346.0, 13047.0, 12347.0]));
+        let batch = RecordBatch::try_from_iter(vec![
+            ("CustomerID", users as ArrayRef),
+            ("fixed", Arc::new(fixed.finish()) as ArrayRef),
+            ("large", Arc::new(large.finish()) as ArrayRef),
+            ("level", Arc::new(dict) as ArrayRef),
+        ])
+        .unwrap();
+        let mut w = ArrowWriter::try_new(Vec::new(), batch.schema(), None).unwrap();
+        w.write(&batch).unwrap();
+        let file = resolve(&dir.path().join("t.parquet").display().to_string()).unwrap();
+        file.put(Bytes::from(w.into_inner().unwrap()))
+            .await
+            .unwrap();
+
+        let control = IngestControl::default();
+        let got = ingest_split(&spec(), &split(&file.url()), &staging, &control)
+            .await
+            .unwrap();
+        assert_eq!(got.counts.as_ref().unwrap().read, 4);
+        assert_eq!(got.counts.as_ref().unwrap().kept, 4);
+        let layout: Vec<(String, u32)> = got
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.dims))
+            .collect();
+        assert_eq!(
+            layout,
+            [
+                ("fixed".into(), 2),
+                ("large".into(), 3),
+                ("level".into(), 1)
+            ]
+        );
+        let rows = staged(&staging, &got.columns).await;
+        assert_eq!(rows["17850"].values, [0.0, 10.0, 0.0, 0.0, 0.0, 7.0]);
+        let v = &rows["12346"].values;
+        assert_eq!(&v[..2], [1.0, 11.0]);
+        assert!(
+            v[2..5].iter().all(|x| x.is_nan()),
+            "a null list: every value missing"
+        );
+        assert_eq!(v[5], 9.0);
+        let v = &rows["13047"].values;
+        assert_eq!((v[2], v[4]), (1.5, 3.5));
+        assert!(v[3].is_nan(), "a null element: that value missing");
+        assert_eq!(rows["12347"].row, 4);
+
+        // Joined to a shard's users: one without a row, one orphan.
+        let shard = shard_of("17850", SHARDS);
+        let table = ShardExtra::read(&staging, shard, &got.columns)
+            .await
+            .unwrap();
+        let mut users: Vec<String> = rows
+            .keys()
+            .filter(|u| shard_of(u, SHARDS) == shard)
+            .cloned()
+            .collect();
+        users.sort();
+        let orphan = users.pop();
+        users.push("99999".into());
+        users.sort();
+        let joined = table.join(&users, 6);
+        assert_eq!(joined.values.len(), users.len() * 6);
+        assert_eq!(joined.users_with_row, users.len() as u64 - 1);
+        let missing_in_rows: u64 = users
+            .iter()
+            .filter_map(|u| rows.get(u))
+            .map(|r| r.values.iter().filter(|x| x.is_nan()).count() as u64)
+            .sum();
+        assert_eq!(joined.missing, missing_in_rows + 6);
+        assert_eq!(
+            joined
+                .orphans
+                .iter()
+                .map(|o| Some(o.0.clone()))
+                .collect::<Vec<_>>(),
+            [orphan]
+        );
+        let at = users.iter().position(|u| u == "99999").unwrap();
+        assert!(
+            joined.values[at * 6..(at + 1) * 6]
+                .iter()
+                .all(|x| x.is_nan())
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_rows_are_counted_or_fail_the_split_as_the_spec_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = resolve(&dir.path().join("staging").display().to_string()).unwrap();
+        let file = resolve(&dir.path().join("t.csv").display().to_string()).unwrap();
+        let text = "CustomerID,age,spend\n17850.0,30,1e3\n,31,2\n1.5,32,3\n12346,abc,4\n12347,33,1e39\n13047,,5\n";
+        file.put(Bytes::from(text)).await.unwrap();
+        let control = IngestControl::default();
+        let got = ingest_split(&spec(), &split(&file.url()), &staging, &control)
+            .await
+            .unwrap();
+        let c = got.counts.unwrap();
+        assert_eq!((c.read, c.kept), (6, 2));
+        let mut dropped: Vec<(&str, u64)> =
+            c.dropped.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        dropped.sort();
+        assert_eq!(
+            dropped,
+            [("bad_user", 1), ("bad_value", 2), ("missing_user", 1)]
+        );
+        let rows = staged(&staging, &got.columns).await;
+        assert_eq!(rows["17850"].values, [30.0, 1000.0]);
+        let blank = &rows["13047"].values;
+        assert!(
+            blank[0].is_nan() && blank[1] == 5.0,
+            "a blank is missing, not bad"
+        );
+
+        let mut strict = spec();
+        strict.input.clean.on_bad_rows = OnBadRows::Fail;
+        let err = ingest_split(&strict, &split(&file.url()), &staging, &control)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.csv, row 3") && err.contains("bad_user"),
+            "{err}"
+        );
+
+        // Moments skip what is missing.
+        let m = moments(&[1.0, f32::NAN, 3.0, 4.0], 2);
+        assert_eq!((m[0].count, m[0].mean), (2, 2.0));
+        assert_eq!((m[1].count, m[1].mean), (1, 4.0));
+        let scaled: Vec<f32> = scaled(&[3.0, f32::NAN], &[1.0, 2.0], &[2.0, 1.0], 0.5).collect();
+        assert_eq!(scaled, [0.5, 0.0]);
+    }
 }

@@ -1292,7 +1292,10 @@ pub(crate) async fn read_csv(
         Ok(())
     };
     // Feeds bytes to the decoder, handing every full batch to the sink.
-    let feed = |decoder: &mut Decoder, sink: &mut (dyn Sink + Send), buf: &[u8]| -> Result<usize, WorkerError> {
+    let feed = |decoder: &mut Decoder,
+                sink: &mut (dyn Sink + Send),
+                buf: &[u8]|
+     -> Result<usize, WorkerError> {
         let n = decoder.decode(buf).map_err(csv_err)?;
         if decoder.capacity() == 0 {
             flush(decoder, sink)?;

@@ -1031,13 +1031,18 @@ impl WorkerService for WorkerServiceImpl {
                             files.push((rel, part));
                         }
                     }
-                    let cold = cold_start(job_cold(&job_parts, shard), &req.centroids, k, d, backend)?;
+                    let cold =
+                        cold_start(job_cold(&job_parts, shard), &req.centroids, k, d, backend)?;
                     let mut cold_counts = vec![0u64; if cold.is_empty() { 0 } else { k }];
                     for n in &cold {
                         cold_counts[n.best as usize] += 1;
                     }
-                    let cold_users: Vec<&str> =
-                        shard.orphans.iter().take(cold.len()).map(|(u, _)| u.as_str()).collect();
+                    let cold_users: Vec<&str> = shard
+                        .orphans
+                        .iter()
+                        .take(cold.len())
+                        .map(|(u, _)| u.as_str())
+                        .collect();
                     if shard.rfm.is_empty() {
                         let file = if cold.is_empty() {
                             None
@@ -1429,7 +1434,12 @@ fn job_cold(parts: &ColdParts, shard: &Shard) -> Option<(Vec<f32>, usize, usize)
     }
     let mut features = Vec::with_capacity(shard.orphans.len() * parts.dims);
     for (_, values) in &shard.orphans {
-        features.extend(extra::scaled(values, &parts.mean, &parts.scale, parts.weight));
+        features.extend(extra::scaled(
+            values,
+            &parts.mean,
+            &parts.scale,
+            parts.weight,
+        ));
     }
     Some((features, parts.at, parts.dims))
 }
@@ -1774,7 +1784,10 @@ fn assignments_parquet(
     }
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from_iter_values(
-            rfm.users.iter().map(String::as_str).chain(cold_users.iter().copied()),
+            rfm.users
+                .iter()
+                .map(String::as_str)
+                .chain(cold_users.iter().copied()),
         )),
         Arc::new(UInt32Array::from_iter_values(all().map(|n| n.best))),
         Arc::new(Float32Array::from_iter_values(
@@ -1785,13 +1798,22 @@ fn assignments_parquet(
             all().map(|n| second(n).map(|_| n.second_dist.sqrt())),
         )),
         Arc::new(Float64Array::from_iter(
-            rfm.recency_days.iter().map(|&v| Some(v)).chain(none(cold.len())),
+            rfm.recency_days
+                .iter()
+                .map(|&v| Some(v))
+                .chain(none(cold.len())),
         )),
         Arc::new(UInt64Array::from_iter(
-            rfm.frequency.iter().map(|&v| Some(v)).chain(none(cold.len())),
+            rfm.frequency
+                .iter()
+                .map(|&v| Some(v))
+                .chain(none(cold.len())),
         )),
         Arc::new(Float64Array::from_iter(
-            rfm.monetary.iter().map(|&v| Some(v)).chain(none(cold.len())),
+            rfm.monetary
+                .iter()
+                .map(|&v| Some(v))
+                .chain(none(cold.len())),
         )),
         Arc::new(arrow::array::BooleanArray::from_iter(
             std::iter::repeat_n(Some(false), nearest.len())
