@@ -420,8 +420,11 @@ impl CgJob<'_> {
             let cols = &conf.indices[lo..hi];
             scratch.items.clear();
             scratch.items.reserve(cols.len() * d);
+            // Rows of a `y` that stays in the cache come quicker without the
+            // prefetches (they only cost issue slots then).
+            let prefetch = self.y.len() * 4 > GATHER_PREFETCH_MIN_BYTES;
             for (k, &i) in cols.iter().enumerate() {
-                if let Some(&ahead) = cols.get(k + GATHER_PREFETCH) {
+                if prefetch && let Some(&ahead) = cols.get(k + GATHER_PREFETCH) {
                     prefetch_row(&self.y[ahead as usize * d..(ahead as usize + 1) * d]);
                 }
                 let i = i as usize;
@@ -514,6 +517,10 @@ impl CgJob<'_> {
 /// How many item rows ahead the gather of a block asks for its rows: the rows
 /// are scattered over `y`, and each is a few cache lines.
 const GATHER_PREFETCH: usize = 8;
+/// The gather prefetches only from a `y` larger than this (bytes): a smaller
+/// one stays in the cache (measured: on a 3,665 x 64 `y` the prefetches made the
+/// half-steps ~10 % slower, on a 20,000 x 64 one their absence ~20 % slower).
+const GATHER_PREFETCH_MIN_BYTES: usize = 2 << 20;
 
 /// Asks the CPU to bring `row` into cache (no effect on the values).
 #[inline(always)]
