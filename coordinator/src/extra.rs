@@ -81,15 +81,7 @@ pub fn agree(
 
 /// Rows read, kept and dropped of the table's splits.
 pub fn tally(results: &[pb::ExtraSplitResult]) -> RowTally {
-    let mut t = RowTally::default();
-    for c in results.iter().filter_map(|s| s.counts.as_ref()) {
-        t.read += c.read;
-        t.kept += c.kept;
-        for (reason, n) in &c.dropped {
-            *t.dropped.entry(reason.clone()).or_default() += n;
-        }
-    }
-    t
+    RowTally::from_counts(results.iter().filter_map(|s| s.counts.as_ref()))
 }
 
 /// A column of the table, in the report.

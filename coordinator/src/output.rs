@@ -59,8 +59,13 @@ pub struct RowTally {
 
 impl RowTally {
     pub fn from_splits(splits: &[pb::SplitResult]) -> Self {
+        Self::from_counts(splits.iter().filter_map(|s| s.counts.as_ref()))
+    }
+
+    /// The sum of the counts of some splits.
+    pub fn from_counts<'a>(counts: impl Iterator<Item = &'a pb::RowCounts>) -> Self {
         let mut t = RowTally::default();
-        for c in splits.iter().filter_map(|s| s.counts.as_ref()) {
+        for c in counts {
             t.read += c.read;
             t.kept += c.kept;
             for (reason, n) in &c.dropped {

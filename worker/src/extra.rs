@@ -607,11 +607,12 @@ pub async fn ingest_split(
 // Load
 
 /// One user's row of the table: the features (`dims` long, NaN when missing) and
-/// where it came from.
+/// where it came from (the input file, an index into [`ShardExtra::files`], and
+/// its 1-based data row).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExtraRow {
     pub values: Vec<f32>,
-    pub file: String,
+    pub file: u32,
     pub row: u64,
 }
 
@@ -619,6 +620,8 @@ pub struct ExtraRow {
 #[derive(Debug, Default)]
 pub struct ShardExtra {
     pub rows: HashMap<String, ExtraRow>,
+    /// The input files the rows came from.
+    pub files: Vec<String>,
 }
 
 /// Features of a shard's users from the table.
@@ -744,16 +747,20 @@ impl ShardExtra {
                     .extend((0..v.len()).map(|j| if v.is_null(j) { f32::NAN } else { v.value(j) }));
             }
             let user = users.value(i).to_string();
+            let file = files.value(i);
+            if self.files.last().is_none_or(|f| f != file) {
+                self.files.push(file.to_string());
+            }
             let row = ExtraRow {
                 values,
-                file: files.value(i).to_string(),
+                file: (self.files.len() - 1) as u32,
                 row: rows.value(i),
             };
             if let Some(first) = self.rows.get(&user) {
                 return Err(WorkerError::DuplicateExtraUser {
                     user,
-                    first: format!("{} row {}", first.file, first.row),
-                    second: format!("{} row {}", row.file, row.row),
+                    first: format!("{} row {}", self.files[first.file as usize], first.row),
+                    second: format!("{file} row {}", row.row),
                 });
             }
             self.rows.insert(user, row);

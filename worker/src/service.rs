@@ -542,18 +542,26 @@ impl WorkerService for WorkerServiceImpl {
                     moments: load::moments(&feats, DIMS),
                     ..Default::default()
                 };
-                let joined = if req.extra_columns.is_empty() {
-                    extra::Joined::default()
+                let (joined, rfm) = if req.extra_columns.is_empty() {
+                    (extra::Joined::default(), rfm)
                 } else {
                     let table =
                         extra::ShardExtra::read(&staging, shard, &req.extra_columns).await?;
                     let e = extra::dims(&req.extra_columns);
-                    let joined = table.join(&rfm.users, e);
-                    stat.extra_moments = extra::moments(&joined.values, e);
+                    let (joined, moments, rfm) = run
+                        .tasks
+                        .spawn_blocking(move || {
+                            let joined = table.join(&rfm.users, e);
+                            let moments = extra::moments(&joined.values, e);
+                            (joined, moments, rfm)
+                        })
+                        .await
+                        .map_err(|e| WorkerError::InvalidRequest(format!("load panicked: {e}")))?;
+                    stat.extra_moments = moments;
                     stat.extra_users = joined.users_with_row;
                     stat.extra_missing_values = joined.missing;
                     stat.extra_orphans = joined.orphans.len() as u64;
-                    joined
+                    (joined, rfm)
                 };
                 if let Some(pairs) = pairs {
                     stat.pairs = pairs.nnz() as u64;
