@@ -234,7 +234,16 @@ impl Backend for CpuBackend {
         let y = storage::<HostPoints>(y, NAME, "the fixed factors (y)", "dense")?;
         let confidence = storage::<Csr>(confidence, NAME, "the confidences", "sparse")?;
         let x = storage_mut::<HostPoints>(x, NAME, "the factors being solved (x)", "dense")?;
-        cpu_als::als_solve(&mut x.values, &y.values, x.d, y.d, yty, confidence, params)
+        cpu_als::als_solve(
+            cpu_als::Isa::best(x.d),
+            &mut x.values,
+            &y.values,
+            x.d,
+            y.d,
+            yty,
+            confidence,
+            params,
+        )
     }
 
     fn top_n(

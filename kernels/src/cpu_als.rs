@@ -8,10 +8,14 @@
 //!   blocks do not depend on the number of threads, so neither do the bits.
 //! - [`als_solve`] runs the conjugate-gradient solver of the `implicit` library
 //!   (`_solve_cg`) on blocks of rows in parallel: a block gathers its item rows
-//!   once, its `(YᵀY + λI)·p` products are one block product per CG step (AVX2
-//!   registers, or `sgemm` without AVX2/FMA), the rest is done row by row. A row only reads its own confidences, the item factors and
-//!   `YᵀY + λI`, with the same arithmetic in any block, so its result depends on
-//!   nothing else.
+//!   once (from an item matrix too large for the cache), its `(YᵀY + λI)·p`
+//!   products are one block product per CG step, the rest is done row by row.
+//!   The vector kernels come in three sets ([`Isa`]), the fastest the CPU runs
+//!   picked at run time: AVX-512 ([`avx512`], factor counts up to 128), AVX2 +
+//!   FMA ([`avx2`]), or plain Rust (`sgemm` for the block products). A row only
+//!   reads its own confidences, the item factors and `YᵀY + λI`, with the same
+//!   arithmetic in any block, so its result depends on nothing else (but the
+//!   kernel set: they round differently).
 //! - [`top_n`] scores fixed tiles of [`TOPN_QUERY_TILE`] queries against blocks of
 //!   [`TOPN_ITEM_BLOCK`] items with one `sgemm` each and keeps the best `n` per
 //!   query in a buffer of `2n` candidates that is cut back to the best `n` whenever
@@ -22,6 +26,9 @@ use std::cmp::Ordering;
 use rayon::prelude::*;
 
 use crate::{CgParams, Csr, KernelError, NO_ITEM, Resident, TopN, check};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Rows per block of [`gram`]. A constant, so that the order in which the f64
 /// block results are added does not depend on the number of threads.
@@ -205,19 +212,63 @@ fn block_gram(block: &[f32], d: usize, wide: &mut Vec<f64>) -> Vec<f64> {
 // ---------------------------------------------------------------------------
 // Implicit ALS with conjugate gradient.
 
+/// The kernel sets of [`als_solve`]. A row's result depends on its own data and
+/// on the set (they round differently), nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// Plain Rust, one rounding per operation.
+    Portable,
+    /// Fused multiply-adds: the [`avx2`] kernels on x86-64 (AVX2 + FMA), plain
+    /// Rust with `mul_add` on aarch64.
+    Fma,
+    /// The [`avx512`] kernels (AVX-512F, AVX2 and FMA; rows of up to
+    /// `avx512::MAX_D` values).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    /// The kernel sets this CPU runs for rows of `d` values, the fastest last.
+    pub(crate) fn available(d: usize) -> Vec<Isa> {
+        let mut sets = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            sets.push(Isa::Fma);
+            if is_x86_feature_detected!("avx512f") && d <= avx512::MAX_D {
+                sets.push(Isa::Avx512);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        sets.push(Isa::Fma);
+        let _ = d;
+        sets
+    }
+
+    /// The fastest of [`Isa::available`].
+    pub(crate) fn best(d: usize) -> Isa {
+        *Isa::available(d)
+            .last()
+            .expect("the portable set is always there")
+    }
+}
+
 /// One implicit-ALS half-step over every row of the row-major `x` (`d` features
 /// per row), with item factors `y`, Gram `yty` and confidences `confidence`
-/// (`x` rows by `y` rows). See [`crate::Backend::als_solve`]; returns the pair
-/// loss when `params.pair_loss` asks for it.
+/// (`x` rows by `y` rows), with the kernels of `isa` (one of [`Isa::available`];
+/// the backend passes [`Isa::best`]). See [`crate::Backend::als_solve`]; returns
+/// the pair loss when `params.pair_loss` asks for it.
 ///
 /// The rows are cut into blocks (see [`row_blocks`]) solved in parallel. A block
-/// copies the item rows its rows refer to into one contiguous buffer once (so the
-/// CG steps read them from cache, not from wherever they lie in `y`), and runs
+/// copies the item rows its rows refer to into one contiguous buffer once when
+/// `y` is larger than the cache (so the CG steps read them from cache, not from
+/// wherever they lie in `y`; see [`GATHER_MIN_Y_BYTES`]), and runs
 /// `implicit`'s `_solve_cg` on all its rows in lockstep: each step's
 /// `(YᵀY + λI)·p` products of the whole block are one block product, the sparse terms
 /// and the vector updates are done row by row. A row's arithmetic is the same
 /// whatever block it is in, so its result depends on nothing but its own data.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn als_solve(
+    isa: Isa,
     x: &mut [f32],
     y: &[f32],
     d: usize,
@@ -226,6 +277,10 @@ pub(crate) fn als_solve(
     confidence: &Csr,
     params: CgParams,
 ) -> Result<Option<f64>, KernelError> {
+    assert!(
+        Isa::available(d).contains(&isa),
+        "{isa:?} kernels do not run here for d = {d}"
+    );
     let (x_n, y_n) = (x.len() / d, y.len() / d);
     check::als(
         (x_n, d),
@@ -276,6 +331,7 @@ pub(crate) fn als_solve(
         rest = tail;
     }
     let job = CgJob {
+        isa,
         a: &a,
         y,
         d,
@@ -362,6 +418,7 @@ impl CgScratch {
 
 /// What every block of one [`als_solve`] shares.
 struct CgJob<'a> {
+    isa: Isa,
     /// `YᵀY + λI`, `d x d` (symmetric).
     a: &'a [f32],
     y: &'a [f32],
@@ -372,21 +429,24 @@ struct CgJob<'a> {
 }
 
 impl CgJob<'_> {
-    /// Solves the rows `first..` of `xb` (`xb.len() / d` rows) and returns their
-    /// pair loss (0 unless asked for).
+    /// Solves the rows `first..` of `xb` (`xb.len() / d` rows) with the kernels
+    /// of `self.isa` and returns their pair loss (0 unless asked for).
     fn solve_block(&self, first: usize, xb: &mut [f32], scratch: &mut CgScratch) -> f64 {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU runs AVX2 and FMA (checked just above).
-            return unsafe { self.solve_block_fma(first, xb, scratch) };
-        }
-        if cfg!(target_arch = "aarch64") {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx512` is only chosen where the CPU runs AVX-512F,
+            // AVX2 and FMA and d is at most `avx512::MAX_D` (`Isa::available`).
+            Isa::Avx512 => unsafe { self.solve_block_avx512(first, xb, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Fma` on x86-64 is only chosen where the CPU runs AVX2
+            // and FMA.
+            Isa::Fma => unsafe { self.solve_block_fma(first, xb, scratch) },
             // SAFETY: off x86-64 the FMA path uses no x86 instructions (FMA is
-            // part of the aarch64 base).
-            unsafe { self.solve_block_body::<true>(first, xb, scratch) }
-        } else {
+            // part of the aarch64 base, the only other target choosing it).
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Fma => unsafe { self.solve_block_body::<true, false>(first, xb, scratch) },
             // SAFETY: without FMA the body uses no target-specific instructions.
-            unsafe { self.solve_block_body::<false>(first, xb, scratch) }
+            Isa::Portable => unsafe { self.solve_block_body::<false, false>(first, xb, scratch) },
         }
     }
 
@@ -395,17 +455,27 @@ impl CgJob<'_> {
     #[target_feature(enable = "avx2,fma")]
     fn solve_block_fma(&self, first: usize, xb: &mut [f32], scratch: &mut CgScratch) -> f64 {
         // SAFETY: this function only runs on CPUs with AVX2 and FMA.
-        unsafe { self.solve_block_body::<true>(first, xb, scratch) }
+        unsafe { self.solve_block_body::<true, false>(first, xb, scratch) }
+    }
+
+    /// [`CgJob::solve_block_body`] with the [`avx512`] kernels.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn solve_block_avx512(&self, first: usize, xb: &mut [f32], scratch: &mut CgScratch) -> f64 {
+        // SAFETY: this function only runs on CPUs with AVX-512F, AVX2 and FMA,
+        // for d <= avx512::MAX_D.
+        unsafe { self.solve_block_body::<true, true>(first, xb, scratch) }
     }
 
     /// `FMA`: whether `a * b + c` is computed with one rounding (the CPU has the
-    /// instruction) or two.
+    /// instruction) or two. `WIDE`: the vector kernels are the [`avx512`] ones.
     ///
     /// # Safety
     /// With `FMA` on x86-64 the CPU must have AVX2 and FMA (the body then calls
-    /// the [`avx2`] kernels).
+    /// the [`avx2`] kernels); with `WIDE` also AVX-512F, and d must be at most
+    /// `avx512::MAX_D`.
     #[inline(always)]
-    unsafe fn solve_block_body<const FMA: bool>(
+    unsafe fn solve_block_body<const FMA: bool, const WIDE: bool>(
         &self,
         first: usize,
         xb: &mut [f32],
@@ -415,16 +485,15 @@ impl CgJob<'_> {
         let m = xb.len() / d;
         let conf = self.confidence;
         let (lo, hi) = (conf.indptr[first] as usize, conf.indptr[first + m] as usize);
-        let gathered = (hi - lo) * d <= CG_GATHER_BUDGET;
+        // Rows of a `y` that stays in the cache are read where they are: the copy
+        // would cost more than it saves.
+        let gathered = self.y.len() * 4 > GATHER_MIN_Y_BYTES && (hi - lo) * d <= CG_GATHER_BUDGET;
         if gathered {
             let cols = &conf.indices[lo..hi];
             scratch.items.clear();
             scratch.items.reserve(cols.len() * d);
-            // Rows of a `y` that stays in the cache come quicker without the
-            // prefetches (they only cost issue slots then).
-            let prefetch = self.y.len() * 4 > GATHER_PREFETCH_MIN_BYTES;
             for (k, &i) in cols.iter().enumerate() {
-                if prefetch && let Some(&ahead) = cols.get(k + GATHER_PREFETCH) {
+                if let Some(&ahead) = cols.get(k + GATHER_PREFETCH) {
                     prefetch_row(&self.y[ahead as usize * d..(ahead as usize + 1) * d]);
                 }
                 let i = i as usize;
@@ -456,13 +525,13 @@ impl CgJob<'_> {
         };
 
         // r = Yᵀ C_u p_u − (A + Yᵀ(C_u − I)Y) x
-        block_times_a::<FMA>(-1.0, xb, self.a, r, d);
+        block_times_a::<FMA, WIDE>(-1.0, xb, self.a, r, d);
         for u in 0..m {
             let (rows, c) = row(u);
             let (xu, ru) = (&xb[u * d..(u + 1) * d], &mut r[u * d..(u + 1) * d]);
-            sparse_terms::<FMA, true>(rows, y, d, c, xu, ru);
+            sparse_terms::<FMA, WIDE, true>(rows, y, d, c, xu, ru);
             p[u * d..(u + 1) * d].copy_from_slice(ru);
-            rs_old[u] = dot::<FMA>(ru, ru);
+            rs_old[u] = dot::<FMA, WIDE>(ru, ru);
             active[u] = rs_old[u] >= CG_TOLERANCE;
         }
         for _ in 0..self.cg_steps {
@@ -470,7 +539,7 @@ impl CgJob<'_> {
                 break;
             }
             // Ap = (A + Yᵀ(C_u − I)Y) p
-            block_times_a::<FMA>(1.0, p, self.a, ap, d);
+            block_times_a::<FMA, WIDE>(1.0, p, self.a, ap, d);
             for u in 0..m {
                 if !active[u] {
                     continue;
@@ -478,8 +547,8 @@ impl CgJob<'_> {
                 let (rows, c) = row(u);
                 let span = u * d..(u + 1) * d;
                 let (pu, apu) = (&p[span.clone()], &mut ap[span.clone()]);
-                sparse_terms::<FMA, false>(rows, y, d, c, pu, apu);
-                let p_ap = dot::<FMA>(pu, apu);
+                sparse_terms::<FMA, WIDE, false>(rows, y, d, c, pu, apu);
+                let p_ap = dot::<FMA, WIDE>(pu, apu);
                 if p_ap.is_nan() || p_ap <= 0.0 {
                     // Only when the system is not positive definite (λ = 0 and
                     // degenerate factors): stop rather than step to infinity.
@@ -490,7 +559,7 @@ impl CgJob<'_> {
                 let (xu, ru) = (&mut xb[span.clone()], &mut r[span.clone()]);
                 axpy::<FMA>(alpha, pu, xu);
                 axpy::<FMA>(-alpha, apu, ru);
-                let rs_new = dot::<FMA>(ru, ru);
+                let rs_new = dot::<FMA, WIDE>(ru, ru);
                 if rs_new < CG_TOLERANCE {
                     active[u] = false;
                     continue;
@@ -508,7 +577,7 @@ impl CgJob<'_> {
         let mut loss = 0.0f64;
         for u in 0..m {
             let (rows, c) = row(u);
-            loss += pair_loss::<FMA>(rows, y, d, c, &xb[u * d..(u + 1) * d]);
+            loss += pair_loss::<FMA, WIDE>(rows, y, d, c, &xb[u * d..(u + 1) * d]);
         }
         loss
     }
@@ -517,10 +586,13 @@ impl CgJob<'_> {
 /// How many item rows ahead the gather of a block asks for its rows: the rows
 /// are scattered over `y`, and each is a few cache lines.
 const GATHER_PREFETCH: usize = 8;
-/// The gather prefetches only from a `y` larger than this (bytes): a smaller
-/// one stays in the cache (measured: on a 3,665 x 64 `y` the prefetches made the
-/// half-steps ~10 % slower, on a 20,000 x 64 one their absence ~20 % slower).
-const GATHER_PREFETCH_MIN_BYTES: usize = 2 << 20;
+/// Blocks gather their item rows only from a `y` larger than this (bytes): a
+/// smaller one stays in the cache, and its rows are read in place (measured on a
+/// 3,665 x 64 `y`: the copies took ~20 % of the half-steps). The AVX2 kernels
+/// need the gather from a larger `y` (they do not prefetch; without the gathered
+/// rows a 20,000 x 64 `y` made them ~20 % slower); the AVX-512 kernels, which
+/// prefetch, ran as fast either way there.
+const GATHER_MIN_Y_BYTES: usize = 2 << 20;
 
 /// Asks the CPU to bring `row` into cache (no effect on the values).
 #[inline(always)]
@@ -562,13 +634,25 @@ impl<'a> ItemRows<'a> {
 }
 
 /// `out = alpha · (block · A)` for the row-major `block` (`out.len() / d` rows of
-/// `d`) and the `d x d` matrix `a`: [`avx2::block_times_a`] with `FMA` on
-/// x86-64, one `sgemm` otherwise.
+/// `d`) and the `d x d` matrix `a`: [`avx512::block_times_a`] with `WIDE`,
+/// [`avx2::block_times_a`] with `FMA` on x86-64, one `sgemm` otherwise.
 #[inline(always)]
-fn block_times_a<const FMA: bool>(alpha: f32, block: &[f32], a: &[f32], out: &mut [f32], d: usize) {
+fn block_times_a<const FMA: bool, const WIDE: bool>(
+    alpha: f32,
+    block: &[f32],
+    a: &[f32],
+    out: &mut [f32],
+    d: usize,
+) {
     let m = block.len() / d;
     assert_eq!(out.len(), m * d, "block and out differ in size");
     assert_eq!(a.len(), d * d, "a is not d x d");
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        // SAFETY: `WIDE` is only instantiated by `CgJob::solve_block_avx512`,
+        // which runs on CPUs with AVX-512F, AVX2 and FMA for d <= MAX_D.
+        return unsafe { avx512::block_times_a(alpha, block, a, out, d) };
+    }
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: as in `dot`: only reached once AVX2 and FMA were detected.
@@ -606,9 +690,10 @@ const SPARSE_ROUND: usize = 32;
 /// `out += Σ_k coef_k y_k` over the item rows `y_k` of one CG row with
 /// confidences `c`: `coef_k = c_k − (c_k − 1)(y_k · v)` for the residual
 /// (`RESIDUAL`), `(c_k − 1)(y_k · v)` for the product with `v`. The terms are
-/// added in item order.
+/// added in item order. With `WIDE`, [`avx512::sparse_terms`]; otherwise in
+/// rounds of [`SPARSE_ROUND`] items.
 #[inline(always)]
-fn sparse_terms<const FMA: bool, const RESIDUAL: bool>(
+fn sparse_terms<const FMA: bool, const WIDE: bool, const RESIDUAL: bool>(
     rows: ItemRows<'_>,
     y: &[f32],
     d: usize,
@@ -616,6 +701,11 @@ fn sparse_terms<const FMA: bool, const RESIDUAL: bool>(
     v: &[f32],
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        // SAFETY: as in `block_times_a`.
+        return unsafe { avx512::sparse_terms::<RESIDUAL>(|k| rows.get(y, d, k), c, v, out) };
+    }
     let mut coef = [0.0f32; SPARSE_ROUND];
     for start in (0..c.len()).step_by(SPARSE_ROUND) {
         let n = SPARSE_ROUND.min(c.len() - start);
@@ -638,7 +728,7 @@ fn dots<'a, const FMA: bool>(row: impl Fn(usize) -> &'a [f32], v: &[f32], out: &
         return unsafe { avx2::dots(row, v, out) };
     }
     for (k, o) in out.iter_mut().enumerate() {
-        *o = dot::<FMA>(row(k), v);
+        *o = dot::<FMA, false>(row(k), v);
     }
 }
 
@@ -657,7 +747,7 @@ fn axpys<'a, const FMA: bool>(row: impl Fn(usize) -> &'a [f32], coef: &[f32], ou
 
 /// `Σ_k c_k (1 − s_k)² − s_k²` with `s_k = y_k · x` (in f64 after the dot).
 #[inline(always)]
-fn pair_loss<const FMA: bool>(
+fn pair_loss<const FMA: bool, const WIDE: bool>(
     rows: ItemRows<'_>,
     y: &[f32],
     d: usize,
@@ -668,7 +758,16 @@ fn pair_loss<const FMA: bool>(
     let mut dot_of = [0.0f32; SPARSE_ROUND];
     for start in (0..c.len()).step_by(SPARSE_ROUND) {
         let n = SPARSE_ROUND.min(c.len() - start);
-        dots::<FMA>(|k| rows.get(y, d, start + k), x, &mut dot_of[..n]);
+        let row = |k: usize| rows.get(y, d, start + k);
+        #[cfg(target_arch = "x86_64")]
+        if WIDE {
+            // SAFETY: as in `block_times_a`.
+            unsafe { avx512::dots(row, x, &mut dot_of[..n]) };
+        } else {
+            dots::<FMA>(row, x, &mut dot_of[..n]);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        dots::<FMA>(row, x, &mut dot_of[..n]);
         for (&s, &ck) in dot_of[..n].iter().zip(&c[start..start + n]) {
             let s = f64::from(s);
             total += f64::from(ck) * (1.0 - s) * (1.0 - s) - s * s;
@@ -695,10 +794,16 @@ fn axpy<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// so that the additions of one product are not one long dependency chain.
 const DOT_LANES: usize = 32;
 
-/// Dot product. With `FMA` on x86-64 it is [`avx2::dot`]; otherwise
-/// [`DOT_LANES`] independent accumulators summed in a fixed tree.
+/// Dot product. With `WIDE` it is [`avx512::dot`], with `FMA` on x86-64
+/// [`avx2::dot`]; otherwise [`DOT_LANES`] independent accumulators summed in a
+/// fixed tree.
 #[inline(always)]
-fn dot<const FMA: bool>(x: &[f32], y: &[f32]) -> f32 {
+fn dot<const FMA: bool, const WIDE: bool>(x: &[f32], y: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        // SAFETY: as in `block_times_a`.
+        return unsafe { avx512::dot(x, y) };
+    }
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: on x86-64, `FMA = true` is only instantiated by
@@ -1473,6 +1578,78 @@ mod tests {
                     assert_ne!(bits(&got), bits(&pb.x));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn every_kernel_set_matches_the_reference_cg_and_loss() {
+        // Each set this CPU runs (on an AVX-512 machine all three), on the
+        // shapes where its registers end: d around 16, 64 and 128 (the AVX-512
+        // kernels' widths, groups of four rows up to 64, one row above, masked
+        // tails), rows of 0 to 9 items (group remainders), and a `y` over the
+        // gather threshold with a row over the gather budget.
+        let mut rng = Rng(131);
+        let cases: &[(usize, usize, usize, f32)] = &[
+            (30, 9, 1, 0.5),
+            (30, 9, 15, 0.5),
+            (30, 9, 16, 0.5),
+            (30, 9, 17, 0.5),
+            (40, 60, 48, 0.1),
+            (40, 60, 64, 0.1),
+            (40, 60, 65, 0.1),
+            (30, 40, 100, 0.15),
+            (30, 40, 128, 0.15),
+            (30, 40, 129, 0.15),
+            (12, 9000, 64, 0.05),
+        ];
+        for &(users, items, d, density) in cases {
+            let mut pb = problem(&mut rng, users, items, d, density);
+            if items == 9000 {
+                // One row with every item: over the gather budget, read in place.
+                let full = rng.confidences(1, items, 1.0);
+                let mut indptr = pb.conf.indptr.clone();
+                let last = *indptr.last().unwrap();
+                indptr.push(last + full.values.len() as u64);
+                pb.conf.indptr = indptr;
+                pb.conf.indices.extend(&full.indices);
+                pb.conf.values.extend(&full.values);
+                pb.conf.rows += 1;
+                pb.x.extend(rng.values(d, 0.3));
+                assert!(items * d * 4 > GATHER_MIN_Y_BYTES && items * d > CG_GATHER_BUDGET);
+            }
+            let p = CgParams {
+                regularization: 0.1,
+                cg_steps: 3,
+                pair_loss: true,
+            };
+            let mut want = pb.x.clone();
+            reference::als_solve(&mut want, &pb.y, d, &pb.yty, &pb.conf, p);
+            let want_loss = reference::pair_loss(&want, &pb.y, d, &pb.conf);
+            for isa in Isa::available(d) {
+                let mut got = pb.x.clone();
+                let loss = als_solve(isa, &mut got, &pb.y, d, d, &pb.yty, &pb.conf, p)
+                    .unwrap()
+                    .unwrap();
+                for (u, (g, w)) in got.chunks_exact(d).zip(want.chunks_exact(d)).enumerate() {
+                    let scale = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                    for (a, b) in g.iter().zip(w) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * scale,
+                            "{isa:?} d={d} row {u}: {g:?} vs {w:?}"
+                        );
+                    }
+                }
+                let tolerance = 1e-4 * want_loss.abs().max(1.0);
+                assert!(
+                    (loss - want_loss).abs() <= tolerance,
+                    "{isa:?} d={d}: loss {loss} vs {want_loss}"
+                );
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            assert_eq!(Isa::best(64), Isa::Avx512);
+            assert_eq!(Isa::best(129), Isa::Fma);
         }
     }
 
