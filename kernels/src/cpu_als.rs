@@ -265,7 +265,8 @@ impl Isa {
 /// `implicit`'s `_solve_cg` on all its rows in lockstep: each step's
 /// `(YᵀY + λI)·p` products of the whole block are one block product, the sparse terms
 /// and the vector updates are done row by row. A row's arithmetic is the same
-/// whatever block it is in, so its result depends on nothing but its own data.
+/// whatever block it is in, so its result depends on nothing but its own data
+/// (and `isa`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn als_solve(
     isa: Isa,
@@ -434,12 +435,13 @@ impl CgJob<'_> {
     fn solve_block(&self, first: usize, xb: &mut [f32], scratch: &mut CgScratch) -> f64 {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx512` is only chosen where the CPU runs AVX-512F,
-            // AVX2 and FMA and d is at most `avx512::MAX_D` (`Isa::available`).
+            // SAFETY: `als_solve` asserts that `isa` is one of `Isa::available(d)`,
+            // which has `Isa::Avx512` only where the CPU runs AVX-512F, AVX2 and
+            // FMA and d is at most `avx512::MAX_D`.
             Isa::Avx512 => unsafe { self.solve_block_avx512(first, xb, scratch) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Fma` on x86-64 is only chosen where the CPU runs AVX2
-            // and FMA.
+            // SAFETY: as above: `Isa::Fma` is available on x86-64 only where the
+            // CPU runs AVX2 and FMA.
             Isa::Fma => unsafe { self.solve_block_fma(first, xb, scratch) },
             // SAFETY: off x86-64 the FMA path uses no x86 instructions (FMA is
             // part of the aarch64 base, the only other target choosing it).
@@ -807,8 +809,8 @@ fn dot<const FMA: bool, const WIDE: bool>(x: &[f32], y: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: on x86-64, `FMA = true` is only instantiated by
-        // `CgJob::solve_block_fma`, which runs once the CPU was found to have
-        // AVX2 and FMA.
+        // `CgJob::solve_block_fma` and `CgJob::solve_block_avx512`, which run
+        // only where the CPU was found to have AVX2 and FMA.
         return unsafe { avx2::dot(x, y) };
     }
     let (xc, xr) = x.as_chunks::<DOT_LANES>();
@@ -1586,24 +1588,38 @@ mod tests {
         // Each set this CPU runs (on an AVX-512 machine all three), on the
         // shapes where its registers end: d around 16, 64 and 128 (the AVX-512
         // kernels' widths, groups of four rows up to 64, one row above, masked
-        // tails), rows of 0 to 9 items (group remainders), and a `y` over the
-        // gather threshold with a row over the gather budget.
+        // tails), rows of 0 to 9 items (group remainders), odd row counts (the
+        // block products' last row alone), and a `y` over the gather threshold
+        // with a row over the gather budget.
         let mut rng = Rng(131);
         let cases: &[(usize, usize, usize, f32)] = &[
-            (30, 9, 1, 0.5),
-            (30, 9, 15, 0.5),
-            (30, 9, 16, 0.5),
-            (30, 9, 17, 0.5),
-            (40, 60, 48, 0.1),
-            (40, 60, 64, 0.1),
-            (40, 60, 65, 0.1),
-            (30, 40, 100, 0.15),
-            (30, 40, 128, 0.15),
-            (30, 40, 129, 0.15),
+            (31, 9, 1, 0.5),
+            (31, 9, 15, 0.5),
+            (31, 9, 16, 0.5),
+            (31, 9, 17, 0.5),
+            (41, 60, 48, 0.1),
+            (41, 60, 64, 0.1),
+            (41, 60, 65, 0.1),
+            (31, 40, 90, 0.15),
+            (31, 40, 100, 0.15),
+            (31, 40, 128, 0.15),
+            (31, 40, 129, 0.15),
             (12, 9000, 64, 0.05),
         ];
         for &(users, items, d, density) in cases {
             let mut pb = problem(&mut rng, users, items, d, density);
+            // Rows of exactly 0..=9 items (the first ones), and thereby an odd
+            // row count on both sides of every block product.
+            for len in 0..=9.min(items) {
+                let last = *pb.conf.indptr.last().unwrap();
+                pb.conf.indptr.push(last + len as u64);
+                pb.conf.indices.extend(0..len as u32);
+                pb.conf
+                    .values
+                    .extend(rng.values(len, 20.0).iter().map(|v| 1.0 + v.abs()));
+                pb.conf.rows += 1;
+                pb.x.extend(rng.values(d, 0.3));
+            }
             if items == 9000 {
                 // One row with every item: over the gather budget, read in place.
                 let full = rng.confidences(1, items, 1.0);

@@ -7,7 +7,8 @@
 //!   time above, where four rows no longer fit the registers): their dot products
 //!   with `v`, one transposed reduction for the four, the coefficients as one
 //!   vector, then the four updates of the output, in item order. The rows are
-//!   prefetched [`PREFETCH_ROWS`] ahead: read straight from `y`, they are scattered.
+//!   prefetched [`PREFETCH_GROUPS`] groups ahead: read straight from `y`, they are
+//!   scattered.
 //! - Every dot product, in [`dot`], [`dots`] and [`sparse_terms`], sums the same
 //!   way: lane-wise products over the registers in two chains (even and odd
 //!   registers), the chains added, then the [`reduce4`] tree. A row's value does
@@ -20,8 +21,8 @@ use std::arch::x86_64::*;
 
 /// The widest row these kernels take (eight registers).
 pub(super) const MAX_D: usize = 128;
-/// How many item rows ahead [`sparse_terms`] asks for its rows.
-const PREFETCH_ROWS: usize = 4;
+/// How many groups of item rows ahead [`sparse_terms`] asks for its rows.
+const PREFETCH_GROUPS: usize = 4;
 
 /// The mask of the last register of a `d`-value row.
 #[inline(always)]
@@ -126,20 +127,29 @@ fn first(x: __m512) -> f32 {
     _mm_cvtss_f32(_mm512_castps512_ps128(x))
 }
 
-/// Calls `$f::<W, ..>` for the `W` of `d` (1..=8).
+/// Calls `$f::<W, ..>` for the `W` of `d`: `narrow` for `d` up to 64 (W 1..=4),
+/// `wide` above (W 5..=8), `any` for either.
 macro_rules! by_width {
-    ($d:expr, $f:ident $(:: <$($g:tt),*>)? ($($arg:expr),* $(,)?)) => {
+    (narrow, $d:expr, $f:ident $(:: <$($g:tt),*>)? ($($arg:expr),* $(,)?)) => {
         match $d.div_ceil(16) {
             1 => $f::<1 $($(, $g)*)?>($($arg),*),
             2 => $f::<2 $($(, $g)*)?>($($arg),*),
             3 => $f::<3 $($(, $g)*)?>($($arg),*),
             4 => $f::<4 $($(, $g)*)?>($($arg),*),
+            _ => unreachable!("d = {} is not narrow", $d),
+        }
+    };
+    (wide, $d:expr, $f:ident $(:: <$($g:tt),*>)? ($($arg:expr),* $(,)?)) => {
+        match $d.div_ceil(16) {
             5 => $f::<5 $($(, $g)*)?>($($arg),*),
             6 => $f::<6 $($(, $g)*)?>($($arg),*),
             7 => $f::<7 $($(, $g)*)?>($($arg),*),
             8 => $f::<8 $($(, $g)*)?>($($arg),*),
             _ => panic!("d = {} is over the {MAX_D} of the AVX-512 kernels", $d),
         }
+    };
+    (any, $d:expr, $($call:tt)*) => {
+        if $d <= 64 { by_width!(narrow, $d, $($call)*) } else { by_width!(wide, $d, $($call)*) }
     };
 }
 
@@ -148,12 +158,13 @@ macro_rules! by_width {
 #[inline]
 pub(super) fn dot(x: &[f32], y: &[f32]) -> f32 {
     assert_eq!(x.len(), y.len(), "dot of vectors of two lengths");
-    by_width!(x.len(), dot_w(x, y))
+    by_width!(any, x.len(), dot_w(x, y))
 }
 
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
 fn dot_w<const W: usize>(x: &[f32], y: &[f32]) -> f32 {
+    assert!(W == x.len().div_ceil(16) && x.len() == y.len());
     let tail = tail_mask(x.len());
     // SAFETY: both have x.len() = 16 (W − 1) + popcount(tail) values.
     let (a, b) = unsafe { (load::<W>(x.as_ptr(), tail), load::<W>(y.as_ptr(), tail)) };
@@ -166,13 +177,14 @@ fn dot_w<const W: usize>(x: &[f32], y: &[f32]) -> f32 {
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
 pub(super) fn dots<'a>(row: impl Fn(usize) -> &'a [f32], v: &[f32], out: &mut [f32]) {
-    by_width!(v.len(), dots_w(&row, v, out))
+    by_width!(any, v.len(), dots_w(&row, v, out))
 }
 
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
 fn dots_w<'a, const W: usize>(row: &impl Fn(usize) -> &'a [f32], v: &[f32], out: &mut [f32]) {
     let d = v.len();
+    assert_eq!(W, d.div_ceil(16));
     let tail = tail_mask(d);
     // SAFETY: v has d values.
     let vv = unsafe { load::<W>(v.as_ptr(), tail) };
@@ -210,9 +222,17 @@ pub(super) fn sparse_terms<'a, const RESIDUAL: bool>(
 ) {
     assert_eq!(v.len(), out.len(), "v and out differ in length");
     if v.len() <= 64 {
-        by_width!(v.len(), sparse_terms_w::<4, RESIDUAL>(&row, c, v, out))
+        by_width!(
+            narrow,
+            v.len(),
+            sparse_terms_w::<4, RESIDUAL>(&row, c, v, out)
+        )
     } else {
-        by_width!(v.len(), sparse_terms_w::<1, RESIDUAL>(&row, c, v, out))
+        by_width!(
+            wide,
+            v.len(),
+            sparse_terms_w::<1, RESIDUAL>(&row, c, v, out)
+        )
     }
 }
 
@@ -228,15 +248,17 @@ fn sparse_terms_w<'a, const W: usize, const G: usize, const RESIDUAL: bool>(
 ) {
     let d = v.len();
     let n = c.len();
+    assert!(W == d.div_ceil(16) && out.len() == d);
     let tail = tail_mask(d);
-    // SAFETY: v and out have d values.
+    // SAFETY: v has d values.
     let vv = unsafe { load::<W>(v.as_ptr(), tail) };
+    // SAFETY: out has d values.
     let mut acc = unsafe { load::<W>(out.as_ptr(), tail) };
     let mut k = 0;
     while k + G <= n {
-        if k + (PREFETCH_ROWS + 1) * G <= n {
+        if k + (PREFETCH_GROUPS + 1) * G <= n {
             for t in 0..G {
-                prefetch(row(k + PREFETCH_ROWS * G + t));
+                prefetch(row(k + PREFETCH_GROUPS * G + t));
             }
         }
         let mut rows: [&[f32]; G] = [&[]; G];
@@ -244,13 +266,15 @@ fn sparse_terms_w<'a, const W: usize, const G: usize, const RESIDUAL: bool>(
             *r = row(k + t);
             assert_eq!(r.len(), d, "rows of another length than v");
         }
-        group::<W, G, RESIDUAL>(rows, &c[k..k + G], &vv, &mut acc, tail);
+        // SAFETY: every row has d = 16 (W − 1) + popcount(tail) values.
+        unsafe { group::<W, G, RESIDUAL>(rows, &c[k..k + G], &vv, &mut acc, tail) };
         k += G;
     }
     while k < n {
         let r = row(k);
         assert_eq!(r.len(), d, "rows of another length than v");
-        group::<W, 1, RESIDUAL>([r], &c[k..k + 1], &vv, &mut acc, tail);
+        // SAFETY: as above.
+        unsafe { group::<W, 1, RESIDUAL>([r], &c[k..k + 1], &vv, &mut acc, tail) };
         k += 1;
     }
     // SAFETY: out has d values.
@@ -267,11 +291,14 @@ fn prefetch(row: &[f32]) {
     }
 }
 
-/// The terms of `G ≤ 4` rows (each of `16 (W − 1) + popcount(tail)` values) with
-/// confidences `c`, added to `acc` in row order.
+/// The terms of `G ≤ 4` rows with confidences `c` (`G` of them), added to `acc`
+/// in row order.
+///
+/// # Safety
+/// Every row has `16 (W − 1) + popcount(tail)` values.
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline]
-fn group<const W: usize, const G: usize, const RESIDUAL: bool>(
+unsafe fn group<const W: usize, const G: usize, const RESIDUAL: bool>(
     rows: [&[f32]; G],
     c: &[f32],
     v: &[__m512; W],
@@ -281,7 +308,7 @@ fn group<const W: usize, const G: usize, const RESIDUAL: bool>(
     let mut regs = [[_mm512_setzero_ps(); W]; G];
     let mut s = [_mm512_setzero_ps(); 4];
     for t in 0..G {
-        // SAFETY: every row has the length the caller says.
+        // SAFETY: every row has the length `load` needs (the caller's promise).
         regs[t] = unsafe { load::<W>(rows[t].as_ptr(), tail) };
         s[t] = products(&regs[t], v);
     }
@@ -319,9 +346,9 @@ fn group<const W: usize, const G: usize, const RESIDUAL: bool>(
 #[inline]
 pub(super) fn block_times_a(alpha: f32, block: &[f32], a: &[f32], out: &mut [f32], d: usize) {
     if d <= 64 {
-        by_width!(d, block_times_a_w::<4>(alpha, block, a, out, d))
+        by_width!(narrow, d, block_times_a_w::<4>(alpha, block, a, out, d))
     } else {
-        by_width!(d, block_times_a_w::<2>(alpha, block, a, out, d))
+        by_width!(wide, d, block_times_a_w::<2>(alpha, block, a, out, d))
     }
 }
 
@@ -370,7 +397,7 @@ fn rows_times_a<const W: usize, const R: usize>(
     out: &mut [f32],
     d: usize,
 ) {
-    assert!(rows.len() == R * d && out.len() == R * d && a.len() == d * d);
+    assert!(W == d.div_ceil(16) && rows.len() == R * d && out.len() == R * d && a.len() == d * d);
     let tail = tail_mask(d);
     let mut acc = [[_mm512_setzero_ps(); W]; R];
     for k in 0..d {
