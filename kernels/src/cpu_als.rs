@@ -1541,6 +1541,19 @@ mod tests {
         conf: Csr,
     }
 
+    impl Problem {
+        /// Appends a row with confidences `values` at items `cols` and the
+        /// starting factors `x_row`.
+        fn push_row(&mut self, cols: &[u32], values: &[f32], x_row: Vec<f32>) {
+            let last = *self.conf.indptr.last().unwrap();
+            self.conf.indptr.push(last + cols.len() as u64);
+            self.conf.indices.extend(cols);
+            self.conf.values.extend(values);
+            self.conf.rows += 1;
+            self.x.extend(x_row);
+        }
+    }
+
     fn problem(rng: &mut Rng, users: usize, items: usize, d: usize, density: f32) -> Problem {
         let y = rng.values(items * d, 0.5);
         let yty = reference::gram(&y, d);
@@ -1611,26 +1624,18 @@ mod tests {
             // Rows of exactly 0..=9 items (the first ones), and thereby an odd
             // row count on both sides of every block product.
             for len in 0..=9.min(items) {
-                let last = *pb.conf.indptr.last().unwrap();
-                pb.conf.indptr.push(last + len as u64);
-                pb.conf.indices.extend(0..len as u32);
-                pb.conf
-                    .values
-                    .extend(rng.values(len, 20.0).iter().map(|v| 1.0 + v.abs()));
-                pb.conf.rows += 1;
-                pb.x.extend(rng.values(d, 0.3));
+                let cols: Vec<u32> = (0..len as u32).collect();
+                let values: Vec<f32> = rng
+                    .values(len, 20.0)
+                    .iter()
+                    .map(|v| 1.0 + v.abs())
+                    .collect();
+                pb.push_row(&cols, &values, rng.values(d, 0.3));
             }
             if items == 9000 {
                 // One row with every item: over the gather budget, read in place.
                 let full = rng.confidences(1, items, 1.0);
-                let mut indptr = pb.conf.indptr.clone();
-                let last = *indptr.last().unwrap();
-                indptr.push(last + full.values.len() as u64);
-                pb.conf.indptr = indptr;
-                pb.conf.indices.extend(&full.indices);
-                pb.conf.values.extend(&full.values);
-                pb.conf.rows += 1;
-                pb.x.extend(rng.values(d, 0.3));
+                pb.push_row(&full.indices, &full.values, rng.values(d, 0.3));
                 assert!(items * d * 4 > GATHER_MIN_Y_BYTES && items * d > CG_GATHER_BUDGET);
             }
             let p = CgParams {

@@ -258,7 +258,7 @@ fn sparse_terms_w<'a, const W: usize, const G: usize, const RESIDUAL: bool>(
     while k + G <= n {
         if k + (PREFETCH_GROUPS + 1) * G <= n {
             for t in 0..G {
-                prefetch(row(k + PREFETCH_GROUPS * G + t));
+                super::prefetch_row(row(k + PREFETCH_GROUPS * G + t));
             }
         }
         let mut rows: [&[f32]; G] = [&[]; G];
@@ -279,16 +279,6 @@ fn sparse_terms_w<'a, const W: usize, const G: usize, const RESIDUAL: bool>(
     }
     // SAFETY: out has d values.
     unsafe { store::<W>(out.as_mut_ptr(), tail, &acc) };
-}
-
-/// Asks the CPU to bring `row` into cache (no effect on the values).
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn prefetch(row: &[f32]) {
-    for line in row.chunks(16) {
-        // A hint: it reads nothing and cannot fault.
-        _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<i8>());
-    }
 }
 
 /// The terms of `G ≤ 4` rows with confidences `c` (`G` of them), added to `acc`
