@@ -25,13 +25,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float32Builder, Float64Array, ListBuilder, StringBuilder,
-    UInt64Builder,
+    Array, ArrayRef, AsArray, Float32Builder, Float64Array, GenericListArray, ListBuilder,
+    OffsetSizeTrait, StringBuilder, UInt64Builder,
 };
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use futures::{StreamExt, TryStreamExt};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use shoal_proto::hash::shard_of;
 use shoal_proto::spec::{JobSpec, OnBadRows};
@@ -43,9 +42,6 @@ use crate::ingest::{
     IngestControl, Num, Numbers, Sink, canonical_integer, decoded, describe_text, find_column,
     numbers, read_split, user_text,
 };
-
-/// How many staged files of one split are uploaded at the same time.
-const PUT_CONCURRENCY: usize = 16;
 
 /// Why a row of the table was dropped; checked in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,28 +465,9 @@ impl Lists {
 }
 
 fn list_values(array: &ArrayRef) -> Result<Lists, arrow::error::ArrowError> {
-    let as_f64 = |values: &ArrayRef| -> Result<Float64Array, arrow::error::ArrowError> {
-        Ok(cast(values, &DataType::Float64)?
-            .as_primitive::<Float64Type>()
-            .clone())
-    };
     Ok(match array.data_type() {
-        DataType::List(_) => {
-            let l = array.as_list::<i32>();
-            Lists {
-                offsets: l.offsets().iter().map(|&o| o as usize).collect(),
-                nulls: l.nulls().cloned(),
-                values: as_f64(l.values())?,
-            }
-        }
-        DataType::LargeList(_) => {
-            let l = array.as_list::<i64>();
-            Lists {
-                offsets: l.offsets().iter().map(|&o| o as usize).collect(),
-                nulls: l.nulls().cloned(),
-                values: as_f64(l.values())?,
-            }
-        }
+        DataType::List(_) => offset_lists(array.as_list::<i32>())?,
+        DataType::LargeList(_) => offset_lists(array.as_list::<i64>())?,
         DataType::FixedSizeList(_, n) => {
             let l = array.as_fixed_size_list();
             let n = *n as usize;
@@ -503,7 +480,7 @@ fn list_values(array: &ArrayRef) -> Result<Lists, arrow::error::ArrowError> {
             Lists {
                 offsets: (0..=l.len()).map(|i| base + i * n).collect(),
                 nulls: l.nulls().cloned(),
-                values: as_f64(l.values())?,
+                values: values_f64(l.values())?,
             }
         }
         other => {
@@ -512,6 +489,24 @@ fn list_values(array: &ArrayRef) -> Result<Lists, arrow::error::ArrowError> {
             )));
         }
     })
+}
+
+/// A list or large list column as [`Lists`].
+fn offset_lists<O: OffsetSizeTrait>(
+    l: &GenericListArray<O>,
+) -> Result<Lists, arrow::error::ArrowError> {
+    Ok(Lists {
+        offsets: l.offsets().iter().map(|o| o.as_usize()).collect(),
+        nulls: l.nulls().cloned(),
+        values: values_f64(l.values())?,
+    })
+}
+
+/// A list column's child values as f64.
+fn values_f64(values: &ArrayRef) -> Result<Float64Array, arrow::error::ArrowError> {
+    Ok(cast(values, &DataType::Float64)?
+        .as_primitive::<Float64Type>()
+        .clone())
 }
 
 /// Reads split `split` of the `features.extra` table, checks its rows and stages
@@ -564,22 +559,12 @@ pub async fn ingest_split(
             })?;
         encoded.push((file, bytes));
     }
-    futures::stream::iter(encoded)
-        .map(|(file, bytes)| async move { file.put(bytes).await })
-        .buffer_unordered(PUT_CONCURRENCY)
-        .try_collect::<Vec<_>>()
-        .await?;
-    let mut counts = pb::RowCounts {
-        read: reader.read,
-        kept: reader.kept,
-        ..Default::default()
-    };
-    for reason in ExtraDrop::ALL {
-        let n = reader.counts[reason as usize];
-        if n > 0 {
-            counts.dropped.insert(reason.as_str().to_string(), n);
-        }
-    }
+    crate::staging::put_all(encoded).await?;
+    let counts = crate::ingest::row_counts(
+        reader.read,
+        reader.kept,
+        ExtraDrop::ALL.map(|r| (r.as_str(), reader.counts[r as usize])),
+    );
     tracing::debug!(
         split = split.index,
         object = %split.object,

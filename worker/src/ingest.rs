@@ -168,17 +168,11 @@ pub async fn ingest_split_controlled(
     } = cleaner;
     control.check()?;
     let files = writer.write(staging).await?;
-    let mut row_counts = pb::RowCounts {
+    let row_counts = row_counts(
         read,
         kept,
-        ..Default::default()
-    };
-    for reason in DropReason::ALL {
-        let n = counts[reason as usize];
-        if n > 0 {
-            row_counts.dropped.insert(reason.as_str().to_string(), n);
-        }
-    }
+        DropReason::ALL.map(|r| (r.as_str(), counts[r as usize])),
+    );
     tracing::debug!(
         split = split.index,
         object = %split.object,
@@ -196,6 +190,24 @@ pub async fn ingest_split_controlled(
         max_time_ms: if kept > 0 { max_time_ms } else { 0 },
         bytes_read,
     })
+}
+
+/// The row counts of a split: `read`, `kept` and the rows dropped per reason
+/// (reasons that dropped none left out).
+pub(crate) fn row_counts(
+    read: u64,
+    kept: u64,
+    dropped: impl IntoIterator<Item = (&'static str, u64)>,
+) -> pb::RowCounts {
+    pb::RowCounts {
+        read,
+        kept,
+        dropped: dropped
+            .into_iter()
+            .filter(|&(_, n)| n > 0)
+            .map(|(reason, n)| (reason.to_string(), n))
+            .collect(),
+    }
 }
 
 /// Reads `split` (at `loc`) into `sink`, as CSV or Parquet; returns the bytes

@@ -373,26 +373,31 @@ impl SplitWriter {
             let (file, bytes) = encode_file(&loc, shard, rows, batch)?;
             encoded.push((is_item, loc, file, bytes));
         }
-        let written: Vec<(bool, StagedFile)> = futures::stream::iter(encoded)
-            .map(|(is_item, loc, file, bytes)| async move {
-                loc.put(bytes).await?;
-                Ok::<_, WorkerError>((is_item, file))
-            })
-            .buffer_unordered(PUT_CONCURRENCY)
-            .try_collect()
-            .await?;
+        // (encoded in shard order, users then items)
         let mut files = StagedFiles::default();
-        for (is_item, file) in written {
+        let mut puts = Vec::with_capacity(encoded.len());
+        for (is_item, loc, file, bytes) in encoded {
+            puts.push((loc, bytes));
             if is_item {
                 files.items.push(file);
             } else {
                 files.users.push(file);
             }
         }
-        files.users.sort_by_key(|f| f.shard);
-        files.items.sort_by_key(|f| f.shard);
+        put_all(puts).await?;
         Ok(files)
     }
+}
+
+/// Puts every `(location, bytes)`, [`PUT_CONCURRENCY`] at a time; the first
+/// failure is the error.
+pub(crate) async fn put_all(files: Vec<(Location, Bytes)>) -> Result<(), WorkerError> {
+    futures::stream::iter(files)
+        .map(|(loc, bytes)| async move { loc.put(bytes).await })
+        .buffer_unordered(PUT_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
 }
 
 /// Encodes one shard's batch as the Parquet bytes of the file at `loc`.
