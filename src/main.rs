@@ -142,6 +142,9 @@ enum Command {
     },
     /// List the compute backends of this machine: CUDA devices, or why there are none.
     Devices,
+    /// Write a seeded synthetic interaction log with planted customer groups: Parquet
+    /// files, a truth table (every user's group) and a spec that segments the log.
+    Synth(SynthArgs),
     /// Submit a job spec to a standing coordinator.
     Submit {
         #[arg(env = "SHOAL_SPEC")]
@@ -198,6 +201,34 @@ enum Command {
         #[command(flatten)]
         to: Operator,
     },
+}
+
+/// What `shoal synth` writes.
+#[derive(Args, Debug, Clone)]
+struct SynthArgs {
+    /// Output folder (created; must not hold files).
+    #[arg(long, env = "SHOAL_OUTPUT")]
+    output: PathBuf,
+    /// Users (customers).
+    #[arg(long, env = "SHOAL_SYNTH_USERS", default_value_t = 100_000)]
+    users: u64,
+    /// Items in the catalogue.
+    #[arg(long, env = "SHOAL_SYNTH_ITEMS", default_value_t = 10_000)]
+    items: u64,
+    /// Rows (order lines) wanted; the log holds about this many.
+    #[arg(long, env = "SHOAL_SYNTH_INTERACTIONS", default_value_t = 2_000_000)]
+    interactions: u64,
+    /// Planted groups.
+    #[arg(long, env = "SHOAL_SYNTH_GROUPS", default_value_t = 6)]
+    groups: u32,
+    /// Parquet files of the log (consecutive time windows).
+    #[arg(long, env = "SHOAL_SYNTH_FILES", default_value_t = 8)]
+    files: u32,
+    /// Days the log spans (ending 2026-01-01).
+    #[arg(long, env = "SHOAL_SYNTH_DAYS", default_value_t = 730)]
+    days: u32,
+    #[arg(long, env = "SHOAL_SYNTH_SEED", default_value_t = 42)]
+    seed: u64,
 }
 
 /// The coordinator an operator's command talks to, and how.
@@ -438,6 +469,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             client::finish(&status).await
         }
         Command::Bench(args) => bench::run(args),
+        Command::Synth(args) => synth(args),
         Command::Status {
             job,
             coordinator,
@@ -473,6 +505,42 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn synth(args: SynthArgs) -> Result<ExitCode, BoxError> {
+    let config = shoal_synth::SynthConfig {
+        users: args.users,
+        items: args.items,
+        interactions: args.interactions,
+        groups: args.groups,
+        files: args.files,
+        seed: args.seed,
+        days: args.days,
+        output: args.output,
+        ..shoal_synth::SynthConfig::default()
+    };
+    let started = std::time::Instant::now();
+    let s = shoal_synth::generate(&config)?;
+    let dir = s.spec.parent().unwrap_or(Path::new("."));
+    println!(
+        "{}: {} rows ({} orders) of {} users and {} items in {} Parquet files, {:.1} MB, {:.1} s",
+        dir.join("log").display(),
+        s.rows(),
+        s.orders,
+        config.users,
+        config.items,
+        s.log.len(),
+        s.bytes() as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{}: every user's planted group (sizes {:?})",
+        s.truth.path.display(),
+        s.group_sizes
+    );
+    println!("{}: a spec that segments it; run it with", s.spec.display());
+    println!("  shoal run {}", s.spec.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The worker's backend for `device`, and a sentence saying what was picked and why.

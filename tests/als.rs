@@ -123,10 +123,10 @@ async fn planted_low_rank_preferences_are_recovered() {
     cluster.stop().await;
 
     // The split the job used, recomputed from its definition.
-    let (held, train): (BTreeSet<_>, BTreeSet<_>) = pairs
-        .iter()
-        .cloned()
-        .partition(|(u, i)| shoal_worker::als::held_out(SEED, HOLDOUT, u, i));
+    let (held, train): (BTreeSet<_>, BTreeSet<_>) = pairs.iter().cloned().partition(|(u, i)| {
+        use shoal_proto::hash::id_key;
+        shoal_worker::steps::als::held_out(SEED, HOLDOUT, id_key(u), id_key(i))
+    });
     let report = read_report(&out);
     let als = &report["als"];
     assert_eq!(als["pairs"].as_u64().unwrap(), train.len() as u64, "{als}");

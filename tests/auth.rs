@@ -92,6 +92,7 @@ async fn workers_need_the_workers_token_and_protocol_version() {
     let shutdown = CancellationToken::new();
     let c = coordinator(&shutdown).await;
     let register = RegisterRequest {
+        memory_limit_bytes: 1 << 30,
         protocol_version: PROTOCOL_VERSION,
         address: "http://127.0.0.1:1".into(),
         backend: "cpu".into(),

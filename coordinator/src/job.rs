@@ -744,6 +744,7 @@ async fn drive(
         .iter()
         .flat_map(|f| f.item_files.iter().cloned())
         .collect();
+    let item_counts = output::ItemCounts::merge(&finals, k)?;
     if let Some(model) = &model {
         // the item factors scored against belong to the outputs too
         item_files = output::copy_item_factors(model, &output).await?;
@@ -756,7 +757,7 @@ async fn drive(
         "finalize",
         |f| f.shard,
     )?;
-    let summary = output::summarize(
+    let mut summary = output::summarize(
         &finals,
         &centroids,
         output::Layout {
@@ -770,6 +771,7 @@ async fn drive(
         &scale,
         SILHOUETTE_SAMPLE as usize,
     );
+    summary.add_top_items(&item_counts);
     times.add("finalize", t);
 
     // ---- write
@@ -935,6 +937,8 @@ async fn run_als(
                 job_id: d.job_id(),
                 attempt: ATTEMPT,
                 owners: owners.clone(),
+                item_owners: owners.clone(),
+                item_shard_sizes: items.iter().map(|s| s.items).collect(),
             };
             async move { c.als_link(req).await }
         })

@@ -151,44 +151,92 @@ pub struct TopItem {
     pub lift: f64,
 }
 
-/// Per segment, its [`TOP_ITEMS`] items by users (ties: item id), with share
-/// and lift, from the shards' counts (merged in shard order; an item's label is
-/// the first shard's that has one).
-pub fn top_items(finals: &[pb::ShardFinal], sizes: &[u64]) -> Vec<Vec<TopItem>> {
-    let k = sizes.len();
-    let users: u64 = sizes.iter().sum();
-    let mut counts: BTreeMap<(u32, &str), u64> = BTreeMap::new();
-    let mut overall: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut labels: BTreeMap<&str, &str> = BTreeMap::new();
-    for f in finals {
-        for it in &f.items {
-            if it.segment as usize >= k {
-                continue;
+/// The segments' item counts, merged over the workers: per segment and
+/// catalogue item the users who bought it, and every item's id and label.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ItemCounts {
+    /// `k x items`, row-major.
+    pub users: Vec<u64>,
+    pub ids: Vec<String>,
+    pub labels: Vec<String>,
+}
+
+impl ItemCounts {
+    /// From the workers' finalize answers: counts added (integers: in any
+    /// order), names put in catalogue order (item shard, position).
+    pub fn merge(
+        answers: &[pb::FinalizeResponse],
+        k: usize,
+    ) -> Result<ItemCounts, CoordinatorError> {
+        let mut shards: Vec<&pb::ItemShardIds> =
+            answers.iter().flat_map(|a| a.item_ids.iter()).collect();
+        shards.sort_by_key(|s| s.shard);
+        // a fold-in's model catalogue comes from every worker: once is enough
+        shards.dedup_by_key(|s| s.shard);
+        let mut out = ItemCounts::default();
+        for s in shards {
+            out.ids.extend(s.ids.iter().cloned());
+            out.labels.extend(s.labels.iter().cloned());
+        }
+        let items = out.ids.len();
+        for a in answers.iter().filter(|a| !a.item_users.is_empty()) {
+            if a.item_users.len() != k * items {
+                return Err(CoordinatorError::Protocol {
+                    worker: "(a worker)".into(),
+                    step: "finalize",
+                    detail: format!(
+                        "{} segment item counts for {k} segments and {items} items",
+                        a.item_users.len()
+                    ),
+                });
             }
-            *counts.entry((it.segment, it.item.as_str())).or_default() += it.users;
-            *overall.entry(it.item.as_str()).or_default() += it.users;
-            if !it.label.is_empty() {
-                labels.entry(it.item.as_str()).or_insert(it.label.as_str());
+            if out.users.is_empty() {
+                out.users = vec![0; k * items];
+            }
+            for (t, v) in out.users.iter_mut().zip(&a.item_users) {
+                *t += v;
             }
         }
+        Ok(out)
     }
-    let mut per: Vec<Vec<(&str, u64)>> = vec![Vec::new(); k];
-    for ((seg, item), n) in counts {
-        per[seg as usize].push((item, n));
+}
+
+impl Summary {
+    /// Gives every segment its top items (with ALS).
+    pub fn add_top_items(&mut self, counts: &ItemCounts) {
+        let sizes: Vec<u64> = self.segments.iter().map(|s| s.size).collect();
+        for (s, top) in self.segments.iter_mut().zip(top_items(counts, &sizes)) {
+            s.top_items = top;
+        }
     }
-    per.into_iter()
-        .enumerate()
-        .map(|(c, mut list)| {
-            list.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+}
+
+/// Per segment, its [`TOP_ITEMS`] items by users (ties: item id), with share
+/// and lift.
+pub fn top_items(counts: &ItemCounts, sizes: &[u64]) -> Vec<Vec<TopItem>> {
+    let k = sizes.len();
+    let items = counts.ids.len();
+    if counts.users.len() != k * items || items == 0 {
+        return vec![Vec::new(); k];
+    }
+    let users: u64 = sizes.iter().sum();
+    let overall: Vec<u64> = (0..items)
+        .map(|i| (0..k).map(|c| counts.users[c * items + i]).sum())
+        .collect();
+    (0..k)
+        .map(|c| {
+            let row = &counts.users[c * items..(c + 1) * items];
+            let mut list: Vec<usize> = (0..items).filter(|&i| row[i] > 0).collect();
+            list.sort_by(|&a, &b| row[b].cmp(&row[a]).then(counts.ids[a].cmp(&counts.ids[b])));
             list.truncate(TOP_ITEMS);
             list.into_iter()
-                .map(|(item, n)| {
-                    let share = n as f64 / sizes[c].max(1) as f64;
-                    let base = overall[item] as f64 / users.max(1) as f64;
+                .map(|i| {
+                    let share = row[i] as f64 / sizes[c].max(1) as f64;
+                    let base = overall[i] as f64 / users.max(1) as f64;
                     TopItem {
-                        item_id: item.to_string(),
-                        label: labels.get(item).map(|l| l.to_string()),
-                        users: n,
+                        item_id: counts.ids[i].clone(),
+                        label: Some(counts.labels[i].clone()).filter(|l| !l.is_empty()),
+                        users: row[i],
                         share,
                         lift: if base > 0.0 { share / base } else { 0.0 },
                     }
@@ -311,11 +359,6 @@ pub fn summarize(
             }
         })
         .collect::<Vec<SegmentSummary>>();
-    let sizes: Vec<u64> = segments.iter().map(|s| s.size).collect();
-    let mut segments = segments;
-    for (s, items) in segments.iter_mut().zip(top_items(finals, &sizes)) {
-        s.top_items = items;
-    }
     // Metrics. Cluster member means for Calinski–Harabasz; the within-cluster sum of
     // squares around the means follows from the one around the centroids.
     let means: Vec<f64> = (0..k * dims)

@@ -20,6 +20,8 @@ pub struct WorkerEntry {
     pub address: String,
     pub backend: String,
     pub threads: u32,
+    /// Bytes the worker may use for jobs (its --memory-limit).
+    pub memory_limit: u64,
     last_seen: Instant,
     last_seen_unix_ms: i64,
 }
@@ -489,6 +491,7 @@ impl State {
                 address: req.address,
                 backend: req.backend,
                 threads: req.threads,
+                memory_limit: req.memory_limit_bytes,
                 last_seen: Instant::now(),
                 last_seen_unix_ms: now_ms(),
             },
@@ -540,6 +543,7 @@ impl WorkerEntry {
             address: self.address.clone(),
             backend: self.backend.clone(),
             threads: self.threads,
+            memory_limit_bytes: self.memory_limit,
             last_heartbeat_unix_ms: self.last_seen_unix_ms,
         }
     }

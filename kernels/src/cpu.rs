@@ -24,6 +24,7 @@
 //! and merges the chunk partials sequentially, from the last chunk to the first.
 
 use rayon::prelude::*;
+use std::sync::Arc;
 
 use crate::cpu_als::{self, storage, storage_mut};
 use crate::{
@@ -204,7 +205,18 @@ impl Backend for CpuBackend {
             nnz = m.values.len(),
             "uploading a sparse matrix to the cpu backend"
         );
-        Ok(Resident::new(m.rows, m.cols, NAME, Box::new(m.clone())))
+        Ok(Resident::new(
+            m.rows,
+            m.cols,
+            NAME,
+            Box::new(Arc::new(m.clone())),
+        ))
+    }
+
+    fn upload_sparse_shared(&self, m: Arc<Csr>) -> Result<Resident, KernelError> {
+        cpu_als::validate_csr(&m)?;
+        // host memory already: share it
+        Ok(Resident::new(m.rows, m.cols, NAME, Box::new(m)))
     }
 
     fn write_rows(
@@ -232,7 +244,7 @@ impl Backend for CpuBackend {
         params: CgParams,
     ) -> Result<Option<f64>, KernelError> {
         let y = storage::<HostPoints>(y, NAME, "the fixed factors (y)", "dense")?;
-        let confidence = storage::<Csr>(confidence, NAME, "the confidences", "sparse")?;
+        let confidence = storage::<Arc<Csr>>(confidence, NAME, "the confidences", "sparse")?;
         let x = storage_mut::<HostPoints>(x, NAME, "the factors being solved (x)", "dense")?;
         cpu_als::als_solve(
             cpu_als::Isa::best(x.d),
@@ -256,7 +268,9 @@ impl Backend for CpuBackend {
         let queries = storage::<HostPoints>(queries, NAME, "the queries of top_n", "dense")?;
         let items = storage::<HostPoints>(items, NAME, "the items of top_n", "dense")?;
         let exclude = exclude
-            .map(|e| storage::<Csr>(e, NAME, "the exclusions of top_n", "sparse"))
+            .map(|e| {
+                storage::<Arc<Csr>>(e, NAME, "the exclusions of top_n", "sparse").map(|m| &**m)
+            })
             .transpose()?;
         cpu_als::top_n(
             &queries.values,

@@ -286,6 +286,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// exclusion lists). Values must be finite.
     fn upload_sparse(&self, m: &Csr) -> Result<Resident, KernelError>;
 
+    /// [`Backend::upload_sparse`] of a matrix the caller keeps too: a backend
+    /// that computes in host memory shares it instead of copying it.
+    fn upload_sparse_shared(&self, m: std::sync::Arc<Csr>) -> Result<Resident, KernelError> {
+        self.upload_sparse(&m)
+    }
+
     /// Overwrites the given rows of resident dense `target` with `values`
     /// (row-major, `rows.len() x d`), e.g. factor rows fetched from other workers.
     fn write_rows(

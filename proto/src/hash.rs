@@ -6,10 +6,22 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 const SHARD_SEED: u64 = 0x5ea1_5ea1_0000_0001;
 
-/// The user shard of `user`: `xxh3(user) % shards`.
-pub fn shard_of(user: &str, shards: u32) -> u32 {
+/// The key of a user or item id: `xxh3(id)` with the shard seed. Within a job an
+/// entity is its key (two ids with one key are refused where they meet: they land
+/// in the same shard); shards hold their entities sorted by key.
+pub fn id_key(id: &str) -> u64 {
+    xxh3_64_with_seed(id.as_bytes(), SHARD_SEED)
+}
+
+/// The shard of the entity with key `key`: `key % shards`.
+pub fn shard_of_key(key: u64, shards: u32) -> u32 {
     debug_assert!(shards > 0);
-    (xxh3_64_with_seed(user.as_bytes(), SHARD_SEED) % u64::from(shards)) as u32
+    (key % u64::from(shards)) as u32
+}
+
+/// The shard of `id` (a user's, or an item's): `xxh3(id) % shards`.
+pub fn shard_of(id: &str, shards: u32) -> u32 {
+    shard_of_key(id_key(id), shards)
 }
 
 /// A 64-bit key from a seed and a tuple of integers (order matters).

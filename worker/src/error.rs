@@ -124,6 +124,36 @@ pub enum WorkerError {
         first: String,
         second: String,
     },
+    #[error(
+        "{what} ids `{first}` and `{second}` of {what} shard {shard} have the same 64-bit key ({key:#018x}); shoal cannot tell them apart: rename one of them"
+    )]
+    IdCollision {
+        what: String,
+        shard: u32,
+        key: u64,
+        first: String,
+        second: String,
+    },
+    #[error(
+        "{what} shard {shard} holds {detail}; raise cluster.shards so that each shard holds fewer"
+    )]
+    ShardTooLarge {
+        what: String,
+        shard: u32,
+        detail: String,
+    },
+    #[error(
+        "{url}: not a staged file of this shoal version: {detail}; the staging prefix holds files of another version or another program"
+    )]
+    Staged { url: String, detail: String },
+    #[error(
+        "the shards given to this worker need about {need_mib} MiB and its memory limit is {limit_mib} MiB ({detail}); give the job more workers or workers more memory (shoal worker --memory-limit)"
+    )]
+    OverBudget {
+        need_mib: u64,
+        limit_mib: u64,
+        detail: String,
+    },
 }
 
 impl WorkerError {
@@ -153,7 +183,11 @@ impl WorkerError {
             | WorkerError::Arrow { .. }
             | WorkerError::ExtraMissingColumn { .. }
             | WorkerError::DuplicateExtraUser { .. }
+            | WorkerError::IdCollision { .. }
+            | WorkerError::ShardTooLarge { .. }
             | WorkerError::InvalidRequest(_) => Code::InvalidArgument,
+            WorkerError::Staged { .. } => Code::Internal,
+            WorkerError::OverBudget { .. } => Code::ResourceExhausted,
             WorkerError::Kernel(e) if e.is_input_error() => Code::InvalidArgument,
             WorkerError::Kernel(_) => Code::Internal,
             WorkerError::DeviceUnavailable { .. } => Code::FailedPrecondition,

@@ -553,11 +553,13 @@ pub async fn ingest_split(
                 source,
             })?;
         let bytes =
-            crate::staging::encode_parquet(&batch).map_err(|source| WorkerError::Parquet {
-                file: file.url(),
-                source,
+            shoal_proto::store::encode_parquet(batch.schema(), &[batch]).map_err(|source| {
+                WorkerError::Parquet {
+                    file: file.url(),
+                    source,
+                }
             })?;
-        encoded.push((file, bytes));
+        encoded.push((file, bytes::Bytes::from(bytes)));
     }
     crate::staging::put_all(encoded).await?;
     let counts = crate::ingest::row_counts(
@@ -754,12 +756,12 @@ impl ShardExtra {
     }
 
     /// The features of `users` (a shard's users, in its order), `dims` each.
-    pub fn join(mut self, users: &[String], dims: usize) -> Joined {
+    pub fn join(mut self, users: &crate::ids::IdTable, dims: usize) -> Joined {
         let mut out = Joined {
             values: Vec::with_capacity(users.len() * dims),
             ..Default::default()
         };
-        for u in users {
+        for u in users.ids().iter().flatten() {
             match self.rows.remove(u) {
                 Some(row) => {
                     out.users_with_row += 1;
@@ -789,7 +791,7 @@ pub fn moments(values: &[f32], dims: usize) -> Vec<pb::Moments> {
     for row in values.chunks_exact(dims) {
         for (s, &x) in m.iter_mut().zip(row) {
             if !x.is_nan() {
-                crate::load::add_to_moments(s, f64::from(x));
+                crate::steps::load::add_to_moments(s, f64::from(x));
             }
         }
     }
@@ -952,7 +954,16 @@ mod tests {
         let orphan = users.pop();
         users.push("99999".into());
         users.sort();
-        let joined = table.join(&users, 6);
+        let mut keyed: Vec<(u64, &str)> = users
+            .iter()
+            .map(|u| (shoal_proto::hash::id_key(u), u.as_str()))
+            .collect();
+        keyed.sort_unstable();
+        let ids = crate::ids::IdTable::new(
+            keyed.iter().map(|p| p.0).collect(),
+            arrow::array::StringArray::from(keyed.iter().map(|p| p.1).collect::<Vec<_>>()),
+        );
+        let joined = table.join(&ids, 6);
         assert_eq!(joined.values.len(), users.len() * 6);
         assert_eq!(joined.users_with_row, users.len() as u64 - 1);
         let missing_in_rows: u64 = users

@@ -1,16 +1,17 @@
 //! Factor rows between workers over Arrow Flight.
 //!
-//! Every worker publishes, per job, the id lists of its shards (after loading) and
-//! the current factors of the shards it owns (after each ALS half-step) on its
-//! [`Shelf`]; its Flight service answers `DoGet` with a prost-encoded
-//! [`pb::FactorTicket`]: a shard's ids (one Utf8 column `id`) or the rows asked for
-//! of one version of its factors (one `FixedSizeList<Float32>` column `factors`).
+//! Every worker publishes, per job, the key lists of its shards (after loading;
+//! with the ids' text for item shards) and the current factors of the shards it
+//! owns (after each ALS half-step) on its [`Shelf`]; its Flight service answers
+//! `DoGet` with a prost-encoded [`pb::FactorTicket`]: a shard's keys (one UInt64
+//! column `key`), its ids (one Utf8 column `id`) or the rows asked for of one
+//! version of its factors (one `FixedSizeList<Float32>` column `factors`).
 //! The shelf is separate from the job's state, so serving never waits for a step
 //! that is running on the same worker.
 
 use crate::WorkerError;
-use crate::als::Side;
-use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, StringArray};
+use crate::steps::als::Side;
+use arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, StringArray, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use arrow_flight::encode::FlightDataEncoderBuilder;
@@ -37,7 +38,10 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(600);
 /// What a worker publishes of one shard of one side.
 #[derive(Debug, Clone)]
 pub struct Shelved {
-    pub ids: Arc<Vec<String>>,
+    /// By position.
+    pub keys: Arc<Vec<u64>>,
+    /// The ids' text by position (item shards: for the catalogue).
+    pub ids: Option<StringArray>,
     /// Version (half-steps of the side applied) and row-major factors; `None`
     /// before the job's ALS is linked.
     pub factors: Option<(u32, usize, Arc<Vec<f32>>)>,
@@ -50,14 +54,25 @@ type ShelfKey = (String, Side, u32);
 pub struct Shelf(Arc<Mutex<HashMap<ShelfKey, Shelved>>>);
 
 impl Shelf {
-    pub fn put_ids(&self, job: &str, side: Side, shard: u32, ids: Arc<Vec<String>>) {
+    pub fn put_keys(
+        &self,
+        job: &str,
+        side: Side,
+        shard: u32,
+        keys: Arc<Vec<u64>>,
+        ids: Option<StringArray>,
+    ) {
         self.0.lock().expect("shelf lock").insert(
             (job.to_string(), side, shard),
-            Shelved { ids, factors: None },
+            Shelved {
+                keys,
+                ids,
+                factors: None,
+            },
         );
     }
 
-    /// Publishes `version` of a shard's factors (its ids must be on the shelf).
+    /// Publishes `version` of a shard's factors (its keys must be on the shelf).
     pub fn put_factors(
         &self,
         job: &str,
@@ -74,13 +89,13 @@ impl Shelf {
                 job: job.to_string(),
                 shard,
             })?;
-        if values.len() != entry.ids.len() * f {
+        if values.len() != entry.keys.len() * f {
             return Err(WorkerError::Inconsistent {
                 job: job.to_string(),
                 detail: format!(
                     "{} factor values for the {} {} of shard {shard} with {f} factors",
                     values.len(),
-                    entry.ids.len(),
+                    entry.keys.len(),
                     side.as_str()
                 ),
             });
@@ -112,8 +127,16 @@ impl Shelf {
                     job: t.job_id.clone(),
                     shard: t.shard,
                 })?;
+        if t.keys {
+            return Ok(Answer::Keys(shelved.keys));
+        }
         if t.ids {
-            return Ok(Answer::Ids(shelved.ids));
+            return match shelved.ids {
+                Some(ids) => Ok(Answer::Ids(ids)),
+                None => Err(WorkerError::InvalidRequest(format!(
+                    "{what}: its ids are not served (only item shards' are)"
+                ))),
+            };
         }
         let (version, f, values) = shelved.factors.ok_or(WorkerError::StaleFactors {
             what: what.clone(),
@@ -127,7 +150,7 @@ impl Shelf {
                 wanted: t.version,
             });
         }
-        let n = shelved.ids.len();
+        let n = shelved.keys.len();
         if !t.rows.is_empty() && !t.runs.is_empty() {
             return Err(WorkerError::InvalidRequest(format!(
                 "a ticket for {what} lists both rows and runs"
@@ -195,7 +218,8 @@ pub fn ticket_rows(rows: Vec<u32>) -> (Vec<u32>, Vec<u32>) {
 /// What a ticket gets.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
-    Ids(Arc<Vec<String>>),
+    Keys(Arc<Vec<u64>>),
+    Ids(StringArray),
     Rows { f: usize, values: Vec<f32> },
 }
 
@@ -206,8 +230,20 @@ impl Answer {
             source: e,
         };
         match self {
+            Answer::Keys(keys) => {
+                let col: ArrayRef = Arc::new(UInt64Array::from(keys.as_ref().clone()));
+                RecordBatch::try_new(
+                    Arc::new(Schema::new(vec![Field::new(
+                        "key",
+                        DataType::UInt64,
+                        false,
+                    )])),
+                    vec![col],
+                )
+                .map_err(arrow)
+            }
             Answer::Ids(ids) => {
-                let col: ArrayRef = Arc::new(StringArray::from_iter_values(ids.iter()));
+                let col: ArrayRef = Arc::new(ids);
                 RecordBatch::try_new(
                     Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, false)])),
                     vec![col],
@@ -236,17 +272,41 @@ impl Answer {
         }
     }
 
-    fn from_batches(batches: &[RecordBatch], ids: bool) -> Result<Answer, String> {
-        if ids {
-            let mut out = Vec::new();
-            for b in batches {
-                let col = b
-                    .column_by_name("id")
-                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                    .ok_or("answer lacks the Utf8 column `id`")?;
-                out.extend(col.iter().map(|v| v.unwrap_or_default().to_string()));
+    fn from_batches(batches: &[RecordBatch], want: Want) -> Result<Answer, String> {
+        match want {
+            Want::Keys => {
+                let mut out = Vec::new();
+                for b in batches {
+                    let col = b
+                        .column_by_name("key")
+                        .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
+                        .ok_or("answer lacks the UInt64 column `key`")?;
+                    out.extend_from_slice(col.values());
+                }
+                return Ok(Answer::Keys(Arc::new(out)));
             }
-            return Ok(Answer::Ids(Arc::new(out)));
+            Want::Ids => {
+                let cols: Vec<&dyn Array> = batches
+                    .iter()
+                    .map(|b| {
+                        b.column_by_name("id")
+                            .filter(|c| c.data_type() == &DataType::Utf8)
+                            .map(|c| c.as_ref())
+                            .ok_or("answer lacks the Utf8 column `id`")
+                    })
+                    .collect::<Result<_, _>>()?;
+                if cols.is_empty() {
+                    return Ok(Answer::Ids(StringArray::from(Vec::<&str>::new())));
+                }
+                let all = arrow::compute::concat(&cols).map_err(|e| e.to_string())?;
+                let ids = all
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .ok_or("ids are not Utf8")?
+                    .clone();
+                return Ok(Answer::Ids(ids));
+            }
+            Want::Rows => {}
         }
         let mut f = 0usize;
         let mut values = Vec::new();
@@ -264,6 +324,34 @@ impl Answer {
             values.extend_from_slice(&flat.values()[..col.len() * f]);
         }
         Ok(Answer::Rows { f, values })
+    }
+}
+
+/// What a ticket asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Keys,
+    Ids,
+    Rows,
+}
+
+impl Want {
+    fn of(t: &pb::FactorTicket) -> Want {
+        if t.keys {
+            Want::Keys
+        } else if t.ids {
+            Want::Ids
+        } else {
+            Want::Rows
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Want::Keys => "keys",
+            Want::Ids => "ids",
+            Want::Rows => "factors",
+        }
     }
 }
 
@@ -409,9 +497,10 @@ impl Peers {
         if self.shelf.get(&ticket.job_id, side, ticket.shard).is_some() {
             return self.shelf.answer(&ticket);
         }
+        let want = Want::of(&ticket);
         let what = format!(
             "{} of {} shard {}",
-            if ticket.ids { "ids" } else { "factors" },
+            want.as_str(),
             side.as_str(),
             ticket.shard
         );
@@ -422,7 +511,6 @@ impl Peers {
                 "{message} (workers fetch factor rows from each other's gRPC port: can this worker reach that one?)"
             ),
         };
-        let ids = ticket.ids;
         let mut client = arrow_flight::FlightClient::new_from_inner(self.client(owner)?);
         let stream = client
             .do_get(Ticket {
@@ -434,29 +522,40 @@ impl Peers {
             .try_collect()
             .await
             .map_err(|e| peer(e.to_string()))?;
-        Answer::from_batches(&batches, ids).map_err(|m| peer(m.to_string()))
+        Answer::from_batches(&batches, want).map_err(|m| peer(m.to_string()))
     }
 
-    /// The id list of `side`'s shard `shard` of `job`, from `owner`.
+    /// The key list of `side`'s shard `shard` of `job`, from `owner`.
+    pub async fn fetch_keys(
+        &self,
+        owner: &str,
+        job: &str,
+        side: Side,
+        shard: u32,
+    ) -> Result<Arc<Vec<u64>>, WorkerError> {
+        match self
+            .fetch(owner, list_ticket(job, side, shard, Want::Keys))
+            .await?
+        {
+            Answer::Keys(keys) => Ok(keys),
+            _ => Err(wrong_answer(owner, "keys", side, shard)),
+        }
+    }
+
+    /// The ids (text) of `side`'s shard `shard` of `job`, from `owner`.
     pub async fn fetch_ids(
         &self,
         owner: &str,
         job: &str,
         side: Side,
         shard: u32,
-    ) -> Result<Arc<Vec<String>>, WorkerError> {
-        let ticket = pb::FactorTicket {
-            job_id: job.to_string(),
-            side: side.to_proto(),
-            shard,
-            version: 0,
-            ids: true,
-            rows: Vec::new(),
-            runs: Vec::new(),
-        };
-        match self.fetch(owner, ticket).await? {
+    ) -> Result<StringArray, WorkerError> {
+        match self
+            .fetch(owner, list_ticket(job, side, shard, Want::Ids))
+            .await?
+        {
             Answer::Ids(ids) => Ok(ids),
-            Answer::Rows { .. } => Err(wrong_answer(owner, "ids", side, shard)),
+            _ => Err(wrong_answer(owner, "ids", side, shard)),
         }
     }
 
@@ -479,11 +578,26 @@ impl Peers {
             ids: false,
             rows,
             runs,
+            keys: false,
         };
         match self.fetch(owner, ticket).await? {
             Answer::Rows { values, .. } => Ok(values),
-            Answer::Ids(_) => Err(wrong_answer(owner, "factors", side, shard)),
+            _ => Err(wrong_answer(owner, "factors", side, shard)),
         }
+    }
+}
+
+/// A ticket for a shard's key list or ids.
+fn list_ticket(job: &str, side: Side, shard: u32, want: Want) -> pb::FactorTicket {
+    pb::FactorTicket {
+        job_id: job.to_string(),
+        side: side.to_proto(),
+        shard,
+        version: 0,
+        ids: want == Want::Ids,
+        rows: Vec::new(),
+        runs: Vec::new(),
+        keys: want == Want::Keys,
     }
 }
 
@@ -509,6 +623,7 @@ mod tests {
             ids: false,
             rows,
             runs: Vec::new(),
+            keys: false,
         }
     }
 
@@ -538,8 +653,7 @@ mod tests {
     #[test]
     fn shelf_answers_runs_like_the_rows_they_stand_for() {
         let shelf = Shelf::default();
-        let ids = Arc::new((0..6).map(|i| i.to_string()).collect::<Vec<_>>());
-        shelf.put_ids("j", Side::Users, 0, ids);
+        shelf.put_keys("j", Side::Users, 0, Arc::new((0..6).collect()), None);
         let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
         shelf
             .put_factors("j", Side::Users, 0, 3, 2, values)
@@ -567,8 +681,9 @@ mod tests {
     #[test]
     fn shelf_answers_rows_in_the_order_asked_and_refuses_other_versions() {
         let shelf = Shelf::default();
-        let ids = Arc::new(vec!["a".to_string(), "b".into(), "c".into()]);
-        shelf.put_ids("j", Side::Items, 2, ids.clone());
+        let ids = StringArray::from(vec!["a", "b", "c"]);
+        let keys = Arc::new(vec![10, 20, 30]);
+        shelf.put_keys("j", Side::Items, 2, keys.clone(), Some(ids.clone()));
         let early = shelf
             .answer(&ticket(Side::Items, 2, 0, vec![]))
             .unwrap_err();
@@ -594,6 +709,9 @@ mod tests {
         let mut t = ticket(Side::Items, 2, 9, vec![]);
         t.ids = true;
         assert_eq!(shelf.answer(&t).unwrap(), Answer::Ids(ids));
+        t.ids = false;
+        t.keys = true;
+        assert_eq!(shelf.answer(&t).unwrap(), Answer::Keys(keys));
         assert!(
             shelf
                 .put_factors("j", Side::Items, 2, 2, 2, vec![0.0; 5])
@@ -611,11 +729,17 @@ mod tests {
         };
         let batch = rows.clone().into_batch().unwrap();
         assert_eq!(
-            Answer::from_batches(&[batch.slice(0, 2), batch.slice(2, 2)], false).unwrap(),
+            Answer::from_batches(&[batch.slice(0, 2), batch.slice(2, 2)], Want::Rows).unwrap(),
             rows
         );
-        let ids = Answer::Ids(Arc::new(vec!["x".into(), "y".into()]));
+        let ids = Answer::Ids(StringArray::from(vec!["x", "y", "z"]));
         let batch = ids.clone().into_batch().unwrap();
-        assert_eq!(Answer::from_batches(&[batch], true).unwrap(), ids);
+        assert_eq!(
+            Answer::from_batches(&[batch.slice(0, 1), batch.slice(1, 2)], Want::Ids).unwrap(),
+            ids
+        );
+        let keys = Answer::Keys(Arc::new(vec![3, 1, 2]));
+        let batch = keys.clone().into_batch().unwrap();
+        assert_eq!(Answer::from_batches(&[batch], Want::Keys).unwrap(), keys);
     }
 }

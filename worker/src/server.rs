@@ -48,6 +48,9 @@ pub struct WorkerConfig {
     pub tls_ca: Option<PathBuf>,
     /// Address of the HTTP endpoints (/healthz, /readyz, /metrics); `None`: none.
     pub http_listen: Option<SocketAddr>,
+    /// Bytes of memory the worker may use for jobs; `None`: its container's
+    /// limit, else the machine's memory ([`crate::memory::detected_limit`]).
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for WorkerConfig {
@@ -61,6 +64,7 @@ impl Default for WorkerConfig {
             tls: None,
             tls_ca: None,
             http_listen: None,
+            memory_limit: None,
         }
     }
 }
@@ -118,6 +122,14 @@ pub async fn spawn_worker(
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{addr}"));
     let threads = rayon::current_num_threads();
+    let memory_limit = match config.memory_limit {
+        Some(bytes) => bytes,
+        None => {
+            let (bytes, from) = crate::memory::detected_limit();
+            info!(bytes, "memory limit: {from}");
+            bytes
+        }
+    };
     let with_token = WithToken::new(config.token.as_deref()).map_err(WorkerError::BadToken)?;
     let service = WorkerServiceImpl::new(backend.clone(), threads.max(1))
         .with_peers(with_token.clone(), config.tls_ca.clone());
@@ -186,6 +198,7 @@ pub async fn spawn_worker(
             address: advertise.clone(),
             backend: backend.name().to_string(),
             threads: threads as u32,
+            memory_limit_bytes: memory_limit,
         };
         let coordinator = config.coordinator.clone();
         let tls_ca = config.tls_ca.clone();
@@ -204,7 +217,13 @@ pub async fn spawn_worker(
         });
     }
     tracker.close();
-    info!(%addr, advertise = %advertise, backend = backend.name(), "worker listening");
+    info!(
+        %addr,
+        advertise = %advertise,
+        backend = backend.name(),
+        memory_limit_mib = memory_limit >> 20,
+        "worker listening"
+    );
     Ok(WorkerHandle {
         addr,
         http_addr,

@@ -1,18 +1,20 @@
-//! A job's ALS state on one worker: the pairs of the user and item shards it
-//! owns, their confidence matrices and factors resident in the backend, the local
-//! copies of the other side's rows they need, and the versions published.
+//! A job's ALS state on one worker: the user and item shards it owns, their
+//! confidence matrices and factors resident in the backend, the local copies of
+//! the other side's rows they need, and the versions published.
 
 use crate::WorkerError;
-use crate::als::{self, Needed, Pairs, Side};
 use crate::flight::Shelf;
+use crate::steps::als::{self, KeyLists, Needed, Side};
+use crate::steps::load::Pairs;
+use arrow::array::{Array, StringArray};
 use rayon::prelude::*;
 use shoal_kernels::{Backend, CgParams, Csr, Resident};
+use shoal_proto::hash::shard_of_key;
 use shoal_proto::pb;
 use shoal_proto::spec::AlsSpec;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-/// Every row of resident dense data, row-major.
 /// An error when a failed half-step left `linked`'s factors partly solved.
 fn usable(linked: &Linked, job: &str) -> Result<(), WorkerError> {
     match &linked.broken {
@@ -24,6 +26,7 @@ fn usable(linked: &Linked, job: &str) -> Result<(), WorkerError> {
     }
 }
 
+/// Every row of resident dense data, row-major.
 fn download_all(backend: &dyn Backend, m: &Resident) -> Result<Vec<f32>, WorkerError> {
     let all: Vec<u32> = (0..m.n() as u32).collect();
     Ok(backend.download_rows(m, &all)?)
@@ -31,12 +34,33 @@ fn download_all(backend: &dyn Backend, m: &Resident) -> Result<Vec<f32>, WorkerE
 
 /// One shard of one side held by this worker.
 pub struct OwnedShard {
-    pub pairs: Pairs,
+    /// The shard's keys, by position.
+    pub keys: Arc<Vec<u64>>,
+    /// The pairs by key, until the job is linked (then they live on as `conf`).
+    pub pairs: Option<Pairs>,
     /// The confidence matrix in the worker's local space of the other side (host
-    /// copy for the exclusions of the recommendations, resident copy for the
-    /// solve).
-    pub conf: Option<(Csr, Resident)>,
+    /// copy for the exclusions and item counts, resident for the solve; the CPU
+    /// backend shares one).
+    pub conf: Option<(Arc<Csr>, Resident)>,
     pub factors: Option<Resident>,
+    /// User side, once linked: the held-out pairs as (row, catalogue index).
+    pub held: Vec<(u32, u32)>,
+}
+
+impl OwnedShard {
+    pub fn new(keys: Arc<Vec<u64>>, pairs: Pairs) -> OwnedShard {
+        OwnedShard {
+            keys,
+            pairs: Some(pairs),
+            conf: None,
+            factors: None,
+            held: Vec::new(),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.keys.len()
+    }
 }
 
 /// The other side's rows a side of this worker needs, and their resident copy.
@@ -46,8 +70,14 @@ pub struct Local {
 }
 
 pub struct Linked {
-    /// owners[s]: the address of the worker holding user and item shard s.
+    /// owners[s]: the address of the worker holding user shard s; item_owners[s]
+    /// of item shard s.
     pub owners: Vec<String>,
+    pub item_owners: Vec<String>,
+    /// Where each item shard starts in the catalogue (its order: shard, position),
+    /// and the catalogue's length.
+    pub item_offsets: Vec<u64>,
+    pub items: u64,
     /// For the user side: the item rows it needs; for the item side: the user rows.
     pub items_local: Local,
     pub users_local: Local,
@@ -86,6 +116,7 @@ pub struct FetchPlan {
     pub own_version: u32,
     /// Version of the other side's factors to fetch.
     pub version: u32,
+    /// The owners of the other side's shards.
     pub owners: Vec<String>,
     /// (shard, positions, first local row)
     pub parts: Vec<(u32, Vec<u32>, u32)>,
@@ -99,13 +130,17 @@ impl AlsJob {
         }
     }
 
-    /// The shards of the other side that `side`'s pairs refer to.
+    /// The shards of the other side that `side`'s pairs (training and held out)
+    /// refer to.
     pub fn other_shards(&self, side: Side) -> BTreeSet<u32> {
-        self.owned(side)
-            .values()
-            .flat_map(|s| s.pairs.others.iter())
-            .map(|id| shoal_proto::hash::shard_of(id, self.shards))
-            .collect()
+        let mut out = BTreeSet::new();
+        for s in self.owned(side).values() {
+            if let Some(p) = &s.pairs {
+                out.extend(p.others.iter().map(|&k| shard_of_key(k, self.shards)));
+                out.extend(p.held.iter().map(|&(_, k)| shard_of_key(k, self.shards)));
+            }
+        }
+        out
     }
 
     fn linked(&self, job: &str) -> Result<&Linked, WorkerError> {
@@ -116,21 +151,30 @@ impl AlsJob {
         Ok(linked)
     }
 
-    /// Builds the confidence matrices and the initial factors, once the id lists
+    /// Builds the confidence matrices and the initial factors, once the key lists
     /// of the other side's shards are known (`item_lists` for the user side,
     /// `user_lists` for the item side); publishes version 0 of every owned shard's
-    /// factors and returns the Gram matrix of each owned item shard.
+    /// factors and returns the Gram matrix of each owned item shard. The pairs by
+    /// key are dropped: from here on the shards hold their matrices.
     #[allow(clippy::too_many_arguments)]
     pub fn link(
         &mut self,
         job: &str,
         owners: Vec<String>,
-        item_lists: &HashMap<u32, Arc<Vec<String>>>,
-        user_lists: &HashMap<u32, Arc<Vec<String>>>,
+        item_owners: Vec<String>,
+        item_shard_sizes: &[u64],
+        item_lists: &KeyLists,
+        user_lists: &KeyLists,
         backend: &dyn Backend,
         shelf: &Shelf,
     ) -> Result<Vec<pb::GramPartial>, WorkerError> {
         let f = self.f;
+        let mut item_offsets = Vec::with_capacity(item_shard_sizes.len());
+        let mut at = 0u64;
+        for &n in item_shard_sizes {
+            item_offsets.push(at);
+            at += n;
+        }
         let mut locals = Vec::new();
         for (side, lists) in [(Side::Users, item_lists), (Side::Items, user_lists)] {
             let shards = self.shards;
@@ -138,18 +182,38 @@ impl AlsJob {
                 Side::Users => &mut self.users,
                 Side::Items => &mut self.items,
             };
-            let located: Vec<Vec<(u32, u32)>> = owned
-                .values()
-                .map(|s| als::locate(job, &s.pairs.others, shards, lists))
-                .collect::<Result<_, _>>()?;
-            let needed = Needed::new(located.iter().flatten().copied().collect());
-            for ((&id, shard), located) in owned.iter_mut().zip(&located) {
-                let csr = als::confidence_matrix(&shard.pairs, located, &needed, &self.spec);
-                let resident = backend.upload_sparse(&csr)?;
+            let lists = als::index_lists(lists);
+            let (needed, cols) = {
+                let pairs: Vec<&Pairs> = owned
+                    .values()
+                    .map(|s| s.pairs.as_ref().expect("linked once"))
+                    .collect();
+                als::link_columns(job, &pairs, shards, &lists)?
+            };
+            for ((&id, shard), cols) in owned.iter_mut().zip(cols) {
+                let pairs = shard.pairs.take().expect("linked once");
+                if side == Side::Users {
+                    shard.held = pairs
+                        .held
+                        .iter()
+                        .map(|&(r, k)| {
+                            let (s, p) = als::locate(job, k, shards, &lists)?;
+                            Ok((r, (item_offsets[s as usize] + u64::from(p)) as u32))
+                        })
+                        .collect::<Result<_, WorkerError>>()?;
+                }
+                let csr = Arc::new(als::confidence_matrix(
+                    &pairs,
+                    cols,
+                    needed.rows.len(),
+                    &self.spec,
+                ));
+                drop(pairs);
+                let resident = backend.upload_sparse_shared(csr.clone())?;
                 shard.conf = Some((csr, resident));
-                let mut init = vec![0f32; shard.pairs.rows() * f];
-                for (r, id) in shard.pairs.ids.iter().enumerate() {
-                    als::initial_row(self.seed, side, id, &mut init[r * f..(r + 1) * f]);
+                let mut init = vec![0f32; shard.rows() * f];
+                for (r, &key) in shard.keys.iter().enumerate() {
+                    als::initial_row(self.seed, side, key, &mut init[r * f..(r + 1) * f]);
                 }
                 shard.factors = Some(backend.upload(&init, f)?);
                 shelf.put_factors(job, side, id, 0, f, init)?;
@@ -161,6 +225,9 @@ impl AlsJob {
         let items_local = locals.pop().expect("two sides");
         self.linked = Some(Linked {
             owners,
+            item_owners,
+            item_offsets,
+            items: at,
             items_local,
             users_local,
             user_version: 0,
@@ -189,9 +256,19 @@ impl AlsJob {
         iteration: u32,
     ) -> Result<FetchPlan, WorkerError> {
         let linked = self.linked(job)?;
-        let (own_version, local, version) = match side {
-            Side::Users => (linked.user_version, &linked.items_local, iteration),
-            Side::Items => (linked.item_version, &linked.users_local, iteration + 1),
+        let (own_version, local, version, owners) = match side {
+            Side::Users => (
+                linked.user_version,
+                &linked.items_local,
+                iteration,
+                &linked.item_owners,
+            ),
+            Side::Items => (
+                linked.item_version,
+                &linked.users_local,
+                iteration + 1,
+                &linked.owners,
+            ),
         };
         if own_version != iteration {
             return Err(WorkerError::StaleFactors {
@@ -204,7 +281,7 @@ impl AlsJob {
             side,
             own_version,
             version,
-            owners: linked.owners.clone(),
+            owners: owners.clone(),
             parts: local.needed.by_shard(),
         })
     }
@@ -270,6 +347,7 @@ impl AlsJob {
             let rows: Vec<u32> = (*first..*first + positions.len() as u32).collect();
             backend.write_rows(&mut local.rows, &rows, values)?;
         }
+        drop(fetched);
         // The shards are solved side by side (each solve is parallel inside too):
         // a worker's few small shards would otherwise leave cores idle at the end
         // of each one.
@@ -350,7 +428,7 @@ impl AlsJob {
     }
 
     /// The resident factors of an owned shard.
-    fn resident(&self, side: Side, job: &str, shard: u32) -> Result<&Resident, WorkerError> {
+    pub fn resident(&self, side: Side, job: &str, shard: u32) -> Result<&Resident, WorkerError> {
         let owned = self
             .owned(side)
             .get(&shard)
@@ -376,80 +454,243 @@ impl AlsJob {
     ) -> Result<Vec<f32>, WorkerError> {
         download_all(backend, self.resident(side, job, shard)?)
     }
+
+    /// The catalogue's length: every item of the job (or of the fold-in's model).
+    pub fn catalog_items(&self) -> u64 {
+        match (&self.catalog, &self.linked) {
+            (Some(c), _) => c.len() as u64,
+            (None, Some(l)) => l.items,
+            (None, None) => 0,
+        }
+    }
+
+    /// The items of every user of `shard` in the catalogue's order, training
+    /// pairs (sorted, as a matrix of catalogue columns) and held-out ones
+    /// (sorted, per row).
+    pub fn seen_and_held(
+        &self,
+        job: &str,
+        shard: u32,
+    ) -> Result<(Csr, Vec<Vec<u32>>), WorkerError> {
+        let owned = self.users.get(&shard).ok_or(WorkerError::UnknownShard {
+            job: job.to_string(),
+            shard,
+        })?;
+        let (conf, _) = owned.conf.as_ref().ok_or_else(|| {
+            WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
+        })?;
+        let items = self.catalog_items();
+        // a fold-in's columns are catalogue indices already
+        let global: Option<Vec<u32>> = match (&self.catalog, &self.linked) {
+            (Some(_), _) => None,
+            (None, Some(l)) => Some(
+                l.items_local
+                    .needed
+                    .rows
+                    .iter()
+                    .map(|&(s, p)| (l.item_offsets[s as usize] + u64::from(p)) as u32)
+                    .collect(),
+            ),
+            (None, None) => {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "ALS of job {job} is not linked yet"
+                )));
+            }
+        };
+        let indices = match &global {
+            // local columns follow the catalogue's order: still sorted per row
+            Some(g) => conf.indices.iter().map(|&c| g[c as usize]).collect(),
+            None => conf.indices.clone(),
+        };
+        let seen = Csr {
+            rows: conf.rows,
+            cols: items as usize,
+            indptr: conf.indptr.clone(),
+            values: vec![1.0; indices.len()],
+            indices,
+        };
+        let mut held = vec![Vec::new(); conf.rows];
+        for &(r, i) in &owned.held {
+            held[r as usize].push(i);
+        }
+        held.iter_mut().for_each(|h| h.sort_unstable());
+        Ok((seen, held))
+    }
+
+    /// Adds, per segment and catalogue item, the users of `shard` who bought it
+    /// (training and held-out pairs) to `counts` (`k x catalogue items`,
+    /// row-major), given each user's segment.
+    pub fn count_segment_items(
+        &self,
+        job: &str,
+        shard: u32,
+        segments: &[u32],
+        counts: &mut [u64],
+    ) -> Result<(), WorkerError> {
+        let (seen, held) = self.seen_and_held(job, shard)?;
+        let items = seen.cols;
+        for (r, &seg) in segments.iter().enumerate().take(seen.rows) {
+            let row = &mut counts[seg as usize * items..(seg as usize + 1) * items];
+            for &i in seen.row(r).0.iter().chain(&held[r]) {
+                row[i as usize] += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fold-in: solves every user's factors with the model's item factors
+    /// (`catalog`) fixed, from the same initial rows as training and with as many
+    /// CG steps as training gave a row in all its iterations (at least one per
+    /// factor), so a user the model was trained on lands close to where training
+    /// put it (not exactly: training's last user step saw the previous item
+    /// factors, and started warm).
+    /// Pairs whose item the model does not know are left out (and counted).
+    pub fn fold_in(
+        &mut self,
+        job: &str,
+        catalog: Arc<Catalog>,
+        backend: &dyn Backend,
+    ) -> Result<Vec<pb::FoldInShard>, WorkerError> {
+        let f = self.f;
+        if catalog.factors.len() != catalog.len() * f {
+            return Err(WorkerError::Inconsistent {
+                job: job.to_string(),
+                detail: format!(
+                    "{} factor values for {} model items of {f} factors",
+                    catalog.factors.len(),
+                    catalog.len()
+                ),
+            });
+        }
+        let y = backend.upload(&catalog.factors, f)?;
+        let gram = backend.gram(&y)?;
+        let params = CgParams {
+            regularization: self.spec.regularization as f32,
+            cg_steps: (self.spec.iterations * self.spec.cg_steps).max(f as u32),
+            pair_loss: false,
+        };
+        let mut out = Vec::new();
+        for (&id, shard) in self.users.iter_mut() {
+            let Some(p) = shard.pairs.take() else {
+                continue;
+            };
+            let (csr, unknown) =
+                als::confidence_rows(&p, |k| catalog.index(k), catalog.len(), &self.spec);
+            shard.held = p
+                .held
+                .iter()
+                .filter_map(|&(r, k)| catalog.index(k).map(|i| (r, i)))
+                .collect();
+            let mut init = vec![0f32; shard.rows() * f];
+            for (r, &key) in shard.keys.iter().enumerate() {
+                als::initial_row(self.seed, Side::Users, key, &mut init[r * f..(r + 1) * f]);
+            }
+            let mut x = backend.upload(&init, f)?;
+            let csr = Arc::new(csr);
+            let conf = backend.upload_sparse_shared(csr.clone())?;
+            backend.als_solve(&mut x, &y, &gram, &conf, params)?;
+            out.push(pb::FoldInShard {
+                shard: id,
+                pairs: csr.indices.len() as u64,
+                unknown_item_pairs: unknown,
+            });
+            shard.conf = Some((csr, conf));
+            shard.factors = Some(x);
+        }
+        self.catalog = Some(catalog);
+        Ok(out)
+    }
+
+    /// Where the final item factors are: (item owners, version, item shard
+    /// sizes) for fetching the catalogue.
+    pub fn catalog_source(&self, job: &str) -> Result<(Vec<String>, u32), WorkerError> {
+        let l = self.linked(job)?;
+        Ok((l.item_owners.clone(), l.item_version))
+    }
 }
 
-/// Every item of the job in the global order (item shard, position): ids and
-/// final factors, fetched once for recommendations and evaluation.
+/// One item shard's part of the catalogue: shard, keys, ids, factors.
+pub type CatalogPart = (u32, Arc<Vec<u64>>, StringArray, Vec<f32>);
+
+/// Every item of the job in the catalogue's order (item shard, position): ids and
+/// final factors, fetched once for recommendations and evaluation; or a fold-in
+/// model's items in its table's order.
 pub struct Catalog {
-    pub ids: Vec<String>,
+    pub ids: StringArray,
     pub factors: Vec<f32>,
-    lists: HashMap<u32, (u32, Arc<Vec<String>>)>,
-    shards: u32,
-    /// For a catalog read from a model's table: id -> index.
-    lookup: HashMap<String, u32>,
+    /// For a model's catalogue: item key -> index.
+    lookup: HashMap<u64, u32>,
+    /// For the job's own: where each item shard starts, and its keys.
+    shards: Vec<(u64, Arc<Vec<u64>>)>,
+    shard_count: u32,
 }
 
 impl Catalog {
-    /// From each item shard's ids and factors (`f` per row), in shard order.
-    pub fn new(
-        job: &str,
-        shards: u32,
-        f: usize,
-        parts: Vec<(u32, Arc<Vec<String>>, Vec<f32>)>,
-    ) -> Result<Catalog, WorkerError> {
-        let mut ids = Vec::new();
+    /// From each item shard's keys, ids and factors (`f` per row), in shard order.
+    pub fn new(job: &str, f: usize, parts: Vec<CatalogPart>) -> Result<Catalog, WorkerError> {
+        let shard_count = parts.len() as u32;
+        let mut ids = arrow::array::StringBuilder::new();
         let mut factors = Vec::new();
-        let mut lists = HashMap::new();
-        for (shard, list, values) in parts {
-            if values.len() != list.len() * f {
+        let mut shards = Vec::with_capacity(parts.len());
+        let mut at = 0u64;
+        for (s, (shard, keys, list, values)) in parts.into_iter().enumerate() {
+            if shard as usize != s || values.len() != list.len() * f || keys.len() != list.len() {
                 return Err(WorkerError::Inconsistent {
                     job: job.to_string(),
                     detail: format!(
-                        "item shard {shard}: {} ids but {} factor values ({f} per row)",
+                        "item shard {shard} (the {s}th): {} keys, {} ids, {} factor values ({f} per row)",
+                        keys.len(),
                         list.len(),
                         values.len()
                     ),
                 });
             }
-            lists.insert(shard, (ids.len() as u32, list.clone()));
-            ids.extend(list.iter().cloned());
+            shards.push((at, keys));
+            at += list.len() as u64;
+            for v in list.iter() {
+                ids.append_option(v);
+            }
             factors.extend(values);
         }
         Ok(Catalog {
-            ids,
+            ids: ids.finish(),
             factors,
-            lists,
-            shards,
             lookup: HashMap::new(),
+            shards,
+            shard_count,
         })
     }
 
     /// From a model's item table (ids in table order, row-major factors).
-    pub fn from_table(ids: Vec<String>, factors: Vec<f32>) -> Catalog {
-        let lookup = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (id.clone(), i as u32))
+    pub fn from_table(ids: StringArray, factors: Vec<f32>) -> Catalog {
+        let lookup = (0..ids.len())
+            .map(|i| (shoal_proto::hash::id_key(ids.value(i)), i as u32))
             .collect();
         Catalog {
             ids,
             factors,
-            lists: HashMap::new(),
-            shards: 1,
             lookup,
+            shards: Vec::new(),
+            shard_count: 0,
         }
     }
 
-    /// The global index of an item id.
-    pub fn index(&self, id: &str) -> Option<u32> {
-        if !self.lookup.is_empty() {
-            return self.lookup.get(id).copied();
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The catalogue index of the item with key `key`.
+    pub fn index(&self, key: u64) -> Option<u32> {
+        if self.shard_count == 0 {
+            return self.lookup.get(&key).copied();
         }
-        let (start, list) = self
-            .lists
-            .get(&shoal_proto::hash::shard_of(id, self.shards))?;
-        let pos = list.binary_search_by(|x| x.as_str().cmp(id)).ok()?;
-        Some(start + pos as u32)
+        let (start, keys) = &self.shards[shard_of_key(key, self.shard_count) as usize];
+        let pos = keys.binary_search(&key).ok()?;
+        Some((start + pos as u64) as u32)
     }
 }
 
@@ -484,214 +725,55 @@ pub fn ranking_partial(top: &shoal_kernels::TopN, held: &[Vec<u32>]) -> pb::Rank
     out
 }
 
-impl AlsJob {
-    /// The training items of every user of `shard` in the catalog's order (the
-    /// exclusion lists), and the held-out ones.
-    fn seen_and_held(
-        &self,
-        job: &str,
-        shard: u32,
-        catalog: &Catalog,
-    ) -> Result<(Csr, Vec<Vec<u32>>), WorkerError> {
-        let owned = self.users.get(&shard).ok_or(WorkerError::UnknownShard {
-            job: job.to_string(),
-            shard,
-        })?;
-        let p = &owned.pairs;
-        let missing = |id: &str| WorkerError::Inconsistent {
-            job: job.to_string(),
-            detail: format!("item `{id}` of user shard {shard} is in no item shard"),
-        };
-        // Items a model does not know (fold-in) cannot be recommended anyway.
-        let global: Vec<Option<u32>> = p
-            .others
-            .iter()
-            .map(|id| match catalog.index(id) {
-                Some(i) => Ok(Some(i)),
-                None if self.catalog.is_some() => Ok(None),
-                None => Err(missing(id)),
-            })
-            .collect::<Result<_, _>>()?;
-        let mut indptr = vec![0u64];
-        let mut indices = Vec::with_capacity(p.nnz());
-        let mut row = Vec::new();
-        for r in 0..p.rows() {
-            row.clear();
-            row.extend(p.row(r).0.iter().filter_map(|&c| global[c as usize]));
-            row.sort_unstable();
-            indices.extend_from_slice(&row);
-            indptr.push(indices.len() as u64);
-        }
-        let seen = Csr {
-            rows: p.rows(),
-            cols: catalog.ids.len(),
-            indptr,
-            values: vec![1.0; indices.len()],
-            indices,
-        };
-        let mut held = vec![Vec::new(); p.rows()];
-        for (r, id) in &p.held {
-            held[*r as usize].push(catalog.index(id).ok_or_else(|| missing(id))?);
-        }
-        held.iter_mut().for_each(|h| h.sort_unstable());
-        Ok((seen, held))
-    }
-
-    /// Recommendations (`top_n` items per user, the training items excluded when
-    /// `exclude_seen`) and the ranking partial (`eval_k`, when items were held
-    /// out) of one user shard.
-    #[allow(clippy::too_many_arguments)]
-    pub fn recommend(
-        &self,
-        job: &str,
-        shard: u32,
-        catalog: &Catalog,
-        items: &Resident,
-        top_n: usize,
-        exclude_seen: bool,
-        eval_k: usize,
-        backend: &dyn Backend,
-    ) -> Result<(Option<shoal_kernels::TopN>, Option<pb::RankingPartial>), WorkerError> {
-        let x = self.resident(Side::Users, job, shard)?;
-        let (seen, held) = self.seen_and_held(job, shard, catalog)?;
-        let seen = backend.upload_sparse(&seen)?;
-        let recs = (top_n > 0)
-            .then(|| backend.top_n(x, items, top_n, exclude_seen.then_some(&seen)))
-            .transpose()?;
-        let ranking = if self.holdout > 0.0 && eval_k > 0 {
-            let top = match &recs {
-                Some(r) if exclude_seen && top_n == eval_k => r.clone(),
-                _ => backend.top_n(x, items, eval_k, Some(&seen))?,
-            };
-            Some(ranking_partial(&top, &held))
-        } else {
-            None
-        };
-        Ok((recs, ranking))
-    }
-
-    /// Per segment, how many users of `shard` bought each item (every pair, held
-    /// out or not), given each user's segment; sorted by (segment, item).
-    pub fn segment_items(&self, shard: u32, segments: &[u32]) -> Vec<pb::SegmentItem> {
-        let Some(owned) = self.users.get(&shard) else {
-            return Vec::new();
-        };
-        let p = &owned.pairs;
-        let mut counts: BTreeMap<(u32, &str), u64> = BTreeMap::new();
-        for (r, &seg) in segments.iter().enumerate().take(p.rows()) {
-            for &c in p.row(r).0 {
-                *counts
-                    .entry((seg, p.others[c as usize].as_str()))
-                    .or_default() += 1;
-            }
-        }
-        for (r, id) in &p.held {
-            if let Some(&seg) = segments.get(*r as usize) {
-                *counts.entry((seg, id.as_str())).or_default() += 1;
-            }
-        }
-        counts
-            .into_iter()
-            .map(|((segment, item), users)| pb::SegmentItem {
-                segment,
-                item: item.to_string(),
-                users,
-                label: p.labels.get(item).cloned().unwrap_or_default(),
-            })
-            .collect()
-    }
-
-    /// Fold-in: solves every user's factors with the model's item factors
-    /// (`catalog`) fixed, from the same initial rows as training and with as many
-    /// CG steps as training gave a row in all its iterations (at least one per
-    /// factor), so a user the model was trained on lands close to where training
-    /// put it (not exactly: training's last user step saw the previous item
-    /// factors, and started warm).
-    /// Pairs whose item the model does not know are left out (and counted).
-    pub fn fold_in(
-        &mut self,
-        job: &str,
-        catalog: Arc<Catalog>,
-        backend: &dyn Backend,
-    ) -> Result<Vec<pb::FoldInShard>, WorkerError> {
-        let f = self.f;
-        if catalog.factors.len() != catalog.ids.len() * f {
-            return Err(WorkerError::Inconsistent {
-                job: job.to_string(),
-                detail: format!(
-                    "{} factor values for {} model items of {f} factors",
-                    catalog.factors.len(),
-                    catalog.ids.len()
-                ),
-            });
-        }
-        let y = backend.upload(&catalog.factors, f)?;
-        let gram = backend.gram(&y)?;
-        let params = CgParams {
-            regularization: self.spec.regularization as f32,
-            cg_steps: (self.spec.iterations * self.spec.cg_steps).max(f as u32),
-            pair_loss: false,
-        };
-        let mut out = Vec::new();
-        for (&id, shard) in self.users.iter_mut() {
-            let p = &shard.pairs;
-            let global: Vec<Option<u32>> = p.others.iter().map(|o| catalog.index(o)).collect();
-            let (csr, unknown) = als::confidence_rows(p, &global, catalog.ids.len(), &self.spec);
-            let mut init = vec![0f32; p.rows() * f];
-            for (r, uid) in p.ids.iter().enumerate() {
-                als::initial_row(self.seed, Side::Users, uid, &mut init[r * f..(r + 1) * f]);
-            }
-            let mut x = backend.upload(&init, f)?;
-            let conf = backend.upload_sparse(&csr)?;
-            backend.als_solve(&mut x, &y, &gram, &conf, params)?;
-            out.push(pb::FoldInShard {
-                shard: id,
-                pairs: csr.indices.len() as u64,
-                unknown_item_pairs: unknown,
-            });
-            shard.conf = Some((csr, conf));
-            shard.factors = Some(x);
-        }
-        self.catalog = Some(catalog);
-        Ok(out)
-    }
-
-    /// Where the final item factors are: (owners, version) for fetching the catalog.
-    pub fn catalog_source(&self, job: &str) -> Result<(Vec<String>, u32), WorkerError> {
-        let l = self.linked(job)?;
-        Ok((l.owners.clone(), l.item_version))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoal_proto::hash::id_key;
+
+    fn pairs(rows: &[(&str, &[(&str, f64)])], shards: u32) -> (Arc<Vec<u64>>, Pairs) {
+        let mut rows: Vec<(u64, Vec<(u64, f64)>)> = rows
+            .iter()
+            .map(|(own, others)| {
+                let mut o: Vec<(u64, f64)> = others.iter().map(|(k, s)| (id_key(k), *s)).collect();
+                o.sort_by_key(|&(k, _)| (shard_of_key(k, shards), k));
+                (id_key(own), o)
+            })
+            .collect();
+        rows.sort_by_key(|r| r.0);
+        let mut p = Pairs {
+            indptr: vec![0],
+            ..Pairs::default()
+        };
+        for (_, o) in &rows {
+            p.others.extend(o.iter().map(|e| e.0));
+            p.strength.extend(o.iter().map(|e| e.1));
+            p.indptr.push(p.others.len() as u64);
+        }
+        (Arc::new(rows.iter().map(|r| r.0).collect()), p)
+    }
 
     /// A linked job of one user shard and one item shard, all on this worker.
     fn linked_job(shelf: &Shelf, backend: &dyn Backend) -> AlsJob {
-        let rows = [
-            ("u1", "a", 1.0),
-            ("u1", "b", 2.0),
-            ("u2", "b", 1.0),
-            ("u3", "c", 3.0),
-        ];
-        let users = als::build_pairs(rows.iter().copied(), None, true, 1, 0.0).unwrap();
-        let flipped: Vec<(&str, &str, f64)> = rows.iter().map(|&(u, i, s)| (i, u, s)).collect();
-        let items = als::build_pairs(flipped.into_iter(), None, false, 1, 0.0).unwrap();
-        let owned = |pairs| {
-            BTreeMap::from([(
-                0,
-                OwnedShard {
-                    pairs,
-                    conf: None,
-                    factors: None,
-                },
-            )])
-        };
-        let user_lists = HashMap::from([(0, Arc::new(users.ids.clone()))]);
-        let item_lists = HashMap::from([(0, Arc::new(items.ids.clone()))]);
-        shelf.put_ids("j", Side::Users, 0, user_lists[&0].clone());
-        shelf.put_ids("j", Side::Items, 0, item_lists[&0].clone());
+        let (ukeys, upairs) = pairs(
+            &[
+                ("u1", &[("a", 1.0), ("b", 2.0)]),
+                ("u2", &[("b", 1.0)]),
+                ("u3", &[("c", 3.0)]),
+            ],
+            1,
+        );
+        let (ikeys, ipairs) = pairs(
+            &[
+                ("a", &[("u1", 1.0)]),
+                ("b", &[("u1", 2.0), ("u2", 1.0)]),
+                ("c", &[("u3", 3.0)]),
+            ],
+            1,
+        );
+        let user_lists: KeyLists = HashMap::from([(0, ukeys.clone())]);
+        let item_lists: KeyLists = HashMap::from([(0, ikeys.clone())]);
+        shelf.put_keys("j", Side::Users, 0, ukeys.clone(), None);
+        shelf.put_keys("j", Side::Items, 0, ikeys.clone(), None);
         let mut job = AlsJob {
             spec: AlsSpec {
                 factors: 2,
@@ -701,8 +783,8 @@ mod tests {
             seed: 1,
             holdout: 0.0,
             shards: 1,
-            users: owned(users),
-            items: owned(items),
+            users: BTreeMap::from([(0, OwnedShard::new(ukeys, upairs))]),
+            items: BTreeMap::from([(0, OwnedShard::new(ikeys, ipairs))]),
             linked: None,
             top_n: 0,
             exclude_seen: true,
@@ -712,6 +794,8 @@ mod tests {
         job.link(
             "j",
             vec!["here".into()],
+            vec!["here".into()],
+            &[3],
             &item_lists,
             &user_lists,
             backend,
@@ -734,6 +818,7 @@ mod tests {
                     ids: false,
                     rows: rows.clone(),
                     runs: Vec::new(),
+                    keys: false,
                 };
                 match shelf.answer(&ticket).unwrap() {
                     crate::flight::Answer::Rows { values, .. } => values,
@@ -774,6 +859,24 @@ mod tests {
     }
 
     #[test]
+    fn seen_items_are_catalogue_indices_and_segment_counts_add_up() {
+        let (shelf, backend) = (Shelf::default(), shoal_kernels::CpuBackend::new());
+        let job = linked_job(&shelf, &backend);
+        let (seen, held) = job.seen_and_held("j", 0).unwrap();
+        seen.validate().unwrap();
+        assert_eq!(seen.cols, 3);
+        assert_eq!(seen.indices.len(), 4);
+        assert!(held.iter().all(Vec::is_empty));
+        // 2 segments: the first user in segment 1, the others in 0
+        let mut counts = vec![0u64; 2 * 3];
+        job.count_segment_items("j", 0, &[1, 0, 0], &mut counts)
+            .unwrap();
+        assert_eq!(counts.iter().sum::<u64>(), 4);
+        let first_user_items = seen.row(0).0.len() as u64;
+        assert_eq!(counts[3..].iter().sum::<u64>(), first_user_items);
+    }
+
+    #[test]
     fn ranking_metrics_follow_implicits_definitions() {
         // user 0: likes {1, 7}; top-3 = [7, 2, 1] -> hits at ranks 1 and 3
         // user 1: likes {4}; top-3 = [0, 5, 6] -> no hit
@@ -796,26 +899,33 @@ mod tests {
     #[test]
     fn catalog_indexes_follow_shard_order() {
         let shards = 4;
-        let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        let mut by_shard: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
         for i in 0..40 {
             let id = format!("item{i}");
             by_shard
-                .entry(shoal_proto::hash::shard_of(&id, shards))
+                .entry(shard_of_key(id_key(&id), shards))
                 .or_default()
-                .push(id);
+                .push((id_key(&id), id));
         }
-        let parts: Vec<(u32, Arc<Vec<String>>, Vec<f32>)> = by_shard
+        let parts: Vec<CatalogPart> = by_shard
             .into_iter()
             .map(|(s, mut ids)| {
                 ids.sort();
                 let n = ids.len();
-                (s, Arc::new(ids), vec![0.0; n])
+                (
+                    s,
+                    Arc::new(ids.iter().map(|e| e.0).collect()),
+                    StringArray::from_iter_values(ids.iter().map(|e| e.1.as_str())),
+                    vec![0.0; n],
+                )
             })
             .collect();
-        let catalog = Catalog::new("j", shards, 1, parts).unwrap();
-        for (i, id) in catalog.ids.iter().enumerate() {
-            assert_eq!(catalog.index(id), Some(i as u32));
+        let catalog = Catalog::new("j", 1, parts).unwrap();
+        for i in 0..catalog.len() {
+            assert_eq!(catalog.index(id_key(catalog.ids.value(i))), Some(i as u32));
         }
-        assert_eq!(catalog.index("nope"), None);
+        assert_eq!(catalog.index(id_key("nope")), None);
+        let table = Catalog::from_table(StringArray::from(vec!["x", "y"]), vec![0.0, 1.0]);
+        assert_eq!(table.index(id_key("y")), Some(1));
     }
 }

@@ -1,0 +1,238 @@
+//! What a worker holds for a job: its user shards (ids, RFM, the features.extra
+//! rows, the resident points and the k-means state), the ALS state, and the
+//! record of the job's running tasks that a release cancels and waits for.
+
+use crate::WorkerError;
+use crate::ids::IdTable;
+use crate::ingest::IngestControl;
+use crate::steps::als_job::AlsJob;
+use crate::steps::load::Rfm;
+use arrow::array::StringArray;
+use shoal_kernels::{Backend, Nearest, Resident};
+use shoal_proto::pb;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// One user shard held by this worker.
+pub struct Shard {
+    pub ids: IdTable,
+    pub rfm: Rfm,
+    /// `features.extra`: the table's features of every user, row-major (NaN
+    /// where missing; empty without a table).
+    pub extra: Vec<f32>,
+    /// Rows of the table whose user has no interactions here.
+    pub orphans: Vec<(String, Vec<f32>)>,
+    /// The scaled features, resident in the backend (after Standardize).
+    pub points: Option<Resident>,
+    /// Σ‖x‖² over the points, in row order (the inertia of a Lloyd round
+    /// follows from it and the round's sums).
+    pub sum_sq: f64,
+    /// The Lloyd rounds' state: distance bounds carried between rounds, and
+    /// the last labels.
+    pub bounds: Option<Resident>,
+    pub labels: Vec<u32>,
+    /// k-means|| cost of every point: squared distance to the nearest chosen center
+    pub costs: Vec<f32>,
+    pub nearest: Vec<Nearest>,
+}
+
+impl Shard {
+    pub fn new(ids: IdTable, rfm: Rfm) -> Shard {
+        Shard {
+            ids,
+            rfm,
+            extra: Vec::new(),
+            orphans: Vec::new(),
+            points: None,
+            sum_sq: 0.0,
+            bounds: None,
+            labels: Vec::new(),
+            costs: Vec::new(),
+            nearest: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn points(&self, job: &str, shard: u32) -> Result<&Resident, WorkerError> {
+        resident(&self.points, job, shard)
+    }
+}
+
+/// A shard's resident points (borrowed alone, so the shard's other fields stay
+/// free), or the error that it is not standardised yet.
+pub fn resident<'a>(
+    points: &'a Option<Resident>,
+    job: &str,
+    shard: u32,
+) -> Result<&'a Resident, WorkerError> {
+    points.as_ref().ok_or_else(|| {
+        WorkerError::InvalidRequest(format!("job {job} shard {shard} is not standardised yet"))
+    })
+}
+
+/// An item shard's ids and labels, for the segments' top items.
+pub struct ItemNames {
+    pub ids: StringArray,
+    pub labels: StringArray,
+}
+
+pub struct JobState {
+    pub shards: BTreeMap<u32, Shard>,
+    /// The item shards this worker owns (ALS): their ids and labels.
+    pub item_names: BTreeMap<u32, ItemNames>,
+    /// Features per user: the RFM block, with ALS the factors in front of it.
+    pub dims: usize,
+    /// ALS, when the spec asks for it.
+    pub als: Option<AlsJob>,
+    /// `features.als_weight` of the spec.
+    pub als_weight: f64,
+    /// `features.extra`: the table's columns (empty without one), its weight,
+    /// and (once standardised) the mean and scale of its features.
+    pub extra_columns: Vec<pb::ExtraColumn>,
+    pub extra_weight: f64,
+    pub extra_scaling: (Vec<f64>, Vec<f64>),
+    /// A fold-in (`[model]`): the users of the extra table without interactions
+    /// are assigned from its features alone.
+    pub fold_in: bool,
+    /// The backend this job runs on (its spec's `cluster.device`).
+    pub backend: Arc<dyn Backend>,
+    /// Fired by ReleaseJob; long steps check it between shards.
+    pub cancel: CancellationToken,
+}
+
+pub type JobHandle = Arc<tokio::sync::Mutex<JobState>>;
+
+impl JobState {
+    pub fn check_dims(&self, d: usize, what: &str) -> Result<(), WorkerError> {
+        if d != self.dims {
+            return Err(WorkerError::InvalidRequest(format!(
+                "{what}: {d} dimensions, this job's features have {}",
+                self.dims
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn als(&self, job: &str) -> Result<&AlsJob, WorkerError> {
+        self.als.as_ref().ok_or_else(|| {
+            WorkerError::InvalidRequest(format!(
+                "job {job} does not run ALS (features.als = false)"
+            ))
+        })
+    }
+
+    pub fn als_mut(&mut self, job: &str) -> Result<&mut AlsJob, WorkerError> {
+        self.als.as_mut().ok_or_else(|| {
+            WorkerError::InvalidRequest(format!(
+                "job {job} does not run ALS (features.als = false)"
+            ))
+        })
+    }
+}
+
+/// Fails with [`WorkerError::Cancelled`] once `cancel` has fired.
+pub fn stop_if_cancelled(cancel: &CancellationToken, job: &str) -> Result<(), WorkerError> {
+    if cancel.is_cancelled() {
+        return Err(WorkerError::Cancelled {
+            job: job.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The worker's record of one job's work: ReleaseJob fires the cancellation in
+/// `control`, and every step of the job runs as a task of `tasks`, so the release
+/// can wait until they have all stopped.
+pub struct JobRun {
+    pub control: IngestControl,
+    pub tasks: TaskTracker,
+}
+
+impl JobRun {
+    pub fn new(job: &str) -> JobRun {
+        JobRun {
+            control: IngestControl {
+                job: job.to_string(),
+                ..IngestControl::default()
+            },
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Spawns `work` as a task of the job; it is dropped at its next await once
+    /// the job is cancelled.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T, WorkerError>> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Result<T, WorkerError>> {
+        let cancel = self.control.cancel.clone();
+        let job = self.control.job.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Err(WorkerError::Cancelled { job }),
+                r = work => r,
+            }
+        })
+    }
+
+    /// Runs `f` on a blocking thread as a task of the job.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, WorkerError> + Send + 'static,
+    ) -> Result<T, WorkerError> {
+        self.tasks
+            .spawn_blocking(f)
+            .await
+            .map_err(|e| WorkerError::InvalidRequest(format!("{what} panicked: {e}")))?
+    }
+}
+
+/// Jobs with work on this worker, and the jobs released (most recent last).
+#[derive(Default)]
+pub struct Runs {
+    pub live: HashMap<String, Arc<JobRun>>,
+    pub released: HashMap<String, Arc<JobRun>>,
+    pub order: VecDeque<String>,
+    /// Rows and bytes read by the runs no longer kept (for the totals).
+    pub forgotten: (u64, u64),
+}
+
+impl Runs {
+    /// Rows and bytes every job has read on this worker since it started.
+    pub fn read_totals(&self) -> (u64, u64) {
+        let counts = |r: &Arc<JobRun>| {
+            (
+                r.control.rows_read.load(Ordering::Relaxed),
+                r.control.bytes_read.load(Ordering::Relaxed),
+            )
+        };
+        self.live
+            .values()
+            .chain(self.released.values())
+            .map(counts)
+            .fold(self.forgotten, |(r, b), (r2, b2)| (r + r2, b + b2))
+    }
+}
+
+/// The answer of a task of the job.
+pub async fn joined<T>(
+    handle: tokio::task::JoinHandle<Result<T, WorkerError>>,
+    what: &str,
+) -> Result<T, WorkerError> {
+    handle
+        .await
+        .map_err(|e| WorkerError::InvalidRequest(format!("{what} did not finish: {e}")))?
+}

@@ -1,0 +1,395 @@
+//! The last step on a worker's shards: every user's segment, the segments'
+//! partial figures (sizes, RFM sums and sketches, distances, feature sums), a
+//! seeded sample for the silhouette, the per-shard output parts (assignments,
+//! user factors, recommendations; item factors for the item shards), the held-out
+//! evaluation and the segments' item counts.
+//!
+//! Output parts go to the writer shard by shard as they are made (a bounded
+//! channel): a worker never holds more than a few parts at once.
+
+use std::sync::Arc;
+
+use shoal_kernels::{Backend, Nearest, Resident, TopN};
+use shoal_proto::hash;
+use shoal_proto::pb;
+use shoal_proto::sketch::Sketch;
+use tokio::sync::mpsc;
+
+use crate::WorkerError;
+use crate::extra;
+use crate::job::{JobState, Shard, resident, stop_if_cancelled};
+use crate::steps::als::Side;
+use crate::steps::als_job::{AlsJob, Catalog, ranking_partial};
+use crate::steps::load::Rfm;
+use crate::steps::outputs;
+
+/// A file to write: its path below the output folder and its bytes.
+pub type Part = (String, Vec<u8>);
+
+/// What finalize answers besides the parts it wrote.
+pub struct Finalized {
+    pub shards: Vec<pb::ShardFinal>,
+    pub item_files: Vec<pb::WrittenFile>,
+    pub item_users: Vec<u64>,
+    pub item_ids: Vec<pb::ItemShardIds>,
+}
+
+/// Hands `part` to the writer; returns its entry for the manifest.
+fn emit(
+    out: &mpsc::Sender<Part>,
+    rel: String,
+    bytes: Vec<u8>,
+    rows: u64,
+) -> Result<pb::WrittenFile, WorkerError> {
+    let file = pb::WrittenFile {
+        path: rel.clone(),
+        rows,
+        bytes: bytes.len() as u64,
+    };
+    out.blocking_send((rel, bytes)).map_err(|_| {
+        WorkerError::InvalidRequest("the output writer stopped (see its error)".into())
+    })?;
+    Ok(file)
+}
+
+/// Finalizes every shard of the job against `req.centroids` (`k` of them).
+pub fn finalize(
+    job: &mut JobState,
+    job_id: &str,
+    req: &pb::FinalizeRequest,
+    k: usize,
+    catalog: Option<Arc<Catalog>>,
+    backend: &dyn Backend,
+    out: &mpsc::Sender<Part>,
+) -> Result<Finalized, WorkerError> {
+    job.check_dims(req.dims as usize, "centroids")?;
+    let d = job.dims;
+    let catalog_items = match &catalog {
+        Some(c) if !c.is_empty() => Some(backend.upload(&c.factors, job.als(job_id)?.f)?),
+        _ => None,
+    };
+    let cold_parts = ColdParts {
+        fold_in: job.fold_in,
+        at: d - extra::dims(&job.extra_columns),
+        dims: extra::dims(&job.extra_columns),
+        weight: job.extra_weight,
+        mean: job.extra_scaling.0.clone(),
+        scale: job.extra_scaling.1.clone(),
+    };
+    let mut done = Finalized {
+        shards: Vec::new(),
+        item_files: Vec::new(),
+        item_users: Vec::new(),
+        item_ids: Vec::new(),
+    };
+    if let Some(a) = &job.als {
+        for (&id, shard) in &a.items {
+            let names = &job.item_names[&id];
+            let values = a.factors(Side::Items, job_id, id, backend)?;
+            let part = outputs::factors_part("item_id", &names.ids, values, a.f)?;
+            let rel = format!("item_factors.parquet/part-{id:05}.parquet");
+            done.item_files
+                .push(emit(out, rel, part, shard.rows() as u64)?);
+            done.item_ids.push(pb::ItemShardIds {
+                shard: id,
+                ids: names
+                    .ids
+                    .iter()
+                    .map(|v| v.unwrap_or_default().to_string())
+                    .collect(),
+                labels: names
+                    .labels
+                    .iter()
+                    .map(|v| v.unwrap_or_default().to_string())
+                    .collect(),
+            });
+        }
+        done.item_users = vec![0; k * a.catalog_items() as usize];
+        if let (true, Some(model)) = (a.items.is_empty(), &a.catalog) {
+            // a fold-in: the model's items, in its order (no labels)
+            done.item_ids.push(pb::ItemShardIds {
+                shard: 0,
+                ids: model
+                    .ids
+                    .iter()
+                    .map(|v| v.unwrap_or_default().to_string())
+                    .collect(),
+                labels: vec![String::new(); model.len()],
+            });
+        }
+    }
+    for (&id, shard) in job.shards.iter_mut() {
+        stop_if_cancelled(&job.cancel, job_id)?;
+        let mut files = Vec::new();
+        let mut ranking = None;
+        if let Some(a) = &job.als {
+            let values = a.factors(Side::Users, job_id, id, backend)?;
+            let part = outputs::factors_part("user_id", shard.ids.ids(), values, a.f)?;
+            let rel = format!("user_factors.parquet/part-{id:05}.parquet");
+            files.push(emit(out, rel, part, shard.len() as u64)?);
+            if let (Some(catalog), Some(items)) = (&catalog, &catalog_items) {
+                let (recs, rank) = recommend(a, job_id, id, items, backend)?;
+                ranking = rank;
+                if let Some(top) = recs {
+                    let rows: Vec<u32> = (0..shard.len() as u32).collect();
+                    let (part, n) =
+                        outputs::recommendations_part(shard.ids.ids(), &rows, &top, &catalog.ids)?;
+                    let rel = format!("recommendations.parquet/part-{id:05}.parquet");
+                    files.push(emit(out, rel, part, n)?);
+                }
+            }
+        }
+        let cold = cold_start(job_cold(&cold_parts, shard), &req.centroids, k, d, backend)?;
+        let mut cold_counts = vec![0u64; if cold.is_empty() { 0 } else { k }];
+        for n in &cold {
+            cold_counts[n.best as usize] += 1;
+        }
+        let cold_users: Vec<&str> = shard
+            .orphans
+            .iter()
+            .take(cold.len())
+            .map(|(u, _)| u.as_str())
+            .collect();
+        if shard.is_empty() {
+            let file = if cold.is_empty() {
+                None
+            } else {
+                let bytes = outputs::assignments_part(
+                    shard.ids.ids(),
+                    &shard.rfm,
+                    &[],
+                    k,
+                    &cold_users,
+                    &cold,
+                )?;
+                let rel = format!("assignments.parquet/part-{id:05}.parquet");
+                Some(emit(out, rel, bytes, cold.len() as u64)?)
+            };
+            done.shards.push(pb::ShardFinal {
+                shard: id,
+                segments: empty_segments(k, d),
+                sample: Vec::new(),
+                file,
+                files,
+                ranking,
+                cold_start: cold_counts,
+            });
+            continue;
+        }
+        let points = resident(&shard.points, job_id, id)?;
+        backend.assign(points, &req.centroids, k, &mut shard.nearest)?;
+        let all_rows: Vec<u32> = (0..shard.len() as u32).collect();
+        let scaled = backend.download_rows(points, &all_rows)?;
+        let segments = segment_partials(&shard.rfm, &scaled, &shard.nearest, k, d);
+        drop(scaled);
+        let sample = sample_points(
+            shard.ids.keys(),
+            &shard.nearest,
+            points,
+            backend,
+            req.seed,
+            req.sample_size as usize,
+            d,
+        )?;
+        let bytes = outputs::assignments_part(
+            shard.ids.ids(),
+            &shard.rfm,
+            &shard.nearest,
+            k,
+            &cold_users,
+            &cold,
+        )?;
+        if let Some(a) = &job.als {
+            let labels: Vec<u32> = shard.nearest.iter().map(|n| n.best).collect();
+            a.count_segment_items(job_id, id, &labels, &mut done.item_users)?;
+        }
+        let rel = format!("assignments.parquet/part-{id:05}.parquet");
+        let file = emit(out, rel, bytes, (shard.len() + cold.len()) as u64)?;
+        done.shards.push(pb::ShardFinal {
+            shard: id,
+            segments,
+            sample,
+            file: Some(file),
+            files,
+            ranking,
+            cold_start: cold_counts,
+        });
+    }
+    Ok(done)
+}
+
+/// Recommendations (`top_n` items per user, the training items excluded when
+/// `exclude_seen`) and the ranking partial (`eval_k`, when items were held out)
+/// of one user shard.
+fn recommend(
+    a: &AlsJob,
+    job: &str,
+    shard: u32,
+    items: &Resident,
+    backend: &dyn Backend,
+) -> Result<(Option<TopN>, Option<pb::RankingPartial>), WorkerError> {
+    let x = a.resident(Side::Users, job, shard)?;
+    let (seen, held) = a.seen_and_held(job, shard)?;
+    let seen = backend.upload_sparse(&seen)?;
+    let recs = (a.top_n > 0)
+        .then(|| backend.top_n(x, items, a.top_n, a.exclude_seen.then_some(&seen)))
+        .transpose()?;
+    let ranking = if a.holdout > 0.0 && a.eval_k > 0 {
+        let top = match &recs {
+            Some(r) if a.exclude_seen && a.top_n == a.eval_k => r.clone(),
+            _ => backend.top_n(x, items, a.eval_k, Some(&seen))?,
+        };
+        Some(ranking_partial(&top, &held))
+    } else {
+        None
+    };
+    Ok((recs, ranking))
+}
+
+/// What a fold-in needs to assign a shard's cold-start users.
+struct ColdParts {
+    fold_in: bool,
+    /// Where the extra block starts in the feature vector, and its length.
+    at: usize,
+    dims: usize,
+    weight: f64,
+    mean: Vec<f64>,
+    scale: Vec<f64>,
+}
+
+/// The scaled extra features (row-major, `parts.dims` each) of the shard's
+/// users without interactions, when the job assigns them (a fold-in with an
+/// extra block that weighs something), with the block's place; `None`
+/// otherwise.
+fn job_cold(parts: &ColdParts, shard: &Shard) -> Option<(Vec<f32>, usize, usize)> {
+    if !parts.fold_in || parts.dims == 0 || parts.weight <= 0.0 || shard.orphans.is_empty() {
+        return None;
+    }
+    let mut features = Vec::with_capacity(shard.orphans.len() * parts.dims);
+    for (_, values) in &shard.orphans {
+        features.extend(extra::scaled(
+            values,
+            &parts.mean,
+            &parts.scale,
+            parts.weight,
+        ));
+    }
+    Some((features, parts.at, parts.dims))
+}
+
+/// Nearest and second nearest centroid of each cold-start user by the extra
+/// block alone: its features against the same block of every centroid.
+fn cold_start(
+    cold: Option<(Vec<f32>, usize, usize)>,
+    centroids: &[f32],
+    k: usize,
+    d: usize,
+    backend: &dyn Backend,
+) -> Result<Vec<Nearest>, WorkerError> {
+    let Some((features, at, e)) = cold else {
+        return Ok(Vec::new());
+    };
+    let block: Vec<f32> = centroids
+        .chunks_exact(d)
+        .flat_map(|c| c[at..at + e].iter().copied())
+        .collect();
+    let points = backend.upload(&features, e)?;
+    let mut nearest = vec![Nearest::default(); features.len() / e];
+    backend.assign(&points, &block, k, &mut nearest)?;
+    Ok(nearest)
+}
+
+fn empty_segments(k: usize, d: usize) -> Vec<pb::SegmentPartial> {
+    (0..k)
+        .map(|_| pb::SegmentPartial {
+            count: 0,
+            rfm_sum: vec![0.0; 3],
+            rfm_sketch: vec![Sketch::default().to_proto(); 3],
+            distance_sum: 0.0,
+            inertia: 0.0,
+            feature_sum: vec![0.0; d],
+        })
+        .collect()
+}
+
+fn segment_partials(
+    rfm: &Rfm,
+    points: &[f32],
+    nearest: &[Nearest],
+    k: usize,
+    d: usize,
+) -> Vec<pb::SegmentPartial> {
+    let mut feature_sum = vec![0.0f64; k * d];
+    let mut count = vec![0u64; k];
+    let mut sums = vec![[0.0f64; 3]; k];
+    let mut sketches = vec![[Sketch::default(), Sketch::default(), Sketch::default()]; k];
+    let mut dist = vec![0.0f64; k];
+    let mut inertia = vec![0.0f64; k];
+    for (i, n) in nearest.iter().enumerate() {
+        let s = n.best as usize;
+        let v = [
+            rfm.recency_days[i],
+            rfm.frequency[i] as f64,
+            rfm.monetary[i],
+        ];
+        count[s] += 1;
+        for j in 0..3 {
+            sums[s][j] += v[j];
+            sketches[s][j].add(v[j]);
+        }
+        for (j, x) in points[i * d..(i + 1) * d].iter().enumerate() {
+            feature_sum[s * d + j] += f64::from(*x);
+        }
+        dist[s] += f64::from(n.best_dist).sqrt();
+        inertia[s] += f64::from(n.best_dist);
+    }
+    (0..k)
+        .map(|s| pb::SegmentPartial {
+            count: count[s],
+            rfm_sum: sums[s].to_vec(),
+            rfm_sketch: sketches[s].iter().map(Sketch::to_proto).collect(),
+            distance_sum: dist[s],
+            inertia: inertia[s],
+            feature_sum: feature_sum[s * d..(s + 1) * d].to_vec(),
+        })
+        .collect()
+}
+
+/// The shard's `size` users with the smallest `hash(seed, user key)`: a sample
+/// whose union over shards, cut to the smallest keys, is the same however shards
+/// are placed.
+fn sample_points(
+    keys: &[u64],
+    nearest: &[Nearest],
+    points: &Resident,
+    backend: &dyn Backend,
+    seed: u64,
+    size: usize,
+    d: usize,
+) -> Result<Vec<pb::SamplePoint>, WorkerError> {
+    let mut keyed: Vec<(u64, u32)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| (hash::key(seed, &[k]), i as u32))
+        .collect();
+    let size = size.min(keyed.len());
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    if size < keyed.len() {
+        keyed.select_nth_unstable(size - 1);
+        keyed.truncate(size);
+    }
+    keyed.sort_unstable();
+    let rows: Vec<u32> = keyed.iter().map(|(_, r)| *r).collect();
+    let values = backend.download_rows(points, &rows)?;
+    Ok(keyed
+        .iter()
+        .zip(values.chunks_exact(d))
+        .map(|((key, row), v)| pb::SamplePoint {
+            key: *key,
+            label: nearest[*row as usize].best,
+            values: v.to_vec(),
+        })
+        .collect())
+}
