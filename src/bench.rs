@@ -1,13 +1,13 @@
 //! `shoal bench`: synthetic benchmarks of the compute backends. The logic lives in
-//! `shoal_kernels::bench`; this is argument parsing and output.
+//! `shoal_kernels_bench`; this is argument parsing and output.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use shoal_kernels::bench::als::{self, AlsProblem, AlsSettings};
-use shoal_kernels::bench::{Blobs, Labelling, in_thread_pool, lloyd, write_npy_f32};
 use shoal_kernels::device::{DeviceChoice, select};
+use shoal_kernels_bench::als::{self, AlsProblem, AlsSettings};
+use shoal_kernels_bench::{Blobs, Labelling, in_thread_pool, lloyd, write_npy_f32};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -12,11 +12,8 @@
 //!   that does not depend on the number of threads, so results are bit-identical
 //!   however the data is split across workers and threads.
 
-pub mod bench;
 mod check;
 mod cpu;
-mod cpu_als;
-mod cpu_bounds;
 pub mod cuda;
 pub mod device;
 pub mod reference;

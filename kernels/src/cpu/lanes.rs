@@ -28,8 +28,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::fused::{self, NORM_LIMIT, nearest_direct, refine_avx};
-use super::{EMPTY, Raw, ShiftedCentroids, finish};
+use super::assign::fused::{self, NORM_LIMIT, nearest_direct, refine_avx};
+use super::assign::{EMPTY, Raw, ShiftedCentroids, finish};
 use crate::{NO_SECOND, Nearest};
 
 /// Centroids per group (accumulators per point register).
@@ -601,7 +601,7 @@ fn block_kernel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::tests::Rng;
+    use crate::cpu::assign::tests::Rng;
 
     fn bits(n: &Nearest) -> (u32, u32, u32, u32) {
         (
@@ -628,7 +628,7 @@ mod tests {
                         rng.values(n * d).iter().map(|v| 3.0 * v + 0.5).collect();
                     let centroids = rng.values(k * d);
                     let mut want = vec![Nearest::default(); n];
-                    super::super::fused::assign(&points, d, &centroids, k, &mut want);
+                    super::super::assign::fused::assign(&points, d, &centroids, k, &mut want);
                     let mut got = vec![Nearest::default(); n];
                     assign(&points, d, &centroids, k, &mut got);
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {

@@ -39,7 +39,7 @@ use compile::{
 };
 pub use compile::{MAX_TOP_N, arch_for_device, compile_ptx, nvrtc_archs, sources};
 
-use crate::cpu_als::{storage, storage_mut, validate_csr};
+use crate::cpu::host::{storage, storage_mut, validate_csr};
 use crate::device::{DeviceInfo, device_info, init_driver};
 use crate::{
     Backend, CgParams, Csr, KernelError, LabelStats, NO_ITEM, Nearest, PartialSums, Resident, TopN,

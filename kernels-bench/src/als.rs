@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use super::{SplitMix, stream};
-use crate::{Backend, CgParams, Csr, KernelError, Resident};
+use shoal_kernels::{Backend, CgParams, Csr, KernelError, Resident};
 
 const TAG_PAIRS: u64 = 11;
 const TAG_USER_ROWS: u64 = 12;
@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn loss_matches_the_dense_objective_and_falls() {
         let p = AlsProblem::generate(40, 25, 300, 10.0, 3).unwrap();
-        let backend = crate::cpu::CpuBackend::new();
+        let backend = shoal_kernels::CpuBackend::new();
         let (f, lambda) = (4, 0.1f32);
         let mut last = f64::INFINITY;
         for iters in 1..=4 {

@@ -258,7 +258,7 @@ fn sparse_terms_w<'a, const W: usize, const G: usize, const RESIDUAL: bool>(
     while k + G <= n {
         if k + (PREFETCH_GROUPS + 1) * G <= n {
             for t in 0..G {
-                super::prefetch_row(row(k + PREFETCH_GROUPS * G + t));
+                super::als::prefetch_row(row(k + PREFETCH_GROUPS * G + t));
             }
         }
         let mut rows: [&[f32]; G] = [&[]; G];

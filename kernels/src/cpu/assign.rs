@@ -1,4 +1,5 @@
-//! The CPU backend: points stay in host memory, work is spread over rayon.
+//! Distances of points to centroids (nearest and second nearest) and the
+//! partial sums of a labelling, on host memory.
 //!
 //! `assign` works on fixed tiles of points. Up to [`DIRECT_MAX_D`] features it
 //! computes every distance directly (one loop specialised per `d`). Above, it uses
@@ -24,15 +25,10 @@
 //! and merges the chunk partials sequentially, from the last chunk to the first.
 
 use rayon::prelude::*;
-use std::sync::Arc;
 
-use crate::cpu_als::{self, storage, storage_mut};
-use crate::{
-    Backend, CgParams, Csr, KernelError, LabelStats, NO_SECOND, Nearest, PartialSums, Resident,
-    TopN, check, cpu_bounds,
-};
-
-pub(crate) const NAME: &str = "cpu";
+#[cfg(target_arch = "x86_64")]
+use super::lanes;
+use crate::{NO_SECOND, Nearest, PartialSums};
 
 /// Points per parallel work item of `assign`.
 const TILE_ROWS: usize = 256;
@@ -48,240 +44,6 @@ pub(crate) const SUM_CHUNK_ROWS: usize = 4096;
 const PARTIALS_BUDGET_BYTES: usize = 256 << 20;
 /// Independent accumulators of [`lane_sq_dist`] (one AVX register of f32).
 const LANES: usize = 8;
-
-/// Points as uploaded to the CPU backend.
-pub(crate) struct HostPoints {
-    pub(crate) d: usize,
-    /// Row-major `n x d`.
-    pub(crate) values: Vec<f32>,
-}
-
-impl HostPoints {
-    fn n(&self) -> usize {
-        self.values.len() / self.d
-    }
-}
-
-/// The CPU implementation of [`Backend`]: host memory and rayon's thread pool (the
-/// one the calls are made from).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct CpuBackend {
-    _private: (),
-}
-
-impl CpuBackend {
-    pub fn new() -> Self {
-        CpuBackend { _private: () }
-    }
-}
-
-impl Backend for CpuBackend {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn upload(&self, points: &[f32], d: usize) -> Result<Resident, KernelError> {
-        check::points(points, d)?;
-        let n = points.len() / d;
-        tracing::trace!(n, d, "uploading points to the cpu backend");
-        let host = HostPoints {
-            d,
-            values: points.to_vec(),
-        };
-        Ok(Resident::new(n, d, NAME, Box::new(host)))
-    }
-
-    fn download_rows(&self, points: &Resident, rows: &[u32]) -> Result<Vec<f32>, KernelError> {
-        let host = points.downcast::<HostPoints>(NAME)?;
-        let (n, d) = (host.n(), host.d);
-        if let Some(&row) = rows.iter().find(|&&r| r as usize >= n) {
-            return Err(KernelError::Shape(format!(
-                "row {row} was requested but only {n} points are uploaded"
-            )));
-        }
-        let mut out = Vec::with_capacity(rows.len() * d);
-        for &row in rows {
-            let start = row as usize * d;
-            out.extend_from_slice(&host.values[start..start + d]);
-        }
-        Ok(out)
-    }
-
-    fn assign(
-        &self,
-        points: &Resident,
-        centroids: &[f32],
-        k: usize,
-        out: &mut [Nearest],
-    ) -> Result<(), KernelError> {
-        let host = points.downcast::<HostPoints>(NAME)?;
-        let (n, d) = (host.n(), host.d);
-        check::centroids(centroids, k, d)?;
-        check::results(out.len(), n)?;
-        tracing::trace!(n, d, k, "assigning points on the cpu backend");
-        assign_rows(&host.values, d, centroids, k, out);
-        Ok(())
-    }
-
-    fn lloyd_bounds(&self, points: &Resident) -> Result<Resident, KernelError> {
-        let host = storage::<HostPoints>(points, NAME, "the points of lloyd_bounds", "dense")?;
-        let n = host.n();
-        Ok(Resident::new(
-            n,
-            1,
-            NAME,
-            Box::new(cpu_bounds::Bounds::new(n)),
-        ))
-    }
-
-    fn assign_labels(
-        &self,
-        points: &Resident,
-        bounds: &mut Resident,
-        centroids: &[f32],
-        k: usize,
-        labels: &mut [u32],
-    ) -> Result<LabelStats, KernelError> {
-        cpu_bounds::assign_labels(points, bounds, centroids, k, labels)
-    }
-
-    fn lloyd_round(
-        &self,
-        points: &Resident,
-        bounds: &mut Resident,
-        centroids: &[f32],
-        k: usize,
-        labels: &mut [u32],
-    ) -> Result<(LabelStats, PartialSums), KernelError> {
-        cpu_bounds::lloyd_round(points, bounds, centroids, k, labels)
-    }
-
-    fn partial_sums(
-        &self,
-        points: &Resident,
-        labels: &[u32],
-        k: usize,
-    ) -> Result<PartialSums, KernelError> {
-        let host = points.downcast::<HostPoints>(NAME)?;
-        let (n, d) = (host.n(), host.d);
-        if k == 0 {
-            return Err(KernelError::EmptyCentroids);
-        }
-        if labels.len() != n {
-            return Err(KernelError::Shape(format!(
-                "{} labels for {n} uploaded points",
-                labels.len()
-            )));
-        }
-        // A plain scan per chunk (vectorised) first; the position only on error.
-        let bad = |l: &u32| *l as usize >= k;
-        if labels.par_chunks(1 << 16).any(|c| c.iter().any(bad))
-            && let Some(row) = labels.iter().position(bad)
-        {
-            return Err(KernelError::Shape(format!(
-                "point {row} has label {} but there are only k = {k} centroids",
-                labels[row]
-            )));
-        }
-        tracing::trace!(n, d, k, "partial sums on the cpu backend");
-
-        let mut items = vec![(); n.div_ceil(SUM_CHUNK_ROWS)];
-        Ok(merge_chunk_sums(k, d, &mut items, |c, _| {
-            let rows = c * SUM_CHUNK_ROWS..((c + 1) * SUM_CHUNK_ROWS).min(n);
-            chunk_sums(
-                &host.values[rows.start * d..rows.end * d],
-                d,
-                &labels[rows],
-                k,
-            )
-        }))
-    }
-
-    fn upload_sparse(&self, m: &Csr) -> Result<Resident, KernelError> {
-        cpu_als::validate_csr(m)?;
-        tracing::trace!(
-            rows = m.rows,
-            cols = m.cols,
-            nnz = m.values.len(),
-            "uploading a sparse matrix to the cpu backend"
-        );
-        Ok(Resident::new(
-            m.rows,
-            m.cols,
-            NAME,
-            Box::new(Arc::new(m.clone())),
-        ))
-    }
-
-    fn upload_sparse_shared(&self, m: Arc<Csr>) -> Result<Resident, KernelError> {
-        cpu_als::validate_csr(&m)?;
-        // host memory already: share it
-        Ok(Resident::new(m.rows, m.cols, NAME, Box::new(m)))
-    }
-
-    fn write_rows(
-        &self,
-        target: &mut Resident,
-        rows: &[u32],
-        values: &[f32],
-    ) -> Result<(), KernelError> {
-        let host = storage_mut::<HostPoints>(target, NAME, "the target of write_rows", "dense")?;
-        cpu_als::write_rows(&mut host.values, host.d, rows, values)
-    }
-
-    fn gram(&self, a: &Resident) -> Result<Vec<f64>, KernelError> {
-        let host = storage::<HostPoints>(a, NAME, "the matrix of gram", "dense")?;
-        tracing::trace!(n = host.n(), d = host.d, "gram matrix on the cpu backend");
-        Ok(cpu_als::gram(&host.values, host.d))
-    }
-
-    fn als_solve(
-        &self,
-        x: &mut Resident,
-        y: &Resident,
-        yty: &[f64],
-        confidence: &Resident,
-        params: CgParams,
-    ) -> Result<Option<f64>, KernelError> {
-        let y = storage::<HostPoints>(y, NAME, "the fixed factors (y)", "dense")?;
-        let confidence = storage::<Arc<Csr>>(confidence, NAME, "the confidences", "sparse")?;
-        let x = storage_mut::<HostPoints>(x, NAME, "the factors being solved (x)", "dense")?;
-        cpu_als::als_solve(
-            cpu_als::Isa::best(x.d),
-            &mut x.values,
-            &y.values,
-            x.d,
-            y.d,
-            yty,
-            confidence,
-            params,
-        )
-    }
-
-    fn top_n(
-        &self,
-        queries: &Resident,
-        items: &Resident,
-        n: usize,
-        exclude: Option<&Resident>,
-    ) -> Result<TopN, KernelError> {
-        let queries = storage::<HostPoints>(queries, NAME, "the queries of top_n", "dense")?;
-        let items = storage::<HostPoints>(items, NAME, "the items of top_n", "dense")?;
-        let exclude = exclude
-            .map(|e| {
-                storage::<Arc<Csr>>(e, NAME, "the exclusions of top_n", "sparse").map(|m| &**m)
-            })
-            .transpose()?;
-        cpu_als::top_n(
-            &queries.values,
-            &items.values,
-            queries.d,
-            items.d,
-            n,
-            exclude,
-        )
-    }
-}
 
 /// The partial sums of a set of points cut into chunks of [`SUM_CHUNK_ROWS`]:
 /// `chunk(c, &mut items[c])` gives chunk `c`'s (one item per chunk, for what the
@@ -320,7 +82,7 @@ pub(crate) fn merge_chunk_sums<T: Send>(
 }
 
 /// Sums and counts of one chunk, sequentially.
-fn chunk_sums(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
+pub(crate) fn chunk_sums(points: &[f32], d: usize, labels: &[u32], k: usize) -> PartialSums {
     let mut sums = ChunkSums::new(k, d);
     sums.add(points, labels);
     sums.finish()
@@ -423,7 +185,7 @@ fn add_sums_body(p: &mut ChunkSums, points: &[f32], labels: &[u32]) {
 }
 
 /// Nothing seen yet (both indices `NO_SECOND`).
-const EMPTY: Nearest = Nearest {
+pub(crate) const EMPTY: Nearest = Nearest {
     best: NO_SECOND,
     best_dist: f32::INFINITY,
     second: NO_SECOND,
@@ -449,7 +211,7 @@ fn offer(s: &mut Nearest, j: u32, dist: f32) {
 /// Completes a running best when some distances were infinite (they never beat
 /// the initial infinity): the lowest such indices fill the empty places.
 #[inline(always)]
-fn finish(mut s: Nearest, k: usize) -> Nearest {
+pub(crate) fn finish(mut s: Nearest, k: usize) -> Nearest {
     if s.best == NO_SECOND {
         s.best = 0;
     }
@@ -554,17 +316,17 @@ fn assign_direct(points: &[f32], d: usize, centroids: &[f32], k: usize, out: &mu
 // Larger d: GEMM on tiles.
 
 /// Centroids prepared once per `assign` for the GEMM path.
-struct ShiftedCentroids {
+pub(crate) struct ShiftedCentroids {
     /// Mean of the centroids, subtracted from points and centroids.
-    shift: Vec<f32>,
+    pub(crate) shift: Vec<f32>,
     /// `centroid - shift`, row-major `k x d`.
-    values: Vec<f32>,
+    pub(crate) values: Vec<f32>,
     /// Squared norms of `values`.
-    norms: Vec<f32>,
+    pub(crate) norms: Vec<f32>,
 }
 
 impl ShiftedCentroids {
-    fn new(centroids: &[f32], d: usize, k: usize) -> Self {
+    pub(crate) fn new(centroids: &[f32], d: usize, k: usize) -> Self {
         let mut mean = vec![0.0f64; d];
         for c in centroids.chunks_exact(d) {
             for (m, &v) in mean.iter_mut().zip(c) {
@@ -825,10 +587,8 @@ fn refine(s: &mut Nearest, x: &[f32], centroids: &[f32], d: usize) {
 /// norms): a point above it, or every point when a centroid is above it, gets all
 /// its distances directly instead.
 #[cfg(target_arch = "x86_64")]
-mod lanes;
-
 #[cfg(target_arch = "x86_64")]
-mod fused {
+pub(crate) mod fused {
     use std::arch::x86_64::*;
 
     use rayon::prelude::*;
@@ -837,9 +597,9 @@ mod fused {
     use crate::{NO_SECOND, Nearest};
 
     /// Rows of a micro-tile.
-    pub(super) const MR: usize = 6;
+    pub(crate) const MR: usize = 6;
     /// Centroids of a panel (two AVX registers of f32).
-    pub(super) const NR: usize = 16;
+    pub(crate) const NR: usize = 16;
     /// Points per parallel work item (a multiple of `MR`).
     const TILE: usize = 44 * MR;
     /// Bytes of packed centroids visited per pass over a tile: with the tile
@@ -848,10 +608,10 @@ mod fused {
     const BLOCK_BYTES: usize = 192 << 10;
     /// Squared norms below this keep the expanded form finite: every partial sum
     /// of products stays below `2 * NORM_LIMIT`, the distance below `4 * NORM_LIMIT`.
-    pub(super) const NORM_LIMIT: f32 = 1e37;
+    pub(crate) const NORM_LIMIT: f32 = 1e37;
 
     /// True when this CPU can run the kernel.
-    pub(super) fn available() -> bool {
+    pub(crate) fn available() -> bool {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
 
@@ -902,7 +662,7 @@ mod fused {
         norms: Vec<f32>,
     }
 
-    pub(super) fn assign(
+    pub(crate) fn assign(
         points: &[f32],
         d: usize,
         centroids: &[f32],
@@ -949,7 +709,7 @@ mod fused {
     }
 
     /// Nearest and second nearest by direct distances (far-out points).
-    pub(super) fn nearest_direct(x: &[f32], centroids: &[f32], d: usize, k: usize) -> Nearest {
+    pub(crate) fn nearest_direct(x: &[f32], centroids: &[f32], d: usize, k: usize) -> Nearest {
         let mut s = EMPTY;
         for (j, c) in centroids.chunks_exact(d).enumerate() {
             offer(&mut s, j as u32, lane_sq_dist(x, c));
@@ -1300,7 +1060,7 @@ mod fused {
     /// [`refine`] bit for bit, with both distances in one pass.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    pub(super) fn refine_avx(s: &mut Nearest, x: &[f32], centroids: &[f32], d: usize) {
+    pub(crate) fn refine_avx(s: &mut Nearest, x: &[f32], centroids: &[f32], d: usize) {
         let row = |j: u32| &centroids[j as usize * d..(j as usize + 1) * d];
         if s.second == NO_SECOND {
             if s.best != NO_SECOND {
@@ -1369,6 +1129,7 @@ mod fused {
 pub(crate) mod tests {
     use super::*;
     use crate::reference;
+    use crate::{Backend, CpuBackend, KernelError, Resident};
 
     /// splitmix64: small, deterministic, good enough for test data.
     pub(crate) struct Rng(pub(crate) u64);

@@ -1,3 +1,5 @@
+//! The drivers behind `shoal bench` (kept out of the kernels' library API).
+//!
 //! A synthetic k-means benchmark of a [`Backend`]: Gaussian blobs generated from a
 //! seed, a seeded initialisation, and plain Lloyd iterations timed one by one.
 //!
@@ -31,7 +33,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::{Backend, KernelError, Nearest, Resident};
+use shoal_kernels::{Backend, KernelError, Nearest, Resident};
 
 /// splitmix64: small, fast and deterministic; one stream per point.
 #[derive(Debug, Clone)]
@@ -388,7 +390,7 @@ fn npy_header_f32(rows: usize, cols: usize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{CpuBackend, reference};
+    use shoal_kernels::{CpuBackend, reference};
 
     fn run(blobs: &Blobs, iters: usize) -> LloydReport {
         let cpu = CpuBackend::new();

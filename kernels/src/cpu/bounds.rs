@@ -43,8 +43,8 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{self, HostPoints, NAME, Raw, assign_rows};
-use crate::cpu_als::{storage, storage_mut};
+use super::assign::{self as cpu, Raw, assign_rows};
+use super::host::{HostPoints, NAME, storage, storage_mut};
 use crate::{Backend, KernelError, LabelStats, Nearest, PartialSums, Resident, check};
 
 /// Points per work item of the bound pass.
@@ -514,7 +514,7 @@ fn label_round(
 
 #[cfg(test)]
 mod tests {
-    use crate::cpu::tests::Rng;
+    use crate::cpu::assign::tests::Rng;
     use crate::{Backend, CpuBackend, KernelError, Nearest};
 
     /// Runs `rounds` of `assign_labels` along a centroid trajectory and checks

@@ -1,0 +1,245 @@
+//! The CPU backend: data stays in host memory ([`host`]), work is spread over
+//! rayon. Each idea has its module: distances and partial sums ([`assign`], with
+//! the AVX-512 kernel in [`lanes`]), Lloyd rounds with distance bounds
+//! ([`bounds`]), the Gram matrix and the implicit-ALS solver ([`als`], AVX-512
+//! kernels in `als_avx512`), and top-N recommendations ([`topn`]). This module
+//! only opens the residents and calls them.
+
+mod als;
+#[cfg(target_arch = "x86_64")]
+mod als_avx512;
+mod assign;
+mod bounds;
+pub(crate) mod host;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
+#[cfg(test)]
+pub(crate) mod testing;
+mod topn;
+
+use rayon::prelude::*;
+use std::sync::Arc;
+
+use crate::{
+    Backend, CgParams, Csr, KernelError, LabelStats, Nearest, PartialSums, Resident, TopN, check,
+};
+use assign::{SUM_CHUNK_ROWS, assign_rows, chunk_sums, merge_chunk_sums};
+use host::{HostPoints, NAME, storage, storage_mut};
+
+use als::Isa;
+
+/// The CPU implementation of [`Backend`]: host memory and rayon's thread pool (the
+/// one the calls are made from).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend {
+    _private: (),
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend { _private: () }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn upload(&self, points: &[f32], d: usize) -> Result<Resident, KernelError> {
+        check::points(points, d)?;
+        let n = points.len() / d;
+        tracing::trace!(n, d, "uploading points to the cpu backend");
+        let host = HostPoints {
+            d,
+            values: points.to_vec(),
+        };
+        Ok(Resident::new(n, d, NAME, Box::new(host)))
+    }
+
+    fn download_rows(&self, points: &Resident, rows: &[u32]) -> Result<Vec<f32>, KernelError> {
+        let host = points.downcast::<HostPoints>(NAME)?;
+        let (n, d) = (host.n(), host.d);
+        if let Some(&row) = rows.iter().find(|&&r| r as usize >= n) {
+            return Err(KernelError::Shape(format!(
+                "row {row} was requested but only {n} points are uploaded"
+            )));
+        }
+        let mut out = Vec::with_capacity(rows.len() * d);
+        for &row in rows {
+            let start = row as usize * d;
+            out.extend_from_slice(&host.values[start..start + d]);
+        }
+        Ok(out)
+    }
+
+    fn assign(
+        &self,
+        points: &Resident,
+        centroids: &[f32],
+        k: usize,
+        out: &mut [Nearest],
+    ) -> Result<(), KernelError> {
+        let host = points.downcast::<HostPoints>(NAME)?;
+        let (n, d) = (host.n(), host.d);
+        check::centroids(centroids, k, d)?;
+        check::results(out.len(), n)?;
+        tracing::trace!(n, d, k, "assigning points on the cpu backend");
+        assign_rows(&host.values, d, centroids, k, out);
+        Ok(())
+    }
+
+    fn lloyd_bounds(&self, points: &Resident) -> Result<Resident, KernelError> {
+        let host = storage::<HostPoints>(points, NAME, "the points of lloyd_bounds", "dense")?;
+        let n = host.n();
+        Ok(Resident::new(n, 1, NAME, Box::new(bounds::Bounds::new(n))))
+    }
+
+    fn assign_labels(
+        &self,
+        points: &Resident,
+        bounds: &mut Resident,
+        centroids: &[f32],
+        k: usize,
+        labels: &mut [u32],
+    ) -> Result<LabelStats, KernelError> {
+        bounds::assign_labels(points, bounds, centroids, k, labels)
+    }
+
+    fn lloyd_round(
+        &self,
+        points: &Resident,
+        bounds: &mut Resident,
+        centroids: &[f32],
+        k: usize,
+        labels: &mut [u32],
+    ) -> Result<(LabelStats, PartialSums), KernelError> {
+        bounds::lloyd_round(points, bounds, centroids, k, labels)
+    }
+
+    fn partial_sums(
+        &self,
+        points: &Resident,
+        labels: &[u32],
+        k: usize,
+    ) -> Result<PartialSums, KernelError> {
+        let host = points.downcast::<HostPoints>(NAME)?;
+        let (n, d) = (host.n(), host.d);
+        if k == 0 {
+            return Err(KernelError::EmptyCentroids);
+        }
+        if labels.len() != n {
+            return Err(KernelError::Shape(format!(
+                "{} labels for {n} uploaded points",
+                labels.len()
+            )));
+        }
+        // A plain scan per chunk (vectorised) first; the position only on error.
+        let bad = |l: &u32| *l as usize >= k;
+        if labels.par_chunks(1 << 16).any(|c| c.iter().any(bad))
+            && let Some(row) = labels.iter().position(bad)
+        {
+            return Err(KernelError::Shape(format!(
+                "point {row} has label {} but there are only k = {k} centroids",
+                labels[row]
+            )));
+        }
+        tracing::trace!(n, d, k, "partial sums on the cpu backend");
+
+        let mut items = vec![(); n.div_ceil(SUM_CHUNK_ROWS)];
+        Ok(merge_chunk_sums(k, d, &mut items, |c, _| {
+            let rows = c * SUM_CHUNK_ROWS..((c + 1) * SUM_CHUNK_ROWS).min(n);
+            chunk_sums(
+                &host.values[rows.start * d..rows.end * d],
+                d,
+                &labels[rows],
+                k,
+            )
+        }))
+    }
+
+    fn upload_sparse(&self, m: &Csr) -> Result<Resident, KernelError> {
+        host::validate_csr(m)?;
+        tracing::trace!(
+            rows = m.rows,
+            cols = m.cols,
+            nnz = m.values.len(),
+            "uploading a sparse matrix to the cpu backend"
+        );
+        Ok(Resident::new(
+            m.rows,
+            m.cols,
+            NAME,
+            Box::new(Arc::new(m.clone())),
+        ))
+    }
+
+    fn upload_sparse_shared(&self, m: Arc<Csr>) -> Result<Resident, KernelError> {
+        host::validate_csr(&m)?;
+        // host memory already: share it
+        Ok(Resident::new(m.rows, m.cols, NAME, Box::new(m)))
+    }
+
+    fn write_rows(
+        &self,
+        target: &mut Resident,
+        rows: &[u32],
+        values: &[f32],
+    ) -> Result<(), KernelError> {
+        let host = storage_mut::<HostPoints>(target, NAME, "the target of write_rows", "dense")?;
+        host::write_rows(&mut host.values, host.d, rows, values)
+    }
+
+    fn gram(&self, a: &Resident) -> Result<Vec<f64>, KernelError> {
+        let host = storage::<HostPoints>(a, NAME, "the matrix of gram", "dense")?;
+        tracing::trace!(n = host.n(), d = host.d, "gram matrix on the cpu backend");
+        Ok(als::gram(&host.values, host.d))
+    }
+
+    fn als_solve(
+        &self,
+        x: &mut Resident,
+        y: &Resident,
+        yty: &[f64],
+        confidence: &Resident,
+        params: CgParams,
+    ) -> Result<Option<f64>, KernelError> {
+        let y = storage::<HostPoints>(y, NAME, "the fixed factors (y)", "dense")?;
+        let confidence = storage::<Arc<Csr>>(confidence, NAME, "the confidences", "sparse")?;
+        let x = storage_mut::<HostPoints>(x, NAME, "the factors being solved (x)", "dense")?;
+        als::als_solve(
+            Isa::best(x.d),
+            &mut x.values,
+            &y.values,
+            x.d,
+            y.d,
+            yty,
+            confidence,
+            params,
+        )
+    }
+
+    fn top_n(
+        &self,
+        queries: &Resident,
+        items: &Resident,
+        n: usize,
+        exclude: Option<&Resident>,
+    ) -> Result<TopN, KernelError> {
+        let queries = storage::<HostPoints>(queries, NAME, "the queries of top_n", "dense")?;
+        let items = storage::<HostPoints>(items, NAME, "the items of top_n", "dense")?;
+        let exclude = exclude
+            .map(|e| {
+                storage::<Arc<Csr>>(e, NAME, "the exclusions of top_n", "sparse").map(|m| &**m)
+            })
+            .transpose()?;
+        topn::top_n(
+            &queries.values,
+            &items.values,
+            queries.d,
+            items.d,
+            n,
+            exclude,
+        )
+    }
+}
