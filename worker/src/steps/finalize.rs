@@ -8,6 +8,7 @@
 //! channel): a worker never holds more than a few parts at once.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use shoal_kernels::{Backend, Nearest, Resident, TopN};
 use shoal_proto::hash;
@@ -118,22 +119,30 @@ pub fn finalize(
             });
         }
     }
+    // seconds spent per part of the work, for the log
+    let mut spent = Spent::default();
     for (&id, shard) in job.shards.iter_mut() {
         stop_if_cancelled(&job.cancel, job_id)?;
         let mut files = Vec::new();
         let mut ranking = None;
         if let Some(a) = &job.als {
+            let t = Instant::now();
             let values = a.factors(Side::Users, job_id, id, backend)?;
             let part = outputs::factors_part("user_id", shard.ids.ids(), values, a.f)?;
+            spent.factors += t.elapsed();
             let rel = format!("user_factors.parquet/part-{id:05}.parquet");
             files.push(emit(out, rel, part, shard.len() as u64)?);
             if let (Some(catalog), Some(items)) = (&catalog, &catalog_items) {
+                let t = Instant::now();
                 let (recs, rank) = recommend(a, job_id, id, items, backend)?;
+                spent.recommend += t.elapsed();
                 ranking = rank;
                 if let Some(top) = recs {
+                    let t = Instant::now();
                     let rows: Vec<u32> = (0..shard.len() as u32).collect();
                     let (part, n) =
                         outputs::recommendations_part(shard.ids.ids(), &rows, &top, &catalog.ids)?;
+                    spent.recommendations_part += t.elapsed();
                     let rel = format!("recommendations.parquet/part-{id:05}.parquet");
                     files.push(emit(out, rel, part, n)?);
                 }
@@ -176,12 +185,15 @@ pub fn finalize(
             });
             continue;
         }
+        let t = Instant::now();
         let points = resident(&shard.points, job_id, id)?;
         backend.assign(points, &req.centroids, k, &mut shard.nearest)?;
         let all_rows: Vec<u32> = (0..shard.len() as u32).collect();
         let scaled = backend.download_rows(points, &all_rows)?;
         let segments = segment_partials(&shard.rfm, &scaled, &shard.nearest, k, d);
         drop(scaled);
+        spent.segments += t.elapsed();
+        let t = Instant::now();
         let sample = sample_points(
             shard.ids.keys(),
             &shard.nearest,
@@ -199,9 +211,12 @@ pub fn finalize(
             &cold_users,
             &cold,
         )?;
+        spent.assignments += t.elapsed();
         if let Some(a) = &job.als {
+            let t = Instant::now();
             let labels: Vec<u32> = shard.nearest.iter().map(|n| n.best).collect();
             a.count_segment_items(job_id, id, &labels, &mut done.item_users)?;
+            spent.items += t.elapsed();
         }
         let rel = format!("assignments.parquet/part-{id:05}.parquet");
         let file = emit(out, rel, bytes, (shard.len() + cold.len()) as u64)?;
@@ -215,7 +230,27 @@ pub fn finalize(
             cold_start: cold_counts,
         });
     }
+    tracing::debug!(
+        factors_s = spent.factors.as_secs_f64(),
+        recommend_s = spent.recommend.as_secs_f64(),
+        recommendations_part_s = spent.recommendations_part.as_secs_f64(),
+        segments_s = spent.segments.as_secs_f64(),
+        assignments_s = spent.assignments.as_secs_f64(),
+        items_s = spent.items.as_secs_f64(),
+        "finalize: where the time went"
+    );
     Ok(done)
+}
+
+/// Time spent on each part of a finalize.
+#[derive(Default)]
+struct Spent {
+    factors: Duration,
+    recommend: Duration,
+    recommendations_part: Duration,
+    segments: Duration,
+    assignments: Duration,
+    items: Duration,
 }
 
 /// Recommendations (`top_n` items per user, the training items excluded when
