@@ -384,7 +384,8 @@ impl CgJob<'_> {
         let (lo, hi) = (conf.indptr[first] as usize, conf.indptr[first + m] as usize);
         // Rows of a `y` that stays in the cache are read where they are: the copy
         // would cost more than it saves.
-        let gathered = self.y.len() * 4 > GATHER_MIN_Y_BYTES && (hi - lo) * d <= CG_GATHER_BUDGET;
+        let gathered =
+            self.y.len() * 4 > gather_min_y_bytes(self.isa) && (hi - lo) * d <= CG_GATHER_MAX;
         if gathered {
             let cols = &conf.indices[lo..hi];
             scratch.items.clear();
@@ -488,8 +489,23 @@ const GATHER_PREFETCH: usize = 8;
 /// 3,665 x 64 `y`: the copies took ~20 % of the half-steps). The AVX2 kernels
 /// need the gather from a larger `y` (they do not prefetch; without the gathered
 /// rows a 20,000 x 64 `y` made them ~20 % slower); the AVX-512 kernels, which
-/// prefetch, ran as fast either way there.
+/// prefetch, read a `y` that fits the last-level cache (50,000 x 32 item rows,
+/// 6.4 MB) in place as fast as gathered.
 const GATHER_MIN_Y_BYTES: usize = 2 << 20;
+const GATHER_MIN_Y_BYTES_AVX512: usize = 16 << 20;
+
+fn gather_min_y_bytes(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => GATHER_MIN_Y_BYTES_AVX512,
+        _ => GATHER_MIN_Y_BYTES,
+    }
+}
+
+/// The most values one block gathers (16 MiB): a row with more item rows than
+/// that reads them where they are in `y`. A long row (a popular item's users)
+/// is gathered alone: read at random once, then its CG steps and loss stream
+/// the copy, instead of reading `y` at random four or five times.
+const CG_GATHER_MAX: usize = 1 << 22;
 
 /// Asks the CPU to bring `row` into cache (no effect on the values).
 #[inline(always)]
@@ -1139,6 +1155,7 @@ mod tests {
             (31, 40, 128, 0.15),
             (31, 40, 129, 0.15),
             (12, 9000, 64, 0.05),
+            (6, 70_000, 64, 0.001),
         ];
         for &(users, items, d, density) in cases {
             let mut pb = problem(&mut rng, users, items, d, density);
@@ -1154,10 +1171,22 @@ mod tests {
                 pb.push_row(&cols, &values, rng.values(d, 0.3));
             }
             if items == 9000 {
-                // One row with every item: over the gather budget, read in place.
+                // One row with every item: over the block budget, gathered alone
+                // (above the smaller kernels' gather threshold).
                 let full = rng.confidences(1, items, 1.0);
                 pb.push_row(&full.indices, &full.values, rng.values(d, 0.3));
                 assert!(items * d * 4 > GATHER_MIN_Y_BYTES && items * d > CG_GATHER_BUDGET);
+            }
+            if items == 70_000 {
+                // A y over every kernel set's gather threshold: one row with
+                // every item (over the largest gather: read in place), one with a
+                // third of them (gathered alone).
+                let full = rng.confidences(1, items, 1.0);
+                pb.push_row(&full.indices, &full.values, rng.values(d, 0.3));
+                let third = rng.confidences(1, items, 0.33);
+                pb.push_row(&third.indices, &third.values, rng.values(d, 0.3));
+                assert!(items * d * 4 > GATHER_MIN_Y_BYTES_AVX512 && items * d > CG_GATHER_MAX);
+                assert!(third.indices.len() * d > CG_GATHER_BUDGET);
             }
             let p = CgParams {
                 regularization: 0.1,

@@ -13,6 +13,45 @@ pub(crate) struct HostPoints {
     pub(crate) values: Vec<f32>,
 }
 
+/// Buffers at least this large (bytes) ask the kernel for huge pages: rows read
+/// at random from a large matrix (the ALS half-steps' gathers) otherwise miss the
+/// TLB on almost every row.
+const HUGE_PAGES_FROM: usize = 8 << 20;
+
+/// A copy of `values` in a buffer that, when large, is backed by transparent huge
+/// pages where the kernel allows it (Linux, `madvise` mode or `always`).
+pub(crate) fn host_copy(values: &[f32]) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(values.len());
+    advise_huge_pages(&mut v);
+    v.extend_from_slice(values);
+    v
+}
+
+/// Asks for huge pages over the whole 2 MiB pages inside `v`'s allocation, before
+/// anything is written to it (the first touch then maps huge pages).
+fn advise_huge_pages(v: &mut Vec<f32>) {
+    let bytes = v.capacity() * 4;
+    if bytes < HUGE_PAGES_FROM {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_mut_ptr() as usize;
+        let first = start.next_multiple_of(HUGE);
+        let end = (start + bytes) / HUGE * HUGE;
+        if end > first {
+            // SAFETY: [first, end) lies inside the allocation of `v` (rounded
+            // inwards to whole huge pages), which this function owns mutably;
+            // MADV_HUGEPAGE changes how the kernel backs the range, not its
+            // contents or validity. A failure (e.g. THP disabled) is harmless.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+}
+
 impl HostPoints {
     pub(crate) fn n(&self) -> usize {
         self.values.len() / self.d

@@ -52,7 +52,7 @@ impl Backend for CpuBackend {
         tracing::trace!(n, d, "uploading points to the cpu backend");
         let host = HostPoints {
             d,
-            values: points.to_vec(),
+            values: host::host_copy(points),
         };
         Ok(Resident::new(n, d, NAME, Box::new(host)))
     }
