@@ -271,6 +271,26 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok((stats, self.partial_sums(points, labels, k)?))
     }
 
+    /// The `m` points farthest from their nearest of the `k` centroids, by the
+    /// distance [`Backend::assign`] gives (`best_dist`), farthest first, ties to
+    /// the lower row; with those distances. `bounds` is the state of the last
+    /// [`Backend::lloyd_round`] (or [`Backend::assign_labels`]) on these points:
+    /// when it was made with these centroids, a backend may use it to compute
+    /// only the distances that could be among the `m` largest.
+    fn far_points(
+        &self,
+        points: &Resident,
+        bounds: &Resident,
+        centroids: &[f32],
+        k: usize,
+        m: usize,
+    ) -> Result<Vec<(u32, f32)>, KernelError> {
+        let _ = bounds;
+        let mut near = vec![Nearest::default(); points.n()];
+        self.assign(points, centroids, k, &mut near)?;
+        Ok(farthest(near.iter().map(|n| n.best_dist).enumerate(), m))
+    }
+
     /// Sums (f64) and counts of the points per label; labels must be `< k`.
     fn partial_sums(
         &self,
@@ -337,6 +357,21 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         n: usize,
         exclude: Option<&Resident>,
     ) -> Result<TopN, KernelError>;
+}
+
+/// The `m` largest of `(row, distance)` (ties: lower row first), largest first.
+pub fn farthest(values: impl Iterator<Item = (usize, f32)>, m: usize) -> Vec<(u32, f32)> {
+    if m == 0 {
+        return Vec::new();
+    }
+    let mut all: Vec<(u32, f32)> = values.map(|(r, v)| (r as u32, v)).collect();
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if m < all.len() {
+        all.select_nth_unstable_by(m - 1, order);
+        all.truncate(m);
+    }
+    all.sort_by(order);
+    all
 }
 
 /// What one [`Backend::assign_labels`] call did.

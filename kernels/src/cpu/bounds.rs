@@ -410,6 +410,82 @@ pub(crate) fn lloyd_round(
     Ok((stats, sums))
 }
 
+/// See [`Backend::far_points`](crate::Backend::far_points): after a round with
+/// these centroids, every point's upper bound `u` on its distance gives
+/// `u² (1 + γ)` as a bound on the distance `assign` computes for it, so only the
+/// points whose bound reaches the `m`-th largest computed distance need theirs.
+pub(crate) fn far_points(
+    points: &Resident,
+    bounds: &Resident,
+    centroids: &[f32],
+    k: usize,
+    m: usize,
+) -> Result<Vec<(u32, f32)>, KernelError> {
+    let host = storage::<HostPoints>(points, NAME, "the points of far_points", "dense")?;
+    let state = storage::<Bounds>(bounds, NAME, "the bounds of far_points", "bounds")?;
+    let d = host.d;
+    let n = host.values.len() / d;
+    check::centroids(centroids, k, d)?;
+    if m == 0 || n == 0 {
+        return Ok(Vec::new());
+    }
+    let distances = |rows: &[u32]| -> Vec<(usize, f32)> {
+        let mut gathered = vec![0.0f32; rows.len() * d];
+        for (dst, &r) in gathered.chunks_exact_mut(d).zip(rows) {
+            let r = r as usize;
+            dst.copy_from_slice(&host.values[r * d..(r + 1) * d]);
+        }
+        let mut near = vec![Nearest::default(); rows.len()];
+        assign_rows(&gathered, d, centroids, k, &mut near);
+        rows.iter()
+            .zip(&near)
+            .map(|(&r, s)| (r as usize, s.best_dist))
+            .collect()
+    };
+    let valid = state.n == n
+        && state.upper.len() == n
+        && state.previous.len() == centroids.len()
+        && state
+            .previous
+            .iter()
+            .zip(centroids)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+    if !valid {
+        // Bounds of other centroids: every distance.
+        let all: Vec<u32> = (0..n as u32).collect();
+        return Ok(crate::farthest(distances(&all).into_iter(), m));
+    }
+    let gamma = geometry(centroids, centroids, d, k).gamma;
+    let bound = |u: f32| u * u * (1.0 + gamma) * UP * UP;
+    // The points of the largest bounds first...
+    let mut keyed: Vec<(f32, u32)> = state
+        .upper
+        .par_iter()
+        .enumerate()
+        .map(|(r, &u)| (bound(u), r as u32))
+        .collect();
+    let first = (4 * m).min(n);
+    let by_bound = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if first < n {
+        keyed.select_nth_unstable_by(first - 1, by_bound);
+    }
+    let rows: Vec<u32> = keyed[..first].iter().map(|p| p.1).collect();
+    let mut computed = distances(&rows);
+    let top = crate::farthest(computed.iter().copied(), m);
+    if first < n && top.len() == m {
+        // ...then every other point whose bound reaches the m-th distance (a
+        // tie may still win on its row).
+        let t = top[m - 1].1;
+        let more: Vec<u32> = keyed[first..]
+            .iter()
+            .filter(|p| p.0 >= t)
+            .map(|p| p.1)
+            .collect();
+        computed.extend(distances(&more));
+    }
+    Ok(crate::farthest(computed.into_iter(), m))
+}
+
 /// One round of labels; with `want_sums`, also the partial sums when the round
 /// makes a full pass that can give them.
 fn label_round(
@@ -635,6 +711,50 @@ mod tests {
             assert_eq!(l1, l2, "round {round}");
             assert_eq!(bits(&sums1), bits(&sums2), "round {round}");
             assert_eq!(sums1.counts, sums2.counts, "round {round}");
+        }
+    }
+
+    #[test]
+    fn far_points_from_the_bounds_are_those_of_a_full_pass() {
+        // Blobs, a converging trajectory with a jump, copies of the farthest
+        // point (ties), and bounds of other centroids (a full pass then).
+        let (n, d, k, m) = (20_000, 12, 7, 7);
+        let mut rng = Rng(41);
+        let mut points: Vec<f32> = (0..n * d).map(|i| rng.unit() + (i % 5) as f32).collect();
+        let far: Vec<f32> = (0..d).map(|_| 40.0).collect();
+        for &r in &[19_000, 3, 77, 15_000] {
+            points[r * d..(r + 1) * d].copy_from_slice(&far);
+        }
+        let cpu = CpuBackend::new();
+        let resident = cpu.upload(&points, d).unwrap();
+        let mut bounds = cpu.lloyd_bounds(&resident).unwrap();
+        let mut labels = vec![0; n];
+        let mut near = vec![Nearest::default(); n];
+        let mut c: Vec<f32> = points[100 * d..(100 + k) * d].to_vec();
+        for round in 0..6 {
+            if round == 3 {
+                c.iter_mut().for_each(|v| *v += 5.0);
+            } else {
+                c.iter_mut().for_each(|v| *v += rng.unit() * 0.05);
+            }
+            cpu.lloyd_round(&resident, &mut bounds, &c, k, &mut labels)
+                .unwrap();
+            cpu.assign(&resident, &c, k, &mut near).unwrap();
+            let want = crate::farthest(near.iter().map(|s| s.best_dist).enumerate(), m);
+            let got = cpu.far_points(&resident, &bounds, &c, k, m).unwrap();
+            assert_eq!(got, want, "round {round}");
+            assert_eq!(
+                &got.iter().map(|p| p.0).take(4).collect::<Vec<_>>(),
+                &[3, 77, 15_000, 19_000]
+            );
+            // other centroids than the bounds': still exact
+            let other: Vec<f32> = c.iter().map(|v| v * 0.5).collect();
+            cpu.assign(&resident, &other, k, &mut near).unwrap();
+            let want = crate::farthest(near.iter().map(|s| s.best_dist).enumerate(), m);
+            assert_eq!(
+                cpu.far_points(&resident, &bounds, &other, k, m).unwrap(),
+                want
+            );
         }
     }
 

@@ -117,6 +117,17 @@ impl Backend for CpuBackend {
         bounds::lloyd_round(points, bounds, centroids, k, labels)
     }
 
+    fn far_points(
+        &self,
+        points: &Resident,
+        bounds: &Resident,
+        centroids: &[f32],
+        k: usize,
+        m: usize,
+    ) -> Result<Vec<(u32, f32)>, KernelError> {
+        bounds::far_points(points, bounds, centroids, k, m)
+    }
+
     fn partial_sums(
         &self,
         points: &Resident,

@@ -186,9 +186,12 @@ pub fn init_sample(
     Ok(out)
 }
 
-/// One Lloyd round on every shard: each point's nearest centroid, the sums,
-/// counts and inertia per shard, and the `far` farthest points of each shard
-/// (candidates to re-seed empty clusters).
+/// One Lloyd round on every shard: each point's nearest centroid (exactly as a
+/// full `assign` pass would give it, through the backend's bounded rounds: points
+/// whose label provably cannot change are skipped), the sums, counts and inertia
+/// per shard, and the `far` farthest points of each shard (candidates to re-seed
+/// empty clusters). The inertia comes from the sums: `Σ‖x‖² − 2 Σ_c c·S_c +
+/// Σ_c n_c ‖c‖²` in f64.
 pub fn lloyd(
     job: &mut JobState,
     job_id: &str,
@@ -212,22 +215,27 @@ pub fn lloyd(
             continue;
         }
         let points = resident(&shard.points, job_id, id)?;
-        backend.assign(points, &req.centroids, k, &mut shard.nearest)?;
-        let labels: Vec<u32> = shard.nearest.iter().map(|n| n.best).collect();
-        let partial = backend.partial_sums(points, &labels, k)?;
-        let inertia: f64 = shard.nearest.iter().map(|n| f64::from(n.best_dist)).sum();
-        let far_rows = farthest(&shard.nearest, req.far_points as usize);
+        if shard.bounds.is_none() {
+            shard.bounds = Some(backend.lloyd_bounds(points)?);
+        }
+        let bounds = shard.bounds.as_mut().expect("just made");
+        shard.labels.resize(shard.ids.len(), 0);
+        let (_, partial) =
+            backend.lloyd_round(points, bounds, &req.centroids, k, &mut shard.labels)?;
+        let inertia = inertia_from_sums(shard.sum_sq, &partial, &req.centroids, d);
+        let far = backend.far_points(points, bounds, &req.centroids, k, req.far_points as usize)?;
+        let far_rows: Vec<u32> = far.iter().map(|p| p.0).collect();
         let values = backend.download_rows(points, &far_rows)?;
-        let far = far_rows
+        let far = far
             .iter()
             .zip(values.chunks_exact(d))
-            .map(|(&row, v)| pb::FarPoint {
+            .map(|(&(row, dist), v)| pb::FarPoint {
                 point: Some(PointRef {
                     shard: id,
                     index: u64::from(row),
                 }),
-                label: shard.nearest[row as usize].best,
-                distance: f64::from(shard.nearest[row as usize].best_dist),
+                label: shard.labels[row as usize],
+                distance: f64::from(dist),
                 values: v.to_vec(),
             })
             .collect();
@@ -240,6 +248,31 @@ pub fn lloyd(
         });
     }
     Ok(out)
+}
+
+/// The inertia of a labelling from its sums: `Σ‖x‖² − 2 Σ_c c·S_c + Σ_c n_c
+/// ‖c‖²` (f64; at least 0).
+pub fn inertia_from_sums(
+    sum_sq: f64,
+    partial: &shoal_kernels::PartialSums,
+    centroids: &[f32],
+    d: usize,
+) -> f64 {
+    let mut total = sum_sq;
+    for ((c, s), &n) in centroids
+        .chunks_exact(d)
+        .zip(partial.sums.chunks_exact(d))
+        .zip(&partial.counts)
+    {
+        let (mut cs, mut cc) = (0.0f64, 0.0f64);
+        for (&cv, &sv) in c.iter().zip(s) {
+            let cv = f64::from(cv);
+            cs += cv * sv;
+            cc += cv * cv;
+        }
+        total += n as f64 * cc - 2.0 * cs;
+    }
+    total.max(0.0)
 }
 
 /// Rows of the `m` largest distances (ties: lower row first), largest first.
@@ -276,6 +309,118 @@ mod tests {
                 second_dist: best_dist + 1.0,
             })
             .collect()
+    }
+
+    /// The bounded rounds of `lloyd` give the labels, sums and far points of full
+    /// passes (the worker's Lloyd step before the bounds), round after round,
+    /// centroids moved by the sums as the coordinator does (empty clusters
+    /// keep theirs); the inertia from the sums agrees with the distances'.
+    #[test]
+    fn bounded_rounds_equal_full_passes() {
+        use crate::ids::IdTable;
+        use crate::job::Shard;
+        use crate::steps::load::Rfm;
+        use shoal_kernels::CpuBackend;
+        use std::collections::BTreeMap;
+        use std::sync::Arc;
+
+        let backend = CpuBackend::new();
+        let (d, k) = (9, 6);
+        let mut state = JobState {
+            shards: BTreeMap::new(),
+            item_names: BTreeMap::new(),
+            dims: d,
+            als: None,
+            als_weight: 1.0,
+            extra_columns: Vec::new(),
+            extra_weight: 1.0,
+            extra_scaling: (Vec::new(), Vec::new()),
+            fold_in: false,
+            backend: Arc::new(backend),
+            cancel: Default::default(),
+        };
+        let mut s = 7u64;
+        let mut unit = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for (id, n) in [(0u32, 3000usize), (3, 1), (5, 2500)] {
+            let values: Vec<f32> = (0..n * d)
+                .map(|i| unit() + (i / d % 4) as f32 * 3.0)
+                .collect();
+            let keys: Vec<u64> = (0..n as u64).collect();
+            let ids =
+                arrow::array::StringArray::from_iter_values(keys.iter().map(|k| k.to_string()));
+            let mut shard = Shard::new(IdTable::new(keys, ids), Rfm::default());
+            shard.sum_sq = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            shard.points = Some(backend.upload(&values, d).unwrap());
+            state.shards.insert(id, shard);
+        }
+        let mut centroids: Vec<f32> = (0..k * d).map(|_| unit() * 12.0).collect();
+        for round in 0..8 {
+            let req = pb::LloydStepRequest {
+                job_id: "j".into(),
+                attempt: 1,
+                round,
+                k: k as u32,
+                dims: d as u32,
+                centroids: centroids.clone(),
+                far_points: k as u32,
+            };
+            let got = lloyd(&mut state, "j", &req, k, &backend).unwrap();
+            let mut sums = vec![0.0f64; k * d];
+            let mut counts = vec![0u64; k];
+            for (p, (_, shard)) in got.iter().zip(&state.shards) {
+                // the full pass, as the step did before the bounds
+                let points = shard.points.as_ref().unwrap();
+                let mut near = vec![Nearest::default(); shard.len()];
+                backend.assign(points, &centroids, k, &mut near).unwrap();
+                let labels: Vec<u32> = near.iter().map(|n| n.best).collect();
+                let partial = backend.partial_sums(points, &labels, k).unwrap();
+                let inertia: f64 = near.iter().map(|n| f64::from(n.best_dist)).sum();
+                let far = farthest(&near, k);
+                assert_eq!(shard.labels, labels, "round {round}");
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&p.sums), bits(&partial.sums), "round {round}");
+                assert_eq!(p.counts, partial.counts);
+                assert!(
+                    (p.inertia - inertia).abs() <= 1e-6 * inertia.max(1.0),
+                    "{} vs {inertia}",
+                    p.inertia
+                );
+                let got_far: Vec<(u64, u32, f64)> = p
+                    .far
+                    .iter()
+                    .map(|f| (f.point.as_ref().unwrap().index, f.label, f.distance))
+                    .collect();
+                let want_far: Vec<(u64, u32, f64)> = far
+                    .iter()
+                    .map(|&r| {
+                        (
+                            u64::from(r),
+                            near[r as usize].best,
+                            f64::from(near[r as usize].best_dist),
+                        )
+                    })
+                    .collect();
+                assert_eq!(got_far, want_far, "round {round}");
+                for (t, v) in sums.iter_mut().zip(&p.sums) {
+                    *t += v;
+                }
+                for (t, v) in counts.iter_mut().zip(&p.counts) {
+                    *t += v;
+                }
+            }
+            for (j, &n) in counts.iter().enumerate() {
+                if n > 0 {
+                    for f in 0..d {
+                        centroids[j * d + f] = (sums[j * d + f] / n as f64) as f32;
+                    }
+                }
+            }
+        }
     }
 
     #[test]
