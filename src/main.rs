@@ -57,6 +57,10 @@ enum Command {
         /// Compute device: auto (CUDA when present, else CPU) | cpu | cuda.
         #[arg(long, env = "SHOAL_DEVICE", default_value = "auto")]
         device: Device,
+        /// Memory each worker may use (e.g. 2G); default: this machine's (or
+        /// container's) memory shared between the workers.
+        #[arg(long, env = "SHOAL_MEMORY_LIMIT", value_parser = memory_size)]
+        memory_limit: Option<u64>,
     },
     /// Run a job spec with a coordinator and workers in this process (loopback gRPC).
     Run {
@@ -69,6 +73,10 @@ enum Command {
         /// Compute device, overriding the spec's cluster.device: auto | cpu | cuda.
         #[arg(long, env = "SHOAL_DEVICE")]
         device: Option<Device>,
+        /// Memory each worker may use (e.g. 2G); default: this machine's (or
+        /// container's) memory shared between the workers.
+        #[arg(long, env = "SHOAL_MEMORY_LIMIT", value_parser = memory_size)]
+        memory_limit: Option<u64>,
     },
     /// Score the users of a new interaction log against a finished job's model
     /// (fold-in): their factors solved with the model's item factors fixed, RFM
@@ -137,6 +145,11 @@ enum Command {
         /// The workers' bearer token (the coordinator's SHOAL_WORKER_TOKEN).
         #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Memory this worker may use for jobs (e.g. 12G, 512M): the coordinator
+        /// places shards within it. Default: the container's memory limit
+        /// (cgroup), else the machine's memory.
+        #[arg(long, env = "SHOAL_MEMORY_LIMIT", value_parser = memory_size)]
+        memory_limit: Option<u64>,
         #[command(flatten)]
         serving: Serving,
     },
@@ -325,6 +338,11 @@ fn main() -> ExitCode {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A memory size as `--memory-limit` takes it.
+fn memory_size(text: &str) -> Result<u64, String> {
+    shoal_worker::memory::parse_size(text)
+}
+
 fn cwd() -> Result<PathBuf, BoxError> {
     Ok(std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?)
 }
@@ -348,6 +366,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             workers,
             output,
             device,
+            memory_limit,
         } => {
             // The bundled data lives in the repository; run from anywhere.
             let base = if Path::new("data/online-retail").is_dir() {
@@ -362,19 +381,20 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 spec.resolve_paths(&cwd()?);
             }
             spec.cluster.device = device;
-            run_in_process(spec, workers).await
+            run_in_process(spec, workers, memory_limit).await
         }
         Command::Run {
             spec,
             workers,
             device,
+            memory_limit,
         } => {
             let mut spec = JobSpec::from_file(&spec, &cwd()?)?;
             if let Some(device) = device {
                 spec.cluster.device = device;
             }
             let workers = workers.unwrap_or(spec.cluster.workers);
-            run_in_process(spec, workers).await
+            run_in_process(spec, workers, memory_limit).await
         }
         Command::Assign {
             model,
@@ -390,7 +410,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 spec.cluster.device = device;
             }
             let workers = workers.unwrap_or(spec.cluster.workers);
-            run_in_process(spec, workers).await
+            run_in_process(spec, workers, None).await
         }
         Command::Coordinator {
             listen,
@@ -428,6 +448,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             advertise,
             device,
             token,
+            memory_limit,
             serving,
         } => {
             let shutdown = CancellationToken::new();
@@ -439,6 +460,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 tls: serving.identity()?,
                 tls_ca: serving.client.tls_ca,
                 http_listen: serving.http_listen,
+                memory_limit,
                 ..WorkerConfig::default()
             };
             let (backend, why) = backend(device)?;
@@ -580,7 +602,11 @@ fn stop_on_signal(shutdown: CancellationToken) {
 
 /// A coordinator and `workers` workers in this process, on loopback ports, talking
 /// real gRPC; the job is submitted and watched through the operators' API.
-async fn run_in_process(spec: JobSpec, workers: u32) -> Result<ExitCode, BoxError> {
+async fn run_in_process(
+    spec: JobSpec,
+    workers: u32,
+    memory_limit: Option<u64>,
+) -> Result<ExitCode, BoxError> {
     let shutdown = CancellationToken::new();
     let coordinator = spawn_coordinator(CoordinatorConfig::default(), shutdown.clone()).await?;
     let url = coordinator.url();
@@ -588,9 +614,13 @@ async fn run_in_process(spec: JobSpec, workers: u32) -> Result<ExitCode, BoxErro
     let (backend, why) = backend(spec.cluster.device)?;
     eprintln!("{why}");
     let mut handles = Vec::new();
+    // The workers share this process: each gets its share of the memory.
+    let memory_limit = memory_limit
+        .unwrap_or_else(|| shoal_worker::memory::detected_limit().0 / u64::from(workers.max(1)));
     for _ in 0..workers.max(1) {
         let config = WorkerConfig {
             coordinator: url.clone(),
+            memory_limit: Some(memory_limit),
             ..WorkerConfig::default()
         };
         handles.push(spawn_worker(config, backend.clone(), shutdown.clone()).await?);

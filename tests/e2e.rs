@@ -243,6 +243,29 @@ async fn failing(spec: &shoal_proto::JobSpec, cluster: &Cluster) -> String {
     status.error
 }
 
+/// Workers with too little memory for a job's shards: the job is refused before
+/// anything is loaded, the message naming what it needs and what they have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_does_not_fit_the_workers_memory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start_with(2, Some(48 << 20)).await;
+    let spec = demo_spec(&dir.path().join("out"), 8);
+    let err = failing(&spec, &cluster).await;
+    assert!(
+        err.contains("needs about")
+            && err.contains("users")
+            && err.contains("worker-1 0.05 GiB, worker-2 0.05 GiB")
+            && err.contains("--memory-limit"),
+        "{err}"
+    );
+    cluster.stop().await;
+    // with enough memory the same job runs
+    let cluster = Cluster::start_with(2, Some(2 << 30)).await;
+    let status = run_job(&cluster.url, &spec).await;
+    assert!(succeeded(&status), "{status:?}");
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_fails_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -55,6 +55,14 @@ pub enum CoordinatorError {
         step: &'static str,
         detail: String,
     },
+    #[error(
+        "the job needs about {need} of memory ({detail}) and its workers have {have}: add workers, give them more memory (shoal worker --memory-limit), or raise cluster.shards so that smaller shards spread better"
+    )]
+    OverBudget {
+        need: String,
+        have: String,
+        detail: String,
+    },
     #[error("the job was cancelled")]
     Cancelled,
     #[error("no job {0}")]
@@ -120,6 +128,7 @@ impl CoordinatorError {
             }
             CoordinatorError::Worker { status, .. } => status.code(),
             CoordinatorError::Cancelled => Code::Cancelled,
+            CoordinatorError::OverBudget { .. } => Code::ResourceExhausted,
             CoordinatorError::UnknownJob(_) => Code::NotFound,
             CoordinatorError::ProtocolVersion { .. } => Code::FailedPrecondition,
             CoordinatorError::Bind { .. }

@@ -5,6 +5,7 @@
 use crate::CoordinatorError;
 use crate::model::Model;
 use crate::output::{self, PhaseTimes, Report};
+use crate::placement::{self, MemoryModel, Placement, Sizes};
 use crate::state::{Progress, StateHandle, WorkerEntry};
 use crate::{extra, kmeans};
 use futures::future::try_join_all;
@@ -212,6 +213,8 @@ struct Driver<'a> {
     ctx: &'a JobContext,
     crew: Vec<Member>,
     shards: u32,
+    /// Where the shards are, once ingest has sized them.
+    placement: Option<Placement>,
 }
 
 impl Driver<'_> {
@@ -228,15 +231,19 @@ impl Driver<'_> {
         });
     }
 
-    /// The member owning `shard`: shards are placed round-robin over the workers.
+    fn placement(&self) -> &Placement {
+        self.placement
+            .as_ref()
+            .expect("shards are placed after ingest, before any step that uses them")
+    }
+
+    /// The member holding `shard` (user shard and item shard of that index).
     fn owner(&self, shard: u32) -> usize {
-        shard as usize % self.crew.len()
+        self.placement().owner[shard as usize]
     }
 
     fn shards_of(&self, member: usize) -> Vec<u32> {
-        (0..self.shards)
-            .filter(|s| self.owner(*s) == member)
-            .collect()
+        self.placement().shards_of(member)
     }
 
     /// Calls every member concurrently; answers come back in member order.
@@ -361,10 +368,11 @@ async fn drive(
     let ca = ctx.state.config.tls_ca.as_deref();
     let crew = try_join_all(workers.into_iter().map(|w| connect(w, token.clone(), ca))).await?;
     *crew_slot.lock().expect("crew lock") = crew.clone();
-    let d = Driver {
+    let mut d = Driver {
         ctx,
         crew,
         shards: spec.cluster.shards,
+        placement: None,
     };
     d.progress(Progress {
         workers: Some(d.crew.len() as u32),
@@ -474,6 +482,35 @@ async fn drive(
         .config
         .metrics
         .ingested(rows.read + extra_rows.read, bytes_read);
+    // Sized from what was staged, the shards go where there is memory for them.
+    let sizes = Sizes::from_splits(&split_results, d.shards);
+    let memory = MemoryModel {
+        factors: if spec.features.als {
+            u64::from(spec.als.factors)
+        } else {
+            0
+        },
+        dims: u64::from(spec.als.factors) * u64::from(spec.features.als)
+            + RFM_DIMS as u64
+            + extra::dims(&extra_columns) as u64,
+        extra: extra::dims(&extra_columns) as u64,
+        parallel_loads: d
+            .crew
+            .iter()
+            .map(|m| u64::from(m.worker.threads))
+            .max()
+            .unwrap_or(1),
+    };
+    let limits: Vec<u64> = d.crew.iter().map(|m| m.worker.memory_limit).collect();
+    let names: Vec<String> = d.crew.iter().map(|m| m.worker.id.to_string()).collect();
+    let placement = placement::place(&sizes, &limits, &names, &memory)?;
+    info!(
+        users = sizes.users,
+        items = sizes.items,
+        need_mib = ?placement.need.iter().map(|b| b >> 20).collect::<Vec<_>>(),
+        "shards placed"
+    );
+    d.placement = Some(placement);
     times.add("ingest", t);
 
     // ---- load
@@ -492,6 +529,7 @@ async fn drive(
                     Vec::new()
                 },
                 extra_columns: extra_columns.clone(),
+                memory_estimate_bytes: d.placement().need[m],
             };
             async move { c.load_shards(req).await }
         })

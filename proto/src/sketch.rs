@@ -174,3 +174,109 @@ mod tests {
         assert!((m - 2.0).abs() <= 0.01, "{m}");
     }
 }
+
+/// A HyperLogLog distinct-count sketch (Flajolet et al.) of 64-bit hashes, with
+/// 2^[`DISTINCT_BITS`] one-byte registers: workers build one per shard of each
+/// staged split; the coordinator merges them (register-wise maximum, in any
+/// order) to size shards before placing them. Relative error about 1.6 %.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Distinct {
+    registers: Vec<u8>,
+}
+
+/// Register bits of a [`Distinct`] sketch.
+pub const DISTINCT_BITS: u32 = 12;
+
+impl Default for Distinct {
+    fn default() -> Self {
+        Distinct {
+            registers: vec![0; 1 << DISTINCT_BITS],
+        }
+    }
+}
+
+impl Distinct {
+    /// Adds a hash (spread evenly over 64 bits, as xxh3's are).
+    #[inline]
+    pub fn add(&mut self, hash: u64) {
+        let j = (hash >> (64 - DISTINCT_BITS)) as usize;
+        let rest = hash << DISTINCT_BITS | (1 << (DISTINCT_BITS - 1));
+        let rank = rest.leading_zeros() as u8 + 1;
+        if rank > self.registers[j] {
+            self.registers[j] = rank;
+        }
+    }
+
+    pub fn merge(&mut self, other: &Distinct) {
+        for (a, &b) in self.registers.iter_mut().zip(&other.registers) {
+            *a = (*a).max(b);
+        }
+    }
+
+    /// The estimated number of distinct hashes added.
+    pub fn estimate(&self) -> f64 {
+        let m = self.registers.len() as f64;
+        let alpha = 0.7213 / (1.0 + 1.079 / m);
+        let sum: f64 = self
+            .registers
+            .iter()
+            .map(|&r| 2f64.powi(-i32::from(r)))
+            .sum();
+        let raw = alpha * m * m / sum;
+        let zeros = self.registers.iter().filter(|&&r| r == 0).count();
+        if raw <= 2.5 * m && zeros > 0 {
+            // linear counting for small sets
+            m * (m / zeros as f64).ln()
+        } else {
+            raw
+        }
+    }
+
+    /// The registers, for the wire.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.registers.clone()
+    }
+
+    /// From the wire: `None` when `bytes` are not a sketch's registers (empty
+    /// bytes are an empty sketch).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Distinct> {
+        if bytes.is_empty() {
+            return Some(Distinct::default());
+        }
+        (bytes.len() == 1 << DISTINCT_BITS
+            && bytes.iter().all(|&r| r <= 64 - DISTINCT_BITS as u8 + 1))
+        .then(|| Distinct {
+            registers: bytes.to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod distinct_tests {
+    use super::*;
+    use crate::hash;
+
+    #[test]
+    fn distinct_counts_are_within_a_few_percent_and_merge_exactly() {
+        for n in [0u64, 1, 10, 1000, 50_000, 2_000_000] {
+            let mut a = Distinct::default();
+            let mut b = Distinct::default();
+            for i in 0..n {
+                let h = hash::key(3, &[i]);
+                // every value twice, split over two sketches
+                a.add(h);
+                if i % 2 == 0 {
+                    b.add(h);
+                }
+            }
+            let mut both = b.clone();
+            both.merge(&a);
+            assert_eq!(both, a, "merging a subset changes nothing");
+            let e = a.estimate();
+            let tolerance = if n < 100 { 1.0 } else { 0.05 * n as f64 };
+            assert!((e - n as f64).abs() <= tolerance, "n = {n}: {e}");
+            assert_eq!(Distinct::from_bytes(&a.to_bytes()), Some(a));
+        }
+        assert!(Distinct::from_bytes(&[1, 2, 3]).is_none());
+    }
+}

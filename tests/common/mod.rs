@@ -37,6 +37,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(workers: usize) -> Cluster {
+        Cluster::start_with(workers, None).await
+    }
+
+    /// `workers` workers that may use `memory_limit` bytes each (`None`: the
+    /// machine's memory).
+    pub async fn start_with(workers: usize, memory_limit: Option<u64>) -> Cluster {
         let shutdown = CancellationToken::new();
         let coordinator = spawn_coordinator(CoordinatorConfig::default(), shutdown.clone())
             .await
@@ -46,6 +52,7 @@ impl Cluster {
         for _ in 0..workers {
             let cfg = WorkerConfig {
                 coordinator: url.clone(),
+                memory_limit,
                 ..WorkerConfig::default()
             };
             handles.push(

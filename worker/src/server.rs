@@ -132,7 +132,8 @@ pub async fn spawn_worker(
     };
     let with_token = WithToken::new(config.token.as_deref()).map_err(WorkerError::BadToken)?;
     let service = WorkerServiceImpl::new(backend.clone(), threads.max(1))
-        .with_peers(with_token.clone(), config.tls_ca.clone());
+        .with_peers(with_token.clone(), config.tls_ca.clone())
+        .with_memory_limit(memory_limit);
     let tracker = TaskTracker::new();
     let fatal: Arc<Mutex<Option<WorkerError>>> = Arc::default();
     let metrics = WorkerMetrics::new(backend.name(), threads, service.clone());

@@ -47,6 +47,8 @@ pub struct WorkerServiceImpl {
     shelf: Shelf,
     /// Other workers' Flight services.
     peers: Peers,
+    /// Bytes this worker may use for jobs.
+    memory_limit: u64,
 }
 
 impl WorkerServiceImpl {
@@ -59,7 +61,15 @@ impl WorkerServiceImpl {
             parallelism: parallelism.max(1),
             peers: Peers::new(shelf.clone(), WithToken::new(None).expect("no token"), None),
             shelf,
+            memory_limit: u64::MAX,
         }
+    }
+
+    /// Sets the memory this worker may use: shards estimated to need more are
+    /// refused at load.
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = bytes;
+        self
     }
 
     /// Sets how this worker reaches other workers' Flight services: the token it
@@ -319,7 +329,19 @@ impl WorkerService for WorkerServiceImpl {
         let backend = self.backend_for(spec.cluster.device);
         let parallelism = self.parallelism;
         let job_id = job.clone();
+        let limit = self.memory_limit;
         let work = move |run: Arc<JobRun>| async move {
+            if req.memory_estimate_bytes > limit {
+                return Err(WorkerError::OverBudget {
+                    need_mib: req.memory_estimate_bytes >> 20,
+                    limit_mib: limit >> 20,
+                    detail: format!(
+                        "{} user shards and {} item shards",
+                        req.shards.len(),
+                        req.item_shards.len()
+                    ),
+                });
+            }
             let backend = backend?;
             info!(
                 device = spec.cluster.device.as_str(),

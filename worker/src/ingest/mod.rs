@@ -205,6 +205,8 @@ fn staged(files: &StagedFiles) -> Vec<pb::StagedShard> {
         entities: f.entities,
         pairs: f.pairs,
         bytes: f.bytes,
+        entities_sketch: f.entities_sketch.to_bytes(),
+        pairs_sketch: f.pairs_sketch.to_bytes(),
     };
     files
         .users

@@ -23,6 +23,7 @@ use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use shoal_proto::Location;
 use shoal_proto::hash::{id_key, shard_of_key};
+use shoal_proto::sketch::Distinct;
 
 use super::{
     decode_tables, encode_tables, item_prefix, list_splits, put_all, schema, split_object,
@@ -109,6 +110,9 @@ pub struct StagedFile {
     /// (user, item) pairs of the shard in the split (counted per chunk).
     pub pairs: u64,
     pub bytes: u64,
+    /// Distinct users (items) and pairs of the shard in the split.
+    pub entities_sketch: Distinct,
+    pub pairs_sketch: Distinct,
 }
 
 /// Everything a split staged, each list in shard order.
@@ -126,6 +130,8 @@ impl StagedFiles {
                 g.entities += f.entities;
                 g.pairs += f.pairs;
                 g.bytes += f.bytes;
+                g.entities_sketch.merge(&f.entities_sketch);
+                g.pairs_sketch.merge(&f.pairs_sketch);
             }
             None => list.push(f),
         }
@@ -197,6 +203,7 @@ impl SplitPartials {
             }
             let loc = split_object(&user_prefix(&self.staging, shard as u32), split, chunk);
             let (tables, entities, pairs) = user_tables(rows, self.als).map_err(arrow_err)?;
+            let sketches = sketches(&tables[0], &tables[2]);
             let bytes = encode_tables(&tables).map_err(|source| WorkerError::Arrow {
                 file: loc.url(),
                 source,
@@ -208,6 +215,8 @@ impl SplitPartials {
                     entities,
                     pairs,
                     bytes: bytes.len() as u64,
+                    entities_sketch: sketches.0,
+                    pairs_sketch: sketches.1,
                 },
             );
             self.ready.push((loc, bytes));
@@ -219,6 +228,7 @@ impl SplitPartials {
             }
             let loc = split_object(&item_prefix(&self.staging, shard as u32), split, chunk);
             let (tables, entities, pairs) = item_tables(rows, &self.labels).map_err(arrow_err)?;
+            let sketches = sketches(&tables[0], &tables[1]);
             let bytes = encode_tables(&tables).map_err(|source| WorkerError::Arrow {
                 file: loc.url(),
                 source,
@@ -230,6 +240,8 @@ impl SplitPartials {
                     entities,
                     pairs,
                     bytes: bytes.len() as u64,
+                    entities_sketch: sketches.0,
+                    pairs_sketch: sketches.1,
                 },
             );
             self.ready.push((loc, bytes));
@@ -340,6 +352,21 @@ fn items_schema() -> SchemaRef {
         Field::new("id", DataType::Utf8, false),
         Field::new("label", DataType::Utf8, true),
     ])
+}
+
+/// Distinct-count sketches of a chunk's entities (their keys, the first column of
+/// `entities`) and pairs (own position -> key, and the other's key).
+fn sketches(entities: &RecordBatch, pairs: &RecordBatch) -> (Distinct, Distinct) {
+    let keys = entities.column(0).as_primitive::<UInt64Type>().values();
+    let mut e = Distinct::default();
+    keys.iter().for_each(|&k| e.add(k));
+    let own = pairs.column(0).as_primitive::<UInt32Type>().values();
+    let other = pairs.column(1).as_primitive::<UInt64Type>().values();
+    let mut p = Distinct::default();
+    for (&o, &k) in own.iter().zip(other.iter()) {
+        p.add(shoal_proto::hash::key(0, &[keys[o as usize], k]));
+    }
+    (e, p)
 }
 
 fn arrow_err(e: arrow::error::ArrowError) -> WorkerError {
