@@ -163,6 +163,21 @@ impl WorkerServiceImpl {
         .await
     }
 
+    /// [`Self::with_job`] for a step with large temporaries (load, ALS, scaling,
+    /// finalize): afterwards the memory they used goes back to the system.
+    async fn with_job_large<T, F>(&self, job: &str, f: F) -> Result<T, WorkerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut JobState, &dyn Backend) -> Result<T, WorkerError> + Send + 'static,
+    {
+        self.with_job(job, move |state, backend| {
+            let out = f(state, backend);
+            crate::memory::release_free_memory();
+            out
+        })
+        .await
+    }
+
     /// The backend for a job that asks for `device`: the worker's own for `auto`
     /// and for the device it runs; the CPU for `cpu`; an error for `cuda` on a
     /// worker without CUDA.
@@ -359,6 +374,7 @@ impl WorkerService for WorkerServiceImpl {
                 parallelism,
             )
             .await?;
+            crate::memory::release_free_memory();
             let users: u64 = loaded.stats.iter().map(|s| s.users).sum();
             info!(
                 shards = req.shards.len(),
@@ -448,7 +464,7 @@ impl WorkerService for WorkerServiceImpl {
         let req = req.into_inner();
         let (id, job) = (req.job_id.clone(), req.job_id.clone());
         let (shards, dims) = self
-            .with_job(&id, move |state, backend| {
+            .with_job_large(&id, move |state, backend| {
                 kmeans::standardize(state, &job, &req, backend)
             })
             .await?;
@@ -543,7 +559,7 @@ impl WorkerService for WorkerServiceImpl {
                 Ok(parts)
             });
             let job2 = job.clone();
-            let work = self.with_job(&job, move |state, backend| {
+            let work = self.with_job_large(&job, move |state, backend| {
                 finalize::finalize(state, &job2, &req, k, catalog, backend, &tx)
             });
             let (done, written) = tokio::join!(work, writer);
@@ -631,7 +647,7 @@ impl WorkerService for WorkerServiceImpl {
             }
             let shelf = self.shelf.clone();
             let grams = self
-                .with_job(&job, {
+                .with_job_large(&job, {
                     let job = job.clone();
                     move |state, backend| {
                         state.als_mut(&job)?.link(
@@ -695,7 +711,7 @@ impl WorkerService for WorkerServiceImpl {
             let rows: usize = fetched.iter().map(Vec::len).sum();
             let shelf = self.shelf.clone();
             let shards = self
-                .with_job(&job, {
+                .with_job_large(&job, {
                     let job = job.clone();
                     move |state, backend| {
                         stop_if_cancelled(&state.cancel, &job)?;
@@ -742,7 +758,7 @@ impl WorkerService for WorkerServiceImpl {
             let items = catalog.len() as u64;
             let catalog = Arc::new(catalog);
             let shards = self
-                .with_job(&job, {
+                .with_job_large(&job, {
                     let job = job.clone();
                     move |state, backend| state.als_mut(&job)?.fold_in(&job, catalog, backend)
                 })
