@@ -395,3 +395,58 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
         ran.text()
     );
 }
+
+/// `recommend.users` limits the recommendations to a list (a .txt file and a CSV
+/// table here): the listed users get exactly the lists a run for everyone gives
+/// them, nobody else gets any, and ids the job does not know are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recommendations_go_to_the_listed_customers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    write_low_rank_log(&input);
+    let cluster = Cluster::start(2).await;
+    let all_out = dir.path().join("all");
+    let mut everyone = spec(&input, &all_out);
+    everyone.evaluate.holdout = 0.0;
+    let status = run_job(&cluster.url, &everyone).await;
+    assert!(succeeded(&status), "{status:?}");
+    let all = read_recommendations(&all_out);
+
+    let lists = dir.path().join("audience");
+    std::fs::create_dir_all(&lists).unwrap();
+    std::fs::write(lists.join("a.txt"), "u0003\nu0100\n\nnobody\nu0003\n").unwrap();
+    std::fs::write(
+        lists.join("b.csv"),
+        "customer,campaign\nu0799,x\nu0250,y\nghost,z\n",
+    )
+    .unwrap();
+    let out = dir.path().join("listed");
+    let mut listed = spec(&input, &out);
+    listed.evaluate.holdout = 0.0;
+    listed.recommend.users = lists.display().to_string();
+    listed.validate().unwrap();
+    let status = run_job(&cluster.url, &listed).await;
+    assert!(succeeded(&status), "{status:?}");
+    let got = read_recommendations(&out);
+    let want: BTreeMap<String, Vec<(String, f32)>> = ["u0003", "u0100", "u0250", "u0799"]
+        .iter()
+        .map(|u| (u.to_string(), all[*u].clone()))
+        .collect();
+    assert_eq!(got, want);
+    let report = read_report(&out);
+    let facts = &report["als"]["recommend_users"];
+    assert_eq!(facts["requested"].as_u64(), Some(6), "{facts}");
+    assert_eq!(facts["unknown"].as_u64(), Some(2), "{facts}");
+
+    // a list that matches nothing is refused before any work
+    let mut missing = spec(&input, &dir.path().join("missing"));
+    missing.recommend.users = dir.path().join("no-such-list.txt").display().to_string();
+    let status = run_job(&cluster.url, &missing).await;
+    assert!(!succeeded(&status));
+    assert!(
+        status.error.contains("recommend.users") && status.error.contains("no-such-list"),
+        "{}",
+        status.error
+    );
+    cluster.stop().await;
+}

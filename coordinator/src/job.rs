@@ -352,6 +352,22 @@ async fn drive(
         None => Vec::new(),
     };
     let extra_splits = plan_splits(None, &extra_inputs).await?;
+    if let Some(pattern) = spec.recommend.users() {
+        // checked here, before any work, though the workers read it at finalize
+        match store::list_inputs(pattern).await {
+            Err(shoal_proto::StoreError::NoInputs { .. }) => {
+                return Err(CoordinatorError::Spec(shoal_proto::SpecError::Invalid {
+                    field: "recommend.users",
+                    message: format!(
+                        "nothing matches `{pattern}` (a file, folder or glob of .txt lists or CSV / Parquet tables of ids)"
+                    ),
+                }));
+            }
+            other => {
+                other?;
+            }
+        }
+    }
     info!(
         objects = inputs.len(),
         splits = splits.len(),
@@ -783,6 +799,11 @@ async fn drive(
         .flat_map(|f| f.item_files.iter().cloned())
         .collect();
     let item_counts = output::ItemCounts::merge(&finals, k)?;
+    let audience = spec.recommend.users().map(|source| output::AudienceFacts {
+        source: source.to_string(),
+        requested: finals.iter().map(|f| f.recommend_requested).sum(),
+        unknown: finals.iter().map(|f| f.recommend_unknown).sum(),
+    });
     if let Some(model) = &model {
         // the item factors scored against belong to the outputs too
         item_files = output::copy_item_factors(model, &output).await?;
@@ -855,6 +876,7 @@ async fn drive(
         facts
     });
     report.als = als.map(|mut facts| {
+        facts.recommend_users = audience;
         if spec.evaluate.holdout > 0.0 {
             facts.evaluation = output::Evaluation::from_partials(
                 spec.evaluate.k,
@@ -922,6 +944,7 @@ async fn fold_in(
             job_id: model.manifest.job_id.clone(),
             unknown_item_pairs: shards.iter().map(|s| s.unknown_item_pairs).sum(),
         }),
+        recommend_users: None,
     })
 }
 
@@ -1045,6 +1068,7 @@ async fn run_als(
         seconds_per_iteration: seconds,
         evaluation: None,
         model: None,
+        recommend_users: None,
     })
 }
 

@@ -444,6 +444,19 @@ pub struct AlsFacts {
     /// Fold-in: the model scored against (no training: `iterations` is 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelFacts>,
+    /// `recommend.users`: the list recommended to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recommend_users: Option<AudienceFacts>,
+}
+
+/// The customers a job recommended to (`recommend.users`).
+#[derive(Debug, Clone, Serialize)]
+pub struct AudienceFacts {
+    pub source: String,
+    /// Distinct ids in the list.
+    pub requested: u64,
+    /// Ids the job does not know (no interactions): no recommendations.
+    pub unknown: u64,
 }
 
 /// The model a fold-in job scored against.

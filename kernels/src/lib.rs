@@ -463,6 +463,25 @@ impl Csr {
         Ok(())
     }
 
+    /// The matrix of rows `rows` (in that order).
+    pub fn select_rows(&self, rows: &[u32]) -> Csr {
+        let mut out = Csr {
+            rows: rows.len(),
+            cols: self.cols,
+            indptr: Vec::with_capacity(rows.len() + 1),
+            indices: Vec::new(),
+            values: Vec::new(),
+        };
+        out.indptr.push(0);
+        for &r in rows {
+            let (c, v) = self.row(r as usize);
+            out.indices.extend_from_slice(c);
+            out.values.extend_from_slice(v);
+            out.indptr.push(out.indices.len() as u64);
+        }
+        out
+    }
+
     /// Columns and values of row `r`.
     pub fn row(&self, r: usize) -> (&[u32], &[f32]) {
         let (a, b) = (self.indptr[r] as usize, self.indptr[r + 1] as usize);

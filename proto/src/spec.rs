@@ -401,6 +401,14 @@ pub struct RecommendSpec {
     /// Leave out items the user already interacted with.
     #[serde(default = "yes")]
     pub exclude_seen: bool,
+    /// Recommend only to these customers: a file, folder or glob (local or
+    /// `s3://`) of `.txt` lists (one id per line) or CSV / Parquet tables (the ids
+    /// in column `users_column`). Empty: every customer.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub users: String,
+    /// The id column of a `users` table (default: `input.columns.user`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub users_column: String,
 }
 
 fn default_top_n() -> u32 {
@@ -412,7 +420,16 @@ impl Default for RecommendSpec {
         RecommendSpec {
             top_n: default_top_n(),
             exclude_seen: true,
+            users: String::new(),
+            users_column: String::new(),
         }
+    }
+}
+
+impl RecommendSpec {
+    /// The customers to recommend to, when limited.
+    pub fn users(&self) -> Option<&str> {
+        non_empty(&self.users)
     }
 }
 
@@ -605,6 +622,9 @@ impl JobSpec {
         }
         if let Some(model) = self.model.as_mut() {
             fix(&mut model.path, base);
+        }
+        if !self.recommend.users.trim().is_empty() {
+            fix(&mut self.recommend.users, base);
         }
     }
 
@@ -860,6 +880,18 @@ impl JobSpec {
                 ),
             ));
         }
+        if self.recommend.users().is_some() && self.recommend.top_n == 0 {
+            return Err(invalid(
+                "recommend.users",
+                "limits the recommendations, but recommend.top_n = 0 makes none: set top_n or remove users",
+            ));
+        }
+        if self.recommend.users().is_none() && !self.recommend.users_column.trim().is_empty() {
+            return Err(invalid(
+                "recommend.users_column",
+                "names the id column of recommend.users, which is not set",
+            ));
+        }
         let ev = &self.evaluate;
         if !(0.0..1.0).contains(&ev.holdout) {
             return Err(invalid(
@@ -1099,7 +1131,8 @@ path = "out"
             s.recommend,
             RecommendSpec {
                 top_n: 10,
-                exclude_seen: true
+                exclude_seen: true,
+                ..RecommendSpec::default()
             }
         );
         assert_eq!(
@@ -1363,6 +1396,16 @@ path = "out"
                 "at most 1000",
             ),
             (
+                with("top_n = 10", "top_n = 0\nusers = \"list.txt\""),
+                "recommend.users",
+                "top_n = 0",
+            ),
+            (
+                with("top_n = 10", "top_n = 10\nusers_column = \"id\""),
+                "recommend.users_column",
+                "not set",
+            ),
+            (
                 with("holdout = 0.0", "holdout = 1.0"),
                 "evaluate.holdout",
                 "[0, 1)",
@@ -1535,7 +1578,8 @@ path = "out"
             s.recommend,
             RecommendSpec {
                 top_n: 25,
-                exclude_seen: false
+                exclude_seen: false,
+                ..RecommendSpec::default()
             }
         );
         assert_eq!(

@@ -88,6 +88,8 @@ pub struct ItemNames {
 }
 
 pub struct JobState {
+    /// The job's spec, as the load received it.
+    pub spec: Arc<shoal_proto::JobSpec>,
     pub shards: BTreeMap<u32, Shard>,
     /// The item shards this worker owns (ALS): their ids and labels.
     pub item_names: BTreeMap<u32, ItemNames>,

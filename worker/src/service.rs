@@ -7,6 +7,7 @@ use crate::flight::{Peers, Shelf};
 use crate::job::{JobHandle, JobRun, JobState, Runs, joined, stop_if_cancelled};
 use crate::steps::als::Side;
 use crate::steps::als_job::{AlsJob, Catalog, OwnedShard};
+use crate::steps::audience;
 use crate::steps::catalog::{self, Source};
 use crate::steps::finalize::{self, Part};
 use crate::steps::kmeans::{self, check_dims};
@@ -423,6 +424,7 @@ impl WorkerService for WorkerServiceImpl {
             // A reload replaces what the worker held for the job; a job released
             // meanwhile keeps nothing (same lock order as ReleaseJob: runs, jobs).
             let handle = Arc::new(tokio::sync::Mutex::new(JobState {
+                spec: spec.clone(),
                 shards: loaded.users,
                 item_names,
                 dims: DIMS,
@@ -547,6 +549,21 @@ impl WorkerService for WorkerServiceImpl {
         let job = req.job_id.clone();
         async move {
             let catalog = self.catalog(&job).await?;
+            let (spec, owned) = self
+                .with_job(&job, |state, _| {
+                    Ok((
+                        state.spec.clone(),
+                        state.shards.keys().copied().collect::<Vec<u32>>(),
+                    ))
+                })
+                .await?;
+            let audience = self
+                .tracked(
+                    &job,
+                    move |_| async move { audience::read(&spec, &owned).await },
+                )
+                .await?
+                .map(Arc::new);
             // Parts are written while the next ones are made.
             let (tx, mut rx) = mpsc::channel::<Part>(PARTS_IN_FLIGHT);
             let writer = self.tracked(&job, move |run| async move {
@@ -560,7 +577,7 @@ impl WorkerService for WorkerServiceImpl {
             });
             let job2 = job.clone();
             let work = self.with_job_large(&job, move |state, backend| {
-                finalize::finalize(state, &job2, &req, k, catalog, backend, &tx)
+                finalize::finalize(state, &job2, &req, k, (catalog, audience), backend, &tx)
             });
             let (done, written) = tokio::join!(work, writer);
             // the writer's error explains a finalize that stopped for lack of it
@@ -572,6 +589,8 @@ impl WorkerService for WorkerServiceImpl {
                 item_files: done.item_files,
                 item_users: done.item_users,
                 item_ids: done.item_ids,
+                recommend_requested: done.requested,
+                recommend_unknown: done.unknown,
             })
         }
         .instrument(span)

@@ -21,6 +21,7 @@ use crate::extra;
 use crate::job::{JobState, Shard, resident, stop_if_cancelled};
 use crate::steps::als::Side;
 use crate::steps::als_job::{AlsJob, Catalog, ranking_partial};
+use crate::steps::audience::Audience;
 use crate::steps::load::Rfm;
 use crate::steps::outputs;
 
@@ -33,6 +34,9 @@ pub struct Finalized {
     pub item_files: Vec<pb::WrittenFile>,
     pub item_users: Vec<u64>,
     pub item_ids: Vec<pb::ItemShardIds>,
+    /// recommend.users: ids of the list in this worker's shards, and unknown ones.
+    pub requested: u64,
+    pub unknown: u64,
 }
 
 /// Hands `part` to the writer; returns its entry for the manifest.
@@ -53,13 +57,15 @@ fn emit(
     Ok(file)
 }
 
-/// Finalizes every shard of the job against `req.centroids` (`k` of them).
+/// Finalizes every shard of the job against `req.centroids` (`k` of them), with
+/// the catalogue the recommendations need and the customers they go to (all
+/// when there is no list).
 pub fn finalize(
     job: &mut JobState,
     job_id: &str,
     req: &pb::FinalizeRequest,
     k: usize,
-    catalog: Option<Arc<Catalog>>,
+    (catalog, audience): (Option<Arc<Catalog>>, Option<Arc<Audience>>),
     backend: &dyn Backend,
     out: &mpsc::Sender<Part>,
 ) -> Result<Finalized, WorkerError> {
@@ -82,6 +88,8 @@ pub fn finalize(
         item_files: Vec::new(),
         item_users: Vec::new(),
         item_ids: Vec::new(),
+        requested: audience.as_ref().map_or(0, |a| a.requested()),
+        unknown: 0,
     };
     if let Some(a) = &job.als {
         for (&id, shard) in &a.items {
@@ -134,12 +142,30 @@ pub fn finalize(
             files.push(emit(out, rel, part, shard.len() as u64)?);
             if let (Some(catalog), Some(items)) = (&catalog, &catalog_items) {
                 let t = Instant::now();
-                let (recs, rank) = recommend(a, job_id, id, items, backend)?;
+                // the customers of the list that this shard has (all without one)
+                let rows: Vec<u32> = match &audience {
+                    None => (0..shard.len() as u32).collect(),
+                    Some(a) => {
+                        let wanted = a.ids.get(&id).map_or(&[][..], Vec::as_slice);
+                        let rows: Vec<u32> = wanted
+                            .iter()
+                            .filter_map(|(key, text)| {
+                                shard
+                                    .ids
+                                    .position(*key)
+                                    .filter(|&p| shard.ids.id(p as usize) == text)
+                            })
+                            .collect();
+                        done.unknown += (wanted.len() - rows.len()) as u64;
+                        rows
+                    }
+                };
+                let all = audience.is_none();
+                let (recs, rank) = recommend(a, job_id, id, items, (&rows, all), backend)?;
                 spent.recommend += t.elapsed();
                 ranking = rank;
                 if let Some(top) = recs {
                     let t = Instant::now();
-                    let rows: Vec<u32> = (0..shard.len() as u32).collect();
                     let (part, n) =
                         outputs::recommendations_part(shard.ids.ids(), &rows, &top, &catalog.ids)?;
                     spent.recommendations_part += t.elapsed();
@@ -254,25 +280,37 @@ struct Spent {
 }
 
 /// Recommendations (`top_n` items per user, the training items excluded when
-/// `exclude_seen`) and the ranking partial (`eval_k`, when items were held out)
-/// of one user shard.
+/// `exclude_seen`) of the users `rows` of one user shard (`all`: they are every
+/// user, in order), and the ranking partial (`eval_k`, when items were held out)
+/// of every user of the shard.
 fn recommend(
     a: &AlsJob,
     job: &str,
     shard: u32,
     items: &Resident,
+    (rows, all): (&[u32], bool),
     backend: &dyn Backend,
 ) -> Result<(Option<TopN>, Option<pb::RankingPartial>), WorkerError> {
     let x = a.resident(Side::Users, job, shard)?;
     let (seen, held) = a.seen_and_held(job, shard)?;
-    let seen = backend.upload_sparse(&seen)?;
-    let recs = (a.top_n > 0)
-        .then(|| backend.top_n(x, items, a.top_n, a.exclude_seen.then_some(&seen)))
-        .transpose()?;
+    let recs = if a.top_n == 0 {
+        None
+    } else if all {
+        let exclude = backend.upload_sparse(&seen)?;
+        Some(backend.top_n(x, items, a.top_n, a.exclude_seen.then_some(&exclude))?)
+    } else {
+        // the listed users only: their factors and exclusions
+        let queries = backend.upload(&backend.download_rows(x, rows)?, a.f)?;
+        let exclude = backend.upload_sparse(&seen.select_rows(rows))?;
+        Some(backend.top_n(&queries, items, a.top_n, a.exclude_seen.then_some(&exclude))?)
+    };
     let ranking = if a.holdout > 0.0 && a.eval_k > 0 {
         let top = match &recs {
-            Some(r) if a.exclude_seen && a.top_n == a.eval_k => r.clone(),
-            _ => backend.top_n(x, items, a.eval_k, Some(&seen))?,
+            Some(r) if all && a.exclude_seen && a.top_n == a.eval_k => r.clone(),
+            _ => {
+                let exclude = backend.upload_sparse(&seen)?;
+                backend.top_n(x, items, a.eval_k, Some(&exclude))?
+            }
         };
         Some(ranking_partial(&top, &held))
     } else {

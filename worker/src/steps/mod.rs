@@ -5,6 +5,7 @@
 
 pub mod als;
 pub mod als_job;
+pub mod audience;
 pub mod catalog;
 pub mod finalize;
 pub mod kmeans;
