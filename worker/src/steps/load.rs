@@ -715,4 +715,65 @@ mod tests {
             assert_eq!(v.to_bits(), user_pairs[k].to_bits());
         }
     }
+
+    /// Loading shards side by side gives what loading them one after the other
+    /// gives, bit for bit (users, RFM, pairs, item shards, figures).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_load_equals_sequential_bit_for_bit() {
+        let rows = log(5000, 29);
+        let shards = 6;
+        let staging = stage(&rows, 5, shards).await;
+        let mut spec = JobSpec::parse(shoal_proto::spec::DEMO_SPEC).unwrap();
+        spec.cluster.shards = shards;
+        spec.evaluate.holdout = 0.1;
+        let spec = Arc::new(spec);
+        let req = pb::LoadShardsRequest {
+            shards: (0..shards).collect(),
+            item_shards: (0..shards).collect(),
+            reference_time_ms: 10 * DAY,
+            ..Default::default()
+        };
+        let mut loads = Vec::new();
+        for parallelism in [1, 4] {
+            let run = Arc::new(JobRun::new("j"));
+            let l = load_shards(
+                spec.clone(),
+                Arc::new(staging.clone()),
+                &req,
+                run,
+                parallelism,
+            )
+            .await
+            .unwrap();
+            loads.push(l);
+        }
+        let (a, b) = (&loads[0], &loads[1]);
+        assert_eq!(a.stats, b.stats);
+        assert_eq!(a.item_stats, b.item_stats);
+        assert_eq!(a.users.len(), shards as usize);
+        for (s, ua) in &a.users {
+            let ub = &b.users[s];
+            assert_eq!(ua.ids, ub.ids);
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&ua.rfm.recency_days), bits(&ub.rfm.recency_days));
+            assert_eq!(ua.rfm.frequency, ub.rfm.frequency);
+            assert_eq!(bits(&ua.rfm.monetary), bits(&ub.rfm.monetary));
+        }
+        for (s, (ka, pa)) in &a.user_pairs {
+            let (kb, pb_) = &b.user_pairs[s];
+            assert_eq!(ka, kb);
+            assert_eq!(pa.indptr, pb_.indptr);
+            assert_eq!(pa.others, pb_.others);
+            assert_eq!(
+                pa.strength.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                pb_.strength.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!(pa.held, pb_.held);
+        }
+        for (s, (na, ka, pa)) in &a.items {
+            let (nb, kb, pb_) = &b.items[s];
+            assert_eq!((&na.ids, &na.labels, ka), (&nb.ids, &nb.labels, kb));
+            assert_eq!(pa, pb_);
+        }
+    }
 }
