@@ -227,6 +227,21 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Copies the given rows back out (row-major).
     fn download_rows(&self, points: &Resident, rows: &[u32]) -> Result<Vec<f32>, KernelError>;
 
+    /// `n x d` zeros, resident (a buffer to write rows into).
+    fn zeros(&self, n: usize, d: usize) -> Result<Resident, KernelError> {
+        self.upload(&vec![0.0; n * d], d)
+    }
+
+    /// Every row (row-major). A backend that computes in host memory may share
+    /// its own buffer instead of copying it: a later write to `points` then
+    /// copies the buffer first while the caller still holds it, so what the
+    /// caller holds never changes; a caller that lets go before the next write
+    /// saves the copy.
+    fn download_shared(&self, points: &Resident) -> Result<std::sync::Arc<Vec<f32>>, KernelError> {
+        let all: Vec<u32> = (0..points.n() as u32).collect();
+        Ok(std::sync::Arc::new(self.download_rows(points, &all)?))
+    }
+
     /// Nearest and second-nearest of every point among `k` centroids (row-major
     /// `k x d`); `out.len()` must be `n`. Never materialises the n x k matrix.
     fn assign(

@@ -82,6 +82,20 @@ impl Shelf {
         f: usize,
         values: Vec<f32>,
     ) -> Result<(), WorkerError> {
+        self.put_factors_shared(job, side, shard, version, f, Arc::new(values))
+    }
+
+    /// Publishes `version` of a shard's factors, shared with whoever else holds
+    /// them (the backend's own copy, on the CPU).
+    pub fn put_factors_shared(
+        &self,
+        job: &str,
+        side: Side,
+        shard: u32,
+        version: u32,
+        f: usize,
+        values: Arc<Vec<f32>>,
+    ) -> Result<(), WorkerError> {
         let mut shelf = self.0.lock().expect("shelf lock");
         let entry = shelf
             .get_mut(&(job.to_string(), side, shard))
@@ -100,8 +114,21 @@ impl Shelf {
                 ),
             });
         }
-        entry.factors = Some((version, f, Arc::new(values)));
+        entry.factors = Some((version, f, values));
         Ok(())
+    }
+
+    /// Stops serving a shard's factors (before they are solved again in place: no
+    /// one reads this side while its own half-step runs).
+    pub fn retire_factors(&self, job: &str, side: Side, shard: u32) {
+        if let Some(entry) =
+            self.0
+                .lock()
+                .expect("shelf lock")
+                .get_mut(&(job.to_string(), side, shard))
+        {
+            entry.factors = None;
+        }
     }
 
     pub fn get(&self, job: &str, side: Side, shard: u32) -> Option<Shelved> {

@@ -2,15 +2,18 @@
 //! sparse matrix), how a resident is opened as such, and the checked writes into
 //! it.
 
+use std::sync::Arc;
+
 use crate::{Csr, KernelError, Resident};
 
 pub(crate) const NAME: &str = "cpu";
 
-/// Points as uploaded to the CPU backend.
+/// Points as uploaded to the CPU backend. The buffer may be shared with the
+/// caller ([`crate::Backend::download_shared`]); a write then copies it first.
 pub(crate) struct HostPoints {
     pub(crate) d: usize,
     /// Row-major `n x d`.
-    pub(crate) values: Vec<f32>,
+    pub(crate) values: Arc<Vec<f32>>,
 }
 
 /// Buffers at least this large (bytes) ask the kernel for huge pages: rows read
@@ -24,6 +27,14 @@ pub(crate) fn host_copy(values: &[f32]) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(values.len());
     advise_huge_pages(&mut v);
     v.extend_from_slice(values);
+    v
+}
+
+/// `len` zeros, in a buffer backed as [`host_copy`]'s.
+pub(crate) fn host_zeros(len: usize) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    advise_huge_pages(&mut v);
+    v.resize(len, 0.0);
     v
 }
 
@@ -55,6 +66,11 @@ fn advise_huge_pages(v: &mut Vec<f32>) {
 impl HostPoints {
     pub(crate) fn n(&self) -> usize {
         self.values.len() / self.d
+    }
+
+    /// The values to write to: copied first while a caller still shares them.
+    pub(crate) fn values_mut(&mut self) -> &mut Vec<f32> {
+        Arc::make_mut(&mut self.values)
     }
 }
 

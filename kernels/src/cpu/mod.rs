@@ -52,9 +52,23 @@ impl Backend for CpuBackend {
         tracing::trace!(n, d, "uploading points to the cpu backend");
         let host = HostPoints {
             d,
-            values: host::host_copy(points),
+            values: Arc::new(host::host_copy(points)),
         };
         Ok(Resident::new(n, d, NAME, Box::new(host)))
+    }
+
+    fn zeros(&self, n: usize, d: usize) -> Result<Resident, KernelError> {
+        check::points(&[], d)?;
+        let host = HostPoints {
+            d,
+            values: Arc::new(host::host_zeros(n * d)),
+        };
+        Ok(Resident::new(n, d, NAME, Box::new(host)))
+    }
+
+    fn download_shared(&self, points: &Resident) -> Result<Arc<Vec<f32>>, KernelError> {
+        let host = storage::<HostPoints>(points, NAME, "the points of download_shared", "dense")?;
+        Ok(host.values.clone())
     }
 
     fn download_rows(&self, points: &Resident, rows: &[u32]) -> Result<Vec<f32>, KernelError> {
@@ -198,7 +212,8 @@ impl Backend for CpuBackend {
         values: &[f32],
     ) -> Result<(), KernelError> {
         let host = storage_mut::<HostPoints>(target, NAME, "the target of write_rows", "dense")?;
-        host::write_rows(&mut host.values, host.d, rows, values)
+        let d = host.d;
+        host::write_rows(host.values_mut(), d, rows, values)
     }
 
     fn gram(&self, a: &Resident) -> Result<Vec<f64>, KernelError> {
@@ -218,11 +233,12 @@ impl Backend for CpuBackend {
         let y = storage::<HostPoints>(y, NAME, "the fixed factors (y)", "dense")?;
         let confidence = storage::<Arc<Csr>>(confidence, NAME, "the confidences", "sparse")?;
         let x = storage_mut::<HostPoints>(x, NAME, "the factors being solved (x)", "dense")?;
+        let d = x.d;
         als::als_solve(
-            Isa::best(x.d),
-            &mut x.values,
+            Isa::best(d),
+            x.values_mut(),
             &y.values,
-            x.d,
+            d,
             y.d,
             yty,
             confidence,

@@ -215,10 +215,12 @@ impl AlsJob {
                 for (r, &key) in shard.keys.iter().enumerate() {
                     als::initial_row(self.seed, side, key, &mut init[r * f..(r + 1) * f]);
                 }
-                shard.factors = Some(backend.upload(&init, f)?);
-                shelf.put_factors(job, side, id, 0, f, init)?;
+                let x = backend.upload(&init, f)?;
+                drop(init);
+                shelf.put_factors_shared(job, side, id, 0, f, backend.download_shared(&x)?)?;
+                shard.factors = Some(x);
             }
-            let rows = backend.upload(&vec![0f32; needed.rows.len() * f], f)?;
+            let rows = backend.zeros(needed.rows.len(), f)?;
             locals.push(Local { needed, rows });
         }
         let users_local = locals.pop().expect("two sides");
@@ -348,18 +350,25 @@ impl AlsJob {
             backend.write_rows(&mut local.rows, &rows, values)?;
         }
         drop(fetched);
+        // No one reads this side while its half-step runs: the served copies
+        // go, so that the backend can solve its own in place.
+        for &id in owned.keys() {
+            shelf.retire_factors(job, plan.side, id);
+        }
         // The shards are solved side by side (each solve is parallel inside too):
         // a worker's few small shards would otherwise leave cores idle at the end
         // of each one.
         let started = std::time::Instant::now();
         let local_rows = &local.rows;
-        let results: Vec<Result<(pb::GramPartial, Vec<f32>), WorkerError>> = owned
+        // each shard's Gram partial and its new factors, as the shelf serves them
+        type Solved = (pb::GramPartial, Arc<Vec<f32>>);
+        let results: Vec<Result<Solved, WorkerError>> = owned
             .par_iter_mut()
             .map(|(&id, shard)| {
                 let (_, conf) = shard.conf.as_ref().expect("linked shards have confidences");
                 let x = shard.factors.as_mut().expect("linked shards have factors");
                 let pair_loss = backend.als_solve(x, local_rows, gram, conf, params)?;
-                let host = download_all(backend, x)?;
+                let host = backend.download_shared(x)?;
                 let own_gram = backend.gram(x)?;
                 // the loss of the finished iteration (item side): new items
                 // against new users
@@ -389,7 +398,7 @@ impl AlsJob {
         }
         // published once every shard is solved: a failed step publishes nothing
         for (id, host) in solved {
-            shelf.put_factors(job, plan.side, id, version, f, host)?;
+            shelf.put_factors_shared(job, plan.side, id, version, f, host)?;
         }
         match plan.side {
             Side::Users => linked.user_version = version,
@@ -402,6 +411,21 @@ impl AlsJob {
             "ALS half-step: shards solved"
         );
         Ok(out)
+    }
+
+    /// Frees what only the half-steps need, once they are over: the copies of
+    /// the other side's rows and the item shards' confidence matrices (the user
+    /// side's stay: the recommendations and item counts read them).
+    pub fn end_training(&mut self, backend: &dyn Backend) -> Result<(), WorkerError> {
+        let f = self.f;
+        if let Some(l) = self.linked.as_mut() {
+            l.users_local.rows = backend.zeros(0, f)?;
+            l.items_local.rows = backend.zeros(0, f)?;
+        }
+        for shard in self.items.values_mut() {
+            shard.conf = None;
+        }
+        Ok(())
     }
 
     /// The users of `shard` as features: L2-normalised factors times `weight`

@@ -48,6 +48,9 @@ pub fn standardize(
         )));
     }
     let dims = f + DIMS + e;
+    if let Some(a) = job.als.as_mut() {
+        a.end_training(backend)?;
+    }
     let mut stats = Vec::new();
     for (&id, shard) in job.shards.iter_mut() {
         stop_if_cancelled(&job.cancel, job_id)?;
