@@ -72,7 +72,8 @@ impl Shelf {
         );
     }
 
-    /// Publishes `version` of a shard's factors (its keys must be on the shelf).
+    /// Publishes `version` of a shard's factors (its keys must be on the shelf),
+    /// shared with whoever else holds them (the backend's own copy, on the CPU).
     pub fn put_factors(
         &self,
         job: &str,
@@ -80,22 +81,9 @@ impl Shelf {
         shard: u32,
         version: u32,
         f: usize,
-        values: Vec<f32>,
+        values: impl Into<Arc<Vec<f32>>>,
     ) -> Result<(), WorkerError> {
-        self.put_factors_shared(job, side, shard, version, f, Arc::new(values))
-    }
-
-    /// Publishes `version` of a shard's factors, shared with whoever else holds
-    /// them (the backend's own copy, on the CPU).
-    pub fn put_factors_shared(
-        &self,
-        job: &str,
-        side: Side,
-        shard: u32,
-        version: u32,
-        f: usize,
-        values: Arc<Vec<f32>>,
-    ) -> Result<(), WorkerError> {
+        let values = values.into();
         let mut shelf = self.0.lock().expect("shelf lock");
         let entry = shelf
             .get_mut(&(job.to_string(), side, shard))

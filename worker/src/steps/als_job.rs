@@ -217,7 +217,7 @@ impl AlsJob {
                 }
                 let x = backend.upload(&init, f)?;
                 drop(init);
-                shelf.put_factors_shared(job, side, id, 0, f, backend.download_shared(&x)?)?;
+                shelf.put_factors(job, side, id, 0, f, backend.download_shared(&x)?)?;
                 shard.factors = Some(x);
             }
             let rows = backend.zeros(needed.rows.len(), f)?;
@@ -398,7 +398,7 @@ impl AlsJob {
         }
         // published once every shard is solved: a failed step publishes nothing
         for (id, host) in solved {
-            shelf.put_factors_shared(job, plan.side, id, version, f, host)?;
+            shelf.put_factors(job, plan.side, id, version, f, host)?;
         }
         match plan.side {
             Side::Users => linked.user_version = version,
