@@ -7,7 +7,7 @@
 # 1m:  1,000,000 users x 50,000 items x 20,000,000 rows (8 files); shoal with one
 #      in-process worker and with four (labels compared), the peer script.
 # 10m: 10,000,000 users x 500,000 items x 200,000,000 rows (40 files),
-#      recommendations off (top_n = 0); shoal with one worker process, and as a
+#      recommendations off (top_n = 0), 32 shards; shoal with one worker process, and as a
 #      `shoal coordinator` + 4 `shoal worker` processes (labels compared); the
 #      peer is not run at this size (benches/README.md says why).
 #
@@ -28,8 +28,8 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 case "$size" in
-    1m) users=1000000 items=50000 rows=20000000 files=8 top_n=10 ;;
-    10m) users=10000000 items=500000 rows=200000000 files=40 top_n=0; peer=0 ;;
+    1m) users=1000000 items=50000 rows=20000000 files=8 top_n=10 shards=16 ;;
+    10m) users=10000000 items=500000 rows=200000000 files=40 top_n=0 shards=32; peer=0 ;;
     *) echo "scale.sh: --size is 1m or 10m" >&2; exit 2 ;;
 esac
 
@@ -52,10 +52,12 @@ if [[ ! -f "$data/job.toml" ]]; then
         --interactions "$rows" --groups 6 --files "$files" --seed 42
 fi
 
-# The spec synth wrote, with this run's outputs and recommendations.
+# The spec synth wrote, with this run's outputs, recommendations and shards (at
+# 10m, 32: smaller shards are what lets four workers of a quarter of the machine
+# each take their share; see benches/README.md).
 spec_for() { # name top_n
     sed -e "s#^path = .*#path = \"$root/$base/$1\"#" -e "s#^top_n = .*#top_n = $2#" \
-        "$data/job.toml" >"$base/$1.toml"
+        -e "s#^shards = .*#shards = $shards#" "$data/job.toml" >"$base/$1.toml"
     echo "$base/$1.toml"
 }
 
@@ -76,12 +78,19 @@ else
     port=$((20000 + RANDOM % 20000))
     mem="$(awk '/MemTotal/ {print int($2 / 4) "K"}' /proc/meminfo)"
     timing "$base/coordinator.time.txt" "$bin" coordinator --listen "127.0.0.1:$port" \
-        2>"$base/coordinator.log" &
+        --http-listen "127.0.0.1:$((port + 10))" 2>"$base/coordinator.log" &
     pids=($!)
     for w in 1 2 3 4; do
         timing "$base/worker-$w.time.txt" "$bin" worker --coordinator "http://127.0.0.1:$port" \
             --listen "127.0.0.1:$((port + w))" --memory-limit "$mem" 2>"$base/worker-$w.log" &
         pids+=($!)
+    done
+    # a standing coordinator gives a job the workers registered when it starts
+    for _ in $(seq 600); do
+        if curl -sf "http://127.0.0.1:$((port + 10))/metrics" | grep -q '^shoal_workers 4$'; then
+            break
+        fi
+        sleep 0.1
     done
     spec="$(spec_for shoal-4 "$top_n")"
     status=0

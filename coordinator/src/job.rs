@@ -524,6 +524,7 @@ async fn drive(
         users = sizes.users,
         items = sizes.items,
         need_mib = ?placement.need.iter().map(|b| b >> 20).collect::<Vec<_>>(),
+        largest_staged_mib = sizes.shards.iter().map(|s| s.staged_bytes >> 20).max().unwrap_or(0),
         "shards placed"
     );
     d.placement = Some(placement);

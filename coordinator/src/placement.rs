@@ -77,9 +77,11 @@ impl Sizes {
 /// Bytes a job's data takes on a worker, from counts. Per user: its id (key,
 /// offset, text), RFM, the features.extra values, the scaled point and the
 /// k-means state (labels, bounds, nearest two, cost), and with ALS its factors
-/// twice (the solver's and the copy served to the other workers). Per pair, on
-/// each side: 24 bytes while the shard is loaded and linked (key and strength,
-/// then the confidence matrix). Per item: id, label, factors twice. Per worker:
+/// (one host copy: the CPU solver's rows are the ones served to the other
+/// workers; a GPU solves in device memory). Per pair, on each side: 16 bytes
+/// while the shard is loaded (other key and strength), which the confidence
+/// matrix (8) replaces shard by shard as the job links. Per item: id, label,
+/// factors. Per worker:
 /// with ALS the copies of the other side's rows its shards read (every user for
 /// a worker with item shards, every item for one with user shards) and the
 /// catalogue of the recommendations; the staged objects of the shards it merges
@@ -98,18 +100,19 @@ pub struct MemoryModel {
 
 /// Bytes of one user id with its key and offset (ids are short: customer numbers).
 const ID_BYTES: u64 = 28;
-/// Bytes per pair and side while loaded and linked.
-const PAIR_BYTES: u64 = 24;
+/// Bytes per pair and side while loaded (then 8 as a confidence matrix).
+const PAIR_BYTES: u64 = 16;
 /// A worker process without a job.
 const PROCESS_BYTES: u64 = 64 << 20;
 /// Allocator slack over the model.
 const SLACK: f64 = 1.25;
-/// A staged object's bytes decompressed and merged (LZ4 of integer columns).
-const STAGED_EXPANSION: u64 = 4;
+/// A staged object's bytes decompressed and merged (LZ4 of integer columns,
+/// mostly hashed keys, which hardly compress: measured ~1.2x at 1M users).
+const STAGED_EXPANSION: u64 = 2;
 
 impl MemoryModel {
     fn user_shard(&self, s: &ShardSize) -> u64 {
-        let per_user = ID_BYTES + 24 + 4 * self.extra + 4 * self.dims + 36 + 8 * self.factors;
+        let per_user = ID_BYTES + 24 + 4 * self.extra + 4 * self.dims + 36 + 4 * self.factors;
         s.users * per_user + s.user_pairs * PAIR_BYTES * u64::from(self.factors > 0)
     }
 
@@ -117,7 +120,7 @@ impl MemoryModel {
         if self.factors == 0 {
             return 0;
         }
-        s.items * (ID_BYTES + 16 + 8 * self.factors) + s.item_pairs * PAIR_BYTES
+        s.items * (ID_BYTES + 16 + 4 * self.factors) + s.item_pairs * PAIR_BYTES
     }
 
     /// One shard (both sides) placed on a worker.
@@ -129,7 +132,7 @@ impl MemoryModel {
     pub fn worker_fixed(&self, sizes: &Sizes) -> u64 {
         let copies = if self.factors > 0 {
             4 * self.factors * (sizes.users + sizes.items)
-                + sizes.items * (ID_BYTES + 16 + 8 * self.factors)
+                + sizes.items * (ID_BYTES + 16 + 4 * self.factors)
         } else {
             0
         };

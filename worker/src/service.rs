@@ -35,6 +35,8 @@ const RELEASE_WAIT: Duration = Duration::from_secs(10);
 const RELEASED_KEPT: usize = 1024;
 /// Output parts made but not yet written, at most (finalize waits for the writer).
 const PARTS_IN_FLIGHT: usize = 2;
+/// Shards of the other side's factor rows an ALS half-step fetches at once.
+const FETCHES_AT_ONCE: usize = 2;
 
 /// The worker's service state.
 #[derive(Clone)]
@@ -714,20 +716,37 @@ impl WorkerService for WorkerServiceImpl {
                     move |state, _| state.als(&job)?.fetch_plan(&job, side, iteration)
                 })
                 .await?;
+            // The other side's rows, shard by shard, a few fetches at a time;
+            // each part goes into the local copy as it arrives.
             let other = side.other();
-            let (peers, job2, plan2) = (self.peers.clone(), job.clone(), plan.clone());
-            let fetched = self
-                .tracked(&job, move |_| async move {
-                    futures::future::try_join_all(plan2.parts.iter().map(|(shard, rows, _)| {
-                        let owner = plan2.owners[*shard as usize].clone();
-                        let (peers, job, at) = (peers.clone(), job2.clone(), (other, *shard));
-                        let (version, rows) = (plan2.version, rows.clone());
-                        async move { peers.fetch_rows(&owner, &job, at, version, rows).await }
-                    }))
-                    .await
+            let plan = Arc::new(plan);
+            let mut fetches = futures::stream::iter(0..plan.parts.len())
+                .map(|part| {
+                    let (peers, job2, plan) = (self.peers.clone(), job.clone(), plan.clone());
+                    self.tracked(&job, move |_| async move {
+                        let (shard, rows, _) = &plan.parts[part];
+                        let owner = &plan.owners[*shard as usize];
+                        let at = (other, *shard);
+                        let values = peers
+                            .fetch_rows(owner, &job2, at, plan.version, rows.clone())
+                            .await?;
+                        Ok((part, values))
+                    })
+                })
+                .buffer_unordered(FETCHES_AT_ONCE);
+            let mut rows = 0usize;
+            while let Some(fetched) = fetches.next().await {
+                let (part, values) = fetched?;
+                rows += values.len();
+                let (job2, plan) = (job.clone(), plan.clone());
+                self.with_job(&job, move |state, backend| {
+                    state
+                        .als_mut(&job2)?
+                        .write_fetched(&job2, &plan, part, values, backend)
                 })
                 .await?;
-            let rows: usize = fetched.iter().map(Vec::len).sum();
+            }
+            drop(fetches);
             let shelf = self.shelf.clone();
             let shards = self
                 .with_job_large(&job, {
@@ -736,7 +755,7 @@ impl WorkerService for WorkerServiceImpl {
                         stop_if_cancelled(&state.cancel, &job)?;
                         state
                             .als_mut(&job)?
-                            .step(&job, &plan, fetched, &req.gram, backend, &shelf)
+                            .step(&job, &plan, &req.gram, backend, &shelf)
                     }
                 })
                 .await?;

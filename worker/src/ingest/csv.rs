@@ -12,14 +12,16 @@ use async_compression::tokio::bufread::GzipDecoder;
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use shoal_proto::{Location, StoreError, pb};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
 use tokio_util::io::StreamReader;
 
 use super::{BATCH_ROWS, Sink};
 use crate::error::WorkerError;
 
-/// Buffer between the gzip decoder and the CSV decoder.
+/// Bytes per chunk the gzip decoder hands the CSV decoder.
 const GUNZIP_BUFFER: usize = 256 * 1024;
+/// Chunks the gzip decoder may run ahead of the CSV decoder.
+const GUNZIP_AHEAD: usize = 4;
 // CSV
 
 /// Maps an I/O error from the (possibly gunzipped) object stream: object-store
@@ -46,6 +48,45 @@ fn stream_error(file: &str, gzip: bool, e: std::io::Error) -> WorkerError {
             source: ArrowError::IoError(e.to_string(), e),
         }
     }
+}
+
+/// Gunzips `raw` (gzip members one after another) on a task of its own, so that
+/// decompression and CSV decoding run on two cores; the bytes come back in order,
+/// and an error ends them. The task stops when the reader is dropped.
+fn gunzip_ahead(raw: impl AsyncBufRead + Send + Unpin + 'static) -> impl AsyncBufRead + Send {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(GUNZIP_AHEAD);
+    tokio::spawn(async move {
+        let mut gunzip = GzipDecoder::new(raw);
+        gunzip.multiple_members(true);
+        loop {
+            let mut chunk = bytes::BytesMut::with_capacity(GUNZIP_BUFFER);
+            let mut end = false;
+            while chunk.len() < GUNZIP_BUFFER {
+                match gunzip.read_buf(&mut chunk).await {
+                    Ok(0) => {
+                        end = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        // the reader sees the bytes before the error, then the error
+                        if !chunk.is_empty() {
+                            let _ = tx.send(Ok(chunk.freeze())).await;
+                        }
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+            if !chunk.is_empty() && tx.send(Ok(chunk.freeze())).await.is_err() {
+                return;
+            }
+            if end {
+                return;
+            }
+        }
+    });
+    StreamReader::new(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// Finds the end of the first CSV record (the header) across growing input.
@@ -111,9 +152,7 @@ pub(crate) async fn read_csv(
         .map_err(std::io::Error::from);
     let raw = StreamReader::new(stream);
     let mut reader: Pin<Box<dyn AsyncBufRead + Send>> = if split.gzip {
-        let mut gunzip = GzipDecoder::new(raw);
-        gunzip.multiple_members(true);
-        Box::pin(tokio::io::BufReader::with_capacity(GUNZIP_BUFFER, gunzip))
+        Box::pin(gunzip_ahead(raw))
     } else {
         Box::pin(raw)
     };

@@ -223,31 +223,30 @@ pub fn link_columns(
         })
         .collect::<Result<_, _>>()?;
     // which positions of each shard are needed, then their local indices in
-    // (shard, position) order
-    let mut marks: HashMap<u32, Vec<u32>> = lists
-        .iter()
-        .map(|(&s, l)| (s, vec![0u32; l.len()]))
-        .collect();
-    for &(s, p) in located.iter().flatten() {
-        marks.get_mut(&s).expect("located in a fetched list")[p as usize] = 1;
+    // (shard, position) order; marks by shard index (a lookup per entry)
+    let mut marks: Vec<Vec<u32>> = vec![Vec::new(); shards as usize];
+    for (&s, l) in lists {
+        if let Some(m) = marks.get_mut(s as usize) {
+            *m = vec![0u32; l.len()];
+        }
     }
-    let mut order: Vec<u32> = marks.keys().copied().collect();
-    order.sort_unstable();
+    for &(s, p) in located.iter().flatten() {
+        marks[s as usize][p as usize] = 1;
+    }
     let mut rows = Vec::new();
-    for s in order {
-        let m = marks.get_mut(&s).expect("listed");
+    for (s, m) in marks.iter_mut().enumerate() {
         for (p, flag) in m.iter_mut().enumerate() {
             if *flag == 1 {
                 *flag = rows.len() as u32 + 1;
-                rows.push((s, p as u32));
+                rows.push((s as u32, p as u32));
             }
         }
     }
     let cols = located
         .into_iter()
         .map(|l| {
-            l.into_iter()
-                .map(|(s, p)| marks[&s][p as usize] - 1)
+            l.into_par_iter()
+                .map(|(s, p)| marks[s as usize][p as usize] - 1)
                 .collect()
         })
         .collect();

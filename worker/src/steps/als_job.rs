@@ -26,6 +26,24 @@ fn usable(linked: &Linked, job: &str) -> Result<(), WorkerError> {
     }
 }
 
+/// Checks that `plan` is for the half-step `linked` is at (another call for
+/// the same half-step may have run in between).
+fn current_for(linked: &Linked, job: &str, plan: &FetchPlan) -> Result<(), WorkerError> {
+    usable(linked, job)?;
+    let current = match plan.side {
+        Side::Users => linked.user_version,
+        Side::Items => linked.item_version,
+    };
+    if current != plan.own_version {
+        return Err(WorkerError::StaleFactors {
+            what: format!("{} factors of job {job}", plan.side.as_str()),
+            have: current,
+            wanted: plan.own_version,
+        });
+    }
+    Ok(())
+}
+
 /// Every row of resident dense data, row-major.
 fn download_all(backend: &dyn Backend, m: &Resident) -> Result<Vec<f32>, WorkerError> {
     let all: Vec<u32> = (0..m.n() as u32).collect();
@@ -190,36 +208,40 @@ impl AlsJob {
                     .collect();
                 als::link_columns(job, &pairs, shards, &lists)?
             };
-            for ((&id, shard), cols) in owned.iter_mut().zip(cols) {
-                let pairs = shard.pairs.take().expect("linked once");
-                if side == Side::Users {
-                    shard.held = pairs
-                        .held
-                        .iter()
-                        .map(|&(r, k)| {
-                            let (s, p) = als::locate(job, k, shards, &lists)?;
-                            Ok((r, (item_offsets[s as usize] + u64::from(p)) as u32))
-                        })
-                        .collect::<Result<_, WorkerError>>()?;
-                }
-                let csr = Arc::new(als::confidence_matrix(
-                    &pairs,
-                    cols,
-                    needed.rows.len(),
-                    &self.spec,
-                ));
-                drop(pairs);
-                let resident = backend.upload_sparse_shared(csr.clone())?;
-                shard.conf = Some((csr, resident));
-                let mut init = vec![0f32; shard.rows() * f];
-                for (r, &key) in shard.keys.iter().enumerate() {
-                    als::initial_row(self.seed, side, key, &mut init[r * f..(r + 1) * f]);
-                }
-                let x = backend.upload(&init, f)?;
-                drop(init);
-                shelf.put_factors(job, side, id, 0, f, backend.download_shared(&x)?)?;
-                shard.factors = Some(x);
-            }
+            // shard by shard in parallel (the work inside each is serial)
+            let seed = self.seed;
+            let spec = &self.spec;
+            let (width, lists, item_offsets) = (needed.rows.len(), &lists, &item_offsets);
+            let owned: Vec<(u32, &mut OwnedShard)> =
+                owned.iter_mut().map(|(&id, s)| (id, s)).collect();
+            owned.into_par_iter().zip(cols).try_for_each(
+                |((id, shard), cols)| -> Result<(), WorkerError> {
+                    let pairs = shard.pairs.take().expect("linked once");
+                    if side == Side::Users {
+                        shard.held = pairs
+                            .held
+                            .iter()
+                            .map(|&(r, k)| {
+                                let (s, p) = als::locate(job, k, shards, lists)?;
+                                Ok((r, (item_offsets[s as usize] + u64::from(p)) as u32))
+                            })
+                            .collect::<Result<_, WorkerError>>()?;
+                    }
+                    let csr = Arc::new(als::confidence_matrix(&pairs, cols, width, spec));
+                    drop(pairs);
+                    let resident = backend.upload_sparse_shared(csr.clone())?;
+                    shard.conf = Some((csr, resident));
+                    let mut init = vec![0f32; shard.rows() * f];
+                    for (r, &key) in shard.keys.iter().enumerate() {
+                        als::initial_row(seed, side, key, &mut init[r * f..(r + 1) * f]);
+                    }
+                    let x = backend.upload(&init, f)?;
+                    drop(init);
+                    shelf.put_factors(job, side, id, 0, f, backend.download_shared(&x)?)?;
+                    shard.factors = Some(x);
+                    Ok(())
+                },
+            )?;
             let rows = backend.zeros(needed.rows.len(), f)?;
             locals.push(Local { needed, rows });
         }
@@ -288,15 +310,56 @@ impl AlsJob {
         })
     }
 
-    /// The half-step: writes the fetched rows into the local copy, solves every
-    /// owned shard of `side` against them and `gram` (the other side's Gram),
-    /// publishes the new factors, and returns each shard's Gram matrix (and, for
-    /// the item side, its data loss).
+    /// Writes part `part` of `plan` (one shard's rows of the other side, as
+    /// fetched) into the local copy, as soon as it arrives: a half-step never
+    /// holds all the fetched rows besides the local copy.
+    pub fn write_fetched(
+        &mut self,
+        job: &str,
+        plan: &FetchPlan,
+        part: usize,
+        values: Vec<f32>,
+        backend: &dyn Backend,
+    ) -> Result<(), WorkerError> {
+        let f = self.f;
+        let linked = self.linked.as_mut().ok_or_else(|| {
+            WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
+        })?;
+        current_for(linked, job, plan)?;
+        let local = match plan.side {
+            Side::Users => &mut linked.items_local,
+            Side::Items => &mut linked.users_local,
+        };
+        let Some((_, positions, first)) = plan.parts.get(part) else {
+            return Err(WorkerError::InvalidRequest(format!(
+                "part {part} of a fetch plan of {} parts",
+                plan.parts.len()
+            )));
+        };
+        if values.len() != positions.len() * f {
+            return Err(WorkerError::Inconsistent {
+                job: job.to_string(),
+                detail: format!(
+                    "{} values fetched for {} rows of {f} factors",
+                    values.len(),
+                    positions.len()
+                ),
+            });
+        }
+        let rows: Vec<u32> = (*first..*first + positions.len() as u32).collect();
+        backend.write_rows(&mut local.rows, &rows, &values)?;
+        Ok(())
+    }
+
+    /// The half-step, once every part of `plan` is written
+    /// ([`Self::write_fetched`]): solves every owned shard of `side` against the
+    /// local copy and `gram` (the other side's Gram), publishes the new factors,
+    /// and returns each shard's Gram matrix (and, for the item side, its data
+    /// loss).
     pub fn step(
         &mut self,
         job: &str,
         plan: &FetchPlan,
-        fetched: Vec<Vec<f32>>,
         gram: &[f64],
         backend: &dyn Backend,
         shelf: &Shelf,
@@ -317,39 +380,12 @@ impl AlsJob {
         let linked = self.linked.as_mut().ok_or_else(|| {
             WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
         })?;
-        usable(linked, job)?;
-        let current = match plan.side {
-            Side::Users => linked.user_version,
-            Side::Items => linked.item_version,
-        };
-        if current != plan.own_version {
-            // another call for the same half-step ran in between
-            return Err(WorkerError::StaleFactors {
-                what: format!("{} factors of job {job}", plan.side.as_str()),
-                have: current,
-                wanted: plan.own_version,
-            });
-        }
+        current_for(linked, job, plan)?;
         let version = plan.own_version + 1;
         let (owned, local) = match plan.side {
             Side::Users => (&mut self.users, &mut linked.items_local),
             Side::Items => (&mut self.items, &mut linked.users_local),
         };
-        for ((_, positions, first), values) in plan.parts.iter().zip(&fetched) {
-            if values.len() != positions.len() * f {
-                return Err(WorkerError::Inconsistent {
-                    job: job.to_string(),
-                    detail: format!(
-                        "{} values fetched for {} rows of {f} factors",
-                        values.len(),
-                        positions.len()
-                    ),
-                });
-            }
-            let rows: Vec<u32> = (*first..*first + positions.len() as u32).collect();
-            backend.write_rows(&mut local.rows, &rows, values)?;
-        }
-        drop(fetched);
         // No one reads this side while its half-step runs: the served copies
         // go, so that the backend can solve its own in place.
         for &id in owned.keys() {
@@ -852,27 +888,34 @@ mod tests {
             .collect()
     }
 
+    /// Writes what `plan` asks for into the local copy, part by part.
+    fn write_all(job: &mut AlsJob, shelf: &Shelf, plan: &FetchPlan, backend: &dyn Backend) {
+        for (part, values) in fetch(shelf, plan).into_iter().enumerate() {
+            job.write_fetched("j", plan, part, values, backend).unwrap();
+        }
+    }
+
     #[test]
     fn a_failed_half_step_stops_every_later_one() {
         let (shelf, backend) = (Shelf::default(), shoal_kernels::CpuBackend::new());
         let mut job = linked_job(&shelf, &backend);
         // a good user half-step
         let plan = job.fetch_plan("j", Side::Users, 0).unwrap();
-        let rows = fetch(&shelf, &plan);
+        write_all(&mut job, &shelf, &plan, &backend);
         let gram = vec![1.0, 0.0, 0.0, 1.0];
-        let done = job.step("j", &plan, rows, &gram, &backend, &shelf).unwrap();
+        let done = job.step("j", &plan, &gram, &backend, &shelf).unwrap();
         assert_eq!(done.len(), 1);
         // an item half-step whose solve fails (a Gram with NaN)
         let plan = job.fetch_plan("j", Side::Items, 0).unwrap();
-        let rows = fetch(&shelf, &plan);
+        write_all(&mut job, &shelf, &plan, &backend);
         let bad = vec![f64::NAN, 0.0, 0.0, 1.0];
-        assert!(
-            job.step("j", &plan, rows.clone(), &bad, &backend, &shelf)
-                .is_err()
-        );
+        assert!(job.step("j", &plan, &bad, &backend, &shelf).is_err());
         // neither side can go on from there, whatever the Gram
+        let err = job.step("j", &plan, &gram, &backend, &shelf).unwrap_err();
+        assert!(err.to_string().contains("run the job again"), "{err}");
+        let values = fetch(&shelf, &plan).swap_remove(0);
         let err = job
-            .step("j", &plan, rows, &gram, &backend, &shelf)
+            .write_fetched("j", &plan, 0, values, &backend)
             .unwrap_err();
         assert!(err.to_string().contains("run the job again"), "{err}");
         let err = job.fetch_plan("j", Side::Users, 1).unwrap_err();
