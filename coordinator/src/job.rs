@@ -520,13 +520,6 @@ async fn drive(
     let limits: Vec<u64> = d.crew.iter().map(|m| m.worker.memory_limit).collect();
     let names: Vec<String> = d.crew.iter().map(|m| m.worker.id.to_string()).collect();
     let placement = placement::place(&sizes, &limits, &names, &memory)?;
-    info!(
-        users = sizes.users,
-        items = sizes.items,
-        need_mib = ?placement.need.iter().map(|b| b >> 20).collect::<Vec<_>>(),
-        largest_staged_mib = sizes.shards.iter().map(|s| s.staged_bytes >> 20).max().unwrap_or(0),
-        "shards placed"
-    );
     d.placement = Some(placement);
     times.add("ingest", t);
 

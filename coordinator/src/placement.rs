@@ -225,6 +225,13 @@ pub fn place(
         need[best] += shard_bytes[s];
         owner[s] = best;
     }
+    tracing::info!(
+        users = sizes.users,
+        items = sizes.items,
+        need_mib = ?need.iter().map(|b| b >> 20).collect::<Vec<_>>(),
+        largest_staged_mib = sizes.shards.iter().map(|s| s.staged_bytes >> 20).max().unwrap_or(0),
+        "shards placed"
+    );
     Ok(Placement { owner, need })
 }
 

@@ -61,27 +61,20 @@ fn gunzip_ahead(raw: impl AsyncBufRead + Send + Unpin + 'static) -> impl AsyncBu
         loop {
             let mut chunk = bytes::BytesMut::with_capacity(GUNZIP_BUFFER);
             let mut end = false;
-            while chunk.len() < GUNZIP_BUFFER {
+            let mut failed = None;
+            while chunk.len() < GUNZIP_BUFFER && !end && failed.is_none() {
                 match gunzip.read_buf(&mut chunk).await {
-                    Ok(0) => {
-                        end = true;
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        // the reader sees the bytes before the error, then the error
-                        if !chunk.is_empty() {
-                            let _ = tx.send(Ok(chunk.freeze())).await;
-                        }
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
+                    Ok(n) => end = n == 0,
+                    Err(e) => failed = Some(e),
                 }
             }
-            if !chunk.is_empty() && tx.send(Ok(chunk.freeze())).await.is_err() {
+            // the reader sees the bytes before an error, then the error
+            let sent = chunk.is_empty() || tx.send(Ok(chunk.freeze())).await.is_ok();
+            if let Some(e) = failed {
+                let _ = tx.send(Err(e)).await;
                 return;
             }
-            if end {
+            if !sent || end {
                 return;
             }
         }

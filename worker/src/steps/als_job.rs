@@ -26,9 +26,16 @@ fn usable(linked: &Linked, job: &str) -> Result<(), WorkerError> {
     }
 }
 
-/// Checks that `plan` is for the half-step `linked` is at (another call for
-/// the same half-step may have run in between).
-fn current_for(linked: &Linked, job: &str, plan: &FetchPlan) -> Result<(), WorkerError> {
+/// The job's linked ALS state, if `plan` is for the half-step it is at (another
+/// call for the same half-step may have run in between) and its factors are usable.
+fn linked_for<'a>(
+    linked: &'a mut Option<Linked>,
+    job: &str,
+    plan: &FetchPlan,
+) -> Result<&'a mut Linked, WorkerError> {
+    let linked = linked.as_mut().ok_or_else(|| {
+        WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
+    })?;
     usable(linked, job)?;
     let current = match plan.side {
         Side::Users => linked.user_version,
@@ -41,13 +48,12 @@ fn current_for(linked: &Linked, job: &str, plan: &FetchPlan) -> Result<(), Worke
             wanted: plan.own_version,
         });
     }
-    Ok(())
+    Ok(linked)
 }
 
 /// Every row of resident dense data, row-major.
 fn download_all(backend: &dyn Backend, m: &Resident) -> Result<Vec<f32>, WorkerError> {
-    let all: Vec<u32> = (0..m.n() as u32).collect();
-    Ok(backend.download_rows(m, &all)?)
+    Ok(Arc::unwrap_or_clone(backend.download_shared(m)?))
 }
 
 /// One shard of one side held by this worker.
@@ -322,10 +328,7 @@ impl AlsJob {
         backend: &dyn Backend,
     ) -> Result<(), WorkerError> {
         let f = self.f;
-        let linked = self.linked.as_mut().ok_or_else(|| {
-            WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
-        })?;
-        current_for(linked, job, plan)?;
+        let linked = linked_for(&mut self.linked, job, plan)?;
         let local = match plan.side {
             Side::Users => &mut linked.items_local,
             Side::Items => &mut linked.users_local,
@@ -377,10 +380,7 @@ impl AlsJob {
             // the loss of an iteration is taken once both sides are solved
             pair_loss: plan.side == Side::Items,
         };
-        let linked = self.linked.as_mut().ok_or_else(|| {
-            WorkerError::InvalidRequest(format!("ALS of job {job} is not linked yet"))
-        })?;
-        current_for(linked, job, plan)?;
+        let linked = linked_for(&mut self.linked, job, plan)?;
         let version = plan.own_version + 1;
         let (owned, local) = match plan.side {
             Side::Users => (&mut self.users, &mut linked.items_local),
