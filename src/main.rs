@@ -21,6 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Large blocks on pages of their own (rows on cache lines): the kernels read
+/// factor rows at random.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: shoal_kernels::alloc::LineAligned = shoal_kernels::alloc::LineAligned;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "shoal",

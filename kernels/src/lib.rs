@@ -12,6 +12,8 @@
 //!   that does not depend on the number of threads, so results are bit-identical
 //!   however the data is split across workers and threads.
 
+#[cfg(target_os = "linux")]
+pub mod alloc;
 mod check;
 mod cpu;
 pub mod cuda;
