@@ -1,11 +1,13 @@
 //! The CPU backend: data stays in host memory ([`host`]), work is spread over
 //! rayon. Each idea has its module: distances and partial sums ([`assign`], with
 //! the AVX-512 kernel in [`lanes`]), Lloyd rounds with distance bounds
-//! ([`bounds`]), the Gram matrix and the implicit-ALS solver ([`als`], AVX-512
-//! kernels in `als_avx512`), and top-N recommendations ([`topn`]). This module
-//! only opens the residents and calls them.
+//! ([`bounds`]), the Gram matrix and the implicit-ALS solver ([`als`], its AVX-512
+//! kernels in `als_avx512`, its AVX2 ones in `als_avx2`), and top-N
+//! recommendations ([`topn`]). This module only opens the residents and calls them.
 
 mod als;
+#[cfg(target_arch = "x86_64")]
+mod als_avx2;
 #[cfg(target_arch = "x86_64")]
 mod als_avx512;
 mod assign;
