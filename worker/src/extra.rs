@@ -39,13 +39,16 @@ use shoal_proto::{Location, pb};
 
 use crate::error::WorkerError;
 use crate::ingest::{
-    IngestControl, Num, Numbers, Sink, canonical_integer, decoded, describe_text, find_column,
-    numbers, read_split, user_text,
+    IngestControl, Num, Numbers, Sink, canonical_integer, count_malformed, decoded, describe_text,
+    find_column, numbers, read_split, user_text,
 };
 
 /// Why a row of the table was dropped; checked in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtraDrop {
+    /// A CSV record with another number of fields than the header, or a read
+    /// field that is not UTF-8.
+    MalformedRow,
     MissingUser,
     BadUser,
     /// A value that is not a finite number (or does not fit a float32).
@@ -55,7 +58,8 @@ pub enum ExtraDrop {
 }
 
 impl ExtraDrop {
-    pub const ALL: [ExtraDrop; 4] = [
+    pub const ALL: [ExtraDrop; 5] = [
+        ExtraDrop::MalformedRow,
         ExtraDrop::MissingUser,
         ExtraDrop::BadUser,
         ExtraDrop::BadValue,
@@ -65,6 +69,7 @@ impl ExtraDrop {
     /// The key in `RowCounts.dropped`.
     pub fn as_str(self) -> &'static str {
         match self {
+            ExtraDrop::MalformedRow => "malformed_row",
             ExtraDrop::MissingUser => "missing_user",
             ExtraDrop::BadUser => "bad_user",
             ExtraDrop::BadValue => "bad_value",
@@ -433,6 +438,12 @@ impl Sink for Reader<'_> {
             self.kept += 1;
         }
         Ok(())
+    }
+
+    fn malformed(&mut self, row: u64, detail: String) -> Result<(), WorkerError> {
+        let count = &mut self.counts[ExtraDrop::MalformedRow as usize];
+        let bad = (self.file, row, ExtraDrop::MalformedRow.as_str(), detail);
+        count_malformed(self.control, &mut self.read, count, self.fail_on_bad, bad)
     }
 
     fn control(&self) -> &IngestControl {

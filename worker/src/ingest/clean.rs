@@ -47,6 +47,31 @@ pub fn canonical_integer(s: &str, out: &mut String) -> bool {
 // ---------------------------------------------------------------------------
 // Cleaning
 
+/// Counts a malformed record as read and dropped (`count`: its reason's
+/// counter); under `on_bad_rows = "fail"` (`fail`) it is the split's error,
+/// naming the file, data row, reason and what is wrong.
+pub(crate) fn count_malformed(
+    control: &IngestControl,
+    read: &mut u64,
+    count: &mut u64,
+    fail: bool,
+    (file, row, reason, detail): (&str, u64, &'static str, String),
+) -> Result<(), WorkerError> {
+    control.check()?;
+    control.rows_read.fetch_add(1, Ordering::Relaxed);
+    *read += 1;
+    *count += 1;
+    if fail {
+        return Err(WorkerError::BadRow {
+            file: file.to_string(),
+            row,
+            reason,
+            detail,
+        });
+    }
+    Ok(())
+}
+
 /// What cleaning counted in one split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Counts {
@@ -147,6 +172,15 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
     /// The file of the split.
     pub(crate) fn file(&self) -> &'a str {
         self.file
+    }
+
+    /// Counts a malformed record (the next row in read order, data row `row`) as
+    /// read and dropped; under `on_bad_rows = "fail"` it is the split's error.
+    pub(crate) fn malformed(&mut self, row: u64, detail: String) -> Result<(), WorkerError> {
+        let count = &mut self.counts[DropReason::MalformedRow as usize];
+        let reason = DropReason::MalformedRow.as_str();
+        let bad = (self.file, row, reason, detail);
+        count_malformed(self.control, &mut self.read, count, self.fail_on_bad, bad)
     }
 
     /// Cleans `rows` rows of `cols`; `row_number` maps a row's index in read order

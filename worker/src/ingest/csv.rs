@@ -1,14 +1,20 @@
-//! CSV splits: one object (optionally gzip, several members allowed), streamed
-//! through the decoder in batches; every column is read as text.
+//! CSV splits: one object (optionally gzip, several members allowed), split into
+//! records by `csv-core` and handed on in batches of text columns. A record that
+//! is not a row of the header's columns (another number of fields, an unclosed
+//! quote that swallowed the rest of the file, a read field that is not UTF-8) is a
+//! malformed row: counted like any bad row, or the split's error under
+//! `on_bad_rows = "fail"`.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arrow::csv::reader::Decoder;
+use arrow::array::{ArrayRef, StringArray};
+use arrow::buffer::{NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::error::ArrowError;
 use async_compression::tokio::bufread::GzipDecoder;
+use csv_core::ReadRecordResult;
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use shoal_proto::{Location, StoreError, pb};
@@ -174,55 +180,218 @@ pub(crate) async fn read_csv(
     let schema = Arc::new(csv_schema(&head[bom..end.max(bom)], file)?);
     let projection = sink.plan(&schema, file)?;
 
-    let mut decoder = arrow::csv::ReaderBuilder::new(schema)
-        .with_header(true)
-        .with_batch_size(BATCH_ROWS)
-        .with_projection(projection)
-        .build_decoder();
-    let csv_err = |source| WorkerError::Csv {
-        file: file.to_string(),
-        source,
-    };
-    let flush = |decoder: &mut Decoder, sink: &mut (dyn Sink + Send)| -> Result<(), WorkerError> {
-        if let Some(batch) = decoder.flush().map_err(csv_err)? {
-            sink.batch(batch.columns(), batch.num_rows(), &|index| index + 1)?;
-        }
-        Ok(())
-    };
-    // Feeds bytes to the decoder, handing every full batch to the sink.
-    let feed = |decoder: &mut Decoder,
-                sink: &mut (dyn Sink + Send),
-                buf: &[u8]|
-     -> Result<usize, WorkerError> {
-        let n = decoder.decode(buf).map_err(csv_err)?;
-        if decoder.capacity() == 0 {
-            flush(decoder, sink)?;
-        } else if n == 0 && !buf.is_empty() {
-            return Err(csv_err(ArrowError::CsvError(
-                "the CSV decoder made no progress".to_string(),
-            )));
-        }
-        Ok(n)
-    };
-
-    let mut pending = &head[bom..];
-    while !pending.is_empty() {
-        let n = feed(&mut decoder, sink, pending)?;
-        pending = &pending[n..];
-    }
+    let mut records = Records::new(file, schema.fields().len(), projection);
+    records.feed(&head[bom..], sink)?;
     loop {
         let buf = reader.fill_buf().await.map_err(io_err)?;
         if buf.is_empty() {
             break;
         }
-        let n = feed(&mut decoder, sink, buf)?;
+        let n = buf.len();
+        records.feed(buf, sink)?;
         reader.as_mut().consume(n);
         super::put_ready(sink).await?;
     }
     // End of input: completes a last record without a line end.
-    feed(&mut decoder, sink, &[])?;
-    flush(&mut decoder, sink)?;
+    records.feed(&[], sink)?;
+    records.flush(sink)?;
     Ok(fetched.load(Ordering::Relaxed))
+}
+
+/// One text column of a batch being built: the values' bytes and their offsets
+/// (an empty field is null, as in Arrow's CSV reader).
+struct TextColumn {
+    values: Vec<u8>,
+    offsets: Vec<i32>,
+}
+
+impl TextColumn {
+    fn new() -> TextColumn {
+        TextColumn {
+            values: Vec::new(),
+            offsets: vec![0],
+        }
+    }
+
+    fn push(&mut self, field: &[u8]) {
+        self.values.extend_from_slice(field);
+        self.offsets.push(self.values.len() as i32);
+    }
+
+    /// The column as an Arrow array (its bytes were checked to be UTF-8 field by
+    /// field); leaves the builder empty, with room for as much again.
+    fn finish(&mut self) -> Result<ArrayRef, ArrowError> {
+        let (values, offsets) = (self.values.capacity(), self.offsets.capacity());
+        let values = std::mem::replace(&mut self.values, Vec::with_capacity(values));
+        let offsets = std::mem::replace(&mut self.offsets, Vec::with_capacity(offsets));
+        self.offsets.push(0);
+        let present: Vec<bool> = offsets.windows(2).map(|w| w[1] > w[0]).collect();
+        let nulls = NullBuffer::from(present);
+        let nulls = (nulls.null_count() > 0).then_some(nulls);
+        let offsets = OffsetBuffer::new(ScalarBuffer::from(offsets));
+        Ok(std::sync::Arc::new(StringArray::try_new(
+            offsets,
+            values.into(),
+            nulls,
+        )?))
+    }
+}
+
+/// Splits the bytes of a CSV object into records (`csv-core`: RFC 4180 quoting,
+/// any line end, blank lines skipped) and builds text columns of the planned
+/// fields, [`BATCH_ROWS`] rows at a time. The first record is the header.
+struct Records<'a> {
+    file: &'a str,
+    reader: csv_core::Reader,
+    /// The header's field count: every row must have as many.
+    fields: usize,
+    /// The planned fields (sorted input column indices).
+    projection: Vec<usize>,
+    /// The record being read, which may span several pieces of input: its
+    /// unescaped bytes and the end of each field.
+    bytes: Vec<u8>,
+    bytes_len: usize,
+    ends: Vec<usize>,
+    ends_len: usize,
+    header_read: bool,
+    /// Data records read (the header not counted).
+    records: u64,
+    columns: Vec<TextColumn>,
+    rows: usize,
+}
+
+impl<'a> Records<'a> {
+    fn new(file: &'a str, fields: usize, projection: Vec<usize>) -> Records<'a> {
+        Records {
+            file,
+            reader: csv_core::Reader::new(),
+            fields,
+            columns: projection.iter().map(|_| TextColumn::new()).collect(),
+            projection,
+            bytes: vec![0; 4096],
+            bytes_len: 0,
+            ends: vec![0; fields.max(1) + 1],
+            ends_len: 0,
+            header_read: false,
+            records: 0,
+            rows: 0,
+        }
+    }
+
+    /// Reads the records `input` completes (an empty `input` ends the object),
+    /// handing full batches and malformed rows to `sink`.
+    fn feed(&mut self, mut input: &[u8], sink: &mut (dyn Sink + Send)) -> Result<(), WorkerError> {
+        loop {
+            let (result, read, written, ended) = self.reader.read_record(
+                input,
+                &mut self.bytes[self.bytes_len..],
+                &mut self.ends[self.ends_len..],
+            );
+            input = &input[read..];
+            self.bytes_len += written;
+            self.ends_len += ended;
+            match result {
+                ReadRecordResult::InputEmpty | ReadRecordResult::End => return Ok(()),
+                ReadRecordResult::OutputFull => {
+                    let grown = self.bytes.len() * 2;
+                    self.bytes.resize(grown, 0);
+                }
+                ReadRecordResult::OutputEndsFull => {
+                    let grown = self.ends.len() * 2;
+                    self.ends.resize(grown, 0);
+                }
+                ReadRecordResult::Record => {
+                    let fields = self.ends_len;
+                    self.bytes_len = 0;
+                    self.ends_len = 0;
+                    if !self.header_read {
+                        self.header_read = true;
+                        continue;
+                    }
+                    self.records += 1;
+                    self.record(fields, sink)?;
+                }
+            }
+        }
+    }
+
+    /// The record just read (`fields` fields): a row of the batch, or a
+    /// malformed row for the sink.
+    fn record(&mut self, fields: usize, sink: &mut (dyn Sink + Send)) -> Result<(), WorkerError> {
+        let line = || self.reader.line();
+        if fields != self.fields {
+            return self.malformed(
+                sink,
+                format!(
+                    "{fields} fields where the header has {} (record ending on line {}; \
+                     an unclosed quote makes one record of the lines after it)",
+                    self.fields,
+                    line()
+                ),
+            );
+        }
+        let field = |ends: &[usize], i: usize| {
+            let start = if i == 0 { 0 } else { ends[i - 1] };
+            start..ends[i]
+        };
+        let ends = &self.ends[..fields];
+        // An ASCII record (nearly every one) has UTF-8 fields; any other is
+        // checked field by field (a field's bytes alone must be text).
+        let ascii = self.bytes[..ends.last().copied().unwrap_or(0)].is_ascii();
+        if let Some(&bad) = self
+            .projection
+            .iter()
+            .filter(|_| !ascii)
+            .find(|&&i| std::str::from_utf8(&self.bytes[field(ends, i)]).is_err())
+        {
+            return self.malformed(
+                sink,
+                format!(
+                    "field {} (record ending on line {}) is not UTF-8 text",
+                    bad + 1,
+                    line()
+                ),
+            );
+        }
+        for (column, &i) in self.columns.iter_mut().zip(&self.projection) {
+            column.push(&self.bytes[field(ends, i)]);
+        }
+        self.rows += 1;
+        if self.rows == BATCH_ROWS {
+            self.flush(sink)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the rows before a malformed one to the sink, then the malformed
+    /// row: rows reach the sink in the file's order.
+    fn malformed(
+        &mut self,
+        sink: &mut (dyn Sink + Send),
+        detail: String,
+    ) -> Result<(), WorkerError> {
+        self.flush(sink)?;
+        sink.malformed(self.records, detail)
+    }
+
+    /// Hands the rows built so far to the sink as one batch.
+    fn flush(&mut self, sink: &mut (dyn Sink + Send)) -> Result<(), WorkerError> {
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let columns = self
+            .columns
+            .iter_mut()
+            .map(TextColumn::finish)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| WorkerError::Arrow {
+                file: self.file.to_string(),
+                source,
+            })?;
+        let rows = std::mem::take(&mut self.rows);
+        // every record so far is a row the sink has seen, in order
+        sink.batch(&columns, rows, &|index| index + 1)
+    }
 }
 
 // ---------------------------------------------------------------------------

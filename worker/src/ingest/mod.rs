@@ -4,8 +4,8 @@
 //! A split is a whole CSV object (optionally gzip) or some row groups of a Parquet
 //! object, always read through `object_store`. Every data row is counted: it is
 //! either kept (and staged, see [`crate::staging`]) or dropped under exactly one
-//! reason ([`DropReason`]), checked in a fixed order. Bad rows (unparseable values, missing
-//! times) fail the split when `input.clean.on_bad_rows = "fail"`; cleaning drops
+//! reason ([`DropReason`]), checked in a fixed order. Bad rows (malformed CSV records,
+//! unparseable values, missing times) fail the split when `input.clean.on_bad_rows = "fail"`; cleaning drops
 //! (missing users, cancellations, values below the minimums) never do.
 //!
 //! Each kept row carries its event weight (`[input.events]` by the value of
@@ -19,6 +19,7 @@ mod parquet;
 mod time;
 
 pub use clean::canonical_integer;
+pub(crate) use clean::count_malformed;
 pub(crate) use columns::{Num, Numbers, decoded, describe_text, find_column, numbers, user_text};
 pub use time::{TimeParser, parse_iso_ms};
 
@@ -45,6 +46,9 @@ const BATCH_ROWS: usize = 8192;
 /// the first reason that applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
+    /// A CSV record with another number of fields than the header, or a read
+    /// field that is not UTF-8.
+    MalformedRow,
     MissingUser,
     BadUser,
     CancelledOrder,
@@ -58,7 +62,8 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
+        DropReason::MalformedRow,
         DropReason::MissingUser,
         DropReason::BadUser,
         DropReason::CancelledOrder,
@@ -74,6 +79,7 @@ impl DropReason {
     /// The key in `RowCounts.dropped`.
     pub fn as_str(self) -> &'static str {
         match self {
+            DropReason::MalformedRow => "malformed_row",
             DropReason::MissingUser => "missing_user",
             DropReason::BadUser => "bad_user",
             DropReason::CancelledOrder => "cancelled_order",
@@ -293,6 +299,10 @@ pub(crate) trait Sink {
         rows: usize,
         row_number: &dyn Fn(u64) -> u64,
     ) -> Result<(), WorkerError>;
+    /// A record of a CSV file that is not a row of its header's columns (see
+    /// [`csv`]): read, and dropped as a bad row. `row` is its 1-based data row;
+    /// every row before it has been handed over.
+    fn malformed(&mut self, row: u64, detail: String) -> Result<(), WorkerError>;
     /// The job's cancellation and counters.
     fn control(&self) -> &IngestControl;
     /// Staged objects ready to be put, which the reader puts between batches.
@@ -322,6 +332,10 @@ impl<S: RowSink> Sink for (Cleaner<'_, S>, Option<Plan>) {
         let plan = self.1.as_ref().expect("planned");
         let cols = Prepared::new(plan, columns, self.0.file())?;
         self.0.batch(plan, &cols, rows, row_number)
+    }
+
+    fn malformed(&mut self, row: u64, detail: String) -> Result<(), WorkerError> {
+        self.0.malformed(row, detail)
     }
 
     fn control(&self) -> &IngestControl {
@@ -943,6 +957,66 @@ x,not-a-date,x,1,1";
     }
 
     #[tokio::test]
+    async fn malformed_records_are_counted_bad_rows_in_file_order() {
+        let fx = Fixture::new();
+        let head =
+            "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n";
+        let good =
+            |order: u32| format!("{order},85123A,HEART,6,2010-12-01 08:26:00,2.55,17850,UK\n");
+        let mut csv = head.as_bytes().to_vec();
+        csv.extend(good(1).bytes());
+        csv.extend(b"2,85123A,short row\n"); // data row 2: 3 fields
+        csv.extend(good(3).bytes());
+        csv.extend(b"4,85123A,CAF\xe9,6,2010-12-01 08:26:00,2.55,17850,UK\n"); // row 4: not UTF-8
+        csv.extend(good(5).bytes());
+        csv.extend(b"6,85123A,CAFE,6,2010-12-01 08:26:00,2.55,17850,UK,extra\n"); // row 6: 9 fields
+        csv.extend(good(7).bytes());
+        csv.extend(b"8,85123A,\"unclosed,6,2010-12-01 08:26:00,2.55,17850,UK\n"); // row 8 swallows the rest
+        csv.extend(good(9).bytes());
+        let url = fx.put("bad.csv", csv).await;
+        let spec = retail_spec();
+        let result = fx
+            .ingest(&spec, &split_of(&url, "csv", false))
+            .await
+            .unwrap();
+        let counts = result.counts.clone().unwrap();
+        assert_eq!((counts.read, counts.kept), (8, 4));
+        assert_eq!(dropped_of(&result), dropped(&[("malformed_row", 4)]));
+
+        // Under "fail" the first one stops the split, named by file and data row.
+        let mut strict = retail_spec();
+        strict.input.clean.on_bad_rows = OnBadRows::Fail;
+        let split = split_of(&url, "csv", false);
+        let err = fx.ingest(&strict, &split).await.unwrap_err();
+        let WorkerError::BadRow {
+            row: 2,
+            reason: "malformed_row",
+            detail,
+            ..
+        } = &err
+        else {
+            panic!("expected data row 2 malformed, got {err}");
+        };
+        assert!(
+            detail.contains("3 fields where the header has 8"),
+            "{detail}"
+        );
+        assert!(err.to_string().contains(&url), "{err}");
+        // A byte that is not UTF-8 in a column the job reads is named too.
+        let mut csv = head.as_bytes().to_vec();
+        csv.extend(b"4,85123A,CAF\xe9,6,2010-12-01 08:26:00,2.55,17850,UK\n");
+        let url = fx.put("latin1.csv", csv).await;
+        let err = fx
+            .ingest(&strict, &split_of(&url, "csv", false))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("row 1") && err.to_string().contains("field 3"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
     async fn header_only_and_bom_files() {
         let fx = Fixture::new();
         let header = RETAIL_CSV.lines().next().unwrap();
@@ -1504,6 +1578,7 @@ shards = {SHARDS}
         assert_eq!(
             bad,
             [
+                "malformed_row",
                 "bad_user",
                 "missing_time",
                 "bad_time",

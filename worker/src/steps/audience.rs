@@ -114,6 +114,12 @@ impl Sink for Collect<'_> {
         Ok(())
     }
 
+    /// A malformed line of the list names no customer: skipped, as a blank or
+    /// non-integer id is.
+    fn malformed(&mut self, _row: u64, _detail: String) -> Result<(), WorkerError> {
+        Ok(())
+    }
+
     fn control(&self) -> &IngestControl {
         &self.control
     }
