@@ -15,6 +15,18 @@ pub enum CoordinatorError {
         "no rows are left after cleaning: read {read} rows, dropped {dropped}; check input.columns and input.clean"
     )]
     NothingKept { read: u64, dropped: String },
+    #[error(
+        "one customer would be read as two: the user column of {numeric} holds numbers (read \
+         as integers, `17850`), while {fractional} user ids in {text} are integers written with \
+         a fraction (such as `{example}`), which stay that text; set input.user_as_integer = \
+         true so that both read as the same integer"
+    )]
+    MixedIdForms {
+        numeric: String,
+        fractional: u64,
+        text: String,
+        example: String,
+    },
     #[error("segments.k = {k} but the input has only {users} users: lower k or add data")]
     TooFewUsers { k: u32, users: u64 },
     #[error("output.path `{url}` is a file; it must be a folder (or a prefix in an object store)")]
@@ -114,6 +126,7 @@ impl CoordinatorError {
             CoordinatorError::Spec(_)
             | CoordinatorError::EmptyInput { .. }
             | CoordinatorError::NothingKept { .. }
+            | CoordinatorError::MixedIdForms { .. }
             | CoordinatorError::TooFewUsers { .. }
             | CoordinatorError::OutputIsFile { .. }
             | CoordinatorError::ParquetFooter { .. }

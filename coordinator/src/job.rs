@@ -457,6 +457,7 @@ async fn drive(
             objects: inputs.len(),
         });
     }
+    output::check_id_forms(&split_results, &splits)?;
     if rows.kept == 0 {
         return Err(CoordinatorError::NothingKept {
             read: rows.read,

@@ -87,6 +87,47 @@ impl RowTally {
     }
 }
 
+/// Fails when the splits read one customer's id in two forms: some hold the user
+/// column as numbers (ids read as integers, `17850`) while text ids of others
+/// are integers written with a fraction (`17850.0`, which stays that text while
+/// `input.user_as_integer` is false). Names the files of each form.
+pub fn check_id_forms(
+    results: &[pb::SplitResult],
+    splits: &[pb::Split],
+) -> Result<(), CoordinatorError> {
+    let object = |r: &pb::SplitResult| {
+        splits
+            .iter()
+            .find(|s| s.index == r.split)
+            .map_or_else(|| format!("split {}", r.split), |s| s.object.clone())
+    };
+    let files = |pick: &dyn Fn(&pb::SplitResult) -> bool| {
+        let mut names: Vec<String> = results.iter().filter(|r| pick(r)).map(object).collect();
+        names.dedup();
+        let more = names.len().saturating_sub(3);
+        names.truncate(3);
+        let mut text = names.join(", ");
+        if more > 0 {
+            text.push_str(&format!(" and {more} more"));
+        }
+        text
+    };
+    let fractional: u64 = results.iter().map(|r| r.fractional_integer_ids).sum();
+    if fractional == 0 || !results.iter().any(|r| r.numeric_user_ids) {
+        return Ok(());
+    }
+    Err(CoordinatorError::MixedIdForms {
+        numeric: files(&|r| r.numeric_user_ids),
+        fractional,
+        text: files(&|r| r.fractional_integer_ids > 0),
+        example: results
+            .iter()
+            .find(|r| r.fractional_integer_ids > 0)
+            .map(|r| r.fractional_integer_example.clone())
+            .unwrap_or_default(),
+    })
+}
+
 /// Seconds spent per phase, in order.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PhaseTimes(pub Vec<(String, f64)>);
@@ -905,5 +946,45 @@ mod tests {
         // 2011-12-09 12:50:00 UTC, the last event of the Online Retail log
         assert_eq!(rfc3339(1_323_435_000_000), "2011-12-09T12:50:00.000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+    }
+
+    #[test]
+    fn an_id_read_as_a_number_and_as_text_with_a_fraction_is_refused() {
+        let split = |index: u32, object: &str| pb::Split {
+            index,
+            object: object.into(),
+            ..Default::default()
+        };
+        let splits = [split(0, "a.parquet"), split(1, "b.csv"), split(2, "c.csv")];
+        let numeric = pb::SplitResult {
+            split: 0,
+            numeric_user_ids: true,
+            ..Default::default()
+        };
+        let text = |split, n: u64| pb::SplitResult {
+            split,
+            fractional_integer_ids: n,
+            fractional_integer_example: if n > 0 {
+                "17850.0".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        };
+        // Either form alone is one customer per id.
+        check_id_forms(&[numeric.clone(), text(1, 0)], &splits).unwrap();
+        check_id_forms(&[text(1, 3), text(2, 1)], &splits).unwrap();
+        let err = check_id_forms(&[numeric, text(1, 3), text(2, 1)], &splits)
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "a.parquet",
+            "b.csv, c.csv",
+            "4 user ids",
+            "`17850.0`",
+            "user_as_integer",
+        ] {
+            assert!(err.contains(part), "{part}: {err}");
+        }
     }
 }

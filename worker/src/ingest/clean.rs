@@ -73,13 +73,19 @@ pub(crate) fn count_malformed(
 }
 
 /// What cleaning counted in one split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Counts {
     pub read: u64,
     pub kept: u64,
     pub min_time_ms: i64,
     pub max_time_ms: i64,
     dropped: [u64; DropReason::ALL.len()],
+    /// The user column holds numbers (Parquet): its ids read as integers.
+    pub numeric_user_ids: bool,
+    /// Text ids that are integers written with a fraction (`17850.0`), counted
+    /// while `input.user_as_integer` is false; the first of them.
+    pub fractional_integer_ids: u64,
+    pub fractional_integer_example: String,
 }
 
 impl Counts {
@@ -108,6 +114,10 @@ pub(crate) struct Cleaner<'a, S> {
     max_time_ms: i64,
     sink: S,
     user_buf: String,
+    /// See [`Counts`].
+    pub(crate) numeric_user_ids: bool,
+    fractional_integer_ids: u64,
+    fractional_integer_example: String,
     pub(crate) control: &'a IngestControl,
 }
 
@@ -143,6 +153,9 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
             max_time_ms: i64::MIN,
             sink,
             user_buf: String::new(),
+            numeric_user_ids: false,
+            fractional_integer_ids: 0,
+            fractional_integer_example: String::new(),
             control,
         })
     }
@@ -155,6 +168,9 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
             min_time_ms: self.min_time_ms,
             max_time_ms: self.max_time_ms,
             dropped: self.counts,
+            numeric_user_ids: self.numeric_user_ids,
+            fractional_integer_ids: self.fractional_integer_ids,
+            fractional_integer_example: self.fractional_integer_example,
         };
         (counts, self.sink)
     }
@@ -213,6 +229,9 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
             max_time_ms,
             sink,
             user_buf,
+            numeric_user_ids: _,
+            fractional_integer_ids,
+            fractional_integer_example,
             control: _,
         } = self;
         let column = |role: Role| plan.slot(role).map_or("", |s| s.column.as_str());
@@ -251,6 +270,14 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
                 }
                 user_buf.as_str()
             } else {
+                // `17850.0` as text is another id than `17850`: counted, so that
+                // a job that also reads the id as a number can say so.
+                if raw_user.contains('.') && canonical_integer(raw_user, user_buf) {
+                    if *fractional_integer_ids == 0 {
+                        *fractional_integer_example = raw_user.to_string();
+                    }
+                    *fractional_integer_ids += 1;
+                }
                 raw_user
             };
 

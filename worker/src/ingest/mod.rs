@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use arrow::array::ArrayRef;
-use arrow::datatypes::Schema;
+use arrow::datatypes::{DataType, Schema};
 use shoal_proto::Location;
 use shoal_proto::pb;
 use shoal_proto::spec::{Format, JobSpec};
@@ -198,6 +198,9 @@ pub async fn clean_split<S: RowSink + Send>(
             },
             bytes_read,
             staged: Vec::new(),
+            numeric_user_ids: counts.numeric_user_ids,
+            fractional_integer_ids: counts.fractional_integer_ids,
+            fractional_integer_example: counts.fractional_integer_example,
         },
         sink,
     ))
@@ -314,6 +317,12 @@ pub(crate) trait Sink {
 impl<S: RowSink> Sink for (Cleaner<'_, S>, Option<Plan>) {
     fn plan(&mut self, schema: &Schema, file: &str) -> Result<Vec<usize>, WorkerError> {
         let plan = Plan::new(self.0.spec(), schema, file)?;
+        if let Some(user) = find_column(schema, &self.0.spec().input.columns.user) {
+            self.0.numeric_user_ids |= match schema.field(user).data_type() {
+                DataType::Dictionary(_, values) => values.is_numeric(),
+                t => t.is_numeric(),
+            };
+        }
         let projection = plan.projection.clone();
         self.1 = Some(plan);
         Ok(projection)
