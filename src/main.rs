@@ -55,7 +55,7 @@ enum Command {
     /// Segment the bundled Online Retail log with in-process workers over loopback gRPC.
     Demo {
         /// Workers to start.
-        #[arg(long, env = "SHOAL_WORKERS", default_value_t = 2)]
+        #[arg(long, env = "SHOAL_WORKERS", default_value_t = 2, value_parser = at_least_one())]
         workers: u32,
         /// Output folder (default: out/online-retail).
         #[arg(long, env = "SHOAL_OUTPUT")]
@@ -74,7 +74,7 @@ enum Command {
         #[arg(env = "SHOAL_SPEC")]
         spec: PathBuf,
         /// Workers to start (default: the spec's cluster.workers).
-        #[arg(long, env = "SHOAL_WORKERS")]
+        #[arg(long, env = "SHOAL_WORKERS", value_parser = at_least_one())]
         workers: Option<u32>,
         /// Compute device, overriding the spec's cluster.device: auto | cpu | cuda.
         #[arg(long, env = "SHOAL_DEVICE")]
@@ -107,7 +107,7 @@ enum Command {
         #[arg(long, env = "SHOAL_OUTPUT")]
         output: String,
         /// Workers to start (default: the model's cluster.workers).
-        #[arg(long, env = "SHOAL_WORKERS")]
+        #[arg(long, env = "SHOAL_WORKERS", value_parser = at_least_one())]
         workers: Option<u32>,
         /// Compute device: auto | cpu | cuda.
         #[arg(long, env = "SHOAL_DEVICE")]
@@ -320,8 +320,26 @@ fn init_tracing(format: LogFormat, filter: &str) {
     }
 }
 
+/// A command whose output is piped into another that stops reading (`shoal jobs |
+/// head -1`) ends quietly, as other command-line tools do, rather than failing
+/// on its next line of output. The servers keep Rust's default (a closed pipe is
+/// an error they log past).
+#[cfg(unix)]
+fn end_quietly_on_a_closed_pipe(command: &Command) {
+    if !matches!(
+        command,
+        Command::Coordinator { .. } | Command::Worker { .. }
+    ) {
+        // SAFETY: restoring a signal's default disposition, before any thread
+        // runs; sockets write with MSG_NOSIGNAL and never raise it.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(unix)]
+    end_quietly_on_a_closed_pipe(&cli.command);
     init_tracing(cli.log_format, &cli.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -343,6 +361,11 @@ fn main() -> ExitCode {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `--workers`: a count of at least one, as `cluster.workers` in a spec.
+fn at_least_one() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..)
+}
 
 /// A memory size as `--memory-limit` takes it.
 fn memory_size(text: &str) -> Result<u64, String> {
@@ -374,18 +397,20 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             device,
             memory_limit,
         } => {
-            // The bundled data lives in the repository; run from anywhere.
-            let base = if Path::new("data/online-retail").is_dir() {
-                cwd()?
+            // The bundled data lives in the repository, found from anywhere; the
+            // output goes under the current folder (or to --output).
+            let here = cwd()?;
+            let data = if here.join("data/online-retail").is_dir() {
+                here.clone()
             } else {
                 PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             };
             let mut spec = JobSpec::parse(DEMO_SPEC)?;
-            spec.resolve_paths(&base);
+            spec.input.interactions = data.join(&spec.input.interactions).display().to_string();
             if let Some(out) = output {
                 spec.output.path = out;
-                spec.resolve_paths(&cwd()?);
             }
+            spec.resolve_paths(&here);
             spec.cluster.device = device;
             run_in_process(spec, workers, memory_limit).await
         }

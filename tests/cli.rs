@@ -228,3 +228,27 @@ async fn operators_submit_watch_list_and_cancel_jobs_with_the_cli() {
         unknown.text()
     );
 }
+
+/// `shoal demo` from any folder finds the bundled log and writes under that
+/// folder, naming where.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_writes_its_output_under_the_current_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let ran = run_shoal_in(
+        Some(dir.path()),
+        &["demo", "--workers", "1", "--device", "cpu"],
+        &[],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{}", ran.text());
+    let out = dir.path().join("out/online-retail");
+    let manifest = read_manifest(&out);
+    assert!(!manifest.files.is_empty(), "{}", ran.text());
+    assert!(
+        ran.stdout
+            .contains(&format!("outputs in file://{}", out.display())),
+        "{}",
+        ran.text()
+    );
+    assert_eq!(read_report(&out)["rows"]["read"], 541_909);
+}

@@ -703,9 +703,6 @@ impl Ran {
     }
 }
 
-/// Runs `shoal ARGS` with `env` to its end (off the async runtime's threads), its
-/// standard output a pipe (not a terminal). Killed, and the test failed, if it
-/// runs longer than [`DEADLINE`].
 /// `shoal assign` of `input` (and the features.extra table `extra`) against
 /// `model`, with two CPU workers.
 pub async fn shoal_assign(model: &str, input: &str, extra: Option<&str>, output: &str) -> Ran {
@@ -717,8 +714,19 @@ pub async fn shoal_assign(model: &str, input: &str, extra: Option<&str>, output:
     run_shoal(&args, &[]).await
 }
 
+/// Runs `shoal ARGS` with `env` to its end (off the async runtime's threads), its
+/// standard output a pipe (not a terminal). Killed, and the test failed, if it
+/// runs longer than [`DEADLINE`].
 pub async fn run_shoal(args: &[&str], env: &[(&str, &str)]) -> Ran {
+    run_shoal_in(None, args, env).await
+}
+
+/// [`run_shoal`] in the folder `dir` (else this process's).
+pub async fn run_shoal_in(dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Ran {
     let mut cmd = shoal();
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
     cmd.args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())

@@ -1,0 +1,270 @@
+//! Bad input through the real command line (`shoal run`: a coordinator and two
+//! workers in one process over loopback gRPC). Each case ends in a counted skip
+//! or in a clear error that names the file, row or field and says what to do;
+//! none panics.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+
+const HEAD: &str = "order_id,customer,ts,sku,qty,unit_price\n";
+
+/// 60 good rows: 20 customers (`1000` … `1019`) with 3 orders each, in two
+/// groups that buy different items.
+fn good_rows() -> String {
+    let mut rows = String::new();
+    for u in 0..20 {
+        for j in 0..3 {
+            let sku = (u % 2) * 5 + j;
+            rows.push_str(&format!(
+                "{},{},2024-0{}-1{} 10:00:00,S{sku},{},2.5\n",
+                u * 10 + j,
+                1000 + u,
+                1 + j,
+                u % 9,
+                1 + j
+            ));
+        }
+    }
+    rows
+}
+
+/// A spec reading `input` into `dir/out` with k = 2, after `edits` (pairs of
+/// text and its replacement in the TOML); its path.
+fn spec_file(dir: &Path, input: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let mut toml = planted_spec(Path::new(input), &dir.join("out"), 2).to_toml();
+    for (from, to) in edits {
+        assert!(toml.contains(from), "{from} in\n{toml}");
+        toml = toml.replacen(from, to, 1);
+    }
+    let path = dir.join("job.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+async fn run(spec: &Path) -> Ran {
+    let spec = spec.to_str().unwrap();
+    run_shoal(&["run", spec, "--workers", "2", "--device", "cpu"], &[]).await
+}
+
+/// The job failed (exit 1) with an error holding every one of `parts`, and
+/// nothing panicked.
+fn assert_refused(ran: &Ran, parts: &[&str]) {
+    assert_eq!(ran.code, Some(1), "{}", ran.text());
+    for part in parts {
+        assert!(ran.stderr.contains(part), "`{part}` in {}", ran.text());
+    }
+    assert!(!ran.stderr.contains("panicked"), "{}", ran.text());
+}
+
+/// A log with four malformed records among the good rows: a short row, a field
+/// that is not UTF-8, a row with a field too many, and an unclosed quote on the
+/// last row (which swallows the line after it).
+fn write_malformed_log(path: &Path) {
+    let mut bytes = HEAD.as_bytes().to_vec();
+    bytes.extend(good_rows().bytes());
+    bytes.extend(b"900,1000\n");
+    bytes.extend(b"901,10\xe901,2024-01-01 10:00:00,S1,1,2.5\n");
+    bytes.extend(b"902,1001,2024-01-01 10:00:00,S1,1,2.5,surplus\n");
+    bytes.extend(b"903,1002,2024-01-01 10:00:00,\"S1,1,2.5\n");
+    bytes.extend(b"904,1003,2024-01-01 10:00:00,S1,1,2.5\n");
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_csv_records_are_counted_under_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    write_malformed_log(&input);
+    let spec = spec_file(dir.path(), input.to_str().unwrap(), &[]);
+    let ran = run(&spec).await;
+    assert_eq!(ran.code, Some(0), "{}", ran.text());
+    assert!(ran.stdout.contains("malformed_row 4"), "{}", ran.text());
+    let report = read_report(&dir.path().join("out"));
+    assert_eq!(report["rows"]["read"], 64, "{report}");
+    assert_eq!(report["rows"]["kept"], 60, "{report}");
+    assert_eq!(report["rows"]["dropped"]["malformed_row"], 4, "{report}");
+    assert_eq!(report["users"], 20, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_record_under_fail_names_the_file_and_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    write_malformed_log(&input);
+    let spec = spec_file(
+        dir.path(),
+        input.to_str().unwrap(),
+        &[("on_bad_rows = \"skip\"", "on_bad_rows = \"fail\"")],
+    );
+    let ran = run(&spec).await;
+    assert_refused(
+        &ran,
+        &[
+            "log.csv",
+            "row 61",
+            "malformed_row",
+            "2 fields where the header has 6",
+        ],
+    );
+    assert!(
+        !dir.path().join("out/_SUCCESS").exists(),
+        "a failed job leaves no manifest"
+    );
+}
+
+/// `dir/ids.parquet`: the good rows with the customer column as float64.
+fn write_float_id_parquet(path: &Path) {
+    use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};
+    use arrow::record_batch::RecordBatch;
+    use std::sync::Arc;
+    let rows = good_rows();
+    let fields: Vec<Vec<&str>> = rows.lines().map(|l| l.split(',').collect()).collect();
+    let text = |i: usize| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(fields.iter().map(|f| f[i])))
+    };
+    let float = |i: usize| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(
+            fields.iter().map(|f| f[i].parse::<f64>().unwrap()),
+        ))
+    };
+    let qty: ArrayRef = Arc::new(Int64Array::from_iter_values(
+        fields.iter().map(|f| f[4].parse::<i64>().unwrap()),
+    ));
+    let batch = RecordBatch::try_from_iter([
+        ("order_id", text(0)),
+        ("customer", float(1)),
+        ("ts", text(2)),
+        ("sku", text(3)),
+        ("qty", qty),
+        ("unit_price", float(5)),
+    ])
+    .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_read_as_a_number_and_as_text_with_a_fraction_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    write_float_id_parquet(&logs.join("a.parquet"));
+    // The same customers in a CSV export that wrote them as `1000.0`.
+    let csv: String = good_rows()
+        .lines()
+        .map(|l| {
+            let mut f: Vec<String> = l.split(',').map(str::to_string).collect();
+            f[0] = format!("c{}", f[0]);
+            f[1].push_str(".0");
+            f.join(",") + "\n"
+        })
+        .collect();
+    std::fs::write(logs.join("b.csv"), format!("{HEAD}{csv}")).unwrap();
+    let input = format!("{}/*", logs.display());
+    let spec = spec_file(dir.path(), &input, &[]);
+    assert_refused(
+        &run(&spec).await,
+        &[
+            "a.parquet",
+            "b.csv",
+            "`1000.0`",
+            "input.user_as_integer = true",
+        ],
+    );
+
+    // Asked to, both forms read as one integer: 20 customers, not 40.
+    let spec = spec_file(
+        dir.path(),
+        &input,
+        &[("user_as_integer = false", "user_as_integer = true")],
+    );
+    let ran = run(&spec).await;
+    assert_eq!(ran.code, Some(0), "{}", ran.text());
+    let report = read_report(&dir.path().join("out"));
+    assert_eq!(report["users"], 20, "{report}");
+    assert_eq!(report["rows"]["kept"], 120, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_workers_and_too_many_shards_are_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    std::fs::write(&input, format!("{HEAD}{}", good_rows())).unwrap();
+    let spec = spec_file(dir.path(), input.to_str().unwrap(), &[]);
+    let spec_arg = spec.to_str().unwrap();
+    let ran = run_shoal(&["run", spec_arg, "--workers", "0"], &[]).await;
+    assert_eq!(ran.code, Some(2), "{}", ran.text());
+    assert!(ran.stderr.contains("'0' for '--workers"), "{}", ran.text());
+
+    let spec = spec_file(
+        dir.path(),
+        input.to_str().unwrap(),
+        &[("shards = 6", "shards = 65536")],
+    );
+    assert_refused(
+        &run(&spec).await,
+        &["cluster.shards", "between 1 and 4096", "65536"],
+    );
+    assert!(!dir.path().join("out").exists(), "nothing was written");
+}
+
+/// `shoal run … | head -1`: the command ends when its reader goes, without a
+/// panic and without waiting on anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_read_by_a_command_that_stops_early_ends_the_run_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    std::fs::write(&input, format!("{HEAD}{}", good_rows())).unwrap();
+    let spec = spec_file(dir.path(), input.to_str().unwrap(), &[]);
+    let mut cmd = shoal();
+    cmd.args([
+        "run",
+        spec.to_str().unwrap(),
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let status = tokio::task::spawn_blocking(move || {
+        let mut child = Proc(cmd.spawn().expect("run shoal"));
+        let mut first = String::new();
+        let mut out = BufReader::new(child.0.stdout.take().unwrap());
+        out.read_line(&mut first).unwrap();
+        assert!(first.starts_with("job "), "{first}");
+        drop(out);
+        let mut err = child.0.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut text);
+            text
+        });
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the run did not end");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let stderr = stderr.join().unwrap();
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        status
+    })
+    .await
+    .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(SIGPIPE), "{status:?}");
+}
+
+/// SIGPIPE's number on Linux (and the other platforms shoal builds for).
+const SIGPIPE: i32 = 13;
