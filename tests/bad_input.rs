@@ -117,6 +117,63 @@ async fn a_malformed_record_under_fail_names_the_file_and_row() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_numbers_and_future_times_are_counted_bad_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    let mut rows: Vec<String> = good_rows().lines().map(str::to_string).collect();
+    let mut edit = |row: usize, field: usize, value: &str| {
+        let mut f: Vec<&str> = rows[row].split(',').collect();
+        f[field] = value;
+        rows[row] = f.join(",");
+    };
+    edit(0, 4, "1e308");
+    edit(1, 5, "-2e20");
+    edit(2, 2, "9999-01-01 10:00:00");
+    std::fs::write(&input, format!("{HEAD}{}\n", rows.join("\n"))).unwrap();
+    let spec = spec_file(dir.path(), input.to_str().unwrap(), &[]);
+    let ran = run(&spec).await;
+    assert_eq!(ran.code, Some(0), "{}", ran.text());
+    let report = read_report(&dir.path().join("out"));
+    let dropped = &report["rows"]["dropped"];
+    assert_eq!(dropped["bad_quantity"], 1, "{report}");
+    assert_eq!(dropped["bad_price"], 1, "{report}");
+    assert_eq!(dropped["bad_time"], 1, "{report}");
+    // recency is measured from the latest real event, not from year 9999
+    assert!(
+        report["reference_time"]
+            .as_str()
+            .unwrap()
+            .starts_with("2024-"),
+        "{report}"
+    );
+
+    let spec = spec_file(
+        dir.path(),
+        input.to_str().unwrap(),
+        &[("on_bad_rows = \"skip\"", "on_bad_rows = \"fail\"")],
+    );
+    assert_refused(
+        &run(&spec).await,
+        &["log.csv", "row 1", "`qty`", "1e308 is beyond ±1e15"],
+    );
+}
+
+/// Every row's price beyond the limit: the job says nothing was left and why,
+/// instead of failing later on an infinite feature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_of_huge_prices_fails_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    let rows = good_rows().replace(",2.5\n", ",1e308\n");
+    std::fs::write(&input, format!("{HEAD}{rows}")).unwrap();
+    let spec = spec_file(dir.path(), input.to_str().unwrap(), &[]);
+    assert_refused(
+        &run(&spec).await,
+        &["no rows are left after cleaning", "60 bad_price"],
+    );
+}
+
 /// `dir/ids.parquet`: the good rows with the customer column as float64.
 fn write_float_id_parquet(path: &Path) {
     use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};

@@ -47,6 +47,23 @@ pub fn canonical_integer(s: &str, out: &mut String) -> bool {
 // ---------------------------------------------------------------------------
 // Cleaning
 
+/// The largest quantity, price or amount (in absolute value) a row may hold: far
+/// above any real order, and far enough below a float's range that a customer's
+/// sums and the ALS confidences stay finite (a quantity of 1e308 made them
+/// infinite, and the job failed in ALS without naming the row).
+pub const MAX_VALUE: f64 = 1e15;
+
+/// How far past this worker's clock an event time may be (ms): clocks differ a
+/// little; an event dated later (year 9999) is a bad time, not every customer's
+/// recency moved by millennia.
+const FUTURE_SLACK_MS: i64 = 24 * 3600 * 1000;
+
+/// `ms` as people read it (RFC 3339, UTC).
+fn utc_text(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map_or_else(|| format!("{ms} ms"), |t| t.to_rfc3339())
+}
+
 /// Counts a malformed record as read and dropped (`count`: its reason's
 /// counter); under `on_bad_rows = "fail"` (`fail`) it is the split's error,
 /// naming the file, data row, reason and what is wrong.
@@ -107,6 +124,8 @@ pub(crate) struct Cleaner<'a, S> {
     min_quantity: Option<f64>,
     min_price: Option<f64>,
     time: TimeParser,
+    /// Event times after this (ms) are bad: see [`FUTURE_SLACK_MS`].
+    latest_ms: i64,
     counts: [u64; DropReason::ALL.len()],
     read: u64,
     kept: u64,
@@ -146,6 +165,7 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
             min_quantity: input.clean.min_quantity,
             min_price: input.clean.min_price,
             time: TimeParser::new(input.time_format.as_deref())?,
+            latest_ms: chrono::Utc::now().timestamp_millis() + FUTURE_SLACK_MS,
             counts: [0; DropReason::ALL.len()],
             read: 0,
             kept: 0,
@@ -222,6 +242,7 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
             min_quantity,
             min_price,
             time,
+            latest_ms,
             counts,
             read,
             kept,
@@ -235,6 +256,8 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
             control: _,
         } = self;
         let column = |role: Role| plan.slot(role).map_or("", |s| s.column.as_str());
+        let beyond =
+            |v: f64| format!("{v:e} is beyond ±{MAX_VALUE:e}, the largest value shoal takes");
         for i in 0..rows {
             let index = *read;
             *read += 1;
@@ -319,11 +342,25 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
                     },
                 },
             };
+            if time_ms > *latest_ms {
+                drop_row!(
+                    DropReason::BadTime,
+                    Role::Time,
+                    format!(
+                        "{} is in the future (after {}, this worker's clock and a day)",
+                        utc_text(time_ms),
+                        utc_text(*latest_ms)
+                    )
+                );
+            }
 
             // 5. quantity
             let quantity = match &cols.quantity {
                 None => 1.0,
                 Some(q) => match q.get(i) {
+                    Num::Value(v) if v.abs() > MAX_VALUE => {
+                        drop_row!(DropReason::BadQuantity, Role::Quantity, beyond(v))
+                    }
                     Num::Value(v) => {
                         if min_quantity.is_some_and(|min| v < min) {
                             drop_row!(DropReason::QuantityBelowMin, Role::Quantity, v);
@@ -342,6 +379,9 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
             let price = match &cols.price {
                 None => None,
                 Some(p) => match p.get(i) {
+                    Num::Value(v) if v.abs() > MAX_VALUE => {
+                        drop_row!(DropReason::BadPrice, Role::Price, beyond(v))
+                    }
                     Num::Value(v) => {
                         if min_price.is_some_and(|min| v <= min) {
                             drop_row!(DropReason::PriceAtOrBelowMin, Role::Price, v);
@@ -360,6 +400,9 @@ impl<'a, S: RowSink> Cleaner<'a, S> {
             let amount = match &cols.amount {
                 None => None,
                 Some(a) => match a.get(i) {
+                    Num::Value(v) if v.abs() > MAX_VALUE => {
+                        drop_row!(DropReason::BadAmount, Role::Amount, beyond(v))
+                    }
                     Num::Value(v) => Some(v),
                     Num::Missing | Num::Bad => drop_row!(
                         DropReason::BadAmount,
