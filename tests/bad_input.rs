@@ -174,6 +174,30 @@ async fn a_log_of_huge_prices_fails_saying_why() {
     );
 }
 
+/// A file that is not a table is not echoed into the error; an empty one says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_is_no_table_is_refused_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("shadow.csv");
+    std::fs::write(
+        &secret,
+        "root:$6$salt$hash:19000:0:99999:7:::\nbin:*:19000::::::\n",
+    )
+    .unwrap();
+    let spec = spec_file(dir.path(), secret.to_str().unwrap(), &[]);
+    let ran = run(&spec).await;
+    assert_refused(
+        &ran,
+        &["`customer`", "shadow", "does not read as column names"],
+    );
+    assert!(!ran.stderr.contains("root:"), "{}", ran.text());
+
+    let empty = dir.path().join("empty.csv");
+    std::fs::write(&empty, "").unwrap();
+    let spec = spec_file(dir.path(), empty.to_str().unwrap(), &[]);
+    assert_refused(&run(&spec).await, &["empty.csv", "it has no columns"]);
+}
+
 /// `dir/ids.parquet`: the good rows with the customer column as float64.
 fn write_float_id_parquet(path: &Path) {
     use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};

@@ -4,6 +4,30 @@
 use shoal_kernels::KernelError;
 use shoal_proto::{SpecError, StoreError};
 
+/// The columns a file has, for an error saying one is missing: their names when
+/// they read as column names, else only how many there are. A file that is not
+/// a table (a key file named by mistake or on purpose) must not have its first
+/// line echoed into a job's error.
+fn columns_text(present: &[String]) -> String {
+    let name_like = |name: &String| {
+        !name.is_empty()
+            && name.chars().count() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_alphanumeric() || " _-.()#%&+".contains(c))
+    };
+    match present {
+        [] => "it has no columns (is it empty, or without a header line?)".to_string(),
+        names if names.iter().all(name_like) => format!("columns are: {}", names.join(", ")),
+        names => format!(
+            "its first line does not read as column names ({} field{}, not shown): is it the \
+             table the spec means?",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" }
+        ),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
@@ -12,7 +36,10 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
-    #[error("column `{column}` (input.columns.{field}) not found in {file}; columns are: {}", present.join(", "))]
+    #[error(
+        "column `{column}` (input.columns.{field}) not found in {file}; {}",
+        columns_text(present)
+    )]
     MissingColumn {
         file: String,
         field: &'static str,
@@ -109,7 +136,10 @@ pub enum WorkerError {
     },
     #[error("the shards of job {job} do not agree: {detail}")]
     Inconsistent { job: String, detail: String },
-    #[error("column `{column}` ({field}) not found in the features.extra table {file}; columns are: {}", present.join(", "))]
+    #[error(
+        "column `{column}` ({field}) not found in the features.extra table {file}; {}",
+        columns_text(present)
+    )]
     ExtraMissingColumn {
         file: String,
         field: &'static str,
