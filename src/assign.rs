@@ -28,6 +28,12 @@ pub async fn assign_spec(
         }
     };
     let model = absolute(model);
+    if !model.contains("://") && !Path::new(&model).is_dir() {
+        return Err(format!(
+            "--model {model}: no such folder; give the output folder of a finished shoal job"
+        )
+        .into());
+    }
     let folder = store::resolve(&model)?;
     let manifest = match folder.child(MANIFEST).head().await? {
         Some(_) => {

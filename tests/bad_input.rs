@@ -198,6 +198,40 @@ async fn a_file_that_is_no_table_is_refused_without_echoing_it() {
     assert_refused(&run(&spec).await, &["empty.csv", "it has no columns"]);
 }
 
+/// Relative paths climbing out of the folder shoal runs in resolve (the
+/// README's promise); a model folder that does not exist is named as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_with_dot_dot_resolve_and_a_missing_model_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("log.csv"), format!("{HEAD}{}", good_rows())).unwrap();
+    let specs = dir.path().join("specs");
+    std::fs::create_dir(&specs).unwrap();
+    let toml = planted_spec(Path::new("../log.csv"), Path::new("../out"), 2).to_toml();
+    std::fs::write(specs.join("job.toml"), toml).unwrap();
+    // resolved against the folder shoal runs in
+    let args = ["run", "job.toml", "--workers", "2", "--device", "cpu"];
+    let ran = run_shoal_in(Some(&specs), &args, &[]).await;
+    assert_eq!(ran.code, Some(0), "{}", ran.text());
+    assert!(dir.path().join("out/_SUCCESS").exists(), "{}", ran.text());
+
+    let missing = dir.path().join("no-such-model");
+    let log = dir.path().join("log.csv");
+    let out = dir.path().join("scored");
+    let ran = shoal_assign(
+        missing.to_str().unwrap(),
+        log.to_str().unwrap(),
+        None,
+        out.to_str().unwrap(),
+    )
+    .await;
+    assert_eq!(ran.code, Some(1), "{}", ran.text());
+    assert!(
+        ran.stderr.contains("no-such-model: no such folder"),
+        "{}",
+        ran.text()
+    );
+}
+
 /// `dir/ids.parquet`: the good rows with the customer column as float64.
 fn write_float_id_parquet(path: &Path) {
     use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};

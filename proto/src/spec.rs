@@ -612,8 +612,8 @@ impl JobSpec {
     /// Makes every relative local path absolute against `base`. URLs are left alone.
     pub fn resolve_paths(&mut self, base: &Path) {
         fn fix(s: &mut String, base: &Path) {
-            if !s.contains("://") && !Path::new(s.as_str()).is_absolute() {
-                *s = base.join(s.as_str()).display().to_string();
+            if !s.contains("://") {
+                *s = lexical(&base.join(s.as_str())).display().to_string();
             }
         }
         fix(&mut self.input.interactions, base);
@@ -989,6 +989,26 @@ impl JobSpec {
     pub fn staging_for(&self, job: &crate::JobId) -> String {
         format!("{}/{}", self.staging_base().trim_end_matches('/'), job)
     }
+}
+
+/// `path` without `.` and `..` components, taken lexically (`logs/../in/*.csv`
+/// is `in/*.csv`): object stores take no `..`, and a spec's relative paths may
+/// climb out of its folder. A `..` above the root stays at the root.
+fn lexical(path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() && !out.has_root() {
+                    out.push(part);
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// The spec `shoal demo` runs: the bundled Online Retail log.
@@ -1622,6 +1642,13 @@ path = "out"
         u.resolve_paths(Path::new("/srv"));
         assert_eq!(u.output.path, "file:///tmp/x");
         assert_eq!(u.features.extra, "/srv/profiles/*.parquet");
+        // `.` and `..` are taken out (object stores refuse them), globs kept.
+        let mut r = demo();
+        r.input.interactions = "../logs/./2024/**/*.csv".into();
+        r.output.path = "/data/../../out".into();
+        r.resolve_paths(Path::new("/srv/shoal/specs"));
+        assert_eq!(r.input.interactions, "/srv/shoal/logs/2024/**/*.csv");
+        assert_eq!(r.output.path, "/out");
         // Without a table nothing is made up, and the table's users default to
         // the interactions' user column.
         let d = demo();
