@@ -7,7 +7,7 @@ mod client;
 mod watch;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use shoal_coordinator::{CoordinatorConfig, StateConfig, spawn_coordinator};
+use shoal_coordinator::{AllowList, CoordinatorConfig, StateConfig, spawn_coordinator};
 use shoal_kernels::Backend;
 use shoal_kernels::device::DeviceChoice;
 use shoal_proto::JobSpec;
@@ -83,6 +83,10 @@ enum Command {
         /// container's) memory shared between the workers.
         #[arg(long, env = "SHOAL_MEMORY_LIMIT", value_parser = memory_size)]
         memory_limit: Option<u64>,
+        /// A folder the job may read and write besides the current one and the
+        /// system's temporary folder; repeat for more.
+        #[arg(long = "allow-path", env = "SHOAL_ALLOW_PATH", value_delimiter = ',')]
+        allow_path: Vec<PathBuf>,
     },
     /// Score the users of a new interaction log against a finished job's model
     /// (fold-in): their factors solved with the model's item factors fixed, RFM
@@ -132,6 +136,11 @@ enum Command {
         /// Bearer token of the workers (default: the operators' token).
         #[arg(long, env = "SHOAL_WORKER_TOKEN", hide_env_values = true)]
         worker_token: Option<String>,
+        /// A folder or object-store prefix (s3://bucket/prefix) jobs may read and
+        /// write; repeat for more. Without one, no local path is allowed; without
+        /// an object-store one, every object store is (its credentials decide).
+        #[arg(long = "allow-path", env = "SHOAL_ALLOW_PATH", value_delimiter = ',')]
+        allow_path: Vec<String>,
         #[command(flatten)]
         serving: Serving,
     },
@@ -412,20 +421,21 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             }
             spec.resolve_paths(&here);
             spec.cluster.device = device;
-            run_in_process(spec, workers, memory_limit).await
+            run_in_process(spec, workers, memory_limit, &[data]).await
         }
         Command::Run {
             spec,
             workers,
             device,
             memory_limit,
+            allow_path,
         } => {
             let mut spec = JobSpec::from_file(&spec, &cwd()?)?;
             if let Some(device) = device {
                 spec.cluster.device = device;
             }
             let workers = workers.unwrap_or(spec.cluster.workers);
-            run_in_process(spec, workers, memory_limit).await
+            run_in_process(spec, workers, memory_limit, &allow_path).await
         }
         Command::Assign {
             model,
@@ -441,7 +451,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 spec.cluster.device = device;
             }
             let workers = workers.unwrap_or(spec.cluster.workers);
-            run_in_process(spec, workers, None).await
+            run_in_process(spec, workers, None, &[]).await
         }
         Command::Coordinator {
             listen,
@@ -450,6 +460,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             worker_wait_secs,
             token,
             worker_token,
+            allow_path,
             serving,
         } => {
             let shutdown = CancellationToken::new();
@@ -461,6 +472,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                     worker_wait: Duration::from_secs(worker_wait_secs),
                     worker_token: worker_token.or_else(|| token.clone()),
                     tls_ca: serving.client.tls_ca.clone(),
+                    allow: AllowList::of(&allow_path, &cwd()?),
                     ..StateConfig::default()
                 },
                 operator_token: token,
@@ -633,13 +645,30 @@ fn stop_on_signal(shutdown: CancellationToken) {
 
 /// A coordinator and `workers` workers in this process, on loopback ports, talking
 /// real gRPC; the job is submitted and watched through the operators' API.
+///
+/// Jobs may use the current folder, the system's temporary folder, the folders
+/// in `also` and any object store.
 async fn run_in_process(
     spec: JobSpec,
     workers: u32,
     memory_limit: Option<u64>,
+    also: &[PathBuf],
 ) -> Result<ExitCode, BoxError> {
     let shutdown = CancellationToken::new();
-    let coordinator = spawn_coordinator(CoordinatorConfig::default(), shutdown.clone()).await?;
+    let here = cwd()?;
+    let allowed: Vec<String> = [here.clone(), std::env::temp_dir()]
+        .iter()
+        .chain(also)
+        .map(|p| p.display().to_string())
+        .collect();
+    let config = CoordinatorConfig {
+        state: StateConfig {
+            allow: AllowList::of(&allowed, &here),
+            ..StateConfig::default()
+        },
+        ..CoordinatorConfig::default()
+    };
+    let coordinator = spawn_coordinator(config, shutdown.clone()).await?;
     let url = coordinator.url();
     // One backend shared by the in-process workers (one device, one set of kernels).
     let (backend, why) = backend(spec.cluster.device)?;

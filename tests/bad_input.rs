@@ -232,6 +232,32 @@ async fn paths_with_dot_dot_resolve_and_a_missing_model_is_named() {
     );
 }
 
+/// Jobs use only the locations allowed: `shoal run` the current folder, the
+/// temporary folder and those given with --allow-path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locations_outside_the_allowed_ones_are_refused_at_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    std::fs::write(&input, format!("{HEAD}{}", good_rows())).unwrap();
+    let spec = spec_file(dir.path(), "/etc/passwd", &[]);
+    let ran = run(&spec).await;
+    assert_refused(
+        &ran,
+        &[
+            "input.interactions `/etc/passwd` is outside",
+            "--allow-path",
+        ],
+    );
+    assert!(!ran.stderr.contains("root:"), "{}", ran.text());
+    let spec = spec_file(
+        dir.path(),
+        input.to_str().unwrap(),
+        &[("path = \"", "path = \"/etc/shoal-out\"\n# \"")],
+    );
+    assert_refused(&run(&spec).await, &["output.path `/etc/shoal-out`"]);
+    assert!(!Path::new("/etc/shoal-out").exists());
+}
+
 /// `dir/ids.parquet`: the good rows with the customer column as float64.
 fn write_float_id_parquet(path: &Path) {
     use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};

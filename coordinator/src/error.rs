@@ -27,6 +27,15 @@ pub enum CoordinatorError {
         text: String,
         example: String,
     },
+    #[error(
+        "{field} `{path}` is outside the locations this coordinator lets jobs use ({allowed}); \
+         use one of those, or allow it with --allow-path (of `shoal coordinator` or `shoal run`)"
+    )]
+    PathNotAllowed {
+        field: &'static str,
+        path: String,
+        allowed: String,
+    },
     #[error("segments.k = {k} but the input has only {users} users: lower k or add data")]
     TooFewUsers { k: u32, users: u64 },
     #[error("output.path `{url}` is a file; it must be a folder (or a prefix in an object store)")]
@@ -127,6 +136,7 @@ impl CoordinatorError {
             | CoordinatorError::EmptyInput { .. }
             | CoordinatorError::NothingKept { .. }
             | CoordinatorError::MixedIdForms { .. }
+            | CoordinatorError::PathNotAllowed { .. }
             | CoordinatorError::TooFewUsers { .. }
             | CoordinatorError::OutputIsFile { .. }
             | CoordinatorError::ParquetFooter { .. }

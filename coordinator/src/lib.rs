@@ -3,6 +3,7 @@
 //! the workers, merges their partial results in shard order ([`kmeans`]) and writes
 //! the job-level outputs and the manifest ([`output`]).
 
+pub mod allow;
 pub mod error;
 pub mod extra;
 pub mod grpc;
@@ -14,6 +15,7 @@ pub mod output;
 pub mod placement;
 pub mod state;
 
+pub use allow::AllowList;
 pub use error::CoordinatorError;
 pub use state::StateConfig;
 

@@ -102,6 +102,8 @@ pub struct StateConfig {
     pub tls_ca: Option<std::path::PathBuf>,
     /// Where the job drivers count their figures (the HTTP `/metrics` reads them).
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// The locations jobs may read and write; checked at submission.
+    pub allow: crate::allow::AllowList,
 }
 
 impl Default for StateConfig {
@@ -114,6 +116,7 @@ impl Default for StateConfig {
             worker_token: None,
             tls_ca: None,
             metrics: crate::metrics::Metrics::new(),
+            allow: crate::allow::AllowList::default(),
         }
     }
 }
@@ -154,6 +157,7 @@ impl StateHandle {
     }
 
     pub async fn submit(&self, spec: JobSpec) -> Result<JobId, CoordinatorError> {
+        self.config.allow.check(&spec)?;
         self.ask(|reply| Event::Submit {
             spec: Box::new(spec),
             reply,

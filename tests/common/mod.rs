@@ -638,6 +638,9 @@ pub fn coordinator_process_with(env: &[(&str, &str)]) -> (Proc, String) {
     use std::io::{BufRead, BufReader};
     let mut child = shoal()
         .args(["coordinator", "--listen", "127.0.0.1:0"])
+        // the tests' folders and the bundled data
+        .args(["--allow-path", &std::env::temp_dir().display().to_string()])
+        .args(["--allow-path", env!("CARGO_MANIFEST_DIR")])
         .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
