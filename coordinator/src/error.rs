@@ -63,6 +63,16 @@ pub enum CoordinatorError {
         step: &'static str,
         status: tonic::Status,
     },
+    #[error(
+        "worker {worker} ({address}) was lost in {step}: no heartbeat for {}s, it was dropped; \
+         the job stops (resubmit it: the other workers take its place)", timeout.as_secs()
+    )]
+    WorkerLost {
+        worker: String,
+        address: String,
+        step: &'static str,
+        timeout: std::time::Duration,
+    },
     #[error("cannot connect to worker {worker} at {address}: {source}")]
     Connect {
         worker: String,
@@ -123,7 +133,7 @@ impl CoordinatorError {
                     | tonic::Code::FailedPrecondition
                     | tonic::Code::DeadlineExceeded
             ),
-            CoordinatorError::Connect { .. } => true,
+            CoordinatorError::Connect { .. } | CoordinatorError::WorkerLost { .. } => true,
             _ => false,
         }
     }
@@ -146,9 +156,9 @@ impl CoordinatorError {
             CoordinatorError::Store(StoreError::Io { .. }) => Code::Unavailable,
             CoordinatorError::Store(_) => Code::InvalidArgument,
             CoordinatorError::Write { .. } | CoordinatorError::Protocol { .. } => Code::Internal,
-            CoordinatorError::NoWorkers { .. } | CoordinatorError::Connect { .. } => {
-                Code::Unavailable
-            }
+            CoordinatorError::NoWorkers { .. }
+            | CoordinatorError::Connect { .. }
+            | CoordinatorError::WorkerLost { .. } => Code::Unavailable,
             CoordinatorError::Worker { status, .. } => status.code(),
             CoordinatorError::Cancelled => Code::Cancelled,
             CoordinatorError::OverBudget { .. } => Code::ResourceExhausted,

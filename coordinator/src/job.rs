@@ -33,6 +33,8 @@ const INIT_STARTS: usize = 10;
 /// Users in the silhouette sample.
 const SILHOUETTE_SAMPLE: u32 = 10_000;
 const ATTEMPT: u32 = 1;
+/// How often a call in flight checks that its worker is still registered.
+const LIVENESS_POLL: Duration = Duration::from_secs(1);
 
 pub struct JobContext {
     pub id: JobId,
@@ -77,7 +79,19 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
     };
     // Workers forget the job and stop its work (all at once, each bounded); then
     // staging is removed, after the last write a worker could make into it.
-    let members = std::mem::take(&mut *crew.lock().expect("crew lock"));
+    // A worker dropped for missed heartbeats is released in the background: the
+    // job's end does not wait on it (should it wake, it gets the release then).
+    let mut members = std::mem::take(&mut *crew.lock().expect("crew lock"));
+    if let Ok(live) = ctx.state.workers().await {
+        let (here, gone): (Vec<Member>, Vec<Member>) = members
+            .into_iter()
+            .partition(|m| live.iter().any(|w| w.id == m.worker.id));
+        members = here;
+        for m in gone {
+            let (job, span) = (ctx.id.clone(), span.clone());
+            tokio::spawn(async move { release(&m, &job, &span).await });
+        }
+    }
     let started = Instant::now();
     futures::future::join_all(members.iter().map(|m| release(m, &ctx.id, &span))).await;
     if !members.is_empty() {
@@ -147,23 +161,47 @@ async fn release(m: &Member, job: &JobId, span: &tracing::Span) {
 struct Member {
     worker: WorkerEntry,
     client: WorkerServiceClient<AuthChannel>,
+    /// Where the worker's liveness is kept (its heartbeats).
+    state: StateHandle,
 }
 
 impl Member {
+    /// Calls the worker. A worker dropped for missed heartbeats (frozen, or its
+    /// host gone without closing the connection) ends the call with an error
+    /// naming it, instead of leaving the job waiting on an answer that never
+    /// comes.
     async fn call<T, F, Fut>(&self, step: &'static str, f: F) -> Result<T, CoordinatorError>
     where
         F: FnOnce(WorkerServiceClient<AuthChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        f(self.client.clone())
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|status| CoordinatorError::Worker {
+        let call = f(self.client.clone());
+        let lost = async {
+            loop {
+                tokio::time::sleep(LIVENESS_POLL).await;
+                if let Ok(live) = self.state.workers().await
+                    && !live.iter().any(|w| w.id == self.worker.id)
+                {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            answer = call => answer
+                .map(|r| r.into_inner())
+                .map_err(|status| CoordinatorError::Worker {
+                    worker: self.worker.id.to_string(),
+                    address: self.worker.address.clone(),
+                    step,
+                    status,
+                }),
+            () = lost => Err(CoordinatorError::WorkerLost {
                 worker: self.worker.id.to_string(),
                 address: self.worker.address.clone(),
                 step,
-                status,
-            })
+                timeout: self.state.config.worker_timeout,
+            }),
+        }
     }
 }
 
@@ -171,6 +209,7 @@ async fn connect(
     worker: WorkerEntry,
     token: WithToken,
     ca: Option<&std::path::Path>,
+    state: StateHandle,
 ) -> Result<Member, CoordinatorError> {
     let endpoint = tls::endpoint(&worker.address, ca)
         .map_err(|e| CoordinatorError::Protocol {
@@ -190,7 +229,11 @@ async fn connect(
     let client = WorkerServiceClient::with_interceptor(channel, token)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    Ok(Member { worker, client })
+    Ok(Member {
+        worker,
+        client,
+        state,
+    })
 }
 
 async fn wait_for_workers(state: &StateHandle) -> Result<Vec<WorkerEntry>, CoordinatorError> {
@@ -382,7 +425,12 @@ async fn drive(
         }
     })?;
     let ca = ctx.state.config.tls_ca.as_deref();
-    let crew = try_join_all(workers.into_iter().map(|w| connect(w, token.clone(), ca))).await?;
+    let crew = try_join_all(
+        workers
+            .into_iter()
+            .map(|w| connect(w, token.clone(), ca, ctx.state.clone())),
+    )
+    .await?;
     *crew_slot.lock().expect("crew lock") = crew.clone();
     let mut d = Driver {
         ctx,
