@@ -279,6 +279,9 @@ pub fn describe(s: &JobStatus) -> String {
             }
         ));
     }
+    if s.attempt > 1 {
+        text.push_str(&format!("\nrecovered: {}", s.recovery));
+    }
     if !s.error.is_empty() {
         text.push_str(&format!("\nerror: {}", s.error));
     }

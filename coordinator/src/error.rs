@@ -64,14 +64,25 @@ pub enum CoordinatorError {
         status: tonic::Status,
     },
     #[error(
-        "worker {worker} ({address}) was lost in {step}: no heartbeat for {}s, it was dropped; \
-         the job stops (resubmit it: the other workers take its place)", timeout.as_secs()
+        "worker {worker} ({address}) was lost in {step}: no heartbeat for {}s, it was dropped",
+        timeout.as_secs()
     )]
     WorkerLost {
         worker: String,
         address: String,
         step: &'static str,
         timeout: std::time::Duration,
+    },
+    #[error(
+        "{step} failed {attempts} time(s), as many as cluster.max_attempts = {max} allows{lost}; the last time: {cause}"
+    )]
+    StepFailed {
+        step: String,
+        attempts: u32,
+        max: u32,
+        /// ", losing worker-1 (shards 0, 3)" or empty.
+        lost: String,
+        cause: Box<CoordinatorError>,
     },
     #[error("cannot connect to worker {worker} at {address}: {source}")]
     Connect {
@@ -130,6 +141,8 @@ impl CoordinatorError {
             CoordinatorError::Worker { status, .. } => matches!(
                 status.code(),
                 tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Aborted
                     | tonic::Code::FailedPrecondition
                     | tonic::Code::DeadlineExceeded
             ),
@@ -160,6 +173,7 @@ impl CoordinatorError {
             | CoordinatorError::Connect { .. }
             | CoordinatorError::WorkerLost { .. } => Code::Unavailable,
             CoordinatorError::Worker { status, .. } => status.code(),
+            CoordinatorError::StepFailed { cause, .. } => cause.code(),
             CoordinatorError::Cancelled => Code::Cancelled,
             CoordinatorError::OverBudget { .. } => Code::ResourceExhausted,
             CoordinatorError::UnknownJob(_) => Code::NotFound,

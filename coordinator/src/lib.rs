@@ -12,7 +12,7 @@ pub mod kmeans;
 pub mod metrics;
 pub mod model;
 pub mod output;
-pub mod placement;
+
 pub mod state;
 
 pub use allow::AllowList;

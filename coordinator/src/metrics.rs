@@ -24,6 +24,7 @@ pub struct Metrics {
     workers: Gauge,
     rows_read: Counter,
     bytes_read: Counter,
+    recoveries: Counter,
     phase_seconds: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
@@ -39,6 +40,7 @@ impl Metrics {
             workers: Gauge::default(),
             rows_read: Counter::default(),
             bytes_read: Counter::default(),
+            recoveries: Counter::default(),
             phase_seconds: Family::new_with_constructor(phase_histogram),
         })
     }
@@ -64,6 +66,11 @@ impl Metrics {
             m.bytes_read.clone(),
         );
         r.register(
+            "recoveries",
+            "Times a job recovered from a lost worker or a step a retry mends",
+            m.recoveries.clone(),
+        );
+        r.register(
             "phase_seconds",
             "Wall time of each phase of finished jobs",
             m.phase_seconds.clone(),
@@ -75,6 +82,11 @@ impl Metrics {
     pub fn ingested(&self, rows: u64, bytes: u64) {
         self.rows_read.inc_by(rows);
         self.bytes_read.inc_by(bytes);
+    }
+
+    /// A job recovered and goes on with its next attempt.
+    pub fn recovered(&self) {
+        self.recoveries.inc();
     }
 
     /// The phases of a job that got to its outputs.

@@ -3,7 +3,6 @@
 //! of all the `_SUCCESS` manifest.
 
 use crate::CoordinatorError;
-use crate::job::JobContext;
 use crate::kmeans;
 use arrow::array::{
     Array, ArrayRef, Float32Builder, Float64Array, ListBuilder, StringArray, UInt32Array,
@@ -614,7 +613,7 @@ pub struct Report {
 impl Report {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        ctx: &JobContext,
+        ctx: Job<'_>,
         rows: &RowTally,
         users: u64,
         features: &[String],
@@ -672,6 +671,13 @@ impl Report {
             seconds,
         }
     }
+}
+
+/// The job the outputs are of.
+#[derive(Clone, Copy)]
+pub struct Job<'a> {
+    pub id: &'a shoal_proto::JobId,
+    pub spec: &'a shoal_proto::JobSpec,
 }
 
 /// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).
@@ -848,7 +854,7 @@ async fn check_listed(output: &Location, files: &[FileEntry]) -> Result<(), Coor
 /// workers' and its own, exists with its size, and writes the manifest last.
 #[allow(clippy::too_many_arguments)]
 pub async fn write_all(
-    ctx: &JobContext,
+    ctx: Job<'_>,
     output: &Location,
     inputs: &[InputObject],
     finals: &[pb::ShardFinal],

@@ -40,6 +40,9 @@ pub struct Progress {
     pub bytes_total: Option<u64>,
     /// ingest: bytes fetched so far
     pub bytes_read: Option<u64>,
+    /// The job's attempt, and what its last recovery did.
+    pub attempt: Option<u32>,
+    pub recovery: Option<String>,
 }
 
 enum Event {
@@ -395,6 +398,12 @@ impl State {
                         }
                         if let Some(i) = progress.iteration {
                             s.iteration = i;
+                        }
+                        if let Some(a) = progress.attempt {
+                            s.attempt = a;
+                        }
+                        if let Some(r) = &progress.recovery {
+                            s.recovery = r.clone();
                         }
                         if let Some(x) = progress.inertia {
                             s.inertia = x;

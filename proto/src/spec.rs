@@ -348,6 +348,10 @@ pub struct AlsSpec {
     /// Conjugate-gradient steps per factor solve, 1..=64.
     #[serde(default = "default_cg_steps")]
     pub cg_steps: u32,
+    /// The factors are written to staging every this many iterations and after
+    /// the last one (1..=1000): a job that loses a worker resumes ALS there.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u32,
 }
 
 fn default_factors() -> u32 {
@@ -362,6 +366,9 @@ fn default_regularization() -> f64 {
 fn default_alpha() -> f64 {
     40.0
 }
+fn default_checkpoint_every() -> u32 {
+    5
+}
 fn default_cg_steps() -> u32 {
     3
 }
@@ -375,6 +382,7 @@ impl Default for AlsSpec {
             alpha: default_alpha(),
             confidence: Confidence::default(),
             cg_steps: default_cg_steps(),
+            checkpoint_every: default_checkpoint_every(),
         }
     }
 }
@@ -515,6 +523,10 @@ pub struct ClusterSpec {
     /// else CPU) | cpu | cuda (fails where there is no CUDA device).
     #[serde(default)]
     pub device: Device,
+    /// How many times a step is tried (1..=100) when workers are lost or fail
+    /// in a way a retry can mend; then the job fails naming the step.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -556,6 +568,9 @@ fn default_shards() -> u32 {
 fn default_workers() -> u32 {
     2
 }
+fn default_max_attempts() -> u32 {
+    3
+}
 
 impl Default for ClusterSpec {
     fn default() -> Self {
@@ -564,6 +579,7 @@ impl Default for ClusterSpec {
             workers: default_workers(),
             staging: None,
             device: Device::Auto,
+            max_attempts: default_max_attempts(),
         }
     }
 }
@@ -875,6 +891,15 @@ impl JobSpec {
                 format!("must be between 1 and {MAX_CG_STEPS}, got {}", als.cg_steps),
             ));
         }
+        if als.checkpoint_every == 0 || als.checkpoint_every > MAX_ALS_ITERATIONS {
+            return Err(invalid(
+                "als.checkpoint_every",
+                format!(
+                    "must be between 1 and {MAX_ALS_ITERATIONS}, got {}",
+                    als.checkpoint_every
+                ),
+            ));
+        }
         if self.recommend.top_n > MAX_TOP_N {
             return Err(invalid(
                 "recommend.top_n",
@@ -927,6 +952,12 @@ impl JobSpec {
         }
         if cl.workers == 0 {
             return Err(invalid("cluster.workers", "must be at least 1"));
+        }
+        if cl.max_attempts == 0 || cl.max_attempts > 100 {
+            return Err(invalid(
+                "cluster.max_attempts",
+                format!("must be between 1 and 100, got {}", cl.max_attempts),
+            ));
         }
         if let Some(staging) = &cl.staging
             && staging.trim().is_empty()
@@ -1149,6 +1180,7 @@ path = "out"
                 alpha: 40.0,
                 confidence: Confidence::Linear,
                 cg_steps: 3,
+                checkpoint_every: 5,
             }
         );
         assert_eq!(
@@ -1236,6 +1268,14 @@ path = "out"
             (with("seed = 42", "seed = \"x\""), "seed"),
             (with("shards = 8", "shards = 0"), "cluster.shards"),
             (with("shards = 8", "shards = 65536"), "between 1 and 4096"),
+            (
+                with("shards = 8", "shards = 8\nmax_attempts = 0"),
+                "cluster.max_attempts",
+            ),
+            (
+                with("cg_steps = 3", "cg_steps = 3\ncheckpoint_every = 0"),
+                "als.checkpoint_every",
+            ),
             (with("workers = 2", "workers = 0"), "cluster.workers"),
             (
                 with("workers = 2", "workers = 2\nstaging = \" \""),
@@ -1597,6 +1637,7 @@ path = "out"
                 alpha: 12.5,
                 confidence: Confidence::Log,
                 cg_steps: 5,
+                checkpoint_every: 5,
             }
         );
         assert_eq!(

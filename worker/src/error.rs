@@ -101,6 +101,14 @@ pub enum WorkerError {
     DeviceUnavailable { wanted: &'static str, have: String },
     #[error("job {job} was cancelled (released on this worker); its work stopped")]
     Cancelled { job: String },
+    #[error(
+        "job {job}: attempt {attempt} was superseded by attempt {current} on this worker; its results are refused"
+    )]
+    StaleAttempt {
+        job: String,
+        attempt: u32,
+        current: u32,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -227,6 +235,7 @@ impl WorkerError {
                 Code::FailedPrecondition
             }
             WorkerError::Cancelled { .. } => Code::Cancelled,
+            WorkerError::StaleAttempt { .. } => Code::Aborted,
             WorkerError::Peer { .. } => Code::Unavailable,
             WorkerError::StaleFactors { .. } => Code::FailedPrecondition,
             WorkerError::Inconsistent { .. } => Code::Internal,

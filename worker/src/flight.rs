@@ -72,13 +72,17 @@ impl Shelf {
         );
     }
 
-    /// Publishes `version` of a shard's factors (its keys must be on the shelf),
-    /// shared with whoever else holds them (the backend's own copy, on the CPU).
+    /// Publishes `version` of a shard's factors (its keys must be on the shelf,
+    /// as `keys`: the shelf's own list, published by the same load), shared with
+    /// whoever else holds them (the backend's own copy, on the CPU). The factors
+    /// of a load a later attempt superseded are refused.
+    #[allow(clippy::too_many_arguments)]
     pub fn put_factors(
         &self,
         job: &str,
         side: Side,
         shard: u32,
+        keys: &Arc<Vec<u64>>,
         version: u32,
         f: usize,
         values: impl Into<Arc<Vec<f32>>>,
@@ -91,6 +95,15 @@ impl Shelf {
                 job: job.to_string(),
                 shard,
             })?;
+        if !Arc::ptr_eq(&entry.keys, keys) {
+            return Err(WorkerError::Inconsistent {
+                job: job.to_string(),
+                detail: format!(
+                    "{} shard {shard}: factors of a load a later attempt replaced; not published",
+                    side.as_str()
+                ),
+            });
+        }
         if values.len() != entry.keys.len() * f {
             return Err(WorkerError::Inconsistent {
                 job: job.to_string(),
@@ -668,10 +681,11 @@ mod tests {
     #[test]
     fn shelf_answers_runs_like_the_rows_they_stand_for() {
         let shelf = Shelf::default();
-        shelf.put_keys("j", Side::Users, 0, Arc::new((0..6).collect()), None);
+        let keys = Arc::new((0..6).collect());
+        shelf.put_keys("j", Side::Users, 0, Arc::clone(&keys), None);
         let values: Vec<f32> = (0..12).map(|v| v as f32).collect();
         shelf
-            .put_factors("j", Side::Users, 0, 3, 2, values)
+            .put_factors("j", Side::Users, 0, &keys, 3, 2, values)
             .unwrap();
         for rows in [vec![1, 2, 3, 5, 0], vec![4, 5], vec![2]] {
             let (listed, runs) = ticket_rows(rows.clone());
@@ -704,7 +718,15 @@ mod tests {
             .unwrap_err();
         assert!(matches!(early, WorkerError::StaleFactors { .. }), "{early}");
         shelf
-            .put_factors("j", Side::Items, 2, 1, 2, vec![0., 1., 10., 11., 20., 21.])
+            .put_factors(
+                "j",
+                Side::Items,
+                2,
+                &keys,
+                1,
+                2,
+                vec![0., 1., 10., 11., 20., 21.],
+            )
             .unwrap();
         assert_eq!(
             shelf
@@ -726,10 +748,24 @@ mod tests {
         assert_eq!(shelf.answer(&t).unwrap(), Answer::Ids(ids));
         t.ids = false;
         t.keys = true;
-        assert_eq!(shelf.answer(&t).unwrap(), Answer::Keys(keys));
+        assert_eq!(shelf.answer(&t).unwrap(), Answer::Keys(keys.clone()));
         assert!(
             shelf
-                .put_factors("j", Side::Items, 2, 2, 2, vec![0.0; 5])
+                .put_factors("j", Side::Items, 2, &keys, 2, 2, vec![0.0; 5])
+                .is_err()
+        );
+        // a list of the same keys, but not the one on the shelf: another load's
+        assert!(
+            shelf
+                .put_factors(
+                    "j",
+                    Side::Items,
+                    2,
+                    &Arc::new(vec![10, 20, 30]),
+                    2,
+                    2,
+                    vec![0.0; 6]
+                )
                 .is_err()
         );
         shelf.drop_job("j");

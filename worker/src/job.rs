@@ -88,6 +88,9 @@ pub struct ItemNames {
 }
 
 pub struct JobState {
+    /// The attempt whose load made this state: steps of another attempt are
+    /// refused.
+    pub attempt: u32,
     /// The job's spec, as the load received it.
     pub spec: Arc<shoal_proto::JobSpec>,
     pub shards: BTreeMap<u32, Shard>,
@@ -157,13 +160,17 @@ pub fn stop_if_cancelled(cancel: &CancellationToken, job: &str) -> Result<(), Wo
 /// `control`, and every step of the job runs as a task of `tasks`, so the release
 /// can wait until they have all stopped.
 pub struct JobRun {
+    /// The coordinator's attempt this record runs: a request of a later attempt
+    /// supersedes it (its tasks are cancelled), one of an earlier is refused.
+    pub attempt: u32,
     pub control: IngestControl,
     pub tasks: TaskTracker,
 }
 
 impl JobRun {
-    pub fn new(job: &str) -> JobRun {
+    pub fn new(job: &str, attempt: u32) -> JobRun {
         JobRun {
+            attempt,
             control: IngestControl {
                 job: job.to_string(),
                 ..IngestControl::default()
@@ -229,6 +236,41 @@ impl Runs {
     }
 }
 
+impl Runs {
+    /// The record of `job`'s work for a request of `attempt` (0: whichever
+    /// attempt runs): the live one of that attempt, a new one when the request is
+    /// of a later attempt (the earlier one's tasks are cancelled and `true` says
+    /// the job's state must go), or an error for an earlier attempt or a
+    /// released job.
+    pub fn enter(&mut self, job: &str, attempt: u32) -> Result<(Arc<JobRun>, bool), WorkerError> {
+        if self.released.contains_key(job) {
+            return Err(WorkerError::Cancelled {
+                job: job.to_string(),
+            });
+        }
+        match self.live.get(job) {
+            Some(run) if attempt == 0 || run.attempt == attempt => Ok((run.clone(), false)),
+            Some(run) if attempt < run.attempt => Err(WorkerError::StaleAttempt {
+                job: job.to_string(),
+                attempt,
+                current: run.attempt,
+            }),
+            old => {
+                let superseded = old.cloned();
+                if let Some(old) = &superseded {
+                    old.control.cancel.cancel();
+                    old.tasks.close();
+                    self.forgotten.0 += old.control.rows_read.load(Ordering::Relaxed);
+                    self.forgotten.1 += old.control.bytes_read.load(Ordering::Relaxed);
+                }
+                let run = Arc::new(JobRun::new(job, attempt.max(1)));
+                self.live.insert(job.to_string(), run.clone());
+                Ok((run, superseded.is_some()))
+            }
+        }
+    }
+}
+
 /// The answer of a task of the job.
 pub async fn joined<T>(
     handle: tokio::task::JoinHandle<Result<T, WorkerError>>,
@@ -237,4 +279,41 @@ pub async fn joined<T>(
     handle
         .await
         .map_err(|e| WorkerError::InvalidRequest(format!("{what} did not finish: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A later attempt supersedes the live one (cancelling its work); an
+    /// earlier one is refused; 0 joins whichever runs; a released job refuses all.
+    #[test]
+    fn attempts_supersede_and_stale_ones_are_refused() {
+        let mut runs = Runs::default();
+        let (first, superseded) = runs.enter("j", 1).unwrap();
+        assert!(!superseded && first.attempt == 1);
+        let (same, superseded) = runs.enter("j", 1).unwrap();
+        assert!(!superseded && Arc::ptr_eq(&first, &same));
+        let (second, superseded) = runs.enter("j", 2).unwrap();
+        assert!(superseded && second.attempt == 2);
+        assert!(first.control.cancel.is_cancelled());
+        assert!(!second.control.cancel.is_cancelled());
+        let stale = runs.enter("j", 1).err();
+        assert!(matches!(
+            stale,
+            Some(WorkerError::StaleAttempt {
+                attempt: 1,
+                current: 2,
+                ..
+            })
+        ));
+        let (any, _) = runs.enter("j", 0).unwrap();
+        assert!(Arc::ptr_eq(&any, &second));
+        let released = runs.live.remove("j").unwrap();
+        runs.released.insert("j".into(), released);
+        assert!(matches!(
+            runs.enter("j", 3),
+            Err(WorkerError::Cancelled { .. })
+        ));
+    }
 }

@@ -5,15 +5,16 @@
 
 use crate::flight::{Peers, Shelf};
 use crate::job::{JobHandle, JobRun, JobState, Runs, joined, stop_if_cancelled};
+use crate::staging::checkpoint;
 use crate::steps::als::Side;
-use crate::steps::als_job::{AlsJob, Catalog, OwnedShard};
+use crate::steps::als_job::{AlsJob, Catalog, OwnedShard, Resume};
 use crate::steps::audience;
 use crate::steps::catalog::{self, Source};
 use crate::steps::finalize::{self, Part};
 use crate::steps::kmeans::{self, check_dims};
 use crate::steps::load::{self, DIMS};
 use crate::{WorkerError, extra, ingest};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use shoal_kernels::{Backend, CpuBackend};
 use shoal_proto::auth::WithToken;
 use shoal_proto::pb;
@@ -35,6 +36,8 @@ const RELEASE_WAIT: Duration = Duration::from_secs(10);
 const RELEASED_KEPT: usize = 1024;
 /// Output parts made but not yet written, at most (finalize waits for the writer).
 const PARTS_IN_FLIGHT: usize = 2;
+/// Checkpoint objects written (or read) at once.
+const CHECKPOINT_WRITES: usize = 4;
 /// Shards of the other side's factor rows an ALS half-step fetches at once.
 const FETCHES_AT_ONCE: usize = 2;
 
@@ -119,11 +122,15 @@ impl WorkerServiceImpl {
             })
     }
 
-    /// Runs `work` as a task of the job (see [`JobRun::spawn`]); refused once the
-    /// job has been released.
+    /// Runs `work` as a task of the job (see [`JobRun::spawn`]) for the
+    /// coordinator's `attempt` (0: whichever runs); refused once the job has been
+    /// released or a later attempt has begun. The first request of a later
+    /// attempt cancels the earlier one's tasks and drops what it held: the new
+    /// attempt loads its shards afresh.
     async fn tracked<T, Fut>(
         &self,
         job: &str,
+        attempt: u32,
         work: impl FnOnce(Arc<JobRun>) -> Fut,
     ) -> Result<T, WorkerError>
     where
@@ -134,16 +141,15 @@ impl WorkerServiceImpl {
             // Checked and spawned under the lock ReleaseJob takes: a task either
             // exists before the release (and is waited for) or is refused.
             let mut runs = self.runs.lock().expect("runs lock");
-            if runs.released.contains_key(job) {
-                return Err(WorkerError::Cancelled {
-                    job: job.to_string(),
-                });
+            let (run, superseded) = runs.enter(job, attempt)?;
+            if superseded {
+                info!(
+                    job,
+                    attempt, "a later attempt of the job began; the earlier one's work stops"
+                );
+                self.shelf.drop_job(job);
+                self.jobs.lock().expect("job map lock").remove(job);
             }
-            let run = runs
-                .live
-                .entry(job.to_string())
-                .or_insert_with(|| Arc::new(JobRun::new(job)))
-                .clone();
             run.spawn(work(run.clone()).instrument(tracing::Span::current()))
         };
         joined(handle, "the step").await
@@ -151,14 +157,22 @@ impl WorkerServiceImpl {
 
     /// Runs `f` on the job's state on a blocking thread (the work is CPU-bound),
     /// as a task of the job.
-    async fn with_job<T, F>(&self, job: &str, f: F) -> Result<T, WorkerError>
+    async fn with_job<T, F>(&self, job: &str, attempt: u32, f: F) -> Result<T, WorkerError>
     where
         T: Send + 'static,
         F: FnOnce(&mut JobState, &dyn Backend) -> Result<T, WorkerError> + Send + 'static,
     {
         let handle = self.job_handle(job)?;
-        self.tracked(job, move |run| async move {
+        let id = job.to_string();
+        self.tracked(job, attempt, move |run| async move {
             let mut guard = handle.lock_owned().await;
+            if attempt != 0 && guard.attempt != attempt {
+                return Err(WorkerError::StaleAttempt {
+                    job: id,
+                    attempt,
+                    current: guard.attempt,
+                });
+            }
             let backend = guard.backend.clone();
             run.blocking("the step", move || f(&mut guard, backend.as_ref()))
                 .await
@@ -168,12 +182,12 @@ impl WorkerServiceImpl {
 
     /// [`Self::with_job`] for a step with large temporaries (load, ALS, scaling,
     /// finalize): afterwards the memory they used goes back to the system.
-    async fn with_job_large<T, F>(&self, job: &str, f: F) -> Result<T, WorkerError>
+    async fn with_job_large<T, F>(&self, job: &str, attempt: u32, f: F) -> Result<T, WorkerError>
     where
         T: Send + 'static,
         F: FnOnce(&mut JobState, &dyn Backend) -> Result<T, WorkerError> + Send + 'static,
     {
-        self.with_job(job, move |state, backend| {
+        self.with_job(job, attempt, move |state, backend| {
             let out = f(state, backend);
             crate::memory::release_free_memory();
             out
@@ -199,9 +213,9 @@ impl WorkerServiceImpl {
     }
 
     /// Every item's id and final factors, when the job recommends or evaluates.
-    async fn catalog(&self, job: &str) -> Result<Option<Arc<Catalog>>, WorkerError> {
+    async fn catalog(&self, job: &str, attempt: u32) -> Result<Option<Arc<Catalog>>, WorkerError> {
         let source = self
-            .with_job(job, {
+            .with_job(job, attempt, {
                 let job = job.to_string();
                 move |state, _| {
                     Ok(match &state.als {
@@ -224,11 +238,123 @@ impl WorkerServiceImpl {
         };
         let (peers, job2) = (self.peers.clone(), job.to_string());
         let catalog = self
-            .tracked(job, move |_| async move {
+            .tracked(job, attempt, move |_| async move {
                 catalog::fetch(&peers, &job2, &owners, version, f).await
             })
             .await?;
         Ok(Some(Arc::new(catalog)))
+    }
+}
+
+/// ALS checkpoints ([`crate::staging::checkpoint`]).
+impl WorkerServiceImpl {
+    /// The shards of each side this worker owns in the job's ALS.
+    async fn als_shards(&self, job: &str, attempt: u32) -> Result<Vec<(Side, u32)>, WorkerError> {
+        let id = job.to_string();
+        self.with_job(job, attempt, move |state, _| {
+            let a = state.als(&id)?;
+            Ok(a.users
+                .keys()
+                .map(|&s| (Side::Users, s))
+                .chain(a.items.keys().map(|&s| (Side::Items, s)))
+                .collect())
+        })
+        .await
+    }
+
+    /// Writes the factors of every shard this worker owns, as published at
+    /// `version` (both sides), into the checkpoint folder `folder`.
+    async fn write_checkpoint(
+        &self,
+        job: &str,
+        attempt: u32,
+        folder: &str,
+        version: u32,
+    ) -> Result<(), WorkerError> {
+        let folder = store::resolve(folder)?;
+        let owned = self.als_shards(job, attempt).await?;
+        let (shelf, id) = (self.shelf.clone(), job.to_string());
+        let started = Instant::now();
+        let shards = owned.len();
+        self.tracked(job, attempt, move |_| async move {
+            futures::stream::iter(owned)
+                .map(|(side, shard)| {
+                    let (shelf, folder, id) = (shelf.clone(), folder.clone(), id.clone());
+                    async move {
+                        let entry = shelf
+                            .get(&id, side, shard)
+                            .and_then(|e| Some((e.keys, e.factors?)));
+                        let Some((keys, (have, f, values))) = entry else {
+                            return Err(WorkerError::UnknownShard { job: id, shard });
+                        };
+                        if have != version {
+                            return Err(WorkerError::StaleFactors {
+                                what: format!("{} factors of job {id} (checkpoint)", side.as_str()),
+                                have,
+                                wanted: version,
+                            });
+                        }
+                        checkpoint::write(&folder, side, shard, &keys, f, &values).await
+                    }
+                })
+                .buffer_unordered(CHECKPOINT_WRITES)
+                .try_collect::<Vec<()>>()
+                .await
+        })
+        .await?;
+        info!(
+            version,
+            shards,
+            ms = started.elapsed().as_millis() as u64,
+            "ALS checkpoint written"
+        );
+        Ok(())
+    }
+
+    /// The factors a link resumes from: none for iteration 0, else every owned
+    /// shard's from the checkpoint folder the request names.
+    async fn read_checkpoint(
+        &self,
+        job: &str,
+        attempt: u32,
+        req: &pb::AlsLinkRequest,
+    ) -> Result<Resume, WorkerError> {
+        let iteration = req.resume_iteration;
+        if iteration == 0 {
+            return Ok(Resume::default());
+        }
+        let folder = store::resolve(&req.checkpoint)?;
+        let f = self
+            .with_job(job, attempt, {
+                let id = job.to_string();
+                move |state, _| Ok(state.als(&id)?.f)
+            })
+            .await?;
+        let owned = self.als_shards(job, attempt).await?;
+        let (shelf, id) = (self.shelf.clone(), job.to_string());
+        let factors = self
+            .tracked(job, attempt, move |_| async move {
+                futures::stream::iter(owned)
+                    .map(|(side, shard)| {
+                        let (shelf, folder, id) = (shelf.clone(), folder.clone(), id.clone());
+                        async move {
+                            let keys = shelf
+                                .get(&id, side, shard)
+                                .ok_or_else(|| WorkerError::UnknownShard {
+                                    job: id.clone(),
+                                    shard,
+                                })?
+                                .keys;
+                            let values = checkpoint::read(&folder, side, shard, &keys, f).await?;
+                            Ok::<_, WorkerError>(((side, shard), values))
+                        }
+                    })
+                    .buffer_unordered(CHECKPOINT_WRITES)
+                    .try_collect::<HashMap<_, _>>()
+                    .await
+            })
+            .await?;
+        Ok(Resume { iteration, factors })
     }
 }
 
@@ -259,6 +385,7 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::IngestRequest>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let (job, spec, staging) = parse_context(req.job.as_ref())?;
         let span = info_span!("ingest", job = %job, attempt = req.attempt, phase = "ingest");
         let spec = Arc::new(spec);
@@ -305,7 +432,7 @@ impl WorkerService for WorkerServiceImpl {
         };
         async move {
             let (mut results, mut extra_results) = (Vec::new(), Vec::new());
-            for done in self.tracked(&job, work).await? {
+            for done in self.tracked(&job, attempt, work).await? {
                 match done {
                     Done::Log(r) => results.push(r),
                     Done::Extra(r) => extra_results.push(r),
@@ -340,6 +467,7 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::LoadShardsRequest>,
     ) -> Result<Response<pb::LoadShardsResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let (job, spec, staging) = parse_context(req.job.as_ref())?;
         let span = info_span!("load", job = %job, attempt = req.attempt, phase = "load");
         let (jobs, runs) = (self.jobs.clone(), self.runs.clone());
@@ -426,6 +554,7 @@ impl WorkerService for WorkerServiceImpl {
             // A reload replaces what the worker held for the job; a job released
             // meanwhile keeps nothing (same lock order as ReleaseJob: runs, jobs).
             let handle = Arc::new(tokio::sync::Mutex::new(JobState {
+                attempt: run.attempt,
                 spec: spec.clone(),
                 shards: loaded.users,
                 item_names,
@@ -454,7 +583,7 @@ impl WorkerService for WorkerServiceImpl {
                 item_shards: loaded.item_stats,
             })
         };
-        self.tracked(&job_id, work)
+        self.tracked(&job_id, attempt, work)
             .instrument(span)
             .await
             .map(Response::new)
@@ -466,9 +595,10 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::StandardizeRequest>,
     ) -> Result<Response<pb::StandardizeResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let (id, job) = (req.job_id.clone(), req.job_id.clone());
         let (shards, dims) = self
-            .with_job_large(&id, move |state, backend| {
+            .with_job_large(&id, attempt, move |state, backend| {
                 kmeans::standardize(state, &job, &req, backend)
             })
             .await?;
@@ -483,9 +613,10 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::GetPointsRequest>,
     ) -> Result<Response<pb::GetPointsResponse>, Status> {
         let req = req.into_inner();
+        let attempt = 0; // whichever attempt holds the points
         let (id, job) = (req.job_id.clone(), req.job_id.clone());
         let (values, dims) = self
-            .with_job(&id, move |state, backend| {
+            .with_job(&id, attempt, move |state, backend| {
                 Ok((kmeans::get_points(state, &job, &req, backend)?, state.dims))
             })
             .await?;
@@ -500,10 +631,11 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::InitCostsRequest>,
     ) -> Result<Response<pb::InitCostsResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let k = check_dims(req.dims, req.new_centers.len(), "new centers")?;
         let (id, job) = (req.job_id.clone(), req.job_id.clone());
         let shards = self
-            .with_job(&id, move |state, backend| {
+            .with_job(&id, attempt, move |state, backend| {
                 kmeans::init_costs(state, &job, &req, k, backend)
             })
             .await?;
@@ -515,9 +647,10 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::InitSampleRequest>,
     ) -> Result<Response<pb::InitSampleResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let (id, job) = (req.job_id.clone(), req.job_id.clone());
         let points = self
-            .with_job(&id, move |state, backend| {
+            .with_job(&id, attempt, move |state, backend| {
                 kmeans::init_sample(state, &job, &req, backend)
             })
             .await?;
@@ -529,10 +662,11 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::LloydStepRequest>,
     ) -> Result<Response<pb::LloydStepResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let k = centroid_count(req.k, req.dims, req.centroids.len())?;
         let (id, job) = (req.job_id.clone(), req.job_id.clone());
         let shards = self
-            .with_job(&id, move |state, backend| {
+            .with_job(&id, attempt, move |state, backend| {
                 kmeans::lloyd(state, &job, &req, k, backend)
             })
             .await?;
@@ -544,15 +678,16 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::FinalizeRequest>,
     ) -> Result<Response<pb::FinalizeResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let k = centroid_count(req.k, req.dims, req.centroids.len())?;
         let output = store::resolve(&req.output).map_err(WorkerError::from)?;
         let span =
             info_span!("finalize", job = %req.job_id, attempt = req.attempt, phase = "finalize");
         let job = req.job_id.clone();
         async move {
-            let catalog = self.catalog(&job).await?;
+            let catalog = self.catalog(&job, attempt).await?;
             let (spec, owned) = self
-                .with_job(&job, |state, _| {
+                .with_job(&job, attempt, |state, _| {
                     Ok((
                         state.spec.clone(),
                         state.shards.keys().copied().collect::<Vec<u32>>(),
@@ -560,15 +695,14 @@ impl WorkerService for WorkerServiceImpl {
                 })
                 .await?;
             let audience = self
-                .tracked(
-                    &job,
-                    move |_| async move { audience::read(&spec, &owned).await },
-                )
+                .tracked(&job, attempt, move |_| async move {
+                    audience::read(&spec, &owned).await
+                })
                 .await?
                 .map(Arc::new);
             // Parts are written while the next ones are made.
             let (tx, mut rx) = mpsc::channel::<Part>(PARTS_IN_FLIGHT);
-            let writer = self.tracked(&job, move |run| async move {
+            let writer = self.tracked(&job, attempt, move |run| async move {
                 let mut parts = 0usize;
                 while let Some((rel, bytes)) = rx.recv().await {
                     stop_if_cancelled(&run.control.cancel, &run.control.job)?;
@@ -578,7 +712,7 @@ impl WorkerService for WorkerServiceImpl {
                 Ok(parts)
             });
             let job2 = job.clone();
-            let work = self.with_job_large(&job, move |state, backend| {
+            let work = self.with_job_large(&job, attempt, move |state, backend| {
                 finalize::finalize(state, &job2, &req, k, (catalog, audience), backend, &tx)
             });
             let (done, written) = tokio::join!(work, writer);
@@ -606,11 +740,12 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::AlsLinkRequest>,
     ) -> Result<Response<pb::AlsLinkResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let job = req.job_id.clone();
         let span = info_span!("als_link", job = %job, attempt = req.attempt, phase = "als");
         async move {
             let (item_shards, user_shards, shards) = self
-                .with_job(&job, {
+                .with_job(&job, attempt, {
                     let job = job.clone();
                     move |state, _| {
                         let a = state.als(&job)?;
@@ -647,7 +782,7 @@ impl WorkerService for WorkerServiceImpl {
                 .collect();
             let (peers, job2) = (self.peers.clone(), job.clone());
             let lists = self
-                .tracked(&job, move |_| async move {
+                .tracked(&job, attempt, move |_| async move {
                     futures::future::try_join_all(wanted.into_iter().map(|(side, shard, owner)| {
                         let (peers, job) = (peers.clone(), job2.clone());
                         async move {
@@ -666,9 +801,10 @@ impl WorkerService for WorkerServiceImpl {
                     Side::Users => user_lists.insert(shard, keys),
                 };
             }
+            let resume = self.read_checkpoint(&job, attempt, &req).await?;
             let shelf = self.shelf.clone();
             let grams = self
-                .with_job_large(&job, {
+                .with_job_large(&job, attempt, {
                     let job = job.clone();
                     move |state, backend| {
                         state.als_mut(&job)?.link(
@@ -680,11 +816,16 @@ impl WorkerService for WorkerServiceImpl {
                             &user_lists,
                             backend,
                             &shelf,
+                            resume,
                         )
                     }
                 })
                 .await?;
-            info!(item_shards = grams.len(), "ALS linked");
+            info!(
+                item_shards = grams.len(),
+                resumed_at = req.resume_iteration,
+                "ALS linked"
+            );
             Ok(pb::AlsLinkResponse { item_shards: grams })
         }
         .instrument(span)
@@ -698,6 +839,7 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::AlsStepRequest>,
     ) -> Result<Response<pb::AlsStepResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let side = Side::from_proto(req.side)?;
         let job = req.job_id.clone();
         let span = info_span!(
@@ -711,7 +853,7 @@ impl WorkerService for WorkerServiceImpl {
         async move {
             let iteration = req.iteration;
             let plan = self
-                .with_job(&job, {
+                .with_job(&job, attempt, {
                     let job = job.clone();
                     move |state, _| state.als(&job)?.fetch_plan(&job, side, iteration)
                 })
@@ -723,7 +865,7 @@ impl WorkerService for WorkerServiceImpl {
             let mut fetches = futures::stream::iter(0..plan.parts.len())
                 .map(|part| {
                     let (peers, job2, plan) = (self.peers.clone(), job.clone(), plan.clone());
-                    self.tracked(&job, move |_| async move {
+                    self.tracked(&job, attempt, move |_| async move {
                         let (shard, rows, _) = &plan.parts[part];
                         let owner = &plan.owners[*shard as usize];
                         let at = (other, *shard);
@@ -739,7 +881,7 @@ impl WorkerService for WorkerServiceImpl {
                 let (part, values) = fetched?;
                 rows += values.len();
                 let (job2, plan) = (job.clone(), plan.clone());
-                self.with_job(&job, move |state, backend| {
+                self.with_job(&job, attempt, move |state, backend| {
                     state
                         .als_mut(&job2)?
                         .write_fetched(&job2, &plan, part, values, backend)
@@ -749,7 +891,7 @@ impl WorkerService for WorkerServiceImpl {
             drop(fetches);
             let shelf = self.shelf.clone();
             let shards = self
-                .with_job_large(&job, {
+                .with_job_large(&job, attempt, {
                     let job = job.clone();
                     move |state, backend| {
                         stop_if_cancelled(&state.cancel, &job)?;
@@ -764,6 +906,10 @@ impl WorkerService for WorkerServiceImpl {
                 values_fetched = rows,
                 "ALS half-step"
             );
+            if side == Side::Items && !req.checkpoint.is_empty() {
+                self.write_checkpoint(&job, attempt, &req.checkpoint, iteration + 1)
+                    .await?;
+            }
             Ok(pb::AlsStepResponse { shards })
         }
         .instrument(span)
@@ -777,11 +923,12 @@ impl WorkerService for WorkerServiceImpl {
         req: Request<pb::AlsFoldInRequest>,
     ) -> Result<Response<pb::AlsFoldInResponse>, Status> {
         let req = req.into_inner();
+        let attempt = req.attempt;
         let job = req.job_id.clone();
         let span = info_span!("als_fold_in", job = %job, attempt = req.attempt, phase = "als");
         async move {
             let f = self
-                .with_job(&job, {
+                .with_job(&job, attempt, {
                     let job = job.clone();
                     move |state, _| Ok(state.als(&job)?.f)
                 })
@@ -789,14 +936,14 @@ impl WorkerService for WorkerServiceImpl {
             let model = store::resolve(&req.model)?;
             let parts = req.item_parts.clone();
             let catalog = self
-                .tracked(&job, move |_| async move {
+                .tracked(&job, attempt, move |_| async move {
                     catalog::read_model(&model, &parts, f).await
                 })
                 .await?;
             let items = catalog.len() as u64;
             let catalog = Arc::new(catalog);
             let shards = self
-                .with_job_large(&job, {
+                .with_job_large(&job, attempt, {
                     let job = job.clone();
                     move |state, backend| state.als_mut(&job)?.fold_in(&job, catalog, backend)
                 })
@@ -824,7 +971,7 @@ impl WorkerService for WorkerServiceImpl {
                     let run = runs
                         .live
                         .remove(&job)
-                        .unwrap_or_else(|| Arc::new(JobRun::new(&job)));
+                        .unwrap_or_else(|| Arc::new(JobRun::new(&job, 0)));
                     runs.released.insert(job.clone(), run.clone());
                     runs.order.push_back(job.clone());
                     while runs.order.len() > RELEASED_KEPT {

@@ -21,6 +21,7 @@
 //! ingested which split: the merge ([`crate::steps::load`]) sums per split in
 //! split order, the same on the user side and the item side.
 
+pub mod checkpoint;
 mod partial;
 
 pub use partial::{

@@ -56,6 +56,15 @@ fn download_all(backend: &dyn Backend, m: &Resident) -> Result<Vec<f32>, WorkerE
     Ok(Arc::unwrap_or_clone(backend.download_shared(m)?))
 }
 
+/// Where a link starts the factors: at their seeded values (iteration 0), or
+/// at a checkpoint's (both sides' factors after `iteration` iterations, by side
+/// and shard, for every shard this worker owns).
+#[derive(Default)]
+pub struct Resume {
+    pub iteration: u32,
+    pub factors: HashMap<(Side, u32), Vec<f32>>,
+}
+
 /// One shard of one side held by this worker.
 pub struct OwnedShard {
     /// The shard's keys, by position.
@@ -178,8 +187,9 @@ impl AlsJob {
     /// Builds the confidence matrices and the initial factors, once the key lists
     /// of the other side's shards are known (`item_lists` for the user side,
     /// `user_lists` for the item side); publishes version 0 of every owned shard's
-    /// factors and returns the Gram matrix of each owned item shard. The pairs by
-    /// key are dropped: from here on the shards hold their matrices.
+    /// factors (or, resuming, the checkpoint's at its iteration) and returns the
+    /// Gram matrix of each owned item shard. The pairs by key are dropped: from
+    /// here on the shards hold their matrices.
     #[allow(clippy::too_many_arguments)]
     pub fn link(
         &mut self,
@@ -191,8 +201,10 @@ impl AlsJob {
         user_lists: &KeyLists,
         backend: &dyn Backend,
         shelf: &Shelf,
+        mut resume: Resume,
     ) -> Result<Vec<pb::GramPartial>, WorkerError> {
         let f = self.f;
+        let version = resume.iteration;
         let mut item_offsets = Vec::with_capacity(item_shard_sizes.len());
         let mut at = 0u64;
         for &n in item_shard_sizes {
@@ -218,10 +230,18 @@ impl AlsJob {
             let seed = self.seed;
             let spec = &self.spec;
             let (width, lists, item_offsets) = (needed.rows.len(), &lists, &item_offsets);
-            let owned: Vec<(u32, &mut OwnedShard)> =
-                owned.iter_mut().map(|(&id, s)| (id, s)).collect();
+            let owned: Vec<(u32, &mut OwnedShard, Option<Vec<f32>>)> = owned
+                .iter_mut()
+                .map(|(&id, s)| (id, s, resume.factors.remove(&(side, id))))
+                .collect();
+            if version > 0 && owned.iter().any(|(_, _, v)| v.is_none()) {
+                return Err(WorkerError::InvalidRequest(format!(
+                    "resuming ALS of job {job} at iteration {version} without the checkpoint of every {} shard this worker owns",
+                    side.as_str()
+                )));
+            }
             owned.into_par_iter().zip(cols).try_for_each(
-                |((id, shard), cols)| -> Result<(), WorkerError> {
+                |((id, shard, restored), cols)| -> Result<(), WorkerError> {
                     let pairs = shard.pairs.take().expect("linked once");
                     if side == Side::Users {
                         shard.held = pairs
@@ -237,13 +257,24 @@ impl AlsJob {
                     drop(pairs);
                     let resident = backend.upload_sparse_shared(csr.clone())?;
                     shard.conf = Some((csr, resident));
-                    let mut init = vec![0f32; shard.rows() * f];
-                    for (r, &key) in shard.keys.iter().enumerate() {
-                        als::initial_row(seed, side, key, &mut init[r * f..(r + 1) * f]);
-                    }
+                    let init = restored.unwrap_or_else(|| {
+                        let mut init = vec![0f32; shard.rows() * f];
+                        for (r, &key) in shard.keys.iter().enumerate() {
+                            als::initial_row(seed, side, key, &mut init[r * f..(r + 1) * f]);
+                        }
+                        init
+                    });
                     let x = backend.upload(&init, f)?;
                     drop(init);
-                    shelf.put_factors(job, side, id, 0, f, backend.download_shared(&x)?)?;
+                    shelf.put_factors(
+                        job,
+                        side,
+                        id,
+                        &shard.keys,
+                        version,
+                        f,
+                        backend.download_shared(&x)?,
+                    )?;
                     shard.factors = Some(x);
                     Ok(())
                 },
@@ -260,8 +291,8 @@ impl AlsJob {
             items: at,
             items_local,
             users_local,
-            user_version: 0,
-            item_version: 0,
+            user_version: version,
+            item_version: version,
             broken: None,
         });
         self.items
@@ -434,7 +465,8 @@ impl AlsJob {
         }
         // published once every shard is solved: a failed step publishes nothing
         for (id, host) in solved {
-            shelf.put_factors(job, plan.side, id, version, f, host)?;
+            let keys = &owned[&id].keys;
+            shelf.put_factors(job, plan.side, id, keys, version, f, host)?;
         }
         match plan.side {
             Side::Users => linked.user_version = version,
@@ -860,6 +892,7 @@ mod tests {
             &user_lists,
             backend,
             shelf,
+            Resume::default(),
         )
         .unwrap();
         job

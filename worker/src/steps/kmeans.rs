@@ -330,6 +330,7 @@ mod tests {
         let backend = CpuBackend::new();
         let (d, k) = (9, 6);
         let mut state = JobState {
+            attempt: 1,
             spec: Arc::new(shoal_proto::JobSpec::parse(shoal_proto::spec::DEMO_SPEC).unwrap()),
             shards: BTreeMap::new(),
             item_names: BTreeMap::new(),

@@ -735,7 +735,7 @@ mod tests {
         };
         let mut loads = Vec::new();
         for parallelism in [1, 4] {
-            let run = Arc::new(JobRun::new("j"));
+            let run = Arc::new(JobRun::new("j", 1));
             let l = load_shards(
                 spec.clone(),
                 Arc::new(staging.clone()),
