@@ -141,6 +141,12 @@ enum Command {
         /// an object-store one, every object store is (its credentials decide).
         #[arg(long = "allow-path", env = "SHOAL_ALLOW_PATH", value_delimiter = ',')]
         allow_path: Vec<String>,
+        /// Where the coordinator keeps its jobs (a folder or s3://bucket/prefix):
+        /// restarted with the same state, it takes its jobs back, queued ones in
+        /// their order, running ones resumed from their last finished step.
+        /// Without it, jobs live in memory only.
+        #[arg(long, env = "SHOAL_STATE")]
+        state: Option<String>,
         #[command(flatten)]
         serving: Serving,
     },
@@ -461,9 +467,19 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             token,
             worker_token,
             allow_path,
+            state,
             serving,
         } => {
             let shutdown = CancellationToken::new();
+            let journal = match state {
+                // a relative folder is the current folder's
+                Some(url) if !url.contains("://") && std::path::Path::new(&url).is_relative() => {
+                    let at = cwd()?.join(&url).display().to_string();
+                    Some(shoal_coordinator::journal::Journal::open(&at)?)
+                }
+                Some(url) => Some(shoal_coordinator::journal::Journal::open(&url)?),
+                None => None,
+            };
             let config = CoordinatorConfig {
                 listen,
                 state: StateConfig {
@@ -473,6 +489,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                     worker_token: worker_token.or_else(|| token.clone()),
                     tls_ca: serving.client.tls_ca.clone(),
                     allow: AllowList::of(&allow_path, &cwd()?),
+                    journal,
                     ..StateConfig::default()
                 },
                 operator_token: token,

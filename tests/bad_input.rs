@@ -409,3 +409,261 @@ async fn output_read_by_a_command_that_stops_early_ends_the_run_quietly() {
 
 /// SIGPIPE's number on Linux (and the other platforms shoal builds for).
 const SIGPIPE: i32 = 13;
+
+/// What a bad input must come to.
+enum Want {
+    /// The job fails, its error holding every one of these.
+    Refused(&'static [&'static str]),
+    /// The job succeeds with this many rows counted under this reason.
+    Dropped(&'static str, u64),
+    /// The job succeeds and keeps this many rows.
+    Kept(u64),
+}
+
+/// One case of the corpus: files written into its folder (name, bytes), the
+/// input the spec reads (relative to the folder), the spec's edits, and what
+/// must come of it.
+struct Case {
+    name: &'static str,
+    files: Vec<(&'static str, Vec<u8>)>,
+    input: &'static str,
+    edits: Vec<(&'static str, String)>,
+    want: Want,
+}
+
+/// The good rows with one more, whose fields are `row` (six, comma-separated).
+fn with_row(row: &str) -> Vec<u8> {
+    format!("{HEAD}{}{row}\n", good_rows()).into_bytes()
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(bytes).unwrap();
+    z.finish().unwrap()
+}
+
+fn corpus() -> Vec<Case> {
+    let good = format!("{HEAD}{}", good_rows()).into_bytes();
+    let log = |bytes: Vec<u8>| vec![("log.csv", bytes)];
+    let edit = |from: &'static str, to: &str| vec![(from, to.to_string())];
+    let case = |name, files, edits, want| Case {
+        name,
+        files,
+        input: "log.csv",
+        edits,
+        want,
+    };
+    let mut truncated = gzip(&good);
+    truncated.truncate(truncated.len() / 2);
+    let crlf = String::from_utf8(good.clone())
+        .unwrap()
+        .replace('\n', "\r\n");
+    let mut bom = b"\xef\xbb\xbf".to_vec();
+    bom.extend(&good);
+    let wide = format!("7,1000,2024-01-01 10:00:00,{},1,2.5", "W".repeat(10 << 20));
+    vec![
+        case(
+            "a renamed column",
+            log(String::from_utf8(good.clone())
+                .unwrap()
+                .replacen("customer", "cust", 1)
+                .into_bytes()),
+            vec![],
+            Want::Refused(&["`customer`", "log.csv", "cust"]),
+        ),
+        case(
+            "a quantity that is text",
+            log(with_row("7,1000,2024-01-01 10:00:00,S1,abc,2.5")),
+            vec![],
+            Want::Dropped("bad_quantity", 1),
+        ),
+        case(
+            "a quantity that is NaN",
+            log(with_row("7,1000,2024-01-01 10:00:00,S1,NaN,2.5")),
+            vec![],
+            Want::Dropped("bad_quantity", 1),
+        ),
+        case(
+            "a price that is inf",
+            log(with_row("7,1000,2024-01-01 10:00:00,S1,1,inf")),
+            vec![],
+            Want::Dropped("bad_price", 1),
+        ),
+        case(
+            "a time that is no time",
+            log(with_row("7,1000,yesterday,S1,1,2.5")),
+            vec![],
+            Want::Dropped("bad_time", 1),
+        ),
+        case(
+            "an empty user id",
+            log(with_row("7,,2024-01-01 10:00:00,S1,1,2.5")),
+            vec![],
+            Want::Dropped("missing_user", 1),
+        ),
+        case(
+            "a negative quantity (a return)",
+            log(with_row("7,1000,2024-01-01 10:00:00,S1,-3,2.5")),
+            vec![],
+            Want::Dropped("quantity_below_min", 1),
+        ),
+        case(
+            "a header and no rows",
+            log(HEAD.as_bytes().to_vec()),
+            vec![],
+            Want::Refused(&["no data rows"]),
+        ),
+        case(
+            "CRLF line ends",
+            log(crlf.into_bytes()),
+            vec![],
+            Want::Kept(60),
+        ),
+        case("a byte-order mark", log(bom), vec![], Want::Kept(60)),
+        case(
+            "a 10 MB field",
+            log(with_row(&wide)),
+            vec![],
+            Want::Kept(61),
+        ),
+        Case {
+            name: "a truncated gzip stream",
+            files: vec![("log.csv.gz", truncated)],
+            input: "log.csv.gz",
+            edits: vec![],
+            want: Want::Refused(&["log.csv.gz"]),
+        },
+        Case {
+            name: "a Parquet file that is not one",
+            files: vec![("log.parquet", b"PAR1 this is not a Parquet file".to_vec())],
+            input: "log.parquet",
+            edits: vec![],
+            want: Want::Refused(&["log.parquet", "Parquet footer"]),
+        },
+        Case {
+            name: "files of two schemas",
+            files: vec![
+                ("in/a.csv", good.clone()),
+                (
+                    "in/b.csv",
+                    b"order_id,customer,ts,sku,qty\n1,1000,2024-01-01 10:00:00,S1,1\n".to_vec(),
+                ),
+            ],
+            input: "in",
+            edits: vec![],
+            want: Want::Refused(&["b.csv", "`unit_price`"]),
+        },
+        Case {
+            name: "an input that matches nothing",
+            files: vec![],
+            input: "nothing-*.csv",
+            edits: vec![],
+            want: Want::Refused(&["nothing-*.csv"]),
+        },
+        case(
+            "an unknown spec field",
+            log(good.clone()),
+            edit("seed = 7", "seed = 7\ncolour = \"red\""),
+            Want::Refused(&["colour"]),
+        ),
+        case(
+            "a key given twice",
+            log(good.clone()),
+            edit("seed = 7", "seed = 7\nseed = 8"),
+            Want::Refused(&["seed"]),
+        ),
+        case(
+            "k = 0",
+            log(good.clone()),
+            edit("k = 2", "k = 0"),
+            Want::Refused(&["segments.k"]),
+        ),
+        case(
+            "k above the users",
+            log(good.clone()),
+            edit("k = 2", "k = 50"),
+            Want::Refused(&["segments.k = 50", "20 users"]),
+        ),
+        case(
+            "factors = 0",
+            log(good.clone()),
+            edit("factors = 64", "factors = 0"),
+            Want::Refused(&["als.factors"]),
+        ),
+        case(
+            "max_attempts = 0",
+            log(good.clone()),
+            edit("max_attempts = 3", "max_attempts = 0"),
+            Want::Refused(&["cluster.max_attempts"]),
+        ),
+        case(
+            "an output under a file",
+            log(good.clone()),
+            vec![],
+            Want::Refused(&["not-a-folder"]),
+        ),
+    ]
+}
+
+/// The corpus: each case through `shoal run`, none panicking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bad_input_corpus() {
+    let cases = corpus();
+    assert!(cases.len() >= 20);
+    for case in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in &case.files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
+        let input = dir.path().join(case.input).display().to_string();
+        let edits: Vec<(&str, &str)> = case.edits.iter().map(|(a, b)| (*a, b.as_str())).collect();
+        let spec = spec_file(dir.path(), &input, &edits);
+        if case.name == "an output under a file" {
+            let blocker = dir.path().join("not-a-folder");
+            std::fs::write(&blocker, "x").unwrap();
+            let toml = std::fs::read_to_string(&spec).unwrap().replace(
+                &dir.path().join("out").display().to_string(),
+                &blocker.join("out").display().to_string(),
+            );
+            std::fs::write(&spec, toml).unwrap();
+        }
+        let ran = run(&spec).await;
+        assert!(
+            !ran.stderr.contains("panicked"),
+            "{}: {}",
+            case.name,
+            ran.text()
+        );
+        match case.want {
+            Want::Refused(parts) => {
+                assert_eq!(ran.code, Some(1), "{}: {}", case.name, ran.text());
+                for part in parts {
+                    assert!(
+                        ran.stderr.contains(part),
+                        "{}: `{part}` in {}",
+                        case.name,
+                        ran.text()
+                    );
+                }
+            }
+            Want::Dropped(reason, n) => {
+                assert_eq!(ran.code, Some(0), "{}: {}", case.name, ran.text());
+                let report = read_report(&dir.path().join("out"));
+                assert_eq!(
+                    report["rows"]["dropped"][reason], n,
+                    "{}: {report}",
+                    case.name
+                );
+            }
+            Want::Kept(n) => {
+                assert_eq!(ran.code, Some(0), "{}: {}", case.name, ran.text());
+                let report = read_report(&dir.path().join("out"));
+                assert_eq!(report["rows"]["kept"], n, "{}: {report}", case.name);
+            }
+        }
+        println!("ok: {}", case.name);
+    }
+}

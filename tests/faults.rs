@@ -372,3 +372,91 @@ async fn attempts_are_bounded() {
     );
     assert!(!out.join("_SUCCESS").exists());
 }
+
+/// Submits `spec` through `url`; returns the job's id.
+async fn submit(url: &str, spec: &JobSpec) -> String {
+    let mut c = job_client(url, None).await.unwrap();
+    c.submit_job(SubmitJobRequest {
+        spec_toml: spec.to_toml(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .job_id
+}
+
+/// Polls job `id` at `url` until `until` holds for its status.
+async fn poll(url: &str, id: &str, until: impl Fn(&JobStatus) -> bool) -> JobStatus {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Ok(mut c) = job_client(url, None).await
+            && let Ok(s) = c
+                .get_job(GetJobRequest {
+                    job_id: id.to_string(),
+                })
+                .await
+        {
+            let s = s.into_inner();
+            if until(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "job {id}: {s:?}");
+        }
+        assert!(Instant::now() < deadline, "job {id} cannot be asked for");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn finished(s: &JobStatus) -> bool {
+    [JobState::Succeeded, JobState::Failed, JobState::Cancelled]
+        .iter()
+        .any(|t| *t as i32 == s.state)
+}
+
+/// The coordinator SIGKILLed while a job runs (mid-ALS, then mid-Lloyd) and
+/// started again at its address with the same `--state` (a local folder, then a
+/// prefix on the S3 test server): the running job resumes from its last
+/// finished step (its status says from where) and writes the outputs of an
+/// undisturbed run; the job queued behind it survives the restart and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_resumes_its_jobs() {
+    let b = bench(2).await;
+    let local = b.dir.path().join("state").display().to_string();
+    for (phase, from, state) in [("als", 4, local), ("lloyd", 1, s3().url("state/"))] {
+        let args = ["--state", state.as_str()];
+        let env = [("SHOAL_WORKER_TIMEOUT_SECS", TIMEOUT_SECS)];
+        let (mut coordinator, url) = coordinator_process_at("127.0.0.1:0", &args, &env);
+        let _workers: Vec<Proc> = (0..2).map(|_| worker_process(&url, &[])).collect();
+        wait_for_exactly(&url, 2).await;
+        let out = b.dir.path().join(format!("restarted-in-{phase}"));
+        let queued_out = b.dir.path().join(format!("queued-in-{phase}"));
+        let running = submit(&url, &spec(&b.input, &out)).await;
+        let queued = submit(&url, &spec(&b.input, &queued_out)).await;
+        let at = poll(&url, &running, |s| in_phase(phase, from)(s) || finished(s)).await;
+        assert!(!finished(&at), "the job ended before the restart: {at:?}");
+        coordinator.0.kill().unwrap();
+        let _ = coordinator.0.wait();
+        let killed_at = Instant::now();
+        // again at its address (the workers register there again by themselves)
+        let listen = url.trim_start_matches("http://");
+        let (_coordinator, url) = coordinator_process_at(listen, &args, &env);
+        let status = poll(&url, &running, finished).await;
+        assert!(succeeded(&status), "restarted in {phase}: {status:?}");
+        assert!(
+            status.recovery.contains("resumed") && status.attempt >= 2,
+            "{status:?}"
+        );
+        println!(
+            "coordinator killed in {} (iteration {}), restarted: the job ended {:?} later; {}",
+            at.phase,
+            at.iteration,
+            killed_at.elapsed(),
+            status.recovery
+        );
+        assert_same_outputs(&out, &b.reference);
+        let last = poll(&url, &queued, finished).await;
+        assert!(succeeded(&last), "the queued job: {last:?}");
+        assert_eq!(last.attempt, 1, "{last:?}");
+        assert_same_outputs(&queued_out, &b.reference);
+    }
+}

@@ -107,6 +107,10 @@ pub enum CoordinatorError {
     },
     #[error("the job was cancelled")]
     Cancelled,
+    #[error(
+        "the coordinator stopped while the job ran; it resumes when the coordinator starts again with the same --state"
+    )]
+    Suspended,
     #[error("no job {0}")]
     UnknownJob(String),
     #[error(
@@ -127,6 +131,10 @@ pub enum CoordinatorError {
     BadToken { which: &'static str, reason: String },
     #[error(transparent)]
     Tls(#[from] shoal_proto::tls::TlsError),
+    #[error(
+        "the coordinator's state {object} cannot be read: {reason}; move it aside to start without it (its jobs are then forgotten)"
+    )]
+    State { object: String, reason: String },
     #[error("model {url} cannot be used: {reason}")]
     Model { url: String, reason: String },
     #[error("features.extra: {reason}")]
@@ -175,13 +183,15 @@ impl CoordinatorError {
             CoordinatorError::Worker { status, .. } => status.code(),
             CoordinatorError::StepFailed { cause, .. } => cause.code(),
             CoordinatorError::Cancelled => Code::Cancelled,
+            CoordinatorError::Suspended => Code::Unavailable,
             CoordinatorError::OverBudget { .. } => Code::ResourceExhausted,
             CoordinatorError::UnknownJob(_) => Code::NotFound,
             CoordinatorError::ProtocolVersion { .. } => Code::FailedPrecondition,
             CoordinatorError::Bind { .. }
             | CoordinatorError::Serve(_)
             | CoordinatorError::BadToken { .. }
-            | CoordinatorError::Tls(_) => Code::Internal,
+            | CoordinatorError::Tls(_)
+            | CoordinatorError::State { .. } => Code::Internal,
             CoordinatorError::ShuttingDown => Code::Unavailable,
         }
     }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod extra;
 pub mod grpc;
 pub mod job;
+pub mod journal;
 pub mod kmeans;
 pub mod metrics;
 pub mod model;
@@ -66,6 +67,7 @@ pub struct CoordinatorHandle {
     tls: bool,
     tracker: TaskTracker,
     server: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
+    journal: Option<journal::Journal>,
 }
 
 impl CoordinatorHandle {
@@ -79,6 +81,9 @@ impl CoordinatorHandle {
     pub async fn wait(self) -> Result<(), CoordinatorError> {
         let served = self.server.await.unwrap_or(Ok(()));
         self.tracker.wait().await;
+        if let Some(journal) = &self.journal {
+            journal.flush().await;
+        }
         served
     }
 }
@@ -101,7 +106,20 @@ pub async fn spawn_coordinator(
             source,
         })?;
     let tracker = TaskTracker::new();
-    let state = state::spawn_state(config.state.clone(), tracker.clone(), shutdown.clone());
+    let restored = match &config.state.journal {
+        Some(journal) => {
+            let jobs = journal.load().await?;
+            info!(state = %journal.url(), jobs = jobs.len(), "coordinator state read");
+            jobs
+        }
+        None => Vec::new(),
+    };
+    let state = state::spawn_state(
+        config.state.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+        restored,
+    );
     let http_addr = match config.http_listen {
         None => None,
         Some(listen) => {
@@ -178,5 +196,6 @@ pub async fn spawn_coordinator(
         tls: config.tls.is_some(),
         tracker,
         server,
+        journal: config.state.journal.clone(),
     })
 }

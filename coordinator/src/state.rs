@@ -107,6 +107,9 @@ pub struct StateConfig {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// The locations jobs may read and write; checked at submission.
     pub allow: crate::allow::AllowList,
+    /// Where the jobs' records and progress are kept (`--state`); `None`: in
+    /// memory only (a restart forgets every job).
+    pub journal: Option<crate::journal::Journal>,
 }
 
 impl Default for StateConfig {
@@ -120,6 +123,7 @@ impl Default for StateConfig {
             tls_ca: None,
             metrics: crate::metrics::Metrics::new(),
             allow: crate::allow::AllowList::default(),
+            journal: None,
         }
     }
 }
@@ -204,6 +208,10 @@ struct JobRecord {
     spec: JobSpec,
     status: watch::Sender<JobStatus>,
     cancel: CancellationToken,
+    /// Submission order.
+    sequence: u64,
+    /// What a job the coordinator restarted with had established.
+    resume: Option<crate::job::Resume>,
 }
 
 struct State {
@@ -212,6 +220,8 @@ struct State {
     next_worker: u64,
     jobs: BTreeMap<JobId, JobRecord>,
     queue: VecDeque<JobId>,
+    /// The next job's place in the submission order.
+    sequence: u64,
     running: usize,
     handle: StateHandle,
     tasks: TaskTracker,
@@ -230,6 +240,7 @@ pub fn spawn_state(
     config: StateConfig,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    restored: Vec<crate::journal::Restored>,
 ) -> StateHandle {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handle = StateHandle {
@@ -242,11 +253,13 @@ pub fn spawn_state(
         next_worker: 1,
         jobs: BTreeMap::new(),
         queue: VecDeque::new(),
+        sequence: 1,
         running: 0,
         handle: handle.clone(),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     };
+    state.restore(restored);
     let ticker = handle.clone();
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(ticker.config.heartbeat_interval);
@@ -270,6 +283,62 @@ pub fn spawn_state(
 }
 
 impl State {
+    /// Takes back the jobs of the state the coordinator started with: the
+    /// finished ones as records, the queued ones queued in their order, and the
+    /// running ones queued first, to resume from what they had established.
+    fn restore(&mut self, restored: Vec<crate::journal::Restored>) {
+        let (mut resumed, mut queued) = (Vec::new(), Vec::new());
+        for r in restored {
+            self.sequence = self.sequence.max(r.sequence + 1);
+            let mut status = r.status;
+            let running = status.state == JobState::Running as i32;
+            if running && status.cancel_requested {
+                status.state = JobState::Cancelled as i32;
+                status.error =
+                    "cancelled by an operator; the coordinator restarted meanwhile".into();
+                status.finished_unix_ms = now_ms();
+            } else if running {
+                status.state = JobState::Queued as i32;
+                status.phase = "resuming".into();
+                resumed.push(r.id.clone());
+            } else if status.state == JobState::Queued as i32 {
+                queued.push(r.id.clone());
+            }
+            let resume = running.then_some(crate::job::Resume {
+                progress: r.progress,
+                ingest: r.ingest,
+            });
+            let (tx, _) = watch::channel(status);
+            self.jobs.insert(
+                r.id,
+                JobRecord {
+                    spec: r.spec,
+                    status: tx,
+                    cancel: self.shutdown.child_token(),
+                    sequence: r.sequence,
+                    resume,
+                },
+            );
+        }
+        if !resumed.is_empty() || !queued.is_empty() {
+            info!(
+                resumed = resumed.len(),
+                queued = queued.len(),
+                "jobs taken back from the coordinator's state"
+            );
+        }
+        self.queue.extend(resumed);
+        self.queue.extend(queued);
+        self.start_queued();
+    }
+
+    /// Writes a job's record to the state, when there is one.
+    fn journal(&self, job: &JobId) {
+        if let (Some(journal), Some(record)) = (&self.config.journal, self.jobs.get(job)) {
+            journal.record(job, &record.spec, &record.status.borrow(), record.sequence);
+        }
+    }
+
     fn on(&mut self, event: Event) {
         match event {
             Event::Register { req, reply } => {
@@ -308,8 +377,12 @@ impl State {
                         spec: *spec,
                         status: tx,
                         cancel: self.shutdown.child_token(),
+                        sequence: self.sequence,
+                        resume: None,
                     },
                 );
+                self.sequence += 1;
+                self.journal(&id);
                 self.queue.push_back(id.clone());
                 let _ = reply.send(id);
                 self.start_queued();
@@ -350,6 +423,7 @@ impl State {
                     record.status.borrow().clone()
                 });
                 self.queue.retain(|j| j != &job);
+                self.journal(&job);
                 let _ = reply.send(status);
             }
             Event::Progress { job, progress } => {
@@ -428,6 +502,11 @@ impl State {
             }
             Event::Finished { job, result } => {
                 self.running = self.running.saturating_sub(1);
+                if matches!(result, Err(CoordinatorError::Suspended)) {
+                    // its record stays `running` in the state, to be resumed
+                    info!(job = %job, "job suspended");
+                    return;
+                }
                 if let Some(record) = self.jobs.get(&job) {
                     record.status.send_modify(|s| {
                         s.finished_unix_ms = now_ms();
@@ -460,6 +539,10 @@ impl State {
                             }
                         }
                     });
+                }
+                self.journal(&job);
+                if let Some(journal) = &self.config.journal {
+                    journal.ended(&job);
                 }
                 match &result {
                     Ok(()) => info!(job = %job, "job succeeded"),
@@ -520,7 +603,7 @@ impl State {
             let Some(id) = self.queue.pop_front() else {
                 break;
             };
-            let Some(record) = self.jobs.get(&id) else {
+            let Some(record) = self.jobs.get_mut(&id) else {
                 continue;
             };
             if record.cancel.is_cancelled() {
@@ -539,7 +622,10 @@ impl State {
                 spec: record.spec.clone(),
                 state: self.handle.clone(),
                 cancel: record.cancel.clone(),
+                resume: record.resume.take(),
+                shutdown: self.shutdown.clone(),
             };
+            self.journal(&id);
             let handle = self.handle.clone();
             self.tasks.spawn(async move {
                 let result = job::run(ctx).await;

@@ -635,9 +635,15 @@ pub fn shoal() -> Command {
 /// Starts `shoal coordinator` on 127.0.0.1 port 0 with `env` (e.g. its tokens) and
 /// reads its URL from its log.
 pub fn coordinator_process_with(env: &[(&str, &str)]) -> (Proc, String) {
+    coordinator_process_at("127.0.0.1:0", &[], env)
+}
+
+/// [`coordinator_process_with`] listening on `listen`, with more `args`.
+pub fn coordinator_process_at(listen: &str, args: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
     use std::io::{BufRead, BufReader};
     let mut child = shoal()
-        .args(["coordinator", "--listen", "127.0.0.1:0"])
+        .args(["coordinator", "--listen", listen])
+        .args(args)
         // the tests' folders and the bundled data
         .args(["--allow-path", &std::env::temp_dir().display().to_string()])
         .args(["--allow-path", env!("CARGO_MANIFEST_DIR")])

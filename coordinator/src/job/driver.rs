@@ -118,6 +118,23 @@ impl Driver<'_> {
         }
     }
 
+    /// Records what the job has established in the coordinator's state, when
+    /// it has one.
+    pub fn save(&self, facts: &Facts) {
+        if let Some(journal) = &self.ctx.state.config.journal {
+            journal.progress(&self.ctx.id, &facts.stored(self.attempt));
+        }
+    }
+
+    /// [`Self::save`], and waits until it is written (before something the
+    /// older record needs is removed).
+    pub async fn save_now(&self, facts: &Facts) {
+        self.save(facts);
+        if let Some(journal) = &self.ctx.state.config.journal {
+            journal.flush().await;
+        }
+    }
+
     fn publish_crew(&self) {
         self.slot.lock().expect("crew lock").members = self.crew.clone();
     }
@@ -129,7 +146,11 @@ impl Driver<'_> {
     /// long as a job waits for its first), and the job goes on with the next
     /// attempt: its shards placed again, the steps that lived on the workers
     /// rebuilt.
-    async fn recover(&mut self, failed: CoordinatorError) -> Result<(), CoordinatorError> {
+    async fn recover(
+        &mut self,
+        failed: CoordinatorError,
+        facts: &Facts,
+    ) -> Result<(), CoordinatorError> {
         if !failed.is_retryable() || self.ctx.cancel.is_cancelled() {
             return Err(failed);
         }
@@ -172,6 +193,8 @@ impl Driver<'_> {
         self.attempt = Attempt(self.attempt.0 + 1);
         self.placement = None;
         self.on = OnWorkers::default();
+        // written before any worker hears of the attempt
+        self.save_now(facts).await;
         tracing::Span::current().record("attempt", self.attempt.0);
         let names: Vec<String> = self.crew.iter().map(|m| m.worker.id.to_string()).collect();
         let text = format!(
@@ -320,10 +343,29 @@ pub(super) async fn drive(
         ..Default::default()
     });
     let mut facts = Facts::new(plan);
+    if let Some(resume) = &ctx.resume {
+        // The workers may still hold the attempt the stopped coordinator ran:
+        // this one goes past it.
+        let last = resume.progress.as_ref().map_or(1, |p| p.attempt);
+        d.attempt = Attempt(last + 1);
+        tracing::Span::current().record("attempt", d.attempt.0);
+        let from = facts.restore(resume);
+        let text = format!(
+            "attempt {}: resumed {from} after the coordinator restarted",
+            d.attempt
+        );
+        info!(attempt = d.attempt.0, "{text}");
+        d.progress(Progress {
+            attempt: Some(d.attempt.0),
+            recovery: Some(text),
+            ..Default::default()
+        });
+    }
+    d.save(&facts);
     loop {
         match phases::advance(&mut d, &mut facts, committing).await {
             Ok(()) => return Ok(()),
-            Err(e) => d.recover(e).await?,
+            Err(e) => d.recover(e, &facts).await?,
         }
     }
 }

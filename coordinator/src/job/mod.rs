@@ -31,6 +31,19 @@ pub struct JobContext {
     pub spec: JobSpec,
     pub state: StateHandle,
     pub cancel: CancellationToken,
+    /// A job the coordinator restarted with: what it had established.
+    pub resume: Option<Resume>,
+    /// The coordinator's shutdown: a job it stops while it keeps a state is
+    /// suspended (its staging kept for the next coordinator), not cancelled.
+    pub shutdown: CancellationToken,
+}
+
+/// What a job had established when its coordinator stopped, as its state kept
+/// it ([`crate::journal`]).
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub progress: Option<shoal_proto::pb::StoredProgress>,
+    pub ingest: Option<shoal_proto::pb::StoredIngest>,
 }
 
 impl JobContext {
@@ -148,8 +161,13 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
         None => {
             // Dropping the driver aborts its in-flight calls to the workers.
             drop(work);
-            info!(parent: &span, "job cancelled; releasing it on its workers");
-            Err(CoordinatorError::Cancelled)
+            if ctx.shutdown.is_cancelled() && ctx.state.config.journal.is_some() {
+                info!(parent: &span, "the coordinator stops; the job resumes when it starts again");
+                Err(CoordinatorError::Suspended)
+            } else {
+                info!(parent: &span, "job cancelled; releasing it on its workers");
+                Err(CoordinatorError::Cancelled)
+            }
         }
     };
     // Workers forget the job and stop its work (all at once, each bounded); then
@@ -160,6 +178,10 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
     let members = crew.release_all(&ctx, &span).await;
     if members > 0 {
         info!(parent: &span, workers = members, "job released on its workers");
+    }
+    if matches!(result, Err(CoordinatorError::Suspended)) {
+        // what the next coordinator resumes from
+        return result;
     }
     if let Ok(staging) = store::resolve(&ctx.spec.staging_for(&ctx.id)) {
         if let Err(e) = staging.delete_all().await {

@@ -111,10 +111,9 @@ async fn train(
     let items = &loaded.item_stats;
     let n_users = loaded.users;
     let staging = &facts.plan.staging;
-    let progress = &mut facts.als;
-    let resume = progress.checkpoint;
-    progress.losses.truncate(resume as usize);
-    progress.seconds.truncate(resume as usize);
+    let resume = facts.als.checkpoint;
+    facts.als.losses.truncate(resume as usize);
+    facts.als.seconds.truncate(resume as usize);
     if resume > 0 {
         info!(iteration = resume, "ALS resumes from its checkpoint");
     }
@@ -189,11 +188,13 @@ async fn train(
             data_loss += parts.iter().map(|p| p.data_loss).sum::<f64>();
         }
         let loss = (data_loss + lambda * traces) / cells.max(1.0);
-        progress.losses.push(loss);
-        progress.seconds.push(started.elapsed().as_secs_f64());
+        facts.als.losses.push(loss);
+        facts.als.seconds.push(started.elapsed().as_secs_f64());
         if let Some(c) = checkpoint {
-            // every shard of iteration c is written: the older checkpoint goes
-            let old = std::mem::replace(&mut progress.checkpoint, c);
+            // every shard of iteration c is written: it is the resume point, and
+            // the older checkpoint goes
+            let old = std::mem::replace(&mut facts.als.checkpoint, c);
+            d.save_now(facts).await;
             if old > 0
                 && let Err(e) = checkpoint_folder(staging, old).delete_all().await
             {
@@ -215,8 +216,8 @@ async fn train(
         pairs,
         held_out_pairs: loaded.stats.values().map(|s| s.held_out).sum(),
         nonpositive_pairs: loaded.stats.values().map(|s| s.nonpositive).sum(),
-        loss_per_iteration: progress.losses.clone(),
-        seconds_per_iteration: progress.seconds.clone(),
+        loss_per_iteration: facts.als.losses.clone(),
+        seconds_per_iteration: facts.als.seconds.clone(),
         evaluation: None,
         model: None,
         recommend_users: None,

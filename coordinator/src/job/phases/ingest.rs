@@ -32,6 +32,14 @@ pub struct Ingest {
 }
 
 impl Ingest {
+    /// Every split read, as the coordinator's state kept the answers.
+    pub fn restore(&mut self, stored: &pb::StoredIngest) {
+        self.pending.clear();
+        self.extra_pending.clear();
+        self.results = stored.splits.clone();
+        self.extra_results = stored.extra_splits.clone();
+    }
+
     pub fn new(plan: &Planned) -> Ingest {
         Ingest {
             pending: plan.splits.clone(),
@@ -65,6 +73,41 @@ pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordinato
     d.phase(Phase::Ingest);
     let job_ctx = d.job_context(facts);
     let ingest = &mut facts.ingest;
+    d.progress(Progress {
+        bytes_total: Some(ingest.bytes_total),
+        bytes_read: Some(ingest.results.iter().map(|s| s.bytes_read).sum()),
+        ..Default::default()
+    });
+    if !ingest.pending.is_empty() || !ingest.extra_pending.is_empty() {
+        read(d, ingest, &job_ctx)
+            .await
+            .inspect_err(|_| d.times.add("ingest", t))?;
+    }
+    let mut split_results = std::mem::take(&mut ingest.results);
+    let mut extra_results = std::mem::take(&mut ingest.extra_results);
+    split_results.sort_by_key(|s| s.split);
+    extra_results.sort_by_key(|s| s.split);
+    let stored = pb::StoredIngest {
+        splits: split_results.clone(),
+        extra_splits: extra_results.clone(),
+    };
+    let ingested = check(d, &facts.plan, &split_results, &extra_results)?;
+    if let Some(journal) = &d.ctx.state.config.journal {
+        journal.ingest(&d.ctx.id, &stored);
+    }
+    facts.ingested = Some(ingested);
+    d.times.add("ingest", t);
+    Ok(())
+}
+
+/// Reads the pending splits, shared out among the crew. Every member's answer
+/// is awaited (not only until the first failure): the splits of those that
+/// answered are done.
+async fn read(
+    d: &Driver<'_>,
+    ingest: &mut Ingest,
+    job_ctx: &pb::JobContext,
+) -> Result<(), CoordinatorError> {
     let members = d.crew.len();
     let share = |splits: &[pb::Split], m: usize| -> Vec<pb::Split> {
         splits
@@ -77,13 +120,6 @@ pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordinato
     let per_member: Vec<(Vec<pb::Split>, Vec<pb::Split>)> = (0..members)
         .map(|m| (share(&ingest.pending, m), share(&ingest.extra_pending, m)))
         .collect();
-    d.progress(Progress {
-        bytes_total: Some(ingest.bytes_total),
-        bytes_read: Some(ingest.results.iter().map(|s| s.bytes_read).sum()),
-        ..Default::default()
-    });
-    // Every member's answer is awaited (not only until the first failure): the
-    // splits of those that answered are done.
     let calls = futures::future::join_all(d.crew.iter().enumerate().map(|(m, member)| {
         let req = pb::IngestRequest {
             job: Some(job_ctx.clone()),
@@ -118,18 +154,7 @@ pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordinato
             }
         }
     }
-    if let Some(e) = failed {
-        d.times.add("ingest", t);
-        return Err(e);
-    }
-    let mut split_results = std::mem::take(&mut ingest.results);
-    let mut extra_results = std::mem::take(&mut ingest.extra_results);
-    split_results.sort_by_key(|s| s.split);
-    extra_results.sort_by_key(|s| s.split);
-    let ingested = check(d, &facts.plan, &split_results, &extra_results)?;
-    facts.ingested = Some(ingested);
-    d.times.add("ingest", t);
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// The job's checks on what was read; the shards' sizes and memory model.

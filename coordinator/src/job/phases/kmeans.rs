@@ -76,20 +76,19 @@ pub async fn lloyd(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordina
         .sum::<f64>()
         / dims as f64;
     let tol = segments.tol * if mean_var > 0.0 { mean_var } else { 1.0 };
-    let state = &mut facts.lloyd;
-    if state.rounds == 0 {
-        state.centroids = facts
+    if facts.lloyd.rounds == 0 {
+        facts.lloyd.centroids = facts
             .init
             .as_ref()
             .expect("init runs first")
             .centroids
             .clone();
     } else {
-        info!(round = state.rounds + 1, "Lloyd rounds resume");
+        info!(round = facts.lloyd.rounds + 1, "Lloyd rounds resume");
     }
-    for round in state.rounds..segments.max_iter {
+    for round in facts.lloyd.rounds..segments.max_iter {
         d.step = Step::at(Phase::Lloyd, round);
-        let centroids = &state.centroids;
+        let centroids = &facts.lloyd.centroids;
         let partials = d
             .all(|_, mut c| {
                 let req = pb::LloydStepRequest {
@@ -110,11 +109,11 @@ pub async fn lloyd(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordina
             "lloyd",
             |p| p.shard,
         )?;
-        let r = kmeans::merge_round(&state.centroids, k, dims, &partials);
-        state.inertia.push(r.inertia);
-        state.reseeds += r.reseeded.len();
-        state.centroids = r.centroids;
-        state.rounds = round + 1;
+        let r = kmeans::merge_round(&facts.lloyd.centroids, k, dims, &partials);
+        facts.lloyd.inertia.push(r.inertia);
+        facts.lloyd.reseeds += r.reseeded.len();
+        facts.lloyd.centroids = r.centroids;
+        facts.lloyd.rounds = round + 1;
         d.progress(Progress {
             iteration: Some(round + 1),
             inertia: Some(r.inertia),
@@ -122,14 +121,16 @@ pub async fn lloyd(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordina
             ..Default::default()
         });
         if r.reseeded.is_empty() && r.shift <= tol {
-            state.converged = true;
+            facts.lloyd.converged = true;
             break;
         }
+        d.save(facts);
     }
-    state.done = true;
+    facts.lloyd.done = true;
+    d.save(facts);
     info!(
-        iterations = state.inertia.len(),
-        converged = state.converged,
+        iterations = facts.lloyd.inertia.len(),
+        converged = facts.lloyd.converged,
         "k-means done"
     );
     d.times.add("lloyd", t);

@@ -14,7 +14,9 @@ pub mod scale;
 pub mod write;
 
 use super::driver::Driver;
+use super::{Attempt, Resume};
 use crate::CoordinatorError;
+use shoal_proto::pb;
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 
@@ -31,6 +33,67 @@ pub struct Facts {
 }
 
 impl Facts {
+    /// What survives the workers, for the coordinator's state.
+    pub fn stored(&self, attempt: Attempt) -> pb::StoredProgress {
+        let init = self.init.as_ref();
+        let l = &self.lloyd;
+        pb::StoredProgress {
+            attempt: attempt.0,
+            ingested: self.ingested.is_some(),
+            als_checkpoint: self.als.checkpoint,
+            als_losses: self.als.losses[..self.als.checkpoint as usize].to_vec(),
+            als_seconds: self.als.seconds[..self.als.checkpoint as usize].to_vec(),
+            init_done: init.is_some(),
+            init_centroids: init.map(|i| i.centroids.clone()).unwrap_or_default(),
+            init_candidates: init.map_or(0, |i| i.candidates as u64),
+            lloyd_rounds: l.rounds,
+            lloyd_centroids: l.centroids.clone(),
+            lloyd_inertia: l.inertia.clone(),
+            lloyd_reseeds: l.reseeds as u64,
+            lloyd_converged: l.converged,
+            lloyd_done: l.done,
+        }
+    }
+
+    /// Takes back what a job had established before its coordinator stopped;
+    /// describes where it resumes.
+    pub fn restore(&mut self, resume: &Resume) -> String {
+        if let Some(i) = &resume.ingest {
+            self.ingest.restore(i);
+        }
+        let Some(p) = &resume.progress else {
+            return "from the start".into();
+        };
+        self.als.checkpoint = p.als_checkpoint;
+        self.als.losses = p.als_losses.clone();
+        self.als.seconds = p.als_seconds.clone();
+        if p.init_done {
+            self.init = Some(kmeans::Init {
+                centroids: p.init_centroids.clone(),
+                candidates: p.init_candidates as usize,
+            });
+        }
+        self.lloyd = kmeans::Lloyd {
+            rounds: p.lloyd_rounds,
+            centroids: p.lloyd_centroids.clone(),
+            inertia: p.lloyd_inertia.clone(),
+            reseeds: p.lloyd_reseeds as usize,
+            converged: p.lloyd_converged,
+            done: p.lloyd_done,
+        };
+        if p.lloyd_rounds > 0 {
+            format!("from Lloyd round {}", p.lloyd_rounds + 1)
+        } else if p.init_done {
+            "from the Lloyd rounds".into()
+        } else if p.als_checkpoint > 0 {
+            format!("from the ALS checkpoint of iteration {}", p.als_checkpoint)
+        } else if resume.ingest.is_some() {
+            "after ingest".into()
+        } else {
+            "from the start".into()
+        }
+    }
+
     pub fn new(plan: plan::Planned) -> Facts {
         Facts {
             ingest: ingest::Ingest::new(&plan),
@@ -65,6 +128,7 @@ pub(super) async fn advance(
 ) -> Result<(), CoordinatorError> {
     if facts.ingested.is_none() {
         ingest::run(d, facts).await?;
+        d.save(facts);
     }
     if d.placement.is_none() {
         ingest::place(d, facts)?;
@@ -81,6 +145,7 @@ pub(super) async fn advance(
     if facts.plan.model.is_none() {
         if facts.init.is_none() {
             kmeans::init(d, facts).await?;
+            d.save(facts);
         }
         if !facts.lloyd.done {
             kmeans::lloyd(d, facts).await?;
