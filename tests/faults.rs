@@ -60,9 +60,23 @@ fn outputs(out: &Path) -> BTreeMap<String, Vec<u8>> {
     files
 }
 
-/// Asserts the two output folders hold the same files, byte for byte.
+/// Asserts the two output folders hold the same files, byte for byte, and that
+/// the manifest of `got` names every file in it (no file of an earlier attempt
+/// is left beside them).
 fn assert_same_outputs(got: &Path, want: &Path) {
+    let mut listed: Vec<String> = read_manifest(got)
+        .files
+        .iter()
+        .map(|f| f.path.clone())
+        .filter(|p| p != "report.json")
+        .collect();
+    listed.sort();
     let (got, want) = (outputs(got), outputs(want));
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        listed,
+        "the files are the manifest's"
+    );
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
         want.keys().collect::<Vec<_>>(),
@@ -459,4 +473,54 @@ async fn a_restarted_coordinator_resumes_its_jobs() {
         assert_eq!(last.attempt, 1, "{last:?}");
         assert_same_outputs(&queued_out, &b.reference);
     }
+}
+
+/// Resident memory of a process, from /proc (kB).
+fn rss_kb(p: &Proc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.0.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// 50 jobs submitted at once to a coordinator with 2 workers: every one
+/// succeeds, they run one at a time (`--max-running-jobs` 1) in the order they
+/// were submitted, and the coordinator's memory afterwards is within twice what
+/// it was before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_jobs_at_once_run_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("log.csv");
+    write_planted_log(&input, 20, 5, 0);
+    let (coordinator, url) = coordinator_process();
+    let _workers: Vec<Proc> = (0..2).map(|_| worker_process(&url, &[])).collect();
+    wait_for_exactly(&url, 2).await;
+    let before = rss_kb(&coordinator);
+    let specs: Vec<JobSpec> = (0..50)
+        .map(|i| planted_spec(&input, &dir.path().join(format!("out-{i:02}")), 3))
+        .collect();
+    let ids = futures::future::join_all(specs.iter().map(|s| submit(&url, s))).await;
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(poll(&url, id, finished).await);
+    }
+    for s in &statuses {
+        assert!(succeeded(s), "{s:?}");
+    }
+    // submitted at once: their order is the one the coordinator took them in,
+    // which their ids keep (UUID v7, monotonic)
+    statuses.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+    for pair in statuses.windows(2) {
+        assert!(
+            pair[1].started_unix_ms >= pair[0].finished_unix_ms,
+            "one at a time, first come first served: {} then {}",
+            pair[0].job_id,
+            pair[1].job_id
+        );
+    }
+    let after = rss_kb(&coordinator);
+    println!("coordinator RSS: {before} kB before 50 jobs, {after} kB after");
+    assert!(after <= 2 * before, "{before} kB -> {after} kB");
 }
