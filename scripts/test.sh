@@ -12,7 +12,8 @@
 #   4. `cargo test` for the whole workspace: unit tests, the backend tests (CUDA runs
 #      too when this machine has a GPU; otherwise it says it was skipped), and the
 #      whole-system tests in tests/ (real gRPC servers on 127.0.0.1, real files
-#      through object_store, worker processes, jobs reading and writing S3 on moto).
+#      through object_store, worker processes, jobs reading and writing S3 on moto);
+#   5. a short run of each fuzz target (fuzz/: spec parsing, row decoding).
 #
 # Env: SHOAL_S3_VENV  venv for moto (default: <repo>/target/s3-venv)
 #      PYTHON         python interpreter for the venvs (default: python3)
@@ -42,3 +43,9 @@ site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pu
 export LD_LIBRARY_PATH="$site/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 cargo test --workspace --locked "$@"
+
+# --- the fuzz targets, briefly (README, "Fuzzing": the long runs)
+cargo build --workspace --bins --locked
+for target in spec rows; do
+    target/debug/shoal-fuzz "$target" --seconds "${SHOAL_FUZZ_SECONDS:-20}"
+done

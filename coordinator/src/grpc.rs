@@ -140,7 +140,10 @@ impl RegistryService for Services {
             }
             .into());
         }
-        let known = self.state.heartbeat(WorkerId::from(req.worker_id)).await?;
-        Ok(Response::new(pb::HeartbeatResponse { known }))
+        let (known, running_jobs) = self.state.heartbeat(WorkerId::from(req.worker_id)).await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            known,
+            running_jobs,
+        }))
     }
 }

@@ -52,7 +52,7 @@ enum Event {
     },
     Heartbeat {
         worker: WorkerId,
-        reply: oneshot::Sender<bool>,
+        reply: oneshot::Sender<(bool, Vec<String>)>,
     },
     Workers {
         reply: oneshot::Sender<Vec<WorkerEntry>>,
@@ -154,7 +154,11 @@ impl StateHandle {
         self.ask(|reply| Event::Register { req, reply }).await?
     }
 
-    pub async fn heartbeat(&self, worker: WorkerId) -> Result<bool, CoordinatorError> {
+    /// Whether the worker is known, and the jobs running.
+    pub async fn heartbeat(
+        &self,
+        worker: WorkerId,
+    ) -> Result<(bool, Vec<String>), CoordinatorError> {
         self.ask(|reply| Event::Heartbeat { worker, reply }).await
     }
 
@@ -353,7 +357,13 @@ impl State {
                     }
                     None => false,
                 };
-                let _ = reply.send(known);
+                let running = self
+                    .jobs
+                    .iter()
+                    .filter(|(_, r)| r.status.borrow().state == JobState::Running as i32)
+                    .map(|(id, _)| id.to_string())
+                    .collect();
+                let _ = reply.send((known, running));
             }
             Event::Workers { reply } => {
                 let _ = reply.send(self.workers.values().cloned().collect());

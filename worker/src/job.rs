@@ -163,6 +163,8 @@ pub struct JobRun {
     /// The coordinator's attempt this record runs: a request of a later attempt
     /// supersedes it (its tasks are cancelled), one of an earlier is refused.
     pub attempt: u32,
+    /// When the first request of the attempt arrived.
+    pub created: std::time::Instant,
     pub control: IngestControl,
     pub tasks: TaskTracker,
 }
@@ -171,6 +173,7 @@ impl JobRun {
     pub fn new(job: &str, attempt: u32) -> JobRun {
         JobRun {
             attempt,
+            created: std::time::Instant::now(),
             control: IngestControl {
                 job: job.to_string(),
                 ..IngestControl::default()

@@ -168,7 +168,7 @@ pub async fn spawn_worker(
             RequireToken::new(config.token.as_deref(), "SHOAL_TOKEN (the workers' token)"),
         ))
         .add_service(InterceptedService::new(
-            WorkerServiceServer::new(service)
+            WorkerServiceServer::new(service.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             RequireToken::new(config.token.as_deref(), "SHOAL_TOKEN (the workers' token)"),
@@ -207,7 +207,7 @@ pub async fn spawn_worker(
         tracker.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                result = registration_loop(coordinator, register, with_token, tls_ca, registered) => {
+                result = registration_loop(coordinator, register, with_token, tls_ca, registered, service) => {
                     if let Err(e) = result {
                         error!(error = %e, "worker stops");
                         fatal.lock().expect("fatal lock").get_or_insert(e);
@@ -235,14 +235,16 @@ pub async fn spawn_worker(
 }
 
 /// Registers (retrying while the coordinator is unreachable), then heartbeats; a
-/// heartbeat the coordinator does not recognise leads to registering again. Returns
-/// only on a refusal.
+/// heartbeat the coordinator does not recognise leads to registering again. Each
+/// heartbeat's answer names the jobs the coordinator runs: the work of any other
+/// is dropped. Returns only on a refusal.
 async fn registration_loop(
     coordinator: String,
     register: RegisterRequest,
     token: WithToken,
     tls_ca: Option<PathBuf>,
     registered_gauge: Gauge,
+    service: WorkerServiceImpl,
 ) -> Result<(), WorkerError> {
     let retry = Duration::from_millis(250);
     loop {
@@ -291,8 +293,11 @@ async fn registration_loop(
                 protocol_version: register.protocol_version,
                 worker_id: registered.worker_id.clone(),
             };
+            let asked = std::time::Instant::now();
             match client.heartbeat(beat).await {
-                Ok(r) if r.get_ref().known => {}
+                Ok(r) if r.get_ref().known => {
+                    service.keep_only(&r.get_ref().running_jobs, asked);
+                }
                 Ok(_) => {
                     warn!(worker = %registered.worker_id, "coordinator forgot this worker; registering again");
                     registered_gauge.set(0);

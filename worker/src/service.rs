@@ -246,6 +246,66 @@ impl WorkerServiceImpl {
     }
 }
 
+impl WorkerServiceImpl {
+    /// Marks `job` released: its tasks are cancelled (and refused from now on),
+    /// its state and what the shelf serves of it dropped. Returns its record
+    /// (to wait on its tasks) and whether it held state here.
+    fn release(&self, job: &str) -> (Arc<JobRun>, bool) {
+        let mut runs = self.runs.lock().expect("runs lock");
+        let run = match runs.released.get(job) {
+            Some(run) => run.clone(),
+            None => {
+                let run = runs
+                    .live
+                    .remove(job)
+                    .unwrap_or_else(|| Arc::new(JobRun::new(job, 0)));
+                runs.released.insert(job.to_string(), run.clone());
+                runs.order.push_back(job.to_string());
+                while runs.order.len() > RELEASED_KEPT {
+                    if let Some(old) = runs.order.pop_front()
+                        && let Some(old) = runs.released.remove(&old)
+                    {
+                        runs.forgotten.0 += old.control.rows_read.load(Ordering::Relaxed);
+                        runs.forgotten.1 += old.control.bytes_read.load(Ordering::Relaxed);
+                    }
+                }
+                run
+            }
+        };
+        run.control.cancel.cancel();
+        run.tasks.close();
+        self.shelf.drop_job(job);
+        let removed = self
+            .jobs
+            .lock()
+            .expect("job map lock")
+            .remove(job)
+            .is_some();
+        (run, removed)
+    }
+
+    /// Drops the work of every job the coordinator no longer runs: those not in
+    /// `running` whose work began before `asked` (the heartbeat that brought the
+    /// list was sent then; a job begun since may be too new for it). Returns
+    /// the jobs dropped.
+    pub fn keep_only(&self, running: &[String], asked: Instant) -> Vec<String> {
+        let stale: Vec<String> = self
+            .runs
+            .lock()
+            .expect("runs lock")
+            .live
+            .iter()
+            .filter(|(job, run)| run.created < asked && !running.contains(job))
+            .map(|(job, _)| job.clone())
+            .collect();
+        for job in &stale {
+            self.release(job);
+            info!(job = %job, "dropped the work of a job its coordinator no longer runs");
+        }
+        stale
+    }
+}
+
 /// ALS checkpoints ([`crate::staging::checkpoint`]).
 impl WorkerServiceImpl {
     /// The shards of each side this worker owns in the job's ALS.
@@ -963,39 +1023,7 @@ impl WorkerService for WorkerServiceImpl {
     ) -> Result<Response<pb::ReleaseJobResponse>, Status> {
         let job = req.into_inner().job_id;
         let started = Instant::now();
-        let (run, removed) = {
-            let mut runs = self.runs.lock().expect("runs lock");
-            let run = match runs.released.get(&job) {
-                Some(run) => run.clone(),
-                None => {
-                    let run = runs
-                        .live
-                        .remove(&job)
-                        .unwrap_or_else(|| Arc::new(JobRun::new(&job, 0)));
-                    runs.released.insert(job.clone(), run.clone());
-                    runs.order.push_back(job.clone());
-                    while runs.order.len() > RELEASED_KEPT {
-                        if let Some(old) = runs.order.pop_front()
-                            && let Some(old) = runs.released.remove(&old)
-                        {
-                            runs.forgotten.0 += old.control.rows_read.load(Ordering::Relaxed);
-                            runs.forgotten.1 += old.control.bytes_read.load(Ordering::Relaxed);
-                        }
-                    }
-                    run
-                }
-            };
-            run.control.cancel.cancel();
-            run.tasks.close();
-            self.shelf.drop_job(&job);
-            let removed = self
-                .jobs
-                .lock()
-                .expect("job map lock")
-                .remove(&job)
-                .is_some();
-            (run, removed)
-        };
+        let (run, removed) = self.release(&job);
         let running = run.tasks.len();
         let stopped = tokio::time::timeout(RELEASE_WAIT, run.tasks.wait())
             .await
@@ -1040,5 +1068,30 @@ impl WorkerService for WorkerServiceImpl {
             released,
             holds_shards,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The work of a job the coordinator no longer runs is dropped; that of a
+    /// job it runs, or of one begun after the heartbeat was sent, is kept.
+    #[test]
+    fn work_of_jobs_the_coordinator_forgot_is_dropped() {
+        let service = WorkerServiceImpl::new(Arc::new(CpuBackend::new()), 1);
+        let enter = |job: &str| {
+            service.runs.lock().unwrap().enter(job, 1).unwrap();
+        };
+        enter("forgotten");
+        enter("running");
+        let asked = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        enter("new");
+        let dropped = service.keep_only(&["running".to_string()], asked);
+        assert_eq!(dropped, ["forgotten"]);
+        let runs = service.runs.lock().unwrap();
+        assert!(runs.released.contains_key("forgotten"));
+        assert!(runs.live.contains_key("running") && runs.live.contains_key("new"));
     }
 }
