@@ -1,10 +1,10 @@
 //! `shoal assign`: the spec of a fold-in job, built from a finished job's model
 //! folder and a new interaction log.
 
-use shoal_proto::JobSpec;
-use shoal_proto::manifest::{MANIFEST, Manifest};
-use shoal_proto::spec::ModelSpec;
-use shoal_proto::store;
+use shoal_spec::JobSpec;
+use shoal_spec::manifest::{MANIFEST, Manifest};
+use shoal_spec::spec::ModelSpec;
+use shoal_store as store;
 use std::path::Path;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

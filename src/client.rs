@@ -2,14 +2,15 @@
 //! list, and the segment table printed at the end.
 
 use crate::watch::{self, EXIT_CANCELLED, View, is_finished, state_name};
-use shoal_proto::auth::{AuthChannel, WithToken};
-use shoal_proto::manifest::{MANIFEST, Manifest};
+use shoal_net::auth::{AuthChannel, WithToken};
+use shoal_net::tls;
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::{
     GetJobRequest, JobState, JobStatus, ListJobsRequest, ListWorkersRequest, SubmitJobRequest,
 };
-use shoal_proto::tls;
-use shoal_proto::{JobSpec, store};
+use shoal_spec::JobSpec;
+use shoal_spec::manifest::{MANIFEST, Manifest};
+use shoal_store as store;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

@@ -54,7 +54,7 @@ fn write_low_rank_log(path: &Path) -> BTreeSet<(String, String)> {
     pairs
 }
 
-fn spec(input: &Path, out: &Path) -> shoal_proto::JobSpec {
+fn spec(input: &Path, out: &Path) -> shoal_spec::JobSpec {
     let mut spec = planted_spec(input, out, GROUPS as u32);
     spec.name = "low-rank".into();
     spec.features.als = true;
@@ -124,7 +124,7 @@ async fn planted_low_rank_preferences_are_recovered() {
 
     // The split the job used, recomputed from its definition.
     let (held, train): (BTreeSet<_>, BTreeSet<_>) = pairs.iter().cloned().partition(|(u, i)| {
-        use shoal_proto::hash::id_key;
+        use shoal_spec::hash::id_key;
         shoal_worker::steps::als::held_out(SEED, HOLDOUT, id_key(u), id_key(i))
     });
     let report = read_report(&out);
@@ -277,7 +277,7 @@ async fn fold_in_puts_trained_users_back_in_their_segments() {
     let mut wrong = train.clone();
     wrong.output.path = dir.path().join("wrong").display().to_string();
     wrong.als.factors = 8;
-    wrong.model = Some(shoal_proto::spec::ModelSpec {
+    wrong.model = Some(shoal_spec::spec::ModelSpec {
         path: model.display().to_string(),
     });
     let status = run_job(&cluster.url, &wrong).await;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// worker, the workers stop between row batches).
 const STOP_WITHIN: Duration = Duration::from_secs(5);
 
-async fn submit(url: &str, spec: &shoal_proto::JobSpec) -> String {
+async fn submit(url: &str, spec: &shoal_spec::JobSpec) -> String {
     job_client(url, None)
         .await
         .unwrap()

@@ -233,7 +233,7 @@ async fn three_worker_processes_started_by_hand() {
     );
 }
 
-async fn failing(spec: &shoal_proto::JobSpec, cluster: &Cluster) -> String {
+async fn failing(spec: &shoal_spec::JobSpec, cluster: &Cluster) -> String {
     let status = run_job(&cluster.url, spec).await;
     assert!(!succeeded(&status), "job should fail: {status:?}");
     assert!(
@@ -284,7 +284,7 @@ async fn bad_input_fails_with_clear_errors() {
 
     // on_bad_rows = "fail" names the file and the row
     let mut spec = planted_spec(&log, &dir.path().join("o2"), 3);
-    spec.input.clean.on_bad_rows = shoal_proto::spec::OnBadRows::Fail;
+    spec.input.clean.on_bad_rows = shoal_spec::spec::OnBadRows::Fail;
     let err = failing(&spec, &cluster).await;
     assert!(
         err.contains("log.csv") && err.contains("row ") && err.contains("not-a-price"),
@@ -312,7 +312,7 @@ async fn bad_input_fails_with_clear_errors() {
 
     // a job that needs CUDA on CPU workers (the test cluster's workers run the CPU backend)
     let mut spec = planted_spec(&log, &dir.path().join("o6"), 3);
-    spec.cluster.device = shoal_proto::spec::Device::Cuda;
+    spec.cluster.device = shoal_spec::spec::Device::Cuda;
     let err = failing(&spec, &cluster).await;
     assert!(
         err.contains("cluster.device = \"cuda\"") && err.contains("runs on cpu"),

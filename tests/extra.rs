@@ -10,7 +10,7 @@ use arrow::array::{ArrayRef, Float32Builder, Int64Array, ListBuilder, StringArra
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use common::*;
-use shoal_proto::JobSpec;
+use shoal_spec::JobSpec;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
@@ -480,7 +480,7 @@ async fn bad_tables_fail_naming_the_problem_and_leave_no_success() {
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "customer,age\nu00001,30\nu00002,old\n").unwrap();
     let mut s = spec(&log, &dir.path().join("o5"), Some(&bad));
-    s.input.clean.on_bad_rows = shoal_proto::spec::OnBadRows::Fail;
+    s.input.clean.on_bad_rows = shoal_spec::spec::OnBadRows::Fail;
     fails(
         "bad value",
         s,

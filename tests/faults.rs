@@ -5,8 +5,8 @@
 mod common;
 
 use common::*;
-use shoal_proto::JobSpec;
 use shoal_proto::pb::{GetJobRequest, JobState, JobStatus, ListWorkersRequest, SubmitJobRequest};
+use shoal_spec::JobSpec;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

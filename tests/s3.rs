@@ -5,12 +5,12 @@
 mod common;
 
 use common::*;
-use shoal_proto::store::{self, MULTIPART_PART_BYTES, StoreError, list_inputs, resolve};
+use shoal_store::{self as store, MULTIPART_PART_BYTES, StoreError, list_inputs, resolve};
 use std::collections::BTreeSet;
 use std::io::Write;
 
 /// Every object below `loc`, relative to it.
-async fn objects_below(loc: &shoal_proto::Location) -> BTreeSet<String> {
+async fn objects_below(loc: &shoal_store::Location) -> BTreeSet<String> {
     loc.list()
         .await
         .unwrap()

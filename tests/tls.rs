@@ -11,9 +11,9 @@ use common::{DEADLINE, demo_spec, job_client_tls, read_assignments, run_job_with
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use shoal_coordinator::{CoordinatorConfig, StateConfig, spawn_coordinator};
 use shoal_kernels::CpuBackend;
+use shoal_net::tls::{ServerIdentity, endpoint};
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::{JobState, ListWorkersRequest};
-use shoal_proto::tls::{ServerIdentity, endpoint};
 use shoal_worker::{WorkerConfig, spawn_worker};
 use tokio_util::sync::CancellationToken;
 

@@ -6,7 +6,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use shoal_proto::JobSpec;
+use shoal_spec::JobSpec;
 
 use crate::CoordinatorError;
 
@@ -158,7 +158,7 @@ mod tests {
     use super::*;
 
     fn spec_with(input: &str, output: &str) -> JobSpec {
-        let mut spec = JobSpec::parse(shoal_proto::spec::DEMO_SPEC).unwrap();
+        let mut spec = JobSpec::parse(shoal_spec::spec::DEMO_SPEC).unwrap();
         spec.input.interactions = input.into();
         spec.output.path = output.into();
         spec

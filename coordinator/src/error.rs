@@ -1,7 +1,9 @@
 //! The coordinator's errors, what an operator can do about each, and the one table
 //! that maps them to gRPC codes.
 
-use shoal_proto::{SpecError, StoreError};
+use shoal_spec::SpecError;
+
+use shoal_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -130,7 +132,7 @@ pub enum CoordinatorError {
     #[error("{which}: {reason}")]
     BadToken { which: &'static str, reason: String },
     #[error(transparent)]
-    Tls(#[from] shoal_proto::tls::TlsError),
+    Tls(#[from] shoal_net::tls::TlsError),
     #[error(
         "the coordinator's state {object} cannot be read: {reason}; move it aside to start without it (its jobs are then forgotten)"
     )]

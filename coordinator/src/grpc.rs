@@ -7,7 +7,7 @@ use futures::Stream;
 use shoal_proto::pb::job_service_server::JobService;
 use shoal_proto::pb::registry_service_server::RegistryService;
 use shoal_proto::pb::{self, JobState, JobStatus};
-use shoal_proto::{JobId, JobSpec, WorkerId};
+use shoal_spec::{JobId, JobSpec, WorkerId};
 use std::pin::Pin;
 use tonic::{Request, Response, Status};
 

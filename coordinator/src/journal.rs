@@ -20,8 +20,8 @@
 use crate::CoordinatorError;
 use prost::Message;
 use shoal_proto::pb;
-use shoal_proto::store::{self, Location};
-use shoal_proto::{JobId, JobSpec};
+use shoal_spec::{JobId, JobSpec};
+use shoal_store::{self as store, Location};
 use std::collections::BTreeMap;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;

@@ -4,8 +4,8 @@
 //! is deterministic for a given seed and input order.
 
 use rayon::prelude::*;
-use shoal_proto::hash;
 use shoal_proto::pb;
+use shoal_spec::hash;
 
 /// Global mean and scale (population standard deviation; 1 where it is 0) merged
 /// from per-shard moments in the order given (Chan et al.).

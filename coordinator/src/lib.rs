@@ -20,11 +20,11 @@ pub use allow::AllowList;
 pub use error::CoordinatorError;
 pub use state::StateConfig;
 
+use shoal_net::auth::{RequireToken, WithToken};
+use shoal_net::tls::ServerIdentity;
 use shoal_proto::MAX_MESSAGE_BYTES;
-use shoal_proto::auth::{RequireToken, WithToken};
 use shoal_proto::pb::job_service_server::JobServiceServer;
 use shoal_proto::pb::registry_service_server::RegistryServiceServer;
-use shoal_proto::tls::ServerIdentity;
 use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -127,7 +127,7 @@ pub async fn spawn_coordinator(
                 state: state.clone(),
                 metrics: config.state.metrics.clone(),
             });
-            let http = shoal_proto::http::serve(
+            let http = shoal_net::http::serve(
                 listen,
                 config.state.metrics.registry(),
                 probe,

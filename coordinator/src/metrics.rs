@@ -1,5 +1,5 @@
 //! The coordinator's Prometheus metrics and its readiness, served over HTTP by
-//! [`shoal_proto::http`].
+//! [`shoal_net::http`].
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use shoal_proto::http::Probe;
+use shoal_net::http::Probe;
 use shoal_proto::pb::JobState;
 
 use crate::output::PhaseTimes;

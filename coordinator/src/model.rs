@@ -5,10 +5,11 @@
 use crate::CoordinatorError;
 use arrow::array::{Array, AsArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use shoal_proto::manifest::{MANIFEST, Manifest};
-use shoal_proto::spec::RFM_DIMS;
-use shoal_proto::store::{self, Location};
-use shoal_proto::{JobSpec, pb};
+use shoal_proto::pb;
+use shoal_spec::JobSpec;
+use shoal_spec::manifest::{MANIFEST, Manifest};
+use shoal_spec::spec::RFM_DIMS;
+use shoal_store::{self as store, Location};
 
 /// What scoring against a model needs from it.
 #[derive(Debug, Clone)]
@@ -163,7 +164,7 @@ impl Model {
         // Everything that shapes a user's features must be the model's, or the
         // frozen centroids would mean something else. (The extra table itself is
         // today's, its columns are checked after ingest.)
-        let without_table = |f: &shoal_proto::spec::FeaturesSpec| {
+        let without_table = |f: &shoal_spec::spec::FeaturesSpec| {
             let mut f = f.clone();
             f.extra.clear();
             toml_of(&f)

@@ -11,10 +11,10 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
-use shoal_proto::manifest::{FileEntry, InputEntry, MANIFEST, MANIFEST_VERSION, Manifest};
 use shoal_proto::pb;
 use shoal_proto::sketch::Sketch;
-use shoal_proto::store::{self, InputObject, Location};
+use shoal_spec::manifest::{FileEntry, InputEntry, MANIFEST, MANIFEST_VERSION, Manifest};
+use shoal_store::{self as store, InputObject, Location};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -588,7 +588,7 @@ pub struct Report {
     pub job_id: String,
     pub name: String,
     pub shoal_version: &'static str,
-    pub spec: shoal_proto::JobSpec,
+    pub spec: shoal_spec::JobSpec,
     pub rows: RowTally,
     pub users: u64,
     /// Recency is measured from this instant (latest event in the input), RFC 3339.
@@ -676,8 +676,8 @@ impl Report {
 /// The job the outputs are of.
 #[derive(Clone, Copy)]
 pub struct Job<'a> {
-    pub id: &'a shoal_proto::JobId,
-    pub spec: &'a shoal_proto::JobSpec,
+    pub id: &'a shoal_spec::JobId,
+    pub spec: &'a shoal_spec::JobSpec,
 }
 
 /// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).

@@ -4,8 +4,9 @@
 
 use crate::CoordinatorError;
 use crate::job::{self, JobContext};
+use shoal_proto::PROTOCOL_VERSION;
 use shoal_proto::pb::{self, JobState, JobStatus};
-use shoal_proto::{JobId, JobSpec, PROTOCOL_VERSION, WorkerId};
+use shoal_spec::{JobId, JobSpec, WorkerId};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};

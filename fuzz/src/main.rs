@@ -26,9 +26,9 @@
 use futures::FutureExt;
 use rand::{RngExt, SeedableRng};
 use rand_pcg::Pcg64Mcg;
-use shoal_proto::JobSpec;
 use shoal_proto::pb;
-use shoal_proto::spec::DEMO_SPEC;
+use shoal_spec::JobSpec;
+use shoal_spec::spec::DEMO_SPEC;
 use shoal_worker::ingest::{IngestControl, clean_split};
 use shoal_worker::staging::{KeptRow, RowSink};
 use std::panic::AssertUnwindSafe;
@@ -37,18 +37,76 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 const SPEC_TOKENS: &[&str] = &[
-    "[input]", "[output]", "[segments]", "[als]", "[cluster]", "[features]", "[recommend]",
-    "[evaluate]", "[input.columns]", "[input.clean]", "[model]", "k = ", "shards = ",
-    "factors = ", "iterations = ", "max_attempts = ", "checkpoint_every = ", "top_n = ",
-    "path = ", "interactions = ", "seed = ", "tol = ", "holdout = ", "extra = ", "users = ",
-    "0", "-1", "1e308", "nan", "inf", "4294967296", "18446744073709551616", "\"\"", "\"s3://\"",
-    "\"../../etc\"", "true", "[]", "{}", "'''", "\"\"\"", "=", "\n", "#", ".", "\\u0000",
+    "[input]",
+    "[output]",
+    "[segments]",
+    "[als]",
+    "[cluster]",
+    "[features]",
+    "[recommend]",
+    "[evaluate]",
+    "[input.columns]",
+    "[input.clean]",
+    "[model]",
+    "k = ",
+    "shards = ",
+    "factors = ",
+    "iterations = ",
+    "max_attempts = ",
+    "checkpoint_every = ",
+    "top_n = ",
+    "path = ",
+    "interactions = ",
+    "seed = ",
+    "tol = ",
+    "holdout = ",
+    "extra = ",
+    "users = ",
+    "0",
+    "-1",
+    "1e308",
+    "nan",
+    "inf",
+    "4294967296",
+    "18446744073709551616",
+    "\"\"",
+    "\"s3://\"",
+    "\"../../etc\"",
+    "true",
+    "[]",
+    "{}",
+    "'''",
+    "\"\"\"",
+    "=",
+    "\n",
+    "#",
+    ".",
+    "\\u0000",
 ];
 
 const ROW_TOKENS: &[&[u8]] = &[
-    b",", b"\"", b"\"\"", b"\n", b"\r\n", b"\r", b"\xff", b"\xef\xbb\xbf", b"\x00", b"-", b"1e308",
-    b"NaN", b"inf", b"-0", b"99999999999999999999", b"2010-12-01 08:26:00", b"9999-12-31T23:59:59Z",
-    b"12/1/2010 8:26", b"17850.0", b"0.5", b" ", b"\t",
+    b",",
+    b"\"",
+    b"\"\"",
+    b"\n",
+    b"\r\n",
+    b"\r",
+    b"\xff",
+    b"\xef\xbb\xbf",
+    b"\x00",
+    b"-",
+    b"1e308",
+    b"NaN",
+    b"inf",
+    b"-0",
+    b"99999999999999999999",
+    b"2010-12-01 08:26:00",
+    b"9999-12-31T23:59:59Z",
+    b"12/1/2010 8:26",
+    b"17850.0",
+    b"0.5",
+    b" ",
+    b"\t",
 ];
 
 enum Target {
@@ -67,7 +125,11 @@ fn args() -> Result<Args, String> {
     let target = match it.next().as_deref() {
         Some("spec") => Target::Spec,
         Some("rows") => Target::Rows,
-        other => return Err(format!("usage: shoal-fuzz spec|rows [--seconds N] [--seed N] (got {other:?})")),
+        other => {
+            return Err(format!(
+                "usage: shoal-fuzz spec|rows [--seconds N] [--seed N] (got {other:?})"
+            ));
+        }
     };
     let (mut seconds, mut seed) = (60, 1);
     while let Some(flag) = it.next() {
@@ -88,9 +150,15 @@ fn args() -> Result<Args, String> {
 
 /// The seed inputs of a target: every file of `fuzz/seeds/<name>/`.
 fn seeds(name: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("seeds")
+        .join(name);
     let mut out: Vec<Vec<u8>> = std::fs::read_dir(&dir)
-        .map(|d| d.flatten().filter_map(|e| std::fs::read(e.path()).ok()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .collect()
+        })
         .unwrap_or_default();
     if name == "spec" {
         out.push(DEMO_SPEC.as_bytes().to_vec());
@@ -103,7 +171,11 @@ fn seeds(name: &str) -> Vec<Vec<u8>> {
 fn mutate(rng: &mut Pcg64Mcg, input: &[u8], tokens: &[&[u8]]) -> Vec<u8> {
     let mut out = input.to_vec();
     for _ in 0..rng.random_range(1..=4) {
-        let at = if out.is_empty() { 0 } else { rng.random_range(0..=out.len()) };
+        let at = if out.is_empty() {
+            0
+        } else {
+            rng.random_range(0..=out.len())
+        };
         match rng.random_range(0..5) {
             0 if !out.is_empty() => {
                 let i = at.min(out.len() - 1);
@@ -145,7 +217,9 @@ fn check_spec(input: &[u8]) -> Result<bool, String> {
     let written = spec.to_toml();
     match JobSpec::parse(&written) {
         Ok(back) if back == spec => Ok(true),
-        Ok(_) => Err(format!("the spec's TOML parses to another spec:\n{written}")),
+        Ok(_) => Err(format!(
+            "the spec's TOML parses to another spec:\n{written}"
+        )),
         Err(e) => Err(format!("the spec's TOML does not parse ({e}):\n{written}")),
     }
 }

@@ -1,16 +1,11 @@
-//! shoal's shared contract: the gRPC services and messages (generated into OUT_DIR),
-//! the job spec, typed ids, the stable hash that places users on shards, the output
-//! manifest, and the object-store conventions every process agrees on.
+//! shoal's wire: the gRPC services and messages (generated into OUT_DIR from
+//! `proto/shoal.proto`), the protocol version, the message limit, and the
+//! conversions of wire messages (the extra table's columns as features, the
+//! distinct-count sketches). The job spec, ids and stable hash are `shoal-spec`'s;
+//! object-store access is `shoal-store`'s; tokens, TLS and the HTTP endpoints are
+//! `shoal-net`'s.
 
-pub mod auth;
-pub mod hash;
-pub mod http;
-pub mod ids;
-pub mod manifest;
 pub mod sketch;
-pub mod spec;
-pub mod store;
-pub mod tls;
 
 /// Generated tonic/prost code for `proto/shoal.proto`.
 #[allow(clippy::all, missing_docs)]
@@ -69,7 +64,3 @@ pub mod extra {
 
 /// Largest gRPC message shoal sends or accepts (partial sums, candidate samples).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
-
-pub use ids::{JobId, ShardId, WorkerId};
-pub use spec::{JobSpec, SpecError};
-pub use store::{Location, StoreError};

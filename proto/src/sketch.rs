@@ -131,7 +131,7 @@ mod tests {
     fn quantiles_within_relative_accuracy() {
         let values: Vec<f64> = (0..10_001)
             .map(|i| {
-                let u = crate::hash::unit(crate::hash::key(3, &[i]));
+                let u = shoal_spec::hash::unit(shoal_spec::hash::key(3, &[i]));
                 (u * 12.0).exp() - 2.0
             })
             .collect();
@@ -254,7 +254,7 @@ impl Distinct {
 #[cfg(test)]
 mod distinct_tests {
     use super::*;
-    use crate::hash;
+    use shoal_spec::hash;
 
     #[test]
     fn distinct_counts_are_within_a_few_percent_and_merge_exactly() {

@@ -10,11 +10,11 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::reader::ChunkReader;
 use shoal_coordinator::{CoordinatorConfig, CoordinatorHandle, spawn_coordinator};
 use shoal_kernels::CpuBackend;
-use shoal_proto::JobSpec;
-use shoal_proto::Location;
-use shoal_proto::auth::{AuthChannel, WithToken};
+use shoal_net::auth::{AuthChannel, WithToken};
 use shoal_proto::pb::job_service_client::JobServiceClient;
 use shoal_proto::pb::{GetJobRequest, JobState, JobStatus, ListWorkersRequest, SubmitJobRequest};
+use shoal_spec::JobSpec;
+use shoal_store::Location;
 use shoal_worker::{WorkerConfig, WorkerHandle, spawn_worker};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -106,7 +106,7 @@ pub async fn job_client_tls(
     token: Option<&str>,
     ca: Option<&Path>,
 ) -> Result<JobServiceClient<AuthChannel>, tonic::transport::Error> {
-    let channel = shoal_proto::tls::endpoint(url, ca)
+    let channel = shoal_net::tls::endpoint(url, ca)
         .expect("a valid URL")
         .connect()
         .await?;
@@ -281,9 +281,9 @@ pub fn read_report(out: &Path) -> serde_json::Value {
         .expect("valid JSON")
 }
 
-pub fn read_manifest(out: &Path) -> shoal_proto::manifest::Manifest {
+pub fn read_manifest(out: &Path) -> shoal_spec::manifest::Manifest {
     let text = std::fs::read_to_string(out.join("_SUCCESS")).expect("_SUCCESS");
-    shoal_proto::manifest::Manifest::from_json(&text).expect("valid manifest")
+    shoal_spec::manifest::Manifest::from_json(&text).expect("valid manifest")
 }
 
 /// [`read_report`] of an output folder in any store.
@@ -293,15 +293,15 @@ pub async fn read_report_at(out: &Location) -> serde_json::Value {
 }
 
 /// [`read_manifest`] of an output folder in any store.
-pub async fn read_manifest_at(out: &Location) -> shoal_proto::manifest::Manifest {
+pub async fn read_manifest_at(out: &Location) -> shoal_spec::manifest::Manifest {
     let bytes = out.child("_SUCCESS").get().await.expect("_SUCCESS");
-    shoal_proto::manifest::Manifest::from_json(std::str::from_utf8(&bytes).unwrap())
+    shoal_spec::manifest::Manifest::from_json(std::str::from_utf8(&bytes).unwrap())
         .expect("valid manifest")
 }
 
 /// Copies a local file to `url` (any store) through shoal's own writer.
 pub async fn upload(local: &Path, url: &str) -> Location {
-    let loc = shoal_proto::store::resolve(url).unwrap();
+    let loc = shoal_store::resolve(url).unwrap();
     let bytes = std::fs::read(local).unwrap_or_else(|e| panic!("{}: {e}", local.display()));
     loc.put(bytes.into()).await.unwrap();
     loc
@@ -313,7 +313,7 @@ pub fn demo_data() -> PathBuf {
 }
 
 pub fn demo_spec(out: &Path, shards: u32) -> JobSpec {
-    let mut spec = JobSpec::parse(shoal_proto::spec::DEMO_SPEC).unwrap();
+    let mut spec = JobSpec::parse(shoal_spec::spec::DEMO_SPEC).unwrap();
     spec.input.interactions = demo_data().display().to_string();
     spec.output.path = out.display().to_string();
     spec.cluster.shards = shards;
@@ -842,7 +842,7 @@ pub fn s3() -> &'static S3Server {
             std::env::remove_var("AWS_ENDPOINT");
             std::env::remove_var("AWS_ENDPOINT_URL");
             std::env::remove_var("AWS_ENDPOINT_URL_S3");
-            std::env::set_var(shoal_proto::store::ENDPOINT_VAR, &server.endpoint);
+            std::env::set_var(shoal_store::ENDPOINT_VAR, &server.endpoint);
             let no_proxy = std::env::var("NO_PROXY").unwrap_or_default();
             let no_proxy = if no_proxy.is_empty() {
                 "127.0.0.1,localhost".to_string()

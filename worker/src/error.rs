@@ -2,7 +2,8 @@
 //! retryable or not, and maps to a gRPC status in one table ([`WorkerError::code`]).
 
 use shoal_kernels::KernelError;
-use shoal_proto::{SpecError, StoreError};
+use shoal_spec::SpecError;
+use shoal_store::StoreError;
 
 /// The columns a file has, for an error saying one is missing: their names when
 /// they read as column names, else only how many there are. A file that is not
@@ -127,7 +128,7 @@ pub enum WorkerError {
     #[error("the coordinator URL is not usable ({0}); e.g. http://coordinator:7070")]
     BadCoordinatorUrl(String),
     #[error(transparent)]
-    Tls(#[from] shoal_proto::tls::TlsError),
+    Tls(#[from] shoal_net::tls::TlsError),
     #[error("fetching {what} from worker {address} failed: {message}")]
     Peer {
         address: String,

@@ -32,10 +32,11 @@ use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use shoal_proto::hash::shard_of;
-use shoal_proto::spec::{JobSpec, OnBadRows};
-use shoal_proto::store::resolve;
-use shoal_proto::{Location, pb};
+use shoal_proto::pb;
+use shoal_spec::hash::shard_of;
+use shoal_spec::spec::{JobSpec, OnBadRows};
+use shoal_store::Location;
+use shoal_store::resolve;
 
 use crate::error::WorkerError;
 use crate::ingest::{
@@ -563,13 +564,12 @@ pub async fn ingest_split(
                 file: file.url(),
                 source,
             })?;
-        let bytes =
-            shoal_proto::store::encode_parquet(batch.schema(), &[batch]).map_err(|source| {
-                WorkerError::Parquet {
-                    file: file.url(),
-                    source,
-                }
-            })?;
+        let bytes = shoal_store::encode_parquet(batch.schema(), &[batch]).map_err(|source| {
+            WorkerError::Parquet {
+                file: file.url(),
+                source,
+            }
+        })?;
         encoded.push((file, bytes::Bytes::from(bytes)));
     }
     crate::staging::put_all(encoded).await?;
@@ -834,7 +834,7 @@ mod tests {
     use arrow::datatypes::Int32Type;
     use bytes::Bytes;
     use parquet::arrow::ArrowWriter;
-    use shoal_proto::spec::DEMO_SPEC;
+    use shoal_spec::spec::DEMO_SPEC;
 
     const SHARDS: u32 = 3;
 
@@ -967,7 +967,7 @@ mod tests {
         users.sort();
         let mut keyed: Vec<(u64, &str)> = users
             .iter()
-            .map(|u| (shoal_proto::hash::id_key(u), u.as_str()))
+            .map(|u| (shoal_spec::hash::id_key(u), u.as_str()))
             .collect();
         keyed.sort_unstable();
         let ids = crate::ids::IdTable::new(

@@ -24,8 +24,9 @@ use arrow_flight::{
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
-use shoal_proto::auth::{AuthChannel, WithToken};
-use shoal_proto::{MAX_MESSAGE_BYTES, pb, tls};
+use shoal_net::auth::{AuthChannel, WithToken};
+use shoal_net::tls;
+use shoal_proto::{MAX_MESSAGE_BYTES, pb};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -1,5 +1,5 @@
 //! The ids of a shard: its users (or items) as dense `u32` positions, sorted by
-//! key ([`shoal_proto::hash::id_key`]), with the text of every id kept once, in one
+//! key ([`shoal_spec::hash::id_key`]), with the text of every id kept once, in one
 //! Arrow string array, for the outputs.
 //!
 //! Ids are encoded once, at ingest: each split's rows name their users by key, and
@@ -190,7 +190,7 @@ impl IdMerge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_proto::hash::id_key;
+    use shoal_spec::hash::id_key;
 
     fn table(ids: &[&str]) -> (Vec<u64>, StringArray) {
         let mut v: Vec<(u64, &str)> = ids.iter().map(|s| (id_key(s), *s)).collect();

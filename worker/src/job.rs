@@ -92,7 +92,7 @@ pub struct JobState {
     /// refused.
     pub attempt: u32,
     /// The job's spec, as the load received it.
-    pub spec: Arc<shoal_proto::JobSpec>,
+    pub spec: Arc<shoal_spec::JobSpec>,
     pub shards: BTreeMap<u32, Shard>,
     /// The item shards this worker owns (ALS): their ids and labels.
     pub item_names: BTreeMap<u32, ItemNames>,

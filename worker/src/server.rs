@@ -11,12 +11,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use shoal_kernels::Backend;
-use shoal_proto::auth::{RequireToken, WithToken};
-use shoal_proto::http::Probe;
+use shoal_net::auth::{RequireToken, WithToken};
+use shoal_net::http::Probe;
+use shoal_net::tls::{self, ServerIdentity};
 use shoal_proto::pb::registry_service_client::RegistryServiceClient;
 use shoal_proto::pb::worker_service_server::WorkerServiceServer;
 use shoal_proto::pb::{HeartbeatRequest, RegisterRequest};
-use shoal_proto::tls::{self, ServerIdentity};
 use shoal_proto::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -140,7 +140,7 @@ pub async fn spawn_worker(
     let http_addr = match config.http_listen {
         None => None,
         Some(listen) => {
-            let http = shoal_proto::http::serve(
+            let http = shoal_net::http::serve(
                 listen,
                 metrics.registry(),
                 Arc::new(metrics.clone()),

@@ -5,10 +5,12 @@
 use super::JobContext;
 use crate::CoordinatorError;
 use crate::state::{StateHandle, WorkerEntry};
-use shoal_proto::auth::{AuthChannel, WithToken};
+use shoal_net::auth::{AuthChannel, WithToken};
+use shoal_net::tls;
+use shoal_proto::MAX_MESSAGE_BYTES;
 use shoal_proto::pb;
 use shoal_proto::pb::worker_service_client::WorkerServiceClient;
-use shoal_proto::{JobId, MAX_MESSAGE_BYTES, WorkerId, tls};
+use shoal_spec::{JobId, WorkerId};
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tracing::warn;

@@ -20,7 +20,7 @@ use crate::CoordinatorError;
 use crate::output::PhaseTimes;
 use crate::state::Progress;
 use futures::future::try_join_all;
-use shoal_proto::auth::{AuthChannel, WithToken};
+use shoal_net::auth::{AuthChannel, WithToken};
 use shoal_proto::pb;
 use shoal_proto::pb::worker_service_client::WorkerServiceClient;
 use std::collections::BTreeMap;

@@ -301,8 +301,8 @@ mod tests {
         let mut a = Distinct::default();
         let mut b = Distinct::default();
         for i in 0..10_000u64 {
-            a.add(shoal_proto::hash::key(1, &[i]));
-            b.add(shoal_proto::hash::key(1, &[i + 5_000]));
+            a.add(shoal_spec::hash::key(1, &[i]));
+            b.add(shoal_spec::hash::key(1, &[i + 5_000]));
         }
         let staged = |sketch: &Distinct| pb::StagedShard {
             shard: 1,

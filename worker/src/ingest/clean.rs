@@ -5,9 +5,9 @@ use std::sync::atomic::Ordering;
 
 use arrow::array::Array;
 
-use shoal_proto::SpecError;
 use shoal_proto::pb;
-use shoal_proto::spec::{InputSpec, JobSpec, OnBadRows};
+use shoal_spec::SpecError;
+use shoal_spec::spec::{InputSpec, JobSpec, OnBadRows};
 
 use super::columns::{Num, Plan, Prepared, Role, Times, describe_text};
 use super::time::TimeParser;

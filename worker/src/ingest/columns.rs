@@ -13,8 +13,8 @@ use arrow::datatypes::{
     TimestampMillisecondType,
 };
 use arrow::error::ArrowError;
-use shoal_proto::SpecError;
-use shoal_proto::spec::{Columns, JobSpec};
+use shoal_spec::SpecError;
+use shoal_spec::spec::{Columns, JobSpec};
 
 use crate::error::WorkerError;
 

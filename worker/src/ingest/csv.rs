@@ -17,7 +17,8 @@ use async_compression::tokio::bufread::GzipDecoder;
 use csv_core::ReadRecordResult;
 use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
-use shoal_proto::{Location, StoreError, pb};
+use shoal_proto::pb;
+use shoal_store::{Location, StoreError};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
 use tokio_util::io::StreamReader;
 

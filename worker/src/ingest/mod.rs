@@ -28,10 +28,10 @@ use std::sync::atomic::AtomicU64;
 
 use arrow::array::ArrayRef;
 use arrow::datatypes::{DataType, Schema};
-use shoal_proto::Location;
 use shoal_proto::pb;
-use shoal_proto::spec::{Format, JobSpec};
-use shoal_proto::store::resolve;
+use shoal_spec::spec::{Format, JobSpec};
+use shoal_store::Location;
+use shoal_store::resolve;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::WorkerError;
@@ -379,9 +379,9 @@ mod tests {
     use arrow::record_batch::RecordBatch;
     use bytes::Bytes;
     use chrono::TimeZone;
-    use shoal_proto::hash::shard_of;
-    use shoal_proto::spec::DEMO_SPEC;
-    use shoal_proto::spec::{Columns, OnBadRows};
+    use shoal_spec::hash::shard_of;
+    use shoal_spec::spec::DEMO_SPEC;
+    use shoal_spec::spec::{Columns, OnBadRows};
     use std::collections::{BTreeMap, BTreeSet};
     use tokio::io::AsyncWriteExt;
 
@@ -1156,8 +1156,8 @@ shards = {SHARDS}
                     let item = item.as_deref()?;
                     (shard_of(item, SHARDS) == shard as u32).then(|| {
                         (
-                            shoal_proto::hash::id_key(user),
-                            shoal_proto::hash::id_key(item),
+                            shoal_spec::hash::id_key(user),
+                            shoal_spec::hash::id_key(item),
                             (weight * qty).to_bits(),
                         )
                     })

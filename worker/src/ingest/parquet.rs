@@ -7,8 +7,9 @@ use arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
 use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
 use parquet::errors::ParquetError;
-use shoal_proto::store::ParquetSource;
-use shoal_proto::{Location, StoreError, pb};
+use shoal_proto::pb;
+use shoal_store::ParquetSource;
+use shoal_store::{Location, StoreError};
 
 use super::{BATCH_ROWS, IngestControl, Sink};
 use crate::error::WorkerError;

@@ -1,7 +1,7 @@
 //! Times: the time column's text as milliseconds since the Unix epoch (UTC).
 
 use chrono::format::{Item, Parsed, StrftimeItems};
-use shoal_proto::SpecError;
+use shoal_spec::SpecError;
 
 use super::columns::MS_PER_DAY;
 

@@ -18,7 +18,7 @@
 use crate::WorkerError;
 use crate::steps::als::Side;
 use bytes::Bytes;
-use shoal_proto::Location;
+use shoal_store::Location;
 use xxhash_rust::xxh3::xxh3_64;
 
 const MAGIC: &[u8; 8] = b"SHOALCKP";

@@ -12,7 +12,7 @@
 //!     with ALS, per item: key, id, label; its (user, strength) pairs
 //! ```
 //!
-//! Users and items are named by key (`xxh3(id)`, [`shoal_proto::hash::id_key`]),
+//! Users and items are named by key (`xxh3(id)`, [`shoal_spec::hash::id_key`]),
 //! the id text kept once per object; a shard is `key % shards`. An object holds
 //! integer columns only, besides that text: Arrow IPC streams (LZ4), framed by
 //! [`encode_tables`]. Each object is written with a single `put`, so a retried
@@ -40,7 +40,7 @@ use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use shoal_proto::Location;
+use shoal_store::Location;
 
 use crate::error::WorkerError;
 
@@ -203,7 +203,7 @@ mod tests {
     use super::*;
     use arrow::array::{ArrayRef, UInt64Array};
     use arrow::datatypes::{DataType, Field};
-    use shoal_proto::store::resolve;
+    use shoal_store::resolve;
 
     #[test]
     fn layout_is_zero_padded_per_shard_and_split() {

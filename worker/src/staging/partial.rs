@@ -21,9 +21,9 @@ use arrow::datatypes::{
 };
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use shoal_proto::Location;
-use shoal_proto::hash::{id_key, shard_of_key};
 use shoal_proto::sketch::Distinct;
+use shoal_spec::hash::{id_key, shard_of_key};
+use shoal_store::Location;
 
 use super::{
     decode_tables, encode_tables, item_prefix, list_splits, put_all, schema, split_object,
@@ -364,7 +364,7 @@ fn sketches(entities: &RecordBatch, pairs: &RecordBatch) -> (Distinct, Distinct)
     let other = pairs.column(1).as_primitive::<UInt64Type>().values();
     let mut p = Distinct::default();
     for (&o, &k) in own.iter().zip(other.iter()) {
-        p.add(shoal_proto::hash::key(0, &[keys[o as usize], k]));
+        p.add(shoal_spec::hash::key(0, &[keys[o as usize], k]));
     }
     (e, p)
 }
@@ -703,7 +703,7 @@ pub async fn read_item_partials(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_proto::store::resolve;
+    use shoal_store::resolve;
 
     fn row<'a>(
         user: &'a str,

@@ -15,8 +15,8 @@ use crate::WorkerError;
 use crate::steps::load::Pairs;
 use rayon::prelude::*;
 use shoal_kernels::Csr;
-use shoal_proto::hash::{self, shard_of_key};
-use shoal_proto::spec::AlsSpec;
+use shoal_spec::hash::{self, shard_of_key};
+use shoal_spec::spec::AlsSpec;
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -9,9 +9,9 @@ use crate::steps::load::Pairs;
 use arrow::array::{Array, StringArray};
 use rayon::prelude::*;
 use shoal_kernels::{Backend, CgParams, Csr, Resident};
-use shoal_proto::hash::shard_of_key;
 use shoal_proto::pb;
-use shoal_proto::spec::AlsSpec;
+use shoal_spec::hash::shard_of_key;
+use shoal_spec::spec::AlsSpec;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -756,7 +756,7 @@ impl Catalog {
     /// From a model's item table (ids in table order, row-major factors).
     pub fn from_table(ids: StringArray, factors: Vec<f32>) -> Catalog {
         let lookup = (0..ids.len())
-            .map(|i| (shoal_proto::hash::id_key(ids.value(i)), i as u32))
+            .map(|i| (shoal_spec::hash::id_key(ids.value(i)), i as u32))
             .collect();
         Catalog {
             ids,
@@ -820,7 +820,7 @@ pub fn ranking_partial(top: &shoal_kernels::TopN, held: &[Vec<u32>]) -> pb::Rank
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_proto::hash::id_key;
+    use shoal_spec::hash::id_key;
 
     fn pairs(rows: &[(&str, &[(&str, f64)])], shards: u32) -> (Arc<Vec<u64>>, Pairs) {
         let mut rows: Vec<(u64, Vec<(u64, f64)>)> = rows

@@ -13,10 +13,11 @@ use std::collections::BTreeMap;
 
 use arrow::array::ArrayRef;
 use arrow::datatypes::Schema;
-use shoal_proto::hash::{id_key, shard_of_key};
-use shoal_proto::spec::{Format, JobSpec};
-use shoal_proto::store::{list_inputs, resolve};
-use shoal_proto::{StoreError, pb};
+use shoal_proto::pb;
+use shoal_spec::hash::{id_key, shard_of_key};
+use shoal_spec::spec::{Format, JobSpec};
+use shoal_store::StoreError;
+use shoal_store::{list_inputs, resolve};
 
 use crate::WorkerError;
 use crate::ingest::{IngestControl, Sink, canonical_integer, find_column, read_split, user_text};

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, StringBuilder};
-use shoal_proto::store;
+use shoal_store as store;
 
 use crate::WorkerError;
 use crate::flight::Peers;
@@ -92,7 +92,7 @@ pub async fn read_model(
                             row.len()
                         ))
                     })?;
-                if !seen.insert(shoal_proto::hash::id_key(id.value(r))) {
+                if !seen.insert(shoal_spec::hash::id_key(id.value(r))) {
                     return Err(WorkerError::InvalidRequest(format!(
                         "{file}, row {r}: item `{}` appears twice in the model's item factors",
                         id.value(r)

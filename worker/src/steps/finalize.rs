@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_kernels::{Backend, Nearest, Resident, TopN};
-use shoal_proto::hash;
 use shoal_proto::pb;
 use shoal_proto::sketch::Sketch;
+use shoal_spec::hash;
 use tokio::sync::mpsc;
 
 use crate::WorkerError;

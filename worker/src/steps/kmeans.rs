@@ -7,8 +7,8 @@ use crate::extra;
 use crate::job::{JobState, resident, stop_if_cancelled};
 use crate::steps::load::{DIMS, moments};
 use shoal_kernels::{Backend, Nearest};
-use shoal_proto::hash;
 use shoal_proto::pb::{self, PointRef};
+use shoal_spec::hash;
 
 /// How many rows of `dims` values `values` holds (the job checks `dims` itself).
 pub fn check_dims(dims: u32, values: usize, what: &str) -> Result<usize, WorkerError> {
@@ -331,7 +331,7 @@ mod tests {
         let (d, k) = (9, 6);
         let mut state = JobState {
             attempt: 1,
-            spec: Arc::new(shoal_proto::JobSpec::parse(shoal_proto::spec::DEMO_SPEC).unwrap()),
+            spec: Arc::new(shoal_spec::JobSpec::parse(shoal_spec::spec::DEMO_SPEC).unwrap()),
             shards: BTreeMap::new(),
             item_names: BTreeMap::new(),
             dims: d,

@@ -13,9 +13,10 @@ use std::sync::Arc;
 
 use arrow::array::{Array, StringArray, StringBuilder};
 use futures::StreamExt;
-use shoal_proto::hash::shard_of_key;
-use shoal_proto::spec::JobSpec;
-use shoal_proto::{Location, pb};
+use shoal_proto::pb;
+use shoal_spec::hash::shard_of_key;
+use shoal_spec::spec::JobSpec;
+use shoal_store::Location;
 
 use crate::WorkerError;
 use crate::extra;
@@ -512,8 +513,8 @@ pub async fn load_shards(
 mod tests {
     use super::*;
     use crate::staging::{KeptRow, RowSink, SplitPartials, read_item_partials, read_user_partials};
-    use shoal_proto::hash::id_key;
-    use shoal_proto::store::resolve;
+    use shoal_spec::hash::id_key;
+    use shoal_store::resolve;
     use std::collections::{BTreeMap, BTreeSet};
 
     const DAY: i64 = 86_400_000;
@@ -557,7 +558,7 @@ mod tests {
             .collect()
     }
 
-    async fn stage(rows: &[Row], splits: usize, shards: u32) -> shoal_proto::Location {
+    async fn stage(rows: &[Row], splits: usize, shards: u32) -> shoal_store::Location {
         let dir = tempfile::tempdir().unwrap().keep();
         let staging = resolve(&dir.display().to_string()).unwrap();
         for (m, chunk) in rows.chunks(rows.len().div_ceil(splits)).enumerate() {
@@ -723,7 +724,7 @@ mod tests {
         let rows = log(5000, 29);
         let shards = 6;
         let staging = stage(&rows, 5, shards).await;
-        let mut spec = JobSpec::parse(shoal_proto::spec::DEMO_SPEC).unwrap();
+        let mut spec = JobSpec::parse(shoal_spec::spec::DEMO_SPEC).unwrap();
         spec.cluster.shards = shards;
         spec.evaluate.holdout = 0.1;
         let spec = Arc::new(spec);

@@ -11,7 +11,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use shoal_kernels::{NO_ITEM, NO_SECOND, Nearest, TopN};
-use shoal_proto::store;
+use shoal_store as store;
 
 use crate::WorkerError;
 use crate::steps::load::Rfm;

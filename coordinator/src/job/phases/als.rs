@@ -13,7 +13,7 @@ use crate::model::Model;
 use crate::output;
 use crate::state::Progress;
 use shoal_proto::pb;
-use shoal_proto::store::Location;
+use shoal_store::Location;
 use std::time::Instant;
 use tracing::{info, warn};
 

@@ -10,7 +10,7 @@ use crate::job::Phase;
 use crate::job::driver::Driver;
 use crate::output::{self, Summary};
 use shoal_proto::pb;
-use shoal_proto::spec::RFM_DIMS;
+use shoal_spec::spec::RFM_DIMS;
 use std::time::Instant;
 
 /// Users in the silhouette sample.

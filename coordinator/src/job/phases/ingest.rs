@@ -15,7 +15,7 @@ use crate::job::placement::{self, MemoryModel, Sizes};
 use crate::output::{self, RowTally};
 use crate::state::Progress;
 use shoal_proto::pb;
-use shoal_proto::spec::RFM_DIMS;
+use shoal_spec::spec::RFM_DIMS;
 use std::time::{Duration, Instant};
 use tracing::info;
 

@@ -9,9 +9,9 @@ use crate::job::driver::Driver;
 use crate::job::{Phase, Step};
 use crate::kmeans;
 use crate::state::Progress;
-use shoal_proto::hash;
 use shoal_proto::pb::{self, PointRef};
-use shoal_proto::spec::RFM_DIMS;
+use shoal_spec::hash;
+use shoal_spec::spec::RFM_DIMS;
 use std::time::Instant;
 use tracing::info;
 

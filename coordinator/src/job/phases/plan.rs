@@ -8,8 +8,8 @@ use crate::model::Model;
 use crate::output;
 use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use shoal_proto::pb;
-use shoal_proto::spec::Format;
-use shoal_proto::store::{self, InputObject, Location};
+use shoal_spec::spec::Format;
+use shoal_store::{self as store, InputObject, Location};
 use tracing::info;
 
 /// Parquet row groups are grouped into splits of about this many bytes.
@@ -44,7 +44,7 @@ pub async fn run(ctx: &JobContext) -> Result<Planned, CoordinatorError> {
     let extra_inputs = match spec.features.extra() {
         Some(pattern) => {
             let found = match store::list_inputs(pattern).await {
-                Err(shoal_proto::StoreError::NoInputs { .. }) => Vec::new(),
+                Err(shoal_store::StoreError::NoInputs { .. }) => Vec::new(),
                 other => other?,
             };
             if found.is_empty() {
@@ -62,8 +62,8 @@ pub async fn run(ctx: &JobContext) -> Result<Planned, CoordinatorError> {
     if let Some(pattern) = spec.recommend.users() {
         // checked here, before any work, though the workers read it at finalize
         match store::list_inputs(pattern).await {
-            Err(shoal_proto::StoreError::NoInputs { .. }) => {
-                return Err(CoordinatorError::Spec(shoal_proto::SpecError::Invalid {
+            Err(shoal_store::StoreError::NoInputs { .. }) => {
+                return Err(CoordinatorError::Spec(shoal_spec::SpecError::Invalid {
                     field: "recommend.users",
                     message: format!(
                         "nothing matches `{pattern}` (a file, folder or glob of .txt lists or CSV / Parquet tables of ids)"
