@@ -2,7 +2,7 @@
 //! of it must agree on, and what the job reports about it.
 
 use crate::CoordinatorError;
-use crate::output::RowTally;
+use crate::rows::RowTally;
 use serde::Serialize;
 use shoal_proto::pb;
 

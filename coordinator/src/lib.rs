@@ -13,6 +13,8 @@ pub mod kmeans;
 pub mod metrics;
 pub mod model;
 pub mod output;
+pub mod probe;
+pub mod rows;
 
 pub mod state;
 
@@ -119,11 +121,12 @@ pub async fn spawn_coordinator(
         tracker.clone(),
         shutdown.clone(),
         restored,
+        |ctx| Box::pin(job::run(ctx)),
     );
     let http_addr = match config.http_listen {
         None => None,
         Some(listen) => {
-            let probe = std::sync::Arc::new(metrics::CoordinatorProbe {
+            let probe = std::sync::Arc::new(probe::CoordinatorProbe {
                 state: state.clone(),
                 metrics: config.state.metrics.clone(),
             });

@@ -1,19 +1,15 @@
-//! The coordinator's Prometheus metrics and its readiness, served over HTTP by
-//! [`shoal_net::http`].
+//! The coordinator's Prometheus metrics, served over HTTP by [`shoal_net::http`]
+//! (the readiness and per-scrape gauges: [`crate::probe`]).
 
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use shoal_net::http::Probe;
-use shoal_proto::pb::JobState;
 
 use crate::output::PhaseTimes;
-use crate::state::StateHandle;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -84,6 +80,18 @@ impl Metrics {
         self.bytes_read.inc_by(bytes);
     }
 
+    /// Workers registered and alive (refreshed per scrape).
+    pub fn set_workers(&self, n: usize) {
+        self.workers.set(n as i64);
+    }
+
+    /// Jobs in `state` (refreshed per scrape).
+    pub fn set_jobs(&self, state: &str, n: usize) {
+        self.jobs
+            .get_or_create(&vec![("state", state.to_string())])
+            .set(n as i64);
+    }
+
     /// A job recovered and goes on with its next attempt.
     pub fn recovered(&self) {
         self.recoveries.inc();
@@ -96,52 +104,5 @@ impl Metrics {
                 .get_or_create(&vec![("phase", phase.clone())])
                 .observe(*secs);
         }
-    }
-}
-
-/// Readiness and on-demand gauges of a coordinator.
-pub struct CoordinatorProbe {
-    pub state: StateHandle,
-    pub metrics: Arc<Metrics>,
-}
-
-const STATES: [(JobState, &str); 5] = [
-    (JobState::Queued, "queued"),
-    (JobState::Running, "running"),
-    (JobState::Succeeded, "succeeded"),
-    (JobState::Failed, "failed"),
-    (JobState::Cancelled, "cancelled"),
-];
-
-impl Probe for CoordinatorProbe {
-    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move {
-            let workers = self
-                .state
-                .workers()
-                .await
-                .map_err(|e| format!("the state loop does not answer: {e}"))?;
-            if workers.is_empty() {
-                return Err("no worker has registered".into());
-            }
-            Ok(())
-        })
-    }
-
-    fn refresh(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let Ok(workers) = self.state.workers().await {
-                self.metrics.workers.set(workers.len() as i64);
-            }
-            if let Ok(jobs) = self.state.list().await {
-                for (state, name) in STATES {
-                    let n = jobs.iter().filter(|j| j.state == state as i32).count();
-                    self.metrics
-                        .jobs
-                        .get_or_create(&vec![("state", name.to_string())])
-                        .set(n as i64);
-                }
-            }
-        })
     }
 }

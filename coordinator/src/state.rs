@@ -3,7 +3,7 @@
 //! talk to it through [`StateHandle`].
 
 use crate::CoordinatorError;
-use crate::job::{self, JobContext};
+use futures::future::BoxFuture;
 use shoal_proto::PROTOCOL_VERSION;
 use shoal_proto::pb::{self, JobState, JobStatus};
 use shoal_spec::{JobId, JobSpec, WorkerId};
@@ -26,6 +26,31 @@ pub struct WorkerEntry {
     last_seen: Instant,
     last_seen_unix_ms: i64,
 }
+
+/// What a job's driver is given: the job, the state loop, its cancellation.
+pub struct JobContext {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: StateHandle,
+    pub cancel: CancellationToken,
+    /// A job the coordinator restarted with: what it had established.
+    pub resume: Option<Resume>,
+    /// The coordinator's shutdown: a job it stops while it keeps a state is
+    /// suspended (its staging kept for the next coordinator), not cancelled.
+    pub shutdown: CancellationToken,
+}
+
+/// What a job had established when its coordinator stopped, as its state kept
+/// it ([`crate::journal`]).
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub progress: Option<shoal_proto::pb::StoredProgress>,
+    pub ingest: Option<shoal_proto::pb::StoredIngest>,
+}
+
+/// Runs a job to its end (the coordinator's is [`crate::job::run`]; the state
+/// loop is given it, so that it does not depend on the driver).
+pub type JobRunner = fn(JobContext) -> BoxFuture<'static, Result<(), CoordinatorError>>;
 
 /// A change a job driver reports.
 #[derive(Debug, Clone, Default)]
@@ -216,7 +241,7 @@ struct JobRecord {
     /// Submission order.
     sequence: u64,
     /// What a job the coordinator restarted with had established.
-    resume: Option<crate::job::Resume>,
+    resume: Option<Resume>,
 }
 
 struct State {
@@ -228,6 +253,7 @@ struct State {
     /// The next job's place in the submission order.
     sequence: u64,
     running: usize,
+    runner: JobRunner,
     handle: StateHandle,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -246,6 +272,7 @@ pub fn spawn_state(
     tasks: TaskTracker,
     shutdown: CancellationToken,
     restored: Vec<crate::journal::Restored>,
+    runner: JobRunner,
 ) -> StateHandle {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let handle = StateHandle {
@@ -260,6 +287,7 @@ pub fn spawn_state(
         queue: VecDeque::new(),
         sequence: 1,
         running: 0,
+        runner,
         handle: handle.clone(),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
@@ -309,7 +337,7 @@ impl State {
             } else if status.state == JobState::Queued as i32 {
                 queued.push(r.id.clone());
             }
-            let resume = running.then_some(crate::job::Resume {
+            let resume = running.then_some(Resume {
                 progress: r.progress,
                 ingest: r.ingest,
             });
@@ -637,9 +665,9 @@ impl State {
                 shutdown: self.shutdown.clone(),
             };
             self.journal(&id);
-            let handle = self.handle.clone();
+            let (handle, runner) = (self.handle.clone(), self.runner);
             self.tasks.spawn(async move {
-                let result = job::run(ctx).await;
+                let result = runner(ctx).await;
                 handle.finished(id, result);
             });
         }

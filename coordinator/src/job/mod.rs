@@ -18,33 +18,11 @@ mod phases;
 pub mod placement;
 
 use crate::CoordinatorError;
-use crate::state::StateHandle;
+pub use crate::state::{JobContext, Resume};
 use crew::Crew;
-use shoal_spec::{JobId, JobSpec};
 use shoal_store as store;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
-
-pub struct JobContext {
-    pub id: JobId,
-    pub spec: JobSpec,
-    pub state: StateHandle,
-    pub cancel: CancellationToken,
-    /// A job the coordinator restarted with: what it had established.
-    pub resume: Option<Resume>,
-    /// The coordinator's shutdown: a job it stops while it keeps a state is
-    /// suspended (its staging kept for the next coordinator), not cancelled.
-    pub shutdown: CancellationToken,
-}
-
-/// What a job had established when its coordinator stopped, as its state kept
-/// it ([`crate::journal`]).
-#[derive(Debug, Clone, Default)]
-pub struct Resume {
-    pub progress: Option<shoal_proto::pb::StoredProgress>,
-    pub ingest: Option<shoal_proto::pb::StoredIngest>,
-}
 
 impl JobContext {
     fn output_job(&self) -> crate::output::Job<'_> {
