@@ -311,16 +311,20 @@ async fn two_of_three_workers_killed_in_als() {
 }
 
 /// A worker frozen (SIGSTOP) in ALS, then one in Lloyd: each is dropped for its
-/// missed heartbeats, its shards move to the others and the job writes the
-/// outputs of an undisturbed run. Woken, the frozen worker's late work is of a
-/// superseded attempt; it registers again and the next job runs on it.
+/// missed heartbeats, its shards move to the others and to a worker started
+/// meanwhile, and the job writes the outputs of an undisturbed run. Woken, the
+/// frozen worker's late work is of a superseded attempt; it registers again and
+/// the next job runs on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_worker_is_dropped_and_its_shards_move() {
     let b = bench(3).await;
     for (phase, from, frozen) in [("als", 2, &b.workers[0]), ("lloyd", 1, &b.workers[1])] {
         let out = b.dir.path().join(format!("frozen-in-{phase}"));
+        // a worker started as the other freezes takes its place at the recovery
+        let newcomer = std::sync::Mutex::new(None);
         let got = run_disturbed(&b.url, &spec(&b.input, &out), in_phase(phase, from), || {
-            signal(frozen, "-STOP")
+            signal(frozen, "-STOP");
+            *newcomer.lock().unwrap() = Some(worker_process(&b.url, &[]));
         })
         .await;
         signal(frozen, "-CONT");
@@ -335,13 +339,19 @@ async fn a_frozen_worker_is_dropped_and_its_shards_move() {
             "{}",
             got.status.recovery
         );
+        assert_eq!(
+            got.status.workers, 3,
+            "the newcomer joined: {:?}",
+            got.status
+        );
         println!(
             "frozen in {phase}: freeze to next attempt {:?} (heartbeat timeout {TIMEOUT_SECS} s); {}",
             got.to_recovery, got.status.recovery
         );
         assert!(got.to_recovery.unwrap() < Duration::from_secs(15));
         assert_same_outputs(&out, &b.reference);
-        // Woken, it registers again and takes part in the next job.
+        // Woken, it registers again; the newcomer leaves: three again.
+        drop(newcomer.into_inner().unwrap());
         wait_for_exactly(&b.url, 3).await;
     }
     let out = b.dir.path().join("after");
