@@ -272,14 +272,23 @@ async fn a_killed_worker_is_replaced_in_every_phase() {
             "killed in {phase}: attempt {}, kill to next attempt {:?}; {}",
             got.status.attempt, got.to_recovery, got.status.recovery
         );
-        // the coordinator writes alone: a worker lost then costs nothing
-        if phase != "write" {
-            assert!(got.status.attempt >= 2, "{phase}: {:?}", got.status);
-            assert!(
-                got.to_recovery.unwrap() < Duration::from_secs(15),
-                "{phase}: {:?}",
-                got.to_recovery
-            );
+        // The coordinator writes alone: a worker lost then costs nothing. Init and
+        // finalize end with the coordinator's own work (a few milliseconds), where
+        // a kill may land after the workers' last answer: no attempt is needed
+        // then, and the outputs must still be the undisturbed run's.
+        match phase {
+            "write" => {}
+            "init" | "finalize" if got.status.attempt == 1 => {
+                println!("killed in {phase} after the workers' last answer");
+            }
+            _ => {
+                assert!(got.status.attempt >= 2, "{phase}: {:?}", got.status);
+                assert!(
+                    got.to_recovery.unwrap() < Duration::from_secs(15),
+                    "{phase}: {:?}",
+                    got.to_recovery
+                );
+            }
         }
         assert_same_outputs(&out, &b.reference);
         wait_for_exactly(&b.url, 3).await;
