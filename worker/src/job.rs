@@ -240,6 +240,12 @@ impl Runs {
 }
 
 impl Runs {
+    /// Counts what a record no longer kept had read into the totals.
+    pub fn forget(&mut self, run: &JobRun) {
+        self.forgotten.0 += run.control.rows_read.load(Ordering::Relaxed);
+        self.forgotten.1 += run.control.bytes_read.load(Ordering::Relaxed);
+    }
+
     /// The record of `job`'s work for a request of `attempt` (0: whichever
     /// attempt runs): the live one of that attempt, a new one when the request is
     /// of a later attempt (the earlier one's tasks are cancelled and `true` says
@@ -263,8 +269,7 @@ impl Runs {
                 if let Some(old) = &superseded {
                     old.control.cancel.cancel();
                     old.tasks.close();
-                    self.forgotten.0 += old.control.rows_read.load(Ordering::Relaxed);
-                    self.forgotten.1 += old.control.bytes_read.load(Ordering::Relaxed);
+                    self.forget(old);
                 }
                 let run = Arc::new(JobRun::new(job, attempt.max(1)));
                 self.live.insert(job.to_string(), run.clone());

@@ -148,8 +148,7 @@ impl WorkerServiceImpl {
                     job,
                     attempt, "a later attempt of the job began; the earlier one's work stops"
                 );
-                self.shelf.drop_job(job);
-                self.jobs.lock().expect("job map lock").remove(job);
+                self.drop_held(job);
             }
             run.spawn(work(run.clone()).instrument(tracing::Span::current()))
         };
@@ -266,8 +265,7 @@ impl WorkerServiceImpl {
                     if let Some(old) = runs.order.pop_front()
                         && let Some(old) = runs.released.remove(&old)
                     {
-                        runs.forgotten.0 += old.control.rows_read.load(Ordering::Relaxed);
-                        runs.forgotten.1 += old.control.bytes_read.load(Ordering::Relaxed);
+                        runs.forget(&old);
                     }
                 }
                 run
@@ -275,14 +273,20 @@ impl WorkerServiceImpl {
         };
         run.control.cancel.cancel();
         run.tasks.close();
+        let removed = self.drop_held(job);
+        (run, removed)
+    }
+
+    /// Drops what the worker holds of `job` (its state, what the shelf serves of
+    /// it); whether it held state. Called under the runs lock (lock order: runs,
+    /// then jobs).
+    fn drop_held(&self, job: &str) -> bool {
         self.shelf.drop_job(job);
-        let removed = self
-            .jobs
+        self.jobs
             .lock()
             .expect("job map lock")
             .remove(job)
-            .is_some();
-        (run, removed)
+            .is_some()
     }
 
     /// Drops the work of every job the coordinator no longer runs: those not in
@@ -309,16 +313,23 @@ impl WorkerServiceImpl {
 
 /// ALS checkpoints ([`crate::staging::checkpoint`]).
 impl WorkerServiceImpl {
-    /// The shards of each side this worker owns in the job's ALS.
-    async fn als_shards(&self, job: &str, attempt: u32) -> Result<Vec<(Side, u32)>, WorkerError> {
+    /// The job's factors per row, and the shards of each side this worker owns
+    /// in its ALS.
+    async fn als_shards(
+        &self,
+        job: &str,
+        attempt: u32,
+    ) -> Result<(usize, Vec<(Side, u32)>), WorkerError> {
         let id = job.to_string();
         self.with_job(job, attempt, move |state, _| {
             let a = state.als(&id)?;
-            Ok(a.users
+            let owned = a
+                .users
                 .keys()
                 .map(|&s| (Side::Users, s))
                 .chain(a.items.keys().map(|&s| (Side::Items, s)))
-                .collect())
+                .collect();
+            Ok((a.f, owned))
         })
         .await
     }
@@ -333,7 +344,7 @@ impl WorkerServiceImpl {
         version: u32,
     ) -> Result<(), WorkerError> {
         let folder = store::resolve(folder)?;
-        let owned = self.als_shards(job, attempt).await?;
+        let (_, owned) = self.als_shards(job, attempt).await?;
         let (shelf, id) = (self.shelf.clone(), job.to_string());
         let started = Instant::now();
         let shards = owned.len();
@@ -385,13 +396,7 @@ impl WorkerServiceImpl {
             return Ok(Resume::default());
         }
         let folder = store::resolve(&req.checkpoint)?;
-        let f = self
-            .with_job(job, attempt, {
-                let id = job.to_string();
-                move |state, _| Ok(state.als(&id)?.f)
-            })
-            .await?;
-        let owned = self.als_shards(job, attempt).await?;
+        let (f, owned) = self.als_shards(job, attempt).await?;
         let (shelf, id) = (self.shelf.clone(), job.to_string());
         let factors = self
             .tracked(job, attempt, move |_| async move {

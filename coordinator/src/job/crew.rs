@@ -133,9 +133,8 @@ pub(super) struct Crew {
 
 impl Crew {
     /// Releases the job on every worker it used: the registered members at once
-    /// (each bounded), the others in the background. Returns how many were
-    /// released before this returns.
-    pub async fn release_all(self, ctx: &JobContext, span: &tracing::Span) -> usize {
+    /// (each bounded), the others in the background.
+    pub async fn release_all(self, ctx: &JobContext, span: &tracing::Span) {
         let live = ctx.state.workers().await.unwrap_or_default();
         let (here, gone): (Vec<Member>, Vec<Member>) = self
             .members
@@ -148,13 +147,13 @@ impl Crew {
         let started = Instant::now();
         futures::future::join_all(here.iter().map(|m| m.release(&ctx.id, span))).await;
         if !here.is_empty() {
-            tracing::debug!(
+            tracing::info!(
                 parent: span,
+                workers = here.len(),
                 ms = started.elapsed().as_millis() as u64,
-                "release answered"
+                "job released on its workers"
             );
         }
-        here.len()
     }
 }
 

@@ -153,10 +153,7 @@ pub async fn run(ctx: JobContext) -> Result<(), CoordinatorError> {
     // Workers dropped or lost on the way are released in the background: the
     // job's end does not wait on them (should one wake, it gets the release then).
     let crew = std::mem::take(&mut *crew.lock().expect("crew lock"));
-    let members = crew.release_all(&ctx, &span).await;
-    if members > 0 {
-        info!(parent: &span, workers = members, "job released on its workers");
-    }
+    crew.release_all(&ctx, &span).await;
     if matches!(result, Err(CoordinatorError::Suspended)) {
         // what the next coordinator resumes from
         return result;
