@@ -325,10 +325,10 @@ pub async fn finish(status: &JobStatus) -> Result<ExitCode, BoxError> {
     }
     println!("\noutputs in {}", out.url());
     println!(
-        "  assignments.parquet/  one row per user: segment, distances, recency, frequency, monetary"
+        "  assignments.parquet/  one row per user: segment, distances, recency, frequency, monetary, R/F/M scores, RFM cell"
     );
     println!(
-        "  segments.parquet      one row per segment: size, share, RFM mean and median, centroid"
+        "  segments.parquet      one row per segment: name, size, share, revenue, RFM mean, median and scores, centroid"
     );
     println!("  centroids.parquet     the centroids in scaled feature space");
     // what this run wrote, from its manifest (the folder may hold other files)
@@ -384,15 +384,28 @@ fn print_segments(report: &serde_json::Value) {
         f(q, "calinski_harabasz"),
     );
     println!(
-        "{:>7} {:>7} {:>6}  {:>14} {:>16} {:>16}",
-        "segment", "users", "share", "median recency", "median frequency", "median monetary"
+        "{:>7}  {:<26} {:>7} {:>6} {:>8}  {:>14} {:>16} {:>16}",
+        "segment",
+        "name (share of its users)",
+        "users",
+        "share",
+        "revenue",
+        "median recency",
+        "median frequency",
+        "median monetary"
     );
     for s in report["segments"].as_array().into_iter().flatten() {
+        let name = match s["name"].as_str() {
+            Some(n) => format!("{n} ({:.0}%)", 100.0 * f(s, "name_share")),
+            None => "-".into(),
+        };
         println!(
-            "{:>7} {:>7} {:>5.1}%  {:>9.0} days {:>9.0} orders {:>16.2}",
+            "{:>7}  {:<26} {:>7} {:>5.1}% {:>7.1}%  {:>9.0} days {:>9.0} orders {:>16.2}",
             s["segment"].as_u64().unwrap_or(0),
+            name,
             s["size"].as_u64().unwrap_or(0),
             100.0 * f(s, "share"),
+            100.0 * f(s, "revenue_share"),
             f(s, "recency_days_median"),
             f(s, "frequency_median"),
             f(s, "monetary_median"),

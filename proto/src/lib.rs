@@ -15,8 +15,9 @@ pub mod pb {
 
 /// Version of the coordinator <-> worker protocol. A worker that registers with
 /// another version is refused. (2: the `features.extra` table; 3: ids as keys,
-/// staged partials per split, memory limits, segment items as counts.)
-pub const PROTOCOL_VERSION: u32 = 4;
+/// staged partials per split, memory limits, segment items as counts; 4: attempts,
+/// checkpoints, running jobs in heartbeats; 5: RFM scores.)
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The columns of a `features.extra` table as features, the same on every side.
 pub mod extra {

@@ -6,6 +6,7 @@
 pub mod hash;
 pub mod ids;
 pub mod manifest;
+pub mod rfm;
 pub mod spec;
 
 pub use ids::{JobId, ShardId, WorkerId};

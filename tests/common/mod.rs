@@ -186,6 +186,9 @@ pub struct Assigned {
     pub monetary: f64,
     /// Assigned from the features.extra table alone (no interactions).
     pub cold_start: bool,
+    /// RFM quintile scores (null: not scored) and the RFM map's name of the cell.
+    pub scores: [Option<u8>; 3],
+    pub rfm_cell: Option<String>,
 }
 
 /// Reads every part of `<out>/assignments.parquet/`, keyed by user id.
@@ -243,6 +246,14 @@ fn add_assignments<R: ChunkReader + 'static>(rows: &mut BTreeMap<String, Assigne
         let f = f.as_any().downcast_ref::<UInt64Array>().unwrap();
         let m = col("monetary");
         let m = m.as_any().downcast_ref::<Float64Array>().unwrap();
+        let scores: Vec<arrow::array::ArrayRef> =
+            ["r_score", "f_score", "m_score"].map(col).to_vec();
+        let scores: Vec<&arrow::array::UInt8Array> = scores
+            .iter()
+            .map(|a| a.as_any().downcast_ref().unwrap())
+            .collect();
+        let cell = col("rfm_cell");
+        let cell = cell.as_any().downcast_ref::<StringArray>().unwrap();
         let cold = col("cold_start");
         let cold = cold
             .as_any()
@@ -264,6 +275,8 @@ fn add_assignments<R: ChunkReader + 'static>(rows: &mut BTreeMap<String, Assigne
                     frequency: if f.is_null(i) { 0 } else { f.value(i) },
                     monetary: if m.is_null(i) { 0.0 } else { m.value(i) },
                     cold_start: cold.value(i),
+                    scores: [0, 1, 2].map(|j| scores[j].is_valid(i).then(|| scores[j].value(i))),
+                    rfm_cell: cell.is_valid(i).then(|| cell.value(i).to_string()),
                 },
             );
             assert!(prev.is_none(), "user {} appears twice", user.value(i));

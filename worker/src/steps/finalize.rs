@@ -14,6 +14,7 @@ use shoal_kernels::{Backend, Nearest, Resident, TopN};
 use shoal_proto::pb;
 use shoal_proto::sketch::Sketch;
 use shoal_spec::hash;
+use shoal_spec::rfm::{self, Cut, Quintiles, Scores, Scoring};
 use tokio::sync::mpsc;
 
 use crate::WorkerError;
@@ -71,6 +72,7 @@ pub fn finalize(
 ) -> Result<Finalized, WorkerError> {
     job.check_dims(req.dims as usize, "centroids")?;
     let d = job.dims;
+    let scoring = scoring(req)?;
     let catalog_items = match &catalog {
         Some(c) if !c.is_empty() => Some(backend.upload(&c.factors, job.als(job_id)?.f)?),
         _ => None,
@@ -191,7 +193,7 @@ pub fn finalize(
             } else {
                 let bytes = outputs::assignments_part(
                     shard.ids.ids(),
-                    &shard.rfm,
+                    (&shard.rfm, &[]),
                     &[],
                     k,
                     &cold_users,
@@ -216,7 +218,14 @@ pub fn finalize(
         backend.assign(points, &req.centroids, k, &mut shard.nearest)?;
         let all_rows: Vec<u32> = (0..shard.len() as u32).collect();
         let scaled = backend.download_rows(points, &all_rows)?;
-        let segments = segment_partials(&shard.rfm, &scaled, &shard.nearest, k, d);
+        let scores = shard_scores(&scoring, shard.ids.keys(), &shard.rfm);
+        let segments = segment_partials(
+            (&shard.rfm, &scores, scoring.names()),
+            &scaled,
+            &shard.nearest,
+            k,
+            d,
+        );
         drop(scaled);
         spent.segments += t.elapsed();
         let t = Instant::now();
@@ -231,7 +240,7 @@ pub fn finalize(
         )?;
         let bytes = outputs::assignments_part(
             shard.ids.ids(),
-            &shard.rfm,
+            (&shard.rfm, &scores),
             &shard.nearest,
             k,
             &cold_users,
@@ -381,17 +390,30 @@ fn empty_segments(k: usize, d: usize) -> Vec<pb::SegmentPartial> {
             distance_sum: 0.0,
             inertia: 0.0,
             feature_sum: vec![0.0; d],
+            rfm_cells: Vec::new(),
+            score_sums: vec![0; 3],
         })
         .collect()
 }
 
 fn segment_partials(
-    rfm: &Rfm,
+    (rfm, scores, named): (&Rfm, &[Scores], bool),
     points: &[f32],
     nearest: &[Nearest],
     k: usize,
     d: usize,
 ) -> Vec<pb::SegmentPartial> {
+    let mut cells = vec![0u64; if named { k * 25 } else { 0 }];
+    let mut score_sums = vec![[0u64; 3]; k];
+    for (sc, n) in scores.iter().zip(nearest) {
+        let s = n.best as usize;
+        if let Some(c) = sc.cell() {
+            cells[s * 25 + c] += 1;
+        }
+        for (sum, score) in score_sums[s].iter_mut().zip([sc.r, sc.f, sc.m]) {
+            *sum += u64::from(score.unwrap_or(0));
+        }
+    }
     let mut feature_sum = vec![0.0f64; k * d];
     let mut count = vec![0u64; k];
     let mut sums = vec![[0.0f64; 3]; k];
@@ -424,7 +446,53 @@ fn segment_partials(
             distance_sum: dist[s],
             inertia: inertia[s],
             feature_sum: feature_sum[s * d..(s + 1) * d].to_vec(),
+            rfm_cells: if named {
+                cells[s * 25..(s + 1) * 25].to_vec()
+            } else {
+                Vec::new()
+            },
+            score_sums: score_sums[s].to_vec(),
         })
+        .collect()
+}
+
+/// The RFM quintiles of a finalize request (`None` per metric it does not score).
+pub fn scoring(req: &pb::FinalizeRequest) -> Result<Scoring, WorkerError> {
+    let metric = |i: usize| -> Result<Option<Quintiles>, WorkerError> {
+        let Some(q) = req.rfm_quintiles.get(i) else {
+            return Ok(None);
+        };
+        if q.keys.is_empty() {
+            return Ok(None);
+        }
+        if q.keys.len() != 4 || q.ties.len() != 4 {
+            return Err(WorkerError::InvalidRequest(format!(
+                "the {} quintiles have {} cuts and {} tie-breaks, not 4",
+                rfm::METRICS[i],
+                q.keys.len(),
+                q.ties.len()
+            )));
+        }
+        let cut = |j: usize| Cut {
+            key: q.keys[j],
+            tie: q.ties[j],
+        };
+        Ok(Some(Quintiles {
+            cuts: [cut(0), cut(1), cut(2), cut(3)],
+        }))
+    };
+    Ok(Scoring {
+        recency: metric(0)?,
+        frequency: metric(1)?,
+        monetary: metric(2)?,
+    })
+}
+
+/// The scores of a shard's users (user keys `keys`, metrics `rfm`).
+fn shard_scores(scoring: &Scoring, keys: &[u64], rfm: &Rfm) -> Vec<Scores> {
+    keys.iter()
+        .enumerate()
+        .map(|(u, &key)| scoring.score(key, rfm.recency_days[u], rfm.frequency[u], rfm.monetary[u]))
         .collect()
 }
 

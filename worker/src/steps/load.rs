@@ -15,6 +15,7 @@ use arrow::array::{Array, StringArray, StringBuilder};
 use futures::StreamExt;
 use shoal_proto::pb;
 use shoal_spec::hash::shard_of_key;
+use shoal_spec::rfm;
 use shoal_spec::spec::JobSpec;
 use shoal_store::Location;
 
@@ -69,6 +70,29 @@ impl Rfm {
             (self.frequency[u] as f64).ln_1p(),
             signed_log1p(self.monetary[u]),
         ]
+    }
+
+    /// Customers per key of recency, frequency and monetary value (the keys
+    /// RFM scores rank by, `shoal_spec::rfm`), in that order.
+    pub fn score_keys(&self) -> Vec<pb::Histogram> {
+        let mut counts: [BTreeMap<i64, u64>; 3] = Default::default();
+        for u in 0..self.len() {
+            let keys = [
+                rfm::recency_key(self.recency_days[u]),
+                rfm::frequency_key(self.frequency[u]),
+                rfm::monetary_key(self.monetary[u]),
+            ];
+            for (c, key) in counts.iter_mut().zip(keys) {
+                *c.entry(key).or_default() += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|c| pb::Histogram {
+                keys: c.keys().copied().collect(),
+                counts: c.values().copied().collect(),
+            })
+            .collect()
     }
 
     /// Streaming moments of the log features, in user order.
@@ -449,6 +473,7 @@ pub async fn load_shards(
                         shard,
                         users: loaded.ids.len() as u64,
                         moments: loaded.rfm.moments(),
+                        rfm_keys: loaded.rfm.score_keys(),
                         ..Default::default()
                     };
                     if let Some(p) = &loaded.pairs {

@@ -5,12 +5,13 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanArray, Float32Array, Float64Array, StringArray, UInt32Array,
-    UInt64Array,
+    Array, ArrayRef, BooleanArray, Float32Array, Float64Array, StringArray, UInt8Array,
+    UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use shoal_kernels::{NO_ITEM, NO_SECOND, Nearest, TopN};
+use shoal_spec::rfm::{RfmName, Scores};
 use shoal_store as store;
 
 use crate::WorkerError;
@@ -128,17 +129,24 @@ pub fn assignments_schema() -> Arc<Schema> {
         Field::new("recency_days", DataType::Float64, true),
         Field::new("frequency", DataType::UInt64, true),
         Field::new("monetary", DataType::Float64, true),
+        // RFM quintile scores (5 = best; null: not scored) and the customer's
+        // name on the R x F map (null: no recency or frequency score)
+        Field::new("r_score", DataType::UInt8, true),
+        Field::new("f_score", DataType::UInt8, true),
+        Field::new("m_score", DataType::UInt8, true),
+        Field::new("rfm_cell", DataType::Utf8, true),
         // assigned from the features.extra table alone (a fold-in's users
         // without interactions): distances are over that block only
         Field::new("cold_start", DataType::Boolean, false),
     ]))
 }
 
-/// The assignments part of a shard: its users (ids `users`, RFM from `rfm`,
-/// results `nearest`), then its cold-start users (`cold_users`, results `cold`).
+/// The assignments part of a shard: its users (ids `users`, RFM from `rfm`, their
+/// scores `scores`, results `nearest`), then its cold-start users (`cold_users`,
+/// results `cold`).
 pub fn assignments_part(
     users: &StringArray,
-    rfm: &Rfm,
+    (rfm, scores): (&Rfm, &[Scores]),
     nearest: &[Nearest],
     k: usize,
     cold_users: &[&str],
@@ -183,6 +191,21 @@ pub fn assignments_part(
             rfm.monetary
                 .iter()
                 .map(|&v| Some(v))
+                .chain(none(cold.len())),
+        )),
+        Arc::new(UInt8Array::from_iter(
+            scores.iter().map(|s| s.r).chain(none(cold.len())),
+        )),
+        Arc::new(UInt8Array::from_iter(
+            scores.iter().map(|s| s.f).chain(none(cold.len())),
+        )),
+        Arc::new(UInt8Array::from_iter(
+            scores.iter().map(|s| s.m).chain(none(cold.len())),
+        )),
+        Arc::new(StringArray::from_iter(
+            scores
+                .iter()
+                .map(|s| s.name().map(RfmName::as_str))
                 .chain(none(cold.len())),
         )),
         Arc::new(BooleanArray::from_iter(

@@ -10,6 +10,7 @@ use crate::job::Phase;
 use crate::job::driver::Driver;
 use crate::output::{self, Summary};
 use shoal_proto::pb;
+use shoal_spec::rfm::Quintiles;
 use shoal_spec::spec::RFM_DIMS;
 use std::time::Instant;
 
@@ -51,6 +52,12 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
         .flat_map(|&c| fitted[c * dims..(c + 1) * dims].to_vec())
         .collect();
     let output = &facts.plan.output;
+    let scoring = &facts.loaded().scoring;
+    let quintiles: Vec<pb::QuintileCuts> =
+        [&scoring.recency, &scoring.frequency, &scoring.monetary]
+            .into_iter()
+            .map(cuts)
+            .collect();
     let d_ref = &*d;
     let finals = d_ref
         .all(|_, mut c| {
@@ -63,6 +70,7 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
                 output: output.url(),
                 sample_size: SILHOUETTE_SAMPLE,
                 seed: spec.segments.seed,
+                rfm_quintiles: quintiles.clone(),
             };
             async move { c.finalize(req).await }
         })
@@ -100,8 +108,8 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
                 .then_some((factors + RFM_DIMS, spec.features.extra_weight)),
         },
         k,
-        &scaled.mean,
-        &scaled.scale,
+        (&scaled.mean, &scaled.scale),
+        scoring,
         SILHOUETTE_SAMPLE as usize,
     );
     summary.add_top_items(&item_counts);
@@ -113,4 +121,15 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
         summary,
         audience,
     })
+}
+
+/// One metric's quintile cuts on the wire (none: empty).
+fn cuts(q: &Option<Quintiles>) -> pb::QuintileCuts {
+    match q {
+        Some(q) => pb::QuintileCuts {
+            keys: q.cuts.iter().map(|c| c.key).collect(),
+            ties: q.cuts.iter().map(|c| c.tie).collect(),
+        },
+        None => pb::QuintileCuts::default(),
+    }
 }

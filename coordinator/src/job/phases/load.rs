@@ -8,6 +8,8 @@ use crate::job::Phase;
 use crate::job::driver::Driver;
 use crate::state::Progress;
 use shoal_proto::pb;
+use shoal_spec::JobSpec;
+use shoal_spec::rfm::{Quintiles, Scoring};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -22,6 +24,29 @@ pub struct Loaded {
     pub users: u64,
     /// Segments: the spec's k, or the model's.
     pub k: usize,
+    /// The RFM quintiles of the job's customers.
+    pub scoring: Scoring,
+}
+
+/// The RFM quintiles of the job's customers, from the shards' key histograms: a
+/// log without event times scores no recency, one without money no monetary
+/// value.
+fn scoring(spec: &JobSpec, stats: &BTreeMap<u32, pb::ShardStats>) -> Scoring {
+    let merged = |metric: usize| {
+        let all: Vec<(i64, u64)> = stats
+            .values()
+            .filter_map(|s| s.rfm_keys.get(metric))
+            .flat_map(|h| h.keys.iter().copied().zip(h.counts.iter().copied()))
+            .collect();
+        Quintiles::from_histogram(&all)
+    };
+    let c = &spec.input.columns;
+    let money = c.amount().is_some() || c.price().is_some();
+    Scoring {
+        recency: c.time().and_then(|_| merged(0)),
+        frequency: merged(1),
+        monetary: if money { merged(2) } else { None },
+    }
 }
 
 pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), CoordinatorError> {
@@ -92,6 +117,7 @@ pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordinato
         });
     }
     facts.loaded = Some(Loaded {
+        scoring: scoring(spec, &stats),
         stats,
         item_stats,
         dims,

@@ -1,0 +1,141 @@
+//! What the people who act on segments read: RFM scores and the segments' names.
+
+mod common;
+
+use arrow::array::Array;
+use common::*;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use shoal_spec::hash::id_key;
+use shoal_spec::rfm::{self, cell_name};
+use std::collections::BTreeMap;
+
+/// Quintile scores by brute force: every customer sorted by (metric, tie-break of
+/// its id), ranks cut into fifths (rank r scores 1 + #{j in 1..=4 : r >= ceil(j n / 5)}).
+fn brute_scores(users: &[(&String, f64)]) -> BTreeMap<String, u8> {
+    let n = users.len() as u64;
+    let mut order: Vec<(f64, f64, &String)> = users
+        .iter()
+        .map(|&(u, v)| (v, rfm::tie(id_key(u)), u))
+        .collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    order
+        .iter()
+        .enumerate()
+        .map(|(rank, &(_, _, u))| {
+            let above = (1..=4u64)
+                .filter(|j| rank as u64 >= (j * n).div_ceil(5))
+                .count();
+            (u.clone(), 1 + above as u8)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_customers_are_scored_and_segments_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let cluster = Cluster::start(2).await;
+    let status = run_job(&cluster.url, &demo_spec(&out, 8)).await;
+    assert!(succeeded(&status), "{status:?}");
+    cluster.stop().await;
+    let a = read_assignments(&out);
+    let n = a.len();
+
+    // Scores against a brute-force ranking of the same customers: recency in whole
+    // days (more recent is better), frequency in orders, monetary exact (the job
+    // ranks money in 1% buckets, so a few customers near a cut may differ).
+    let metric = |f: &dyn Fn(&Assigned) -> f64| -> Vec<(&String, f64)> {
+        a.iter().map(|(u, x)| (u, f(x))).collect()
+    };
+    let wanted = [
+        brute_scores(&metric(&|x| -x.recency_days.floor())),
+        brute_scores(&metric(&|x| x.frequency as f64)),
+        brute_scores(&metric(&|x| x.monetary)),
+    ];
+    for (j, want) in wanted.iter().enumerate() {
+        let mut per_score = [0usize; 5];
+        let mut off = 0usize;
+        for (u, x) in &a {
+            let got = x.scores[j].unwrap_or_else(|| panic!("{u}: no {} score", rfm::METRICS[j]));
+            per_score[usize::from(got - 1)] += 1;
+            if got != want[u] {
+                off += 1;
+                assert!(
+                    got.abs_diff(want[u]) <= 1,
+                    "{u}: {} score {got}, {} by rank",
+                    rfm::METRICS[j],
+                    want[u]
+                );
+            }
+        }
+        // ties split at random (seeded) instead of by rank: a few near each cut
+        assert!(
+            off * 50 < n,
+            "{}: {off} of {n} off the ranks",
+            rfm::METRICS[j]
+        );
+        for (s, &c) in per_score.iter().enumerate() {
+            let fifth = n as f64 / 5.0;
+            assert!(
+                (c as f64 - fifth).abs() < 0.06 * fifth,
+                "{}: {c} customers score {} of {n}",
+                rfm::METRICS[j],
+                s + 1
+            );
+        }
+    }
+    // Every customer's cell is the map's name of its (R, F) scores.
+    for (u, x) in &a {
+        let [r, f, _] = x.scores.map(Option::unwrap);
+        assert_eq!(x.rfm_cell.as_deref(), Some(cell_name(r, f).as_str()), "{u}");
+    }
+
+    // Segments are named after the name most of their customers carry, with that
+    // share: recounted from the assignments.
+    let report = read_report(&out);
+    let segments = report["segments"].as_array().unwrap();
+    for s in segments {
+        let id = s["segment"].as_u64().unwrap() as u32;
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        for x in a.values().filter(|x| x.segment == id) {
+            *names.entry(x.rfm_cell.as_deref().unwrap()).or_default() += 1;
+        }
+        let size: usize = names.values().sum();
+        let top = names.values().copied().max().unwrap();
+        let name = s["name"].as_str().unwrap();
+        assert_eq!(
+            names[name], top,
+            "segment {id}: {name} is not its largest name {names:?}"
+        );
+        let share = s["name_share"].as_f64().unwrap();
+        assert!(
+            (share - top as f64 / size as f64).abs() < 1e-12,
+            "segment {id}"
+        );
+        assert_eq!(s["size"].as_u64().unwrap() as usize, size);
+    }
+    // The same names in segments.parquet.
+    let file = std::fs::File::open(out.join("segments.parquet")).unwrap();
+    let table = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let names: Vec<String> = table
+        .flat_map(|b| {
+            let b = b.unwrap();
+            let c = b.column_by_name("name").unwrap();
+            let c = c
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap();
+            (0..c.len())
+                .map(|i| c.value(i).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let reported: Vec<String> = segments
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, reported);
+}
