@@ -323,6 +323,10 @@ pub async fn finish(status: &JobStatus) -> Result<ExitCode, BoxError> {
             );
         }
     }
+    println!(
+        "\nthe report to read (open in a browser): {}",
+        out.child("report.html").url()
+    );
     println!("\noutputs in {}", out.url());
     println!(
         "  assignments.parquet/  one row per user: segment, distances, recency, frequency, monetary, R/F/M scores, RFM cell"
@@ -352,7 +356,10 @@ pub async fn finish(status: &JobStatus) -> Result<ExitCode, BoxError> {
         println!("  recommendations.parquet/ per user: rank, item, score");
     }
     println!(
-        "  report.json           rows read / kept / dropped, k-means figures, quality, timings"
+        "  report.html           the report for people: named segments, charts, top items, the run"
+    );
+    println!(
+        "  report.json           rows read / kept / dropped, k-means figures, RFM cells, quality, timings"
     );
     println!("  _SUCCESS              manifest: every file with its row count");
     Ok(ExitCode::SUCCESS)

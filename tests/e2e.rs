@@ -85,6 +85,7 @@ async fn demo_outputs_have_a_manifest_listing_every_file_with_rows() {
         "segment_items.parquet",
         "centroids.parquet",
         "report.json",
+        "report.html",
     ] {
         assert!(
             manifest.files.iter().any(|f| f.path == name),

@@ -13,6 +13,7 @@ pub mod kmeans;
 pub mod metrics;
 pub mod model;
 pub mod output;
+pub mod pca;
 pub mod probe;
 pub mod rows;
 

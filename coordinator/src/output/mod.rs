@@ -16,6 +16,7 @@ use shoal_store::{self as store, InputObject, Location};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod page;
 mod report;
 mod summary;
 
@@ -23,10 +24,11 @@ pub use report::*;
 pub use summary::*;
 
 /// Files a job writes at the top of its output folder (besides the manifest).
-const JOB_FILES: [&str; 4] = [
+const JOB_FILES: [&str; 5] = [
     "segments.parquet",
     "centroids.parquet",
     "report.json",
+    "report.html",
     "segment_items.parquet",
 ];
 /// Tables written as a folder of per-shard parts.
@@ -379,14 +381,17 @@ pub async fn write_all(
         )
         .await?,
     );
+    let html = shoal_report::render(&page::page(&report, summary));
     let json = serde_json::to_vec_pretty(&report).map_err(|e| write_err("report.json", e))?;
-    let len = json.len() as u64;
-    output.child("report.json").put(json.into()).await?;
-    files.push(FileEntry {
-        path: "report.json".into(),
-        rows: 1,
-        bytes: len,
-    });
+    for (path, bytes) in [("report.json", json), ("report.html", html.into_bytes())] {
+        let len = bytes.len() as u64;
+        output.child(path).put(bytes.into()).await?;
+        files.push(FileEntry {
+            path: path.into(),
+            rows: 1,
+            bytes: len,
+        });
+    }
     let input: Vec<InputEntry> = inputs
         .iter()
         .map(|i| InputEntry {

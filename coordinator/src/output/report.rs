@@ -5,6 +5,7 @@ use super::{Job, PhaseTimes, SegmentSummary, Summary, rfc3339};
 use crate::rows::RowTally;
 use serde::Serialize;
 use shoal_proto::pb;
+use shoal_spec::rfm::{self, Scoring};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -142,6 +143,9 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extra: Option<crate::extra::ExtraFacts>,
     pub kmeans: KmeansFacts,
+    /// RFM scores: the quintile cuts and customers per cell of the map.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rfm_scores: Option<RfmFacts>,
     pub quality: Quality,
     pub segments: Vec<SegmentSummary>,
     pub workers: usize,
@@ -199,6 +203,7 @@ impl Report {
             als: None,
             extra: None,
             kmeans,
+            rfm_scores: None,
             quality: Quality {
                 silhouette: summary.silhouette,
                 silhouette_sample: summary.silhouette_sample,
@@ -209,6 +214,55 @@ impl Report {
             workers,
             shards: ctx.spec.cluster.shards,
             seconds,
+        }
+    }
+}
+
+/// How customers were scored and where they fell on the RFM map.
+#[derive(Debug, Clone, Serialize)]
+pub struct RfmFacts {
+    /// The cuts between quintiles, as keys (`shoal_spec::rfm`: recency minus
+    /// whole days, frequency orders, monetary 1% log buckets) and tie-break shares.
+    pub quintiles: Scoring,
+    /// The 25 cells of the map, R from 5 down, F from 1 up.
+    pub cells: Vec<RfmCell>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RfmCell {
+    pub r: u8,
+    pub f: u8,
+    pub name: &'static str,
+    pub customers: u64,
+    /// Customers per segment, in segment order.
+    pub per_segment: Vec<u64>,
+}
+
+impl RfmFacts {
+    /// From the quintiles and the segments' customers per cell (`grid[segment]`,
+    /// 25 cells by `rfm::cell_index`).
+    pub fn new(quintiles: &Scoring, grid: &[Vec<u64>]) -> RfmFacts {
+        let cells = (1..=5u8)
+            .rev()
+            .flat_map(|r| (1..=5u8).map(move |f| (r, f)))
+            .map(|(r, f)| {
+                let i = rfm::cell_index(r, f);
+                let per_segment: Vec<u64> = grid
+                    .iter()
+                    .map(|g| g.get(i).copied().unwrap_or(0))
+                    .collect();
+                RfmCell {
+                    r,
+                    f,
+                    name: rfm::cell_name(r, f).as_str(),
+                    customers: per_segment.iter().sum(),
+                    per_segment,
+                }
+            })
+            .collect();
+        RfmFacts {
+            quintiles: quintiles.clone(),
+            cells,
         }
     }
 }

@@ -73,6 +73,13 @@ pub async fn run(
         }
         facts
     });
+    if loaded.scoring.names() {
+        report.rfm_scores = fin
+            .summary
+            .grid
+            .as_ref()
+            .map(|grid| output::RfmFacts::new(&loaded.scoring, grid));
+    }
     report.als = facts.als.facts.clone().map(|mut als| {
         als.recommend_users = fin.audience.clone();
         if spec.evaluate.holdout > 0.0 {
