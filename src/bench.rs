@@ -124,7 +124,7 @@ fn als(a: AlsArgs) -> Result<ExitCode, BoxError> {
         return Err(format!("--factors must be in 1..=1024, not {}", a.factors).into());
     }
     let threads = threads_of(a.threads)?;
-    let (backend, _why) = select(a.device)?;
+    let (backend, _why) = select(a.device, shoal_kernels::CpuKernels::Auto)?;
     let device = backend.name();
     in_thread_pool(threads, || -> Result<ExitCode, BoxError> {
         tracing::info!(
@@ -170,7 +170,7 @@ fn kmeans(a: KmeansArgs) -> Result<ExitCode, BoxError> {
         return Err("--iters must be at least 1".into());
     }
     let threads = threads_of(a.threads)?;
-    let (backend, _why) = select(a.device)?;
+    let (backend, _why) = select(a.device, shoal_kernels::CpuKernels::Auto)?;
     let device = backend.name();
 
     in_thread_pool(threads, || -> Result<ExitCode, BoxError> {

@@ -9,6 +9,7 @@ mod watch;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shoal_coordinator::{AllowList, CoordinatorConfig, StateConfig, spawn_coordinator};
 use shoal_kernels::Backend;
+use shoal_kernels::CpuKernels;
 use shoal_kernels::device::DeviceChoice;
 use shoal_net::tls::ServerIdentity;
 use shoal_spec::JobSpec;
@@ -40,6 +41,11 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `shoal_worker=debug`.
     #[arg(long, global = true, env = "SHOAL_LOG", default_value = "warn")]
     log: String,
+    /// The CPU backend's ALS kernel set: auto (the fastest this CPU runs) | avx512
+    /// | avx2 | portable. The sets round differently; force one to compare runs
+    /// across machines.
+    #[arg(long, global = true, env = "SHOAL_CPU_KERNELS", default_value = "auto")]
+    cpu_kernels: CpuKernels,
     #[command(subcommand)]
     command: Command,
 }
@@ -366,7 +372,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(cli.command, cli.cpu_kernels)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
@@ -391,7 +397,7 @@ fn cwd() -> Result<PathBuf, BoxError> {
     Ok(std::env::current_dir().map_err(|e| format!("cannot read the working directory: {e}"))?)
 }
 
-async fn run(command: Command) -> Result<ExitCode, BoxError> {
+async fn run(command: Command, kernels: CpuKernels) -> Result<ExitCode, BoxError> {
     match command {
         Command::Devices => {
             println!(
@@ -427,7 +433,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             }
             spec.resolve_paths(&here);
             spec.cluster.device = device;
-            run_in_process(spec, workers, memory_limit, &[data]).await
+            run_in_process(spec, workers, memory_limit, &[data], kernels).await
         }
         Command::Run {
             spec,
@@ -441,7 +447,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 spec.cluster.device = device;
             }
             let workers = workers.unwrap_or(spec.cluster.workers);
-            run_in_process(spec, workers, memory_limit, &allow_path).await
+            run_in_process(spec, workers, memory_limit, &allow_path, kernels).await
         }
         Command::Assign {
             model,
@@ -457,7 +463,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 spec.cluster.device = device;
             }
             let workers = workers.unwrap_or(spec.cluster.workers);
-            run_in_process(spec, workers, None, &[]).await
+            run_in_process(spec, workers, None, &[], kernels).await
         }
         Command::Coordinator {
             listen,
@@ -523,7 +529,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 memory_limit,
                 ..WorkerConfig::default()
             };
-            let (backend, why) = backend(device)?;
+            let (backend, why) = backend(device, kernels)?;
             eprintln!("{why}");
             let handle = spawn_worker(config, backend, shutdown.clone()).await?;
             eprintln!("shoal worker listening on {}", handle.addr);
@@ -626,13 +632,13 @@ fn synth(args: SynthArgs) -> Result<ExitCode, BoxError> {
 }
 
 /// The worker's backend for `device`, and a sentence saying what was picked and why.
-fn backend(device: Device) -> Result<(Arc<dyn Backend>, String), BoxError> {
+fn backend(device: Device, kernels: CpuKernels) -> Result<(Arc<dyn Backend>, String), BoxError> {
     let choice = match device {
         Device::Auto => DeviceChoice::Auto,
         Device::Cpu => DeviceChoice::Cpu,
         Device::Cuda => DeviceChoice::Cuda,
     };
-    Ok(shoal_kernels::device::select(choice)?)
+    Ok(shoal_kernels::device::select(choice, kernels)?)
 }
 
 fn stop_on_signal(shutdown: CancellationToken) {
@@ -670,6 +676,7 @@ async fn run_in_process(
     workers: u32,
     memory_limit: Option<u64>,
     also: &[PathBuf],
+    kernels: CpuKernels,
 ) -> Result<ExitCode, BoxError> {
     let shutdown = CancellationToken::new();
     let here = cwd()?;
@@ -688,7 +695,7 @@ async fn run_in_process(
     let coordinator = spawn_coordinator(config, shutdown.clone()).await?;
     let url = coordinator.url();
     // One backend shared by the in-process workers (one device, one set of kernels).
-    let (backend, why) = backend(spec.cluster.device)?;
+    let (backend, why) = backend(spec.cluster.device, kernels)?;
     eprintln!("{why}");
     let mut handles = Vec::new();
     // The workers share this process: each gets its share of the memory.

@@ -139,3 +139,49 @@ async fn demo_customers_are_scored_and_segments_named() {
         .collect();
     assert_eq!(names, reported);
 }
+
+/// The demo's segments computed with two ALS kernel sets (`--cpu-kernels`): their
+/// factors differ at rounding level, the segments must not.
+async fn demo_with_kernels(dir: &std::path::Path, kernels: &str) -> BTreeMap<String, Assigned> {
+    let out = dir.join(kernels);
+    let ran = run_shoal(
+        &[
+            "demo",
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+            "--cpu-kernels",
+            kernels,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{}", ran.text());
+    assert!(
+        ran.stderr.contains(&format!("with the {kernels} ALS kernels")),
+        "{}",
+        ran.stderr
+    );
+    read_assignments(&out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_segments_alike_with_the_avx2_and_the_avx512_kernels() {
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    assert!(
+        avx512,
+        "this test compares the AVX-512 and the AVX2 ALS kernels: it needs an x86-64 CPU with AVX-512F"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let a = demo_with_kernels(dir.path(), "avx2").await;
+    let b = demo_with_kernels(dir.path(), "avx512").await;
+    assert_eq!(a.len(), b.len());
+    let la: Vec<usize> = a.values().map(|x| x.segment as usize).collect();
+    let lb: Vec<usize> = b.values().map(|x| x.segment as usize).collect();
+    let ari = adjusted_rand_index(&la, &lb);
+    eprintln!("adjusted Rand index, AVX2 against AVX-512 ALS kernels: {ari:.4}");
+    assert!(ari >= 0.95, "adjusted Rand index {ari:.4}");
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cudarc::driver::{result, sys};
 
 use crate::cuda::CudaBackend;
-use crate::{Backend, CpuBackend, KernelError};
+use crate::{Backend, CpuBackend, CpuKernels, KernelError};
 
 /// The device asked for on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -151,8 +151,14 @@ pub fn cuda_devices() -> Result<Vec<DeviceInfo>, KernelError> {
 /// - `auto`: the CUDA backend on device 0 when there is a driver and a device and
 ///   the backend starts (kernels compile and load); otherwise the CPU backend, and
 ///   the sentence gives the reason.
-pub fn select(choice: DeviceChoice) -> Result<(Arc<dyn Backend>, String), KernelError> {
-    let cpu = || -> Arc<dyn Backend> { Arc::new(CpuBackend::new()) };
+///
+/// The CPU backend's ALS solves use `kernels` (`auto`: the fastest set).
+pub fn select(
+    choice: DeviceChoice,
+    kernels: CpuKernels,
+) -> Result<(Arc<dyn Backend>, String), KernelError> {
+    let forced = CpuBackend::with_kernels(kernels)?;
+    let cpu = || -> Arc<dyn Backend> { Arc::new(forced) };
     let picked = match choice {
         DeviceChoice::Cpu => (cpu(), "cpu backend (--device cpu)".to_string()),
         DeviceChoice::Cuda => {
@@ -181,6 +187,13 @@ pub fn select(choice: DeviceChoice) -> Result<(Arc<dyn Backend>, String), Kernel
                 ),
             },
         },
+    };
+    let picked = match kernels {
+        CpuKernels::Auto => picked,
+        forced if picked.0.name() == "cpu" => {
+            (picked.0, format!("{} with the {forced} ALS kernels", picked.1))
+        }
+        _ => picked,
     };
     tracing::info!(device = %choice, picked = %picked.1, "compute backend selected");
     Ok(picked)

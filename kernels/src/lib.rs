@@ -20,7 +20,7 @@ pub mod cuda;
 pub mod device;
 pub mod reference;
 
-pub use cpu::CpuBackend;
+pub use cpu::{CpuBackend, CpuKernels};
 
 /// Index of "no second-best centroid" (k = 1).
 pub const NO_SECOND: u32 = u32::MAX;

@@ -34,12 +34,96 @@ use als::Isa;
 /// one the calls are made from).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend {
-    _private: (),
+    /// The ALS kernel set every solve uses; `None`: the fastest for each call.
+    als: Option<Isa>,
+}
+
+/// Which kernel set the CPU backend's ALS solves use. They round differently, so
+/// factors differ at rounding level between them; forcing one makes runs on
+/// different CPUs comparable.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum CpuKernels {
+    /// The fastest this CPU runs (AVX-512, else AVX2 + FMA, else portable).
+    #[default]
+    Auto,
+    /// AVX-512F kernels (x86-64 with AVX-512F; rows of up to 128 factors).
+    Avx512,
+    /// Fused multiply-add kernels: AVX2 + FMA on x86-64, `mul_add` on aarch64.
+    Avx2,
+    /// Plain Rust, one rounding per operation: the same on every CPU.
+    Portable,
+}
+
+impl std::fmt::Display for CpuKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CpuKernels::Auto => "auto",
+            CpuKernels::Avx512 => "avx512",
+            CpuKernels::Avx2 => "avx2",
+            CpuKernels::Portable => "portable",
+        })
+    }
+}
+
+impl std::str::FromStr for CpuKernels {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(CpuKernels::Auto),
+            "avx512" | "avx-512" => Ok(CpuKernels::Avx512),
+            "avx2" | "fma" => Ok(CpuKernels::Avx2),
+            "portable" => Ok(CpuKernels::Portable),
+            other => Err(format!(
+                "unknown CPU kernel set `{other}`: auto, avx512, avx2 or portable"
+            )),
+        }
+    }
 }
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend { _private: () }
+        CpuBackend { als: None }
+    }
+
+    /// A backend whose ALS solves use `kernels`; an error when this CPU cannot run
+    /// them.
+    pub fn with_kernels(kernels: CpuKernels) -> Result<Self, KernelError> {
+        let isa = match kernels {
+            CpuKernels::Auto => return Ok(CpuBackend::new()),
+            CpuKernels::Portable => Isa::Portable,
+            CpuKernels::Avx2 => Isa::Fma,
+            #[cfg(target_arch = "x86_64")]
+            CpuKernels::Avx512 => Isa::Avx512,
+            #[cfg(not(target_arch = "x86_64"))]
+            CpuKernels::Avx512 => {
+                return Err(KernelError::Unsupported {
+                    backend: NAME,
+                    what: "the avx512 kernel set on this CPU architecture".into(),
+                });
+            }
+        };
+        // every set this CPU has at all (for the smallest rows)
+        if !Isa::available(1).contains(&isa) {
+            return Err(KernelError::Unsupported {
+                backend: NAME,
+                what: format!(
+                    "the {kernels} kernel set: this CPU lacks its instructions (use auto, or portable to match other machines)"
+                ),
+            });
+        }
+        Ok(CpuBackend { als: Some(isa) })
+    }
+
+    /// The ALS kernel set for rows of `d` factors.
+    fn als_isa(&self, d: usize) -> Result<Isa, KernelError> {
+        match self.als {
+            None => Ok(Isa::best(d)),
+            Some(isa) if Isa::available(d).contains(&isa) => Ok(isa),
+            Some(isa) => Err(KernelError::Unsupported {
+                backend: NAME,
+                what: format!("rows of {d} factors with the forced {isa:?} kernel set"),
+            }),
+        }
     }
 }
 
@@ -237,7 +321,7 @@ impl Backend for CpuBackend {
         let x = storage_mut::<HostPoints>(x, NAME, "the factors being solved (x)", "dense")?;
         let d = x.d;
         als::als_solve(
-            Isa::best(d),
+            self.als_isa(d)?,
             x.values_mut(),
             &y.values,
             d,
