@@ -365,6 +365,39 @@ pub async fn finish(status: &JobStatus) -> Result<ExitCode, BoxError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How k was chosen, when the spec gave candidates.
+fn print_k_choice(choice: &serde_json::Value) {
+    let Some(rows) = choice["candidates"].as_array() else {
+        return;
+    };
+    let num = |v: &serde_json::Value, digits: usize| {
+        v.as_f64()
+            .map_or("n/a".to_string(), |x| format!("{x:.digits$}"))
+    };
+    println!(
+        "{:>4} {:>12} {:>10} {:>14} {:>18} {:>9}",
+        "k", "inertia", "silhouette", "Davies–Bouldin", "Calinski–Harabasz", "stability"
+    );
+    for r in rows {
+        let chosen = r["k"] == choice["chosen"];
+        println!(
+            "{:>4} {:>12} {:>10} {:>14} {:>18} {:>9}{}",
+            r["k"].as_u64().unwrap_or(0),
+            num(&r["inertia"], 1),
+            num(&r["silhouette"], 3),
+            num(&r["davies_bouldin"], 3),
+            num(&r["calinski_harabasz"], 1),
+            num(&r["stability"], 3),
+            if chosen { "  <- chosen" } else { "" }
+        );
+    }
+    println!(
+        "k = {}: {}\n",
+        choice["chosen"],
+        choice["rule"].as_str().unwrap_or("")
+    );
+}
+
 fn print_segments(report: &serde_json::Value) {
     let f = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN);
     let rows = &report["rows"];
@@ -390,6 +423,7 @@ fn print_segments(report: &serde_json::Value) {
         f(q, "davies_bouldin"),
         f(q, "calinski_harabasz"),
     );
+    print_k_choice(&report["k_choice"]);
     println!(
         "{:>7}  {:<26} {:>7} {:>6} {:>8}  {:>14} {:>16} {:>16}",
         "segment",

@@ -39,8 +39,11 @@ fn spec(input: &Path, out: &Path) -> JobSpec {
     spec
 }
 
-/// Every output file but the report (which holds the job's id and timings) and
-/// the manifest (which lists the report), by path, with its bytes.
+/// The reports: the job's figures with its id, timings and workers.
+const REPORTS: [&str; 2] = ["report.json", "report.html"];
+
+/// Every output file but the reports (which hold the job's id and timings) and
+/// the manifest (which lists the reports), by path, with its bytes.
 fn outputs(out: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut files = BTreeMap::new();
     let mut stack = vec![out.to_path_buf()];
@@ -52,7 +55,7 @@ fn outputs(out: &Path) -> BTreeMap<String, Vec<u8>> {
                 continue;
             }
             let rel = path.strip_prefix(out).unwrap().display().to_string();
-            if rel != "report.json" && rel != "_SUCCESS" {
+            if !REPORTS.contains(&rel.as_str()) && rel != "_SUCCESS" {
                 files.insert(rel, std::fs::read(&path).unwrap());
             }
         }
@@ -68,7 +71,7 @@ fn assert_same_outputs(got: &Path, want: &Path) {
         .files
         .iter()
         .map(|f| f.path.clone())
-        .filter(|p| p != "report.json")
+        .filter(|p| !REPORTS.contains(&p.as_str()))
         .collect();
     listed.sort();
     let (got, want) = (outputs(got), outputs(want));

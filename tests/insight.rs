@@ -161,7 +161,8 @@ async fn demo_with_kernels(dir: &std::path::Path, kernels: &str) -> BTreeMap<Str
     .await;
     assert_eq!(ran.code, Some(0), "{}", ran.text());
     assert!(
-        ran.stderr.contains(&format!("with the {kernels} ALS kernels")),
+        ran.stderr
+            .contains(&format!("with the {kernels} ALS kernels")),
         "{}",
         ran.stderr
     );
@@ -184,4 +185,95 @@ async fn the_demo_segments_alike_with_the_avx2_and_the_avx512_kernels() {
     let ari = adjusted_rand_index(&la, &lb);
     eprintln!("adjusted Rand index, AVX2 against AVX-512 ALS kernels: {ari:.4}");
     assert!(ari >= 0.95, "adjusted Rand index {ari:.4}");
+}
+
+/// Every user's planted group from a synth truth table, by user id as the
+/// assignments spell it.
+fn read_truth(path: &std::path::Path) -> BTreeMap<String, usize> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut truth = BTreeMap::new();
+    for b in reader {
+        let b = b.unwrap();
+        let users = b.column_by_name("user_id").unwrap();
+        let users = users
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        let groups = b.column_by_name("group").unwrap();
+        let groups = groups
+            .as_any()
+            .downcast_ref::<arrow::array::Int32Array>()
+            .unwrap();
+        for i in 0..b.num_rows() {
+            truth.insert(users.value(i).to_string(), groups.value(i) as usize);
+        }
+    }
+    truth
+}
+
+/// On synth logs with 3, 5 and 8 planted groups (behaviour planted in what users
+/// buy, when and how much; segmented with the ALS block weighted up), a range of k
+/// from 2 to 10 chooses the planted number, and the segments it keeps are the
+/// planted groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rule_picks_the_planted_number_of_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(2).await;
+    for groups in [3u32, 5, 8] {
+        let folder = dir.path().join(format!("synth-{groups}"));
+        let s = shoal_synth::generate(&shoal_synth::SynthConfig {
+            users: 3_000,
+            items: 500,
+            interactions: 60_000,
+            groups,
+            files: 2,
+            output: folder.clone(),
+            ..shoal_synth::SynthConfig::default()
+        })
+        .unwrap();
+        let mut spec = shoal_spec::JobSpec::from_file(&s.spec, &folder).unwrap();
+        spec.segments.k = shoal_spec::spec::SegmentCount::Range { min: 2, max: 10 };
+        spec.features.als_weight = 4.0;
+        spec.cluster.shards = 6;
+        let status = run_job(&cluster.url, &spec).await;
+        assert!(succeeded(&status), "{status:?}");
+        let out = std::path::Path::new(&spec.output.path);
+        let report = read_report(out);
+        let choice = &report["k_choice"];
+        let rows: Vec<String> = choice["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                format!(
+                    "k {} silhouette {:.3} stability {:.3}",
+                    r["k"], r["silhouette"], r["stability"]
+                )
+            })
+            .collect();
+        assert_eq!(choice["candidates"].as_array().unwrap().len(), 9);
+        assert_eq!(
+            choice["chosen"].as_u64(),
+            Some(u64::from(groups)),
+            "planted {groups}: {rows:#?}"
+        );
+        assert_eq!(report["kmeans"]["k"].as_u64(), Some(u64::from(groups)));
+        assert_eq!(
+            report["segments"].as_array().unwrap().len(),
+            groups as usize
+        );
+        // the outputs are those of the chosen k, and its segments are the groups
+        let truth = read_truth(&s.truth.path);
+        let a = read_assignments(out);
+        assert_eq!(a.len(), truth.len());
+        let got: Vec<usize> = a.values().map(|x| x.segment as usize).collect();
+        let want: Vec<usize> = a.keys().map(|u| truth[u]).collect();
+        let ari = adjusted_rand_index(&got, &want);
+        assert!(ari > 0.8, "planted {groups}: adjusted Rand index {ari:.3}");
+    }
+    cluster.stop().await;
 }

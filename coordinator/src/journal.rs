@@ -217,8 +217,12 @@ mod tests {
         journal.record(&b, &spec, &status(pb::JobState::Queued), 2);
         let progress = pb::StoredProgress {
             attempt: 2,
-            lloyd_rounds: 3,
-            lloyd_centroids: vec![1.0, 2.0],
+            fits: vec![pb::StoredFit {
+                k: 1,
+                rounds: 3,
+                centroids: vec![1.0, 2.0],
+                ..Default::default()
+            }],
             ..Default::default()
         };
         journal.progress(&a, &progress);

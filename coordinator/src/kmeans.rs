@@ -58,7 +58,7 @@ fn merged(per_shard: &[Vec<pb::Moments>], dims: usize) -> Vec<pb::Moments> {
     total
 }
 
-fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
+pub fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
     a.iter()
         .zip(b)
         .map(|(x, y)| {
@@ -539,6 +539,7 @@ mod tests {
         let shard =
             |s: u32, sums: Vec<f64>, counts: Vec<u64>, far: Vec<pb::FarPoint>| pb::ShardPartial {
                 shard: s,
+                fit: 0,
                 sums,
                 counts,
                 inertia: 1.0,

@@ -9,6 +9,7 @@ pub mod extra;
 pub mod grpc;
 pub mod job;
 pub mod journal;
+pub mod kchoice;
 pub mod kmeans;
 pub mod metrics;
 pub mod model;

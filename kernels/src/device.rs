@@ -190,9 +190,10 @@ pub fn select(
     };
     let picked = match kernels {
         CpuKernels::Auto => picked,
-        forced if picked.0.name() == "cpu" => {
-            (picked.0, format!("{} with the {forced} ALS kernels", picked.1))
-        }
+        forced if picked.0.name() == "cpu" => (
+            picked.0,
+            format!("{} with the {forced} ALS kernels", picked.1),
+        ),
         _ => picked,
     };
     tracing::info!(device = %choice, picked = %picked.1, "compute backend selected");
@@ -214,20 +215,45 @@ mod tests {
     }
 
     #[test]
+    fn cpu_kernel_sets_are_forced_or_refused() {
+        assert_eq!("AVX2".parse::<CpuKernels>(), Ok(CpuKernels::Avx2));
+        assert!(
+            "sse"
+                .parse::<CpuKernels>()
+                .unwrap_err()
+                .contains("portable")
+        );
+        let (backend, why) = select(DeviceChoice::Cpu, CpuKernels::Portable).unwrap();
+        assert_eq!(backend.name(), "cpu");
+        assert!(why.contains("with the portable ALS kernels"), "{why}");
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = std::arch::is_x86_feature_detected!("avx512f");
+            match select(DeviceChoice::Cpu, CpuKernels::Avx512) {
+                Ok(_) => assert!(has),
+                Err(e) => {
+                    assert!(!has);
+                    assert!(e.to_string().contains("lacks its instructions"), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn cpu_is_always_available() {
-        let (backend, why) = select(DeviceChoice::Cpu).unwrap();
+        let (backend, why) = select(DeviceChoice::Cpu, CpuKernels::Auto).unwrap();
         assert_eq!(backend.name(), "cpu");
         assert!(why.contains("cpu"), "{why}");
     }
 
     #[test]
     fn auto_and_cuda_agree_with_the_probe() {
-        let (auto, why) = select(DeviceChoice::Auto).unwrap();
+        let (auto, why) = select(DeviceChoice::Auto, CpuKernels::Auto).unwrap();
         match cuda_devices() {
             Ok(devices) => {
                 assert!(!devices.is_empty());
                 // A machine with a device must be able to start the backend.
-                let cuda = select(DeviceChoice::Cuda);
+                let cuda = select(DeviceChoice::Cuda, CpuKernels::Auto);
                 assert!(cuda.is_ok(), "{:?}", cuda.err());
                 assert!(auto.name().starts_with("cuda:"), "{why}");
             }
@@ -235,7 +261,7 @@ mod tests {
                 assert_eq!(auto.name(), "cpu");
                 assert!(why.contains(&reason.to_string()), "{why} / {reason}");
                 assert!(matches!(
-                    select(DeviceChoice::Cuda),
+                    select(DeviceChoice::Cuda, CpuKernels::Auto),
                     Err(KernelError::CudaUnavailable(_))
                 ));
             }

@@ -31,10 +31,9 @@ pub struct Shard {
     /// Σ‖x‖² over the points, in row order (the inertia of a Lloyd round
     /// follows from it and the round's sums).
     pub sum_sq: f64,
-    /// The Lloyd rounds' state: distance bounds carried between rounds, and
-    /// the last labels.
-    pub bounds: Option<Resident>,
-    pub labels: Vec<u32>,
+    /// The Lloyd rounds' state per fit (of the group of the last round):
+    /// distance bounds carried between rounds, and the last labels.
+    pub fits: FitStates,
     /// k-means|| cost of every point: squared distance to the nearest chosen center
     pub costs: Vec<f32>,
     pub nearest: Vec<Nearest>,
@@ -49,8 +48,7 @@ impl Shard {
             orphans: Vec::new(),
             points: None,
             sum_sq: 0.0,
-            bounds: None,
-            labels: Vec::new(),
+            fits: FitStates::default(),
             costs: Vec::new(),
             nearest: Vec::new(),
         }
@@ -66,6 +64,41 @@ impl Shard {
 
     pub fn points(&self, job: &str, shard: u32) -> Result<&Resident, WorkerError> {
         resident(&self.points, job, shard)
+    }
+}
+
+/// The Lloyd state of a shard's fits, for one group of fits at a time.
+#[derive(Default)]
+pub struct FitStates {
+    pub group: Option<u32>,
+    pub fits: std::collections::BTreeMap<u32, FitState>,
+}
+
+/// One fit's Lloyd state on a shard.
+pub struct FitState {
+    pub bounds: Resident,
+    pub labels: Vec<u32>,
+}
+
+impl FitStates {
+    /// The state of fit `id` of `group` (a new group drops the others' state).
+    pub fn of(
+        &mut self,
+        group: u32,
+        id: u32,
+        make: impl FnOnce() -> Result<Resident, WorkerError>,
+    ) -> Result<&mut FitState, WorkerError> {
+        if self.group != Some(group) {
+            self.fits.clear();
+            self.group = Some(group);
+        }
+        match self.fits.entry(id) {
+            std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::btree_map::Entry::Vacant(e) => Ok(e.insert(FitState {
+                bounds: make()?,
+                labels: Vec::new(),
+            })),
+        }
     }
 }
 

@@ -729,14 +729,28 @@ impl WorkerService for WorkerServiceImpl {
     ) -> Result<Response<pb::LloydStepResponse>, Status> {
         let req = req.into_inner();
         let attempt = req.attempt;
-        let k = centroid_count(req.k, req.dims, req.centroids.len())?;
         let (id, job) = (req.job_id.clone(), req.job_id.clone());
         let shards = self
             .with_job(&id, attempt, move |state, backend| {
-                kmeans::lloyd(state, &job, &req, k, backend)
+                kmeans::lloyd(state, &job, &req, backend)
             })
             .await?;
         Ok(Response::new(pb::LloydStepResponse { shards }))
+    }
+
+    async fn sample_points(
+        &self,
+        req: Request<pb::SamplePointsRequest>,
+    ) -> Result<Response<pb::SamplePointsResponse>, Status> {
+        let req = req.into_inner();
+        let attempt = req.attempt;
+        let (id, job) = (req.job_id.clone(), req.job_id.clone());
+        let points = self
+            .with_job(&id, attempt, move |state, backend| {
+                kmeans::sample(state, &job, &req, backend)
+            })
+            .await?;
+        Ok(Response::new(pb::SamplePointsResponse { points }))
     }
 
     async fn finalize(

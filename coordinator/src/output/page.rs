@@ -3,7 +3,7 @@
 
 use super::{Report, Summary};
 use crate::pca;
-use shoal_report::{GridCell, ItemView, MapView, Page, Rfm, SegmentView};
+use shoal_report::{GridCell, ItemView, KChoice, KRow, MapView, Page, Rfm, SegmentView};
 
 /// Customers drawn on the map: the first of the seeded sample (smallest
 /// `hash(seed, user)`), so the same customers every run.
@@ -89,7 +89,25 @@ pub fn page(report: &Report, summary: &Summary) -> Page {
         inertia: report.kmeans.inertia_per_iteration.clone(),
         quality: quality(report),
         migration: None,
-        k_choice: None,
+        k_choice: report.k_choice.as_ref().map(|c| KChoice {
+            rows: c
+                .candidates
+                .iter()
+                .map(|m| KRow {
+                    k: m.k,
+                    inertia: m.inertia,
+                    silhouette: m.silhouette,
+                    davies_bouldin: m.davies_bouldin,
+                    calinski_harabasz: m.calinski_harabasz,
+                    stability: m.stability,
+                })
+                .collect(),
+            chosen: c.chosen,
+            rule: format!(
+                "{} (silhouette, Davies–Bouldin and Calinski–Harabasz on a seeded sample of {} customers; stability: mean adjusted Rand index of k-means refits on {} pairs of half-samples)",
+                c.rule, c.sample, c.stability_pairs
+            ),
+        }),
     }
 }
 
@@ -173,8 +191,9 @@ fn feature_blocks(r: &Report) -> String {
 
 /// Seconds per phase in the order the phases run, then the total.
 fn seconds(r: &Report) -> Vec<(String, f64)> {
-    const ORDER: [&str; 10] = [
-        "plan", "ingest", "load", "als", "scale", "init", "lloyd", "finalize", "write", "total",
+    const ORDER: [&str; 11] = [
+        "plan", "ingest", "load", "als", "scale", "init", "lloyd", "choose", "finalize", "write",
+        "total",
     ];
     let mut out: Vec<(String, f64)> = ORDER
         .iter()

@@ -17,6 +17,11 @@ pub struct KmeansFacts {
     /// Sum of squared distances of users to their segment's centroid (scaled space).
     pub inertia: f64,
     pub inertia_per_iteration: Vec<f64>,
+    /// Seeded starts of k fitted side by side, the one kept (lowest inertia),
+    /// and every start's final inertia.
+    pub starts: u32,
+    pub chosen_start: u32,
+    pub start_inertia: Vec<f64>,
     pub candidates: usize,
     pub init_rounds: u32,
     pub reseeded_clusters: usize,
@@ -143,6 +148,10 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extra: Option<crate::extra::ExtraFacts>,
     pub kmeans: KmeansFacts,
+    /// With several candidates of k (`segments.k` a range or list): every
+    /// candidate's figures, the rule and the chosen k.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k_choice: Option<crate::kchoice::KChoiceFacts>,
     /// RFM scores: the quintile cuts and customers per cell of the map.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rfm_scores: Option<RfmFacts>,
@@ -203,6 +212,7 @@ impl Report {
             als: None,
             extra: None,
             kmeans,
+            k_choice: None,
             rfm_scores: None,
             quality: Quality {
                 silhouette: summary.silhouette,

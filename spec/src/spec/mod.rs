@@ -472,8 +472,21 @@ impl Default for EvaluateSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SegmentsSpec {
+    /// Segments: a number (`k = 6`), a range (`k = { min = 3, max = 12 }`) or a
+    /// list (`k = [4, 6, 8]`) of candidates, each fitted after one ingest and
+    /// one ALS, the one the choosing rule picks kept.
     #[serde(default = "default_k")]
-    pub k: u32,
+    pub k: SegmentCount,
+    /// Seeded k-means starts per candidate k (k-means++ over the k-means||
+    /// candidates, each refined by Lloyd rounds in the same distributed rounds);
+    /// the one with the lowest inertia is kept.
+    #[serde(default = "default_starts")]
+    pub starts: u32,
+    /// An earlier output of a job with the same features: this run's segments
+    /// take the ids of the nearest of its segments (optimal assignment on
+    /// centroid distance), the report shows how customers moved. Empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub previous: String,
     #[serde(default = "default_max_iter")]
     pub max_iter: u32,
     /// Convergence when the squared centroid shift is at most `tol` times the mean
@@ -484,8 +497,135 @@ pub struct SegmentsSpec {
     pub seed: u64,
 }
 
-fn default_k() -> u32 {
-    6
+fn default_k() -> SegmentCount {
+    SegmentCount::One(6)
+}
+fn default_starts() -> u32 {
+    4
+}
+
+/// `segments.k`: one number of segments, or the candidates to choose from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentCount {
+    One(u32),
+    Range { min: u32, max: u32 },
+    List(Vec<u32>),
+}
+
+impl SegmentCount {
+    /// Every candidate, ascending, without repeats.
+    pub fn candidates(&self) -> Vec<u32> {
+        let mut all = match self {
+            SegmentCount::One(k) => vec![*k],
+            SegmentCount::Range { min, max } => (*min..=*max).collect(),
+            SegmentCount::List(ks) => ks.clone(),
+        };
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// The one number of segments, when there is no choice to make.
+    pub fn fixed(&self) -> Option<u32> {
+        match self.candidates().as_slice() {
+            [k] => Some(*k),
+            _ => None,
+        }
+    }
+
+    /// The largest candidate.
+    pub fn max(&self) -> u32 {
+        self.candidates().last().copied().unwrap_or(0)
+    }
+
+    /// The smallest candidate.
+    pub fn min(&self) -> u32 {
+        self.candidates().first().copied().unwrap_or(0)
+    }
+}
+
+impl std::fmt::Display for SegmentCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SegmentCount::One(k) => write!(f, "{k}"),
+            SegmentCount::Range { min, max } => write!(f, "{{ min = {min}, max = {max} }}"),
+            SegmentCount::List(ks) => write!(f, "{ks:?}"),
+        }
+    }
+}
+
+impl Serialize for SegmentCount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            SegmentCount::One(k) => s.serialize_u32(*k),
+            SegmentCount::List(ks) => ks.serialize(s),
+            SegmentCount::Range { min, max } => {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("min", min)?;
+                m.serialize_entry("max", max)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SegmentCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(SegmentCountVisitor)
+    }
+}
+
+struct SegmentCountVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SegmentCountVisitor {
+    type Value = SegmentCount;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a number of segments (k = 6), a range (k = { min = 3, max = 12 }) or a list (k = [4, 6, 8])")
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SegmentCount, E> {
+        u32::try_from(v)
+            .map(SegmentCount::One)
+            .map_err(|_| E::custom(format!("k = {v}: a number of segments is at least 1")))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SegmentCount, E> {
+        u32::try_from(v)
+            .map(SegmentCount::One)
+            .map_err(|_| E::custom(format!("k = {v} is too large")))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<SegmentCount, A::Error> {
+        let mut ks = Vec::new();
+        while let Some(k) = seq.next_element::<u32>()? {
+            ks.push(k);
+        }
+        Ok(SegmentCount::List(ks))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<SegmentCount, A::Error> {
+        use serde::de::Error;
+        let (mut min, mut max) = (None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "min" => min = Some(map.next_value::<u32>()?),
+                "max" => max = Some(map.next_value::<u32>()?),
+                other => {
+                    return Err(A::Error::custom(format!(
+                        "unknown key `{other}` in a range of k: write k = {{ min = 3, max = 12 }}"
+                    )));
+                }
+            }
+        }
+        match (min, max) {
+            (Some(min), Some(max)) => Ok(SegmentCount::Range { min, max }),
+            _ => Err(A::Error::custom(
+                "a range of k needs both ends: k = { min = 3, max = 12 }",
+            )),
+        }
+    }
 }
 fn default_max_iter() -> u32 {
     300
@@ -501,6 +641,8 @@ impl Default for SegmentsSpec {
     fn default() -> Self {
         SegmentsSpec {
             k: default_k(),
+            starts: default_starts(),
+            previous: String::new(),
             max_iter: default_max_iter(),
             tol: default_tol(),
             seed: default_seed(),
@@ -588,6 +730,10 @@ impl Default for ClusterSpec {
 
 /// Largest k shoal accepts.
 pub const MAX_K: u32 = 4096;
+/// Most candidates of a range or list of k.
+pub const MAX_K_CANDIDATES: usize = 32;
+/// Most k-means starts per candidate.
+pub const MAX_STARTS: u32 = 64;
 /// Largest shard count shoal accepts: a job runs with it (400 rows on 2 workers:
 /// 17 s of per-shard overhead). At 65,536 the ALS Gram partials of one worker's
 /// shards pass the gRPC message limit (537 MB), and at 16,384 finalize's

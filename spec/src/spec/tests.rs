@@ -35,13 +35,34 @@ fn demo_spec_parses_with_its_values() {
     assert_eq!(s.input.columns.amount(), None);
     assert_eq!(s.input.clean.drop_order_prefixes, vec!["C".to_string()]);
     assert_eq!(s.input.clean.min_quantity, Some(1.0));
-    assert_eq!(s.segments.k, 6);
+    assert_eq!(s.segments.k, SegmentCount::One(6));
+    assert_eq!(s.segments.starts, 4);
     assert_eq!(s.cluster.shards, 8);
     assert_eq!(
         JobSpec::parse(&s.to_toml()).unwrap(),
         s,
         "round-trips through TOML"
     );
+}
+
+#[test]
+fn k_is_a_number_a_range_or_a_list() {
+    let range = JobSpec::parse(&with("k = 6", "k = { min = 3, max = 12 }\nstarts = 8")).unwrap();
+    assert_eq!(range.segments.k, SegmentCount::Range { min: 3, max: 12 });
+    assert_eq!(
+        range.segments.k.candidates(),
+        (3..=12).collect::<Vec<u32>>()
+    );
+    assert_eq!(range.segments.k.fixed(), None);
+    assert_eq!(range.segments.starts, 8);
+    let list = JobSpec::parse(&with("k = 6", "k = [8, 4, 6, 4]")).unwrap();
+    assert_eq!(list.segments.k.candidates(), vec![4, 6, 8]);
+    assert_eq!(list.segments.k.max(), 8);
+    let one = JobSpec::parse(&with("k = 6", "k = [5]")).unwrap();
+    assert_eq!(one.segments.k.fixed(), Some(5));
+    for s in [range, list, one] {
+        assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s, "round-trips");
+    }
 }
 
 #[test]
@@ -159,6 +180,24 @@ fn every_bad_field_is_named() {
         (with("k = 6", "k = 0"), "segments.k"),
         (with("k = 6", "k = 100000"), "segments.k"),
         (with("k = 6", "k = -1"), "k"),
+        (
+            with("k = 6", "k = { min = 5, max = 3 }"),
+            "min (5) is above its max (3)",
+        ),
+        (with("k = 6", "k = { min = 1, max = 3 }"), "start at 2"),
+        (with("k = 6", "k = { min = 3 }"), "needs both ends"),
+        (
+            with("k = 6", "k = { min = 3, max = 5, step = 1 }"),
+            "unknown key `step`",
+        ),
+        (with("k = 6", "k = []"), "segments.k"),
+        (with("k = 6", "k = [3, 0]"), "segments.k"),
+        (with("k = 6", "k = { min = 2, max = 40 }"), "at most 32"),
+        (
+            with("k = 6", "k = \"six\""),
+            "a range (k = { min = 3, max = 12 })",
+        ),
+        (with("k = 6", "k = 6\nstarts = 0"), "segments.starts"),
         (with("max_iter = 300", "max_iter = 0"), "segments.max_iter"),
         (with("tol = 1e-4", "tol = -1.0"), "segments.tol"),
         (with("seed = 42", "seed = \"x\""), "seed"),

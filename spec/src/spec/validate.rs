@@ -222,10 +222,43 @@ impl JobSpec {
     /// Checks `[segments]`.
     fn check_segments(&self) -> Result<(), SpecError> {
         let seg = &self.segments;
-        if seg.k == 0 || seg.k > MAX_K {
+        if let SegmentCount::Range { min, max } = seg.k
+            && min > max
+        {
             return Err(invalid(
                 "segments.k",
-                format!("must be between 1 and {MAX_K}, got {}", seg.k),
+                format!("the range's min ({min}) is above its max ({max})"),
+            ));
+        }
+        let candidates = seg.k.candidates();
+        if candidates.is_empty() {
+            return Err(invalid("segments.k", "the list of candidates is empty"));
+        }
+        if let Some(&k) = candidates.iter().find(|&&k| k == 0 || k > MAX_K) {
+            return Err(invalid(
+                "segments.k",
+                format!("must be between 1 and {MAX_K}, got {k}"),
+            ));
+        }
+        if candidates.len() > 1 && candidates[0] < 2 {
+            return Err(invalid(
+                "segments.k",
+                "candidates to choose from start at 2 (one segment has nothing to compare)",
+            ));
+        }
+        if candidates.len() > MAX_K_CANDIDATES {
+            return Err(invalid(
+                "segments.k",
+                format!(
+                    "{} candidates; at most {MAX_K_CANDIDATES} (each is fitted in full)",
+                    candidates.len()
+                ),
+            ));
+        }
+        if seg.starts == 0 || seg.starts > MAX_STARTS {
+            return Err(invalid(
+                "segments.starts",
+                format!("must be between 1 and {MAX_STARTS}, got {}", seg.starts),
             ));
         }
         if seg.max_iter == 0 {

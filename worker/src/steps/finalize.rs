@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use shoal_kernels::{Backend, Nearest, Resident, TopN};
 use shoal_proto::pb;
 use shoal_proto::sketch::Sketch;
-use shoal_spec::hash;
 use shoal_spec::rfm::{self, Cut, Quintiles, Scores, Scoring};
 use tokio::sync::mpsc;
 
@@ -23,6 +22,7 @@ use crate::job::{JobState, Shard, resident, stop_if_cancelled};
 use crate::steps::als::Side;
 use crate::steps::als_job::{AlsJob, Catalog, ranking_partial};
 use crate::steps::audience::Audience;
+use crate::steps::kmeans::sample_points;
 use crate::steps::load::Rfm;
 use crate::steps::outputs;
 
@@ -231,7 +231,7 @@ pub fn finalize(
         let t = Instant::now();
         let sample = sample_points(
             shard.ids.keys(),
-            &shard.nearest,
+            Some(&shard.nearest),
             points,
             backend,
             req.seed,
@@ -494,43 +494,4 @@ fn shard_scores(scoring: &Scoring, keys: &[u64], rfm: &Rfm) -> Vec<Scores> {
         .enumerate()
         .map(|(u, &key)| scoring.score(key, rfm.recency_days[u], rfm.frequency[u], rfm.monetary[u]))
         .collect()
-}
-
-/// The shard's `size` users with the smallest `hash(seed, user key)`: a sample
-/// whose union over shards, cut to the smallest keys, is the same however shards
-/// are placed.
-fn sample_points(
-    keys: &[u64],
-    nearest: &[Nearest],
-    points: &Resident,
-    backend: &dyn Backend,
-    seed: u64,
-    size: usize,
-    d: usize,
-) -> Result<Vec<pb::SamplePoint>, WorkerError> {
-    let mut keyed: Vec<(u64, u32)> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, &k)| (hash::key(seed, &[k]), i as u32))
-        .collect();
-    let size = size.min(keyed.len());
-    if size == 0 {
-        return Ok(Vec::new());
-    }
-    if size < keyed.len() {
-        keyed.select_nth_unstable(size - 1);
-        keyed.truncate(size);
-    }
-    keyed.sort_unstable();
-    let rows: Vec<u32> = keyed.iter().map(|(_, r)| *r).collect();
-    let values = backend.download_rows(points, &rows)?;
-    Ok(keyed
-        .iter()
-        .zip(values.chunks_exact(d))
-        .map(|((key, row), v)| pb::SamplePoint {
-            key: *key,
-            label: nearest[*row as usize].best,
-            values: v.to_vec(),
-        })
-        .collect())
 }

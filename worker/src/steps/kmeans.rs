@@ -4,9 +4,9 @@
 
 use crate::WorkerError;
 use crate::extra;
-use crate::job::{JobState, resident, stop_if_cancelled};
+use crate::job::{FitStates, JobState, resident, stop_if_cancelled};
 use crate::steps::load::{DIMS, moments};
-use shoal_kernels::{Backend, Nearest};
+use shoal_kernels::{Backend, Nearest, Resident};
 use shoal_proto::pb::{self, PointRef};
 use shoal_spec::hash;
 
@@ -88,8 +88,7 @@ pub fn standardize(
         shard.points = Some(backend.upload(&features, dims)?);
         shard.costs = vec![f32::INFINITY; n];
         shard.nearest = vec![Nearest::default(); n];
-        shard.bounds = None;
-        shard.labels = Vec::new();
+        shard.fits = FitStates::default();
     }
     job.dims = dims;
     job.extra_scaling = (req.extra_mean.clone(), req.extra_scale.clone());
@@ -189,66 +188,159 @@ pub fn init_sample(
     Ok(out)
 }
 
-/// One Lloyd round on every shard: each point's nearest centroid (exactly as a
-/// full `assign` pass would give it, through the backend's bounded rounds: points
-/// whose label provably cannot change are skipped), the sums, counts and inertia
-/// per shard, and the `far` farthest points of each shard (candidates to re-seed
-/// empty clusters). The inertia comes from the sums: `Σ‖x‖² − 2 Σ_c c·S_c +
-/// Σ_c n_c ‖c‖²` in f64.
+/// One Lloyd round of every fit of `req` on every shard: each point's nearest
+/// centroid of the fit (exactly as a full `assign` pass would give it, through the
+/// backend's bounded rounds: points whose label provably cannot change are
+/// skipped), the sums, counts and inertia per shard and fit, and the fit's
+/// `far_points` farthest points of each shard (candidates to re-seed empty
+/// clusters). The inertia comes from the sums: `Σ‖x‖² − 2 Σ_c c·S_c + Σ_c n_c
+/// ‖c‖²` in f64. Shards answer in shard order, each with its fits in request order.
 pub fn lloyd(
     job: &mut JobState,
     job_id: &str,
     req: &pb::LloydStepRequest,
-    k: usize,
     backend: &dyn Backend,
 ) -> Result<Vec<pb::ShardPartial>, WorkerError> {
     job.check_dims(req.dims as usize, "centroids")?;
     let d = job.dims;
+    let mut fits = Vec::with_capacity(req.fits.len());
+    for f in &req.fits {
+        let k = check_dims(req.dims, f.centroids.len(), "centroids")?;
+        if k != f.k as usize || k == 0 {
+            return Err(WorkerError::InvalidRequest(format!(
+                "fit {}: {} centroids of {} dimensions is not k = {}",
+                f.id,
+                f.centroids.len(),
+                req.dims,
+                f.k
+            )));
+        }
+        fits.push((f, k));
+    }
     let mut out = Vec::new();
     for (&id, shard) in job.shards.iter_mut() {
         stop_if_cancelled(&job.cancel, job_id)?;
-        if shard.is_empty() {
+        for &(fit, k) in &fits {
+            if shard.is_empty() {
+                out.push(pb::ShardPartial {
+                    shard: id,
+                    fit: fit.id,
+                    sums: vec![0.0; k * d],
+                    counts: vec![0; k],
+                    inertia: 0.0,
+                    far: Vec::new(),
+                });
+                continue;
+            }
+            let points = resident(&shard.points, job_id, id)?;
+            let state = shard
+                .fits
+                .of(req.group, fit.id, || Ok(backend.lloyd_bounds(points)?))?;
+            state.labels.resize(shard.ids.len(), 0);
+            let (_, partial) = backend.lloyd_round(
+                points,
+                &mut state.bounds,
+                &fit.centroids,
+                k,
+                &mut state.labels,
+            )?;
+            let inertia = inertia_from_sums(shard.sum_sq, &partial, &fit.centroids, d);
+            let far = backend.far_points(
+                points,
+                &state.bounds,
+                &fit.centroids,
+                k,
+                fit.far_points as usize,
+            )?;
+            let far_rows: Vec<u32> = far.iter().map(|p| p.0).collect();
+            let values = backend.download_rows(points, &far_rows)?;
+            let far = far
+                .iter()
+                .zip(values.chunks_exact(d))
+                .map(|(&(row, dist), v)| pb::FarPoint {
+                    point: Some(PointRef {
+                        shard: id,
+                        index: u64::from(row),
+                    }),
+                    label: state.labels[row as usize],
+                    distance: f64::from(dist),
+                    values: v.to_vec(),
+                })
+                .collect();
             out.push(pb::ShardPartial {
                 shard: id,
-                sums: vec![0.0; k * d],
-                counts: vec![0; k],
-                inertia: 0.0,
-                far: Vec::new(),
+                fit: fit.id,
+                sums: partial.sums,
+                counts: partial.counts,
+                inertia,
+                far,
             });
+        }
+    }
+    Ok(out)
+}
+
+/// The shard's `size` users with the smallest `hash(seed, user key)` (keys
+/// `keys`), with their labels (`nearest`; 0 without): a sample whose union over
+/// shards, cut to the smallest keys, is the same however shards are placed.
+pub fn sample_points(
+    keys: &[u64],
+    nearest: Option<&[Nearest]>,
+    points: &Resident,
+    backend: &dyn Backend,
+    seed: u64,
+    size: usize,
+    d: usize,
+) -> Result<Vec<pb::SamplePoint>, WorkerError> {
+    let mut keyed: Vec<(u64, u32)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| (hash::key(seed, &[k]), i as u32))
+        .collect();
+    let size = size.min(keyed.len());
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    if size < keyed.len() {
+        keyed.select_nth_unstable(size - 1);
+        keyed.truncate(size);
+    }
+    keyed.sort_unstable();
+    let rows: Vec<u32> = keyed.iter().map(|(_, r)| *r).collect();
+    let values = backend.download_rows(points, &rows)?;
+    Ok(keyed
+        .iter()
+        .zip(values.chunks_exact(d))
+        .map(|((key, row), v)| pb::SamplePoint {
+            key: *key,
+            label: nearest.map_or(0, |n| n[*row as usize].best),
+            values: v.to_vec(),
+        })
+        .collect())
+}
+
+/// The seeded sample of every shard (see [`sample_points`]), shard by shard.
+pub fn sample(
+    job: &JobState,
+    job_id: &str,
+    req: &pb::SamplePointsRequest,
+    backend: &dyn Backend,
+) -> Result<Vec<pb::SamplePoint>, WorkerError> {
+    let mut out = Vec::new();
+    for (&id, shard) in &job.shards {
+        stop_if_cancelled(&job.cancel, job_id)?;
+        if shard.is_empty() {
             continue;
         }
-        let points = resident(&shard.points, job_id, id)?;
-        if shard.bounds.is_none() {
-            shard.bounds = Some(backend.lloyd_bounds(points)?);
-        }
-        let bounds = shard.bounds.as_mut().expect("just made");
-        shard.labels.resize(shard.ids.len(), 0);
-        let (_, partial) =
-            backend.lloyd_round(points, bounds, &req.centroids, k, &mut shard.labels)?;
-        let inertia = inertia_from_sums(shard.sum_sq, &partial, &req.centroids, d);
-        let far = backend.far_points(points, bounds, &req.centroids, k, req.far_points as usize)?;
-        let far_rows: Vec<u32> = far.iter().map(|p| p.0).collect();
-        let values = backend.download_rows(points, &far_rows)?;
-        let far = far
-            .iter()
-            .zip(values.chunks_exact(d))
-            .map(|(&(row, dist), v)| pb::FarPoint {
-                point: Some(PointRef {
-                    shard: id,
-                    index: u64::from(row),
-                }),
-                label: shard.labels[row as usize],
-                distance: f64::from(dist),
-                values: v.to_vec(),
-            })
-            .collect();
-        out.push(pb::ShardPartial {
-            shard: id,
-            sums: partial.sums,
-            counts: partial.counts,
-            inertia,
-            far,
-        });
+        out.extend(sample_points(
+            shard.ids.keys(),
+            None,
+            shard.points(job_id, id)?,
+            backend,
+            req.seed,
+            req.size as usize,
+            job.dims,
+        )?);
     }
     Ok(out)
 }
@@ -363,69 +455,99 @@ mod tests {
             shard.points = Some(backend.upload(&values, d).unwrap());
             state.shards.insert(id, shard);
         }
-        let mut centroids: Vec<f32> = (0..k * d).map(|_| unit() * 12.0).collect();
+        // two fits side by side, each with its own bounds and labels
+        let mut fits: Vec<Vec<f32>> = (0..2)
+            .map(|_| (0..k * d).map(|_| unit() * 12.0).collect())
+            .collect();
         for round in 0..8 {
             let req = pb::LloydStepRequest {
                 job_id: "j".into(),
                 attempt: 1,
                 round,
-                k: k as u32,
                 dims: d as u32,
-                centroids: centroids.clone(),
-                far_points: k as u32,
-            };
-            let got = lloyd(&mut state, "j", &req, k, &backend).unwrap();
-            let mut sums = vec![0.0f64; k * d];
-            let mut counts = vec![0u64; k];
-            for (p, (_, shard)) in got.iter().zip(&state.shards) {
-                // the full pass, as the step did before the bounds
-                let points = shard.points.as_ref().unwrap();
-                let mut near = vec![Nearest::default(); shard.len()];
-                backend.assign(points, &centroids, k, &mut near).unwrap();
-                let labels: Vec<u32> = near.iter().map(|n| n.best).collect();
-                let partial = backend.partial_sums(points, &labels, k).unwrap();
-                let inertia: f64 = near.iter().map(|n| f64::from(n.best_dist)).sum();
-                let far = farthest(&near, k);
-                assert_eq!(shard.labels, labels, "round {round}");
-                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&p.sums), bits(&partial.sums), "round {round}");
-                assert_eq!(p.counts, partial.counts);
-                assert!(
-                    (p.inertia - inertia).abs() <= 1e-6 * inertia.max(1.0),
-                    "{} vs {inertia}",
-                    p.inertia
-                );
-                let got_far: Vec<(u64, u32, f64)> = p
-                    .far
+                fits: fits
                     .iter()
-                    .map(|f| (f.point.as_ref().unwrap().index, f.label, f.distance))
-                    .collect();
-                let want_far: Vec<(u64, u32, f64)> = far
-                    .iter()
-                    .map(|&r| {
-                        (
-                            u64::from(r),
-                            near[r as usize].best,
-                            f64::from(near[r as usize].best_dist),
-                        )
+                    .enumerate()
+                    .map(|(id, c)| pb::Fit {
+                        id: id as u32,
+                        k: k as u32,
+                        centroids: c.clone(),
+                        far_points: k as u32,
                     })
-                    .collect();
-                assert_eq!(got_far, want_far, "round {round}");
-                for (t, v) in sums.iter_mut().zip(&p.sums) {
-                    *t += v;
-                }
-                for (t, v) in counts.iter_mut().zip(&p.counts) {
-                    *t += v;
-                }
-            }
-            for (j, &n) in counts.iter().enumerate() {
-                if n > 0 {
-                    for f in 0..d {
-                        centroids[j * d + f] = (sums[j * d + f] / n as f64) as f32;
+                    .collect(),
+                group: 0,
+            };
+            let got = lloyd(&mut state, "j", &req, &backend).unwrap();
+            assert_eq!(got.len(), 2 * state.shards.len());
+            for (fit, centroids) in fits.iter_mut().enumerate() {
+                let mine = got.iter().filter(|p| p.fit == fit as u32);
+                let (sums, counts) = check_fit(&state, mine, centroids, k, d, round);
+                for (j, &n) in counts.iter().enumerate() {
+                    if n > 0 {
+                        for f in 0..d {
+                            centroids[j * d + f] = (sums[j * d + f] / n as f64) as f32;
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Compares one fit's partials (one per shard, in shard order) with full
+    /// passes; returns the summed sums and counts.
+    fn check_fit<'a>(
+        state: &JobState,
+        partials: impl Iterator<Item = &'a pb::ShardPartial>,
+        centroids: &[f32],
+        k: usize,
+        d: usize,
+        round: u32,
+    ) -> (Vec<f64>, Vec<u64>) {
+        let backend = shoal_kernels::CpuBackend::new();
+        let mut sums = vec![0.0f64; k * d];
+        let mut counts = vec![0u64; k];
+        for (p, (_, shard)) in partials.zip(&state.shards) {
+            // the full pass, as the step did before the bounds
+            let points = shard.points.as_ref().unwrap();
+            let mut near = vec![Nearest::default(); shard.len()];
+            backend.assign(points, centroids, k, &mut near).unwrap();
+            let labels: Vec<u32> = near.iter().map(|n| n.best).collect();
+            let partial = backend.partial_sums(points, &labels, k).unwrap();
+            let inertia: f64 = near.iter().map(|n| f64::from(n.best_dist)).sum();
+            let far = farthest(&near, k);
+            assert_eq!(shard.fits.fits[&p.fit].labels, labels, "round {round}");
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&p.sums), bits(&partial.sums), "round {round}");
+            assert_eq!(p.counts, partial.counts);
+            assert!(
+                (p.inertia - inertia).abs() <= 1e-6 * inertia.max(1.0),
+                "{} vs {inertia}",
+                p.inertia
+            );
+            let got_far: Vec<(u64, u32, f64)> = p
+                .far
+                .iter()
+                .map(|f| (f.point.as_ref().unwrap().index, f.label, f.distance))
+                .collect();
+            let want_far: Vec<(u64, u32, f64)> = far
+                .iter()
+                .map(|&r| {
+                    (
+                        u64::from(r),
+                        near[r as usize].best,
+                        f64::from(near[r as usize].best_dist),
+                    )
+                })
+                .collect();
+            assert_eq!(got_far, want_far, "round {round}");
+            for (t, v) in sums.iter_mut().zip(&p.sums) {
+                *t += v;
+            }
+            for (t, v) in counts.iter_mut().zip(&p.counts) {
+                *t += v;
+            }
+        }
+        (sums, counts)
     }
 
     #[test]

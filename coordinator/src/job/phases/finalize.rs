@@ -32,13 +32,12 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
     d.phase(Phase::Finalize);
     let ctx = d.ctx;
     let spec = &ctx.spec;
-    let k = facts.loaded().k;
     let scaled = facts.scaled();
     let (dims, factors) = (scaled.dims, scaled.factors);
-    let fitted = match &facts.plan.model {
+    let (k, fitted) = match &facts.plan.model {
         // frozen centroids: nothing was fitted
-        Some(model) => &model.centroids,
-        None => &facts.lloyd.centroids,
+        Some(model) => (model.k, &model.centroids),
+        None => (facts.chosen().k, &facts.chosen().fit.centroids),
     };
     let money = factors + RFM_DIMS - 1;
     let mut order: Vec<usize> = (0..k).collect();

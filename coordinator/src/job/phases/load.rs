@@ -22,8 +22,6 @@ pub struct Loaded {
     pub dims: usize,
     pub shard_users: Vec<u64>,
     pub users: u64,
-    /// Segments: the spec's k, or the model's.
-    pub k: usize,
     /// The RFM quintiles of the job's customers.
     pub scoring: Scoring,
 }
@@ -109,10 +107,10 @@ pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordinato
         users: Some(users),
         ..Default::default()
     });
-    let k = model.map_or(spec.segments.k as usize, |m| m.k);
+    let k = model.map_or(spec.segments.k.max() as usize, |m| m.k);
     if model.is_none() && users < k as u64 {
         return Err(CoordinatorError::TooFewUsers {
-            k: spec.segments.k,
+            k: spec.segments.k.max(),
             users,
         });
     }
@@ -123,7 +121,6 @@ pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordinato
         dims,
         shard_users,
         users,
-        k,
     });
     d.on.loaded = true;
     d.times.add("load", t);

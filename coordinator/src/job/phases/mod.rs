@@ -30,6 +30,7 @@ pub struct Facts {
     pub scaled: Option<scale::Scaled>,
     pub init: Option<kmeans::Init>,
     pub lloyd: kmeans::Lloyd,
+    pub chosen: Option<kmeans::Chosen>,
 }
 
 impl Facts {
@@ -44,13 +45,23 @@ impl Facts {
             als_losses: self.als.losses[..self.als.checkpoint as usize].to_vec(),
             als_seconds: self.als.seconds[..self.als.checkpoint as usize].to_vec(),
             init_done: init.is_some(),
-            init_centroids: init.map(|i| i.centroids.clone()).unwrap_or_default(),
-            init_candidates: init.map_or(0, |i| i.candidates as u64),
-            lloyd_rounds: l.rounds,
-            lloyd_centroids: l.centroids.clone(),
-            lloyd_inertia: l.inertia.clone(),
-            lloyd_reseeds: l.reseeds as u64,
-            lloyd_converged: l.converged,
+            init_centroids: init.map(|i| i.candidates.clone()).unwrap_or_default(),
+            init_candidates: init.map_or(0, |i| i.count as u64),
+            init_weights: init.map(|i| i.weights.clone()).unwrap_or_default(),
+            fits: l
+                .fits
+                .iter()
+                .map(|f| pb::StoredFit {
+                    k: f.k as u32,
+                    start: f.start,
+                    rounds: f.rounds,
+                    centroids: f.centroids.clone(),
+                    inertia: f.inertia.clone(),
+                    reseeds: f.reseeds as u64,
+                    converged: f.converged,
+                })
+                .collect(),
+            fit_group: l.group as u32,
             lloyd_done: l.done,
         }
     }
@@ -69,20 +80,31 @@ impl Facts {
         self.als.seconds = p.als_seconds.clone();
         if p.init_done {
             self.init = Some(kmeans::Init {
-                centroids: p.init_centroids.clone(),
-                candidates: p.init_candidates as usize,
+                candidates: p.init_centroids.clone(),
+                weights: p.init_weights.clone(),
+                count: p.init_candidates as usize,
             });
         }
         self.lloyd = kmeans::Lloyd {
-            rounds: p.lloyd_rounds,
-            centroids: p.lloyd_centroids.clone(),
-            inertia: p.lloyd_inertia.clone(),
-            reseeds: p.lloyd_reseeds as usize,
-            converged: p.lloyd_converged,
+            fits: p
+                .fits
+                .iter()
+                .map(|f| kmeans::Fit {
+                    k: f.k as usize,
+                    start: f.start,
+                    rounds: f.rounds,
+                    centroids: f.centroids.clone(),
+                    inertia: f.inertia.clone(),
+                    reseeds: f.reseeds as usize,
+                    converged: f.converged,
+                })
+                .collect(),
+            group: p.fit_group as usize,
             done: p.lloyd_done,
         };
-        if p.lloyd_rounds > 0 {
-            format!("from Lloyd round {}", p.lloyd_rounds + 1)
+        let last = self.lloyd.fits.iter().rfind(|f| f.rounds > 0);
+        if let Some(f) = last {
+            format!("from Lloyd round {} (k = {})", f.rounds + 1, f.k)
         } else if p.init_done {
             "from the Lloyd rounds".into()
         } else if p.als_checkpoint > 0 {
@@ -104,6 +126,7 @@ impl Facts {
             scaled: None,
             init: None,
             lloyd: kmeans::Lloyd::default(),
+            chosen: None,
         }
     }
 
@@ -117,6 +140,12 @@ impl Facts {
 
     pub fn scaled(&self) -> &scale::Scaled {
         self.scaled.as_ref().expect("scale runs before this phase")
+    }
+
+    pub fn chosen(&self) -> &kmeans::Chosen {
+        self.chosen
+            .as_ref()
+            .expect("k-means chooses before this phase")
     }
 }
 
@@ -149,6 +178,9 @@ pub(super) async fn advance(
         }
         if !facts.lloyd.done {
             kmeans::lloyd(d, facts).await?;
+        }
+        if facts.chosen.is_none() {
+            facts.chosen = Some(kmeans::choose(d, facts).await?);
         }
     }
     let finalized = finalize::run(d, facts).await?;

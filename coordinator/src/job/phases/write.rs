@@ -26,10 +26,34 @@ pub async fn run(
     let spec = &ctx.spec;
     ctx.state.config.metrics.phases(&d.times);
     let (ingested, loaded, scaled) = (facts.ingested(), facts.loaded(), facts.scaled());
-    let lloyd = &facts.lloyd;
-    let (candidates, iterations, converged) = match (&facts.plan.model, &facts.init) {
-        (None, Some(init)) => (init.candidates, lloyd.inertia.len() as u32, lloyd.converged),
-        _ => (0, 0, true),
+    let kmeans = match (&facts.plan.model, &facts.init, &facts.chosen) {
+        (None, Some(init), Some(chosen)) => output::KmeansFacts {
+            k: chosen.k,
+            iterations: chosen.fit.inertia.len() as u32,
+            converged: chosen.fit.converged,
+            inertia: fin.summary.inertia,
+            inertia_per_iteration: chosen.fit.inertia.clone(),
+            candidates: init.count,
+            init_rounds: INIT_ROUNDS,
+            reseeded_clusters: chosen.fit.reseeds,
+            starts: chosen.start_inertia.len() as u32,
+            chosen_start: chosen.fit.start,
+            start_inertia: chosen.start_inertia.clone(),
+        },
+        // a fold-in: the model's centroids, nothing fitted
+        _ => output::KmeansFacts {
+            k: fin.summary.segments.len(),
+            iterations: 0,
+            converged: true,
+            inertia: fin.summary.inertia,
+            inertia_per_iteration: Vec::new(),
+            candidates: 0,
+            init_rounds: INIT_ROUNDS,
+            reseeded_clusters: 0,
+            starts: 0,
+            chosen_start: 0,
+            start_inertia: Vec::new(),
+        },
     };
     let mut report = Report::new(
         ctx.output_job(),
@@ -38,16 +62,7 @@ pub async fn run(
         &scaled.names,
         &scaled.mean,
         &scaled.scale,
-        output::KmeansFacts {
-            k: loaded.k,
-            iterations,
-            converged,
-            inertia: fin.summary.inertia,
-            inertia_per_iteration: lloyd.inertia.clone(),
-            candidates,
-            init_rounds: INIT_ROUNDS,
-            reseeded_clusters: lloyd.reseeds,
-        },
+        kmeans,
         &fin.summary,
         std::mem::take(&mut d.times),
         d.started,
@@ -80,6 +95,7 @@ pub async fn run(
             .as_ref()
             .map(|grid| output::RfmFacts::new(&loaded.scoring, grid));
     }
+    report.k_choice = facts.chosen.as_ref().and_then(|c| c.choice.clone());
     report.als = facts.als.facts.clone().map(|mut als| {
         als.recommend_users = fin.audience.clone();
         if spec.evaluate.holdout > 0.0 {
