@@ -64,7 +64,11 @@ impl Client {
     }
 
     /// Polls until `n` workers are registered.
-    pub async fn wait_for_workers(&mut self, n: usize, limit: Duration) -> Result<(), BoxError> {
+    pub async fn wait_for_workers(
+        &mut self,
+        n: usize,
+        limit: Duration,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let deadline = Instant::now() + limit;
         loop {
             let have = self
@@ -506,4 +510,30 @@ fn print_segments(report: &serde_json::Value) {
             );
         }
     }
+}
+
+/// `shoal submit --output-under PREFIX`: the run's output folder below `prefix`,
+/// named by the time now (UTC; names sort by time), and with `previous_latest` the
+/// newest earlier folder below it with a `_SUCCESS` manifest as
+/// `segments.previous`.
+pub async fn dated_output(
+    spec: &mut shoal_spec::JobSpec,
+    prefix: &str,
+    previous_latest: bool,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let under = store::resolve(prefix)?;
+    let name = chrono::Utc::now().format("%Y-%m-%dT%H%M%SZ").to_string();
+    if previous_latest {
+        let mut earlier = under.folders().await?;
+        earlier.retain(|f| *f < name);
+        for folder in earlier.iter().rev() {
+            let candidate = under.child(folder);
+            if candidate.child(MANIFEST).head().await?.is_some() {
+                spec.segments.previous = candidate.url();
+                break;
+            }
+        }
+    }
+    spec.output.path = under.child(&name).url();
+    Ok(())
 }

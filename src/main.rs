@@ -194,6 +194,16 @@ enum Command {
         /// Wait for the job to finish, showing its progress; exit 0 only on success.
         #[arg(long, env = "SHOAL_WAIT")]
         wait: bool,
+        /// Write this run below PREFIX (a folder or s3:// prefix), in a folder named
+        /// by the time of submission (UTC, e.g. 2026-12-06T020000Z), instead of the
+        /// spec's output.path.
+        #[arg(long, env = "SHOAL_OUTPUT_UNDER", value_name = "PREFIX")]
+        output_under: Option<String>,
+        /// With --output-under: keep the segment ids of the newest earlier run below
+        /// PREFIX that finished (has a _SUCCESS manifest) as segments.previous; the
+        /// first run, with none, starts the ids.
+        #[arg(long, env = "SHOAL_PREVIOUS_LATEST", requires = "output_under")]
+        previous_latest: bool,
         /// The operators' bearer token (what the coordinator was given as SHOAL_TOKEN).
         #[arg(long, env = "SHOAL_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -541,10 +551,19 @@ async fn run(command: Command, kernels: CpuKernels) -> Result<ExitCode, BoxError
             spec,
             coordinator,
             wait,
+            output_under,
+            previous_latest,
             token,
             tls,
         } => {
-            let spec = JobSpec::from_file(&spec, &cwd()?)?;
+            let mut spec = JobSpec::from_file(&spec, &cwd()?)?;
+            if let Some(prefix) = output_under {
+                client::dated_output(&mut spec, &prefix, previous_latest).await?;
+                println!("output {}", spec.output.path);
+                if !spec.segments.previous.is_empty() {
+                    println!("keeping the segment ids of {}", spec.segments.previous);
+                }
+            }
             let mut client =
                 client::Client::connect(&coordinator, token.as_deref(), tls.tls_ca.as_deref())
                     .await?;

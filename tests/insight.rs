@@ -277,3 +277,180 @@ async fn the_rule_picks_the_planted_number_of_groups() {
     }
     cluster.stop().await;
 }
+
+/// The migration matrix of a report, recounted from the two runs' assignments:
+/// (from id, to id) -> customers in both runs.
+fn recount(
+    before: &BTreeMap<String, Assigned>,
+    after: &BTreeMap<String, Assigned>,
+) -> BTreeMap<(u32, u32), u64> {
+    let mut moves = BTreeMap::new();
+    for (user, a) in after {
+        if let Some(b) = before.get(user) {
+            *moves.entry((b.segment, a.segment)).or_insert(0) += 1;
+        }
+    }
+    moves
+}
+
+/// The report's migration matrix as (from id, to id) -> customers (non-zero).
+fn reported_moves(report: &serde_json::Value) -> BTreeMap<(u32, u32), u64> {
+    let m = &report["migration"];
+    let ids = |k: &str| -> Vec<u32> {
+        m[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let (from, to) = (ids("from"), ids("to"));
+    let mut moves = BTreeMap::new();
+    for (row, f) in m["counts"].as_array().unwrap().iter().zip(&from) {
+        for (n, t) in row.as_array().unwrap().iter().zip(&to) {
+            let n = n.as_u64().unwrap();
+            if n > 0 {
+                moves.insert((*f, *t), n);
+            }
+        }
+    }
+    moves
+}
+
+/// A re-run of the demo with another seed (other ALS factors, other k-means
+/// starts) and the first run as `segments.previous` keeps every segment id: each
+/// segment holds mostly the customers of the earlier segment with its id, and
+/// the migration matrix is the recount of the two assignment tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_with_other_seeds_keeps_every_segment_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(2).await;
+    let first = dir.path().join("first");
+    let status = run_job(&cluster.url, &demo_spec(&first, 8)).await;
+    assert!(succeeded(&status), "{status:?}");
+    let second = dir.path().join("second");
+    let mut spec = demo_spec(&second, 8);
+    spec.segments.seed = 99;
+    spec.segments.previous = first.display().to_string();
+    let status = run_job(&cluster.url, &spec).await;
+    assert!(succeeded(&status), "{status:?}");
+    cluster.stop().await;
+
+    let (a, b) = (read_assignments(&first), read_assignments(&second));
+    let report = read_report(&second);
+    let moves = recount(&a, &b);
+    assert_eq!(reported_moves(&report), moves, "the matrix is the recount");
+    let ids = |r: &serde_json::Value| -> Vec<u64> {
+        r["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["segment"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&report), ids(&read_report(&first)), "the same ids");
+    // every segment's customers came mostly from the earlier segment of its id
+    for id in 0..6u32 {
+        let into: u64 = moves
+            .iter()
+            .filter(|((_, t), _)| *t == id)
+            .map(|(_, n)| n)
+            .sum();
+        let stayed = moves.get(&(id, id)).copied().unwrap_or(0);
+        assert!(
+            stayed * 10 >= into * 8,
+            "segment {id}: {stayed} of its {into} customers were in segment {id}: {moves:?}"
+        );
+    }
+    let drift = report["migration"]["drift"].as_array().unwrap();
+    assert!(drift.iter().all(|d| d["previous"] == d["segment"]));
+}
+
+/// A run whose log has one planted group more than the earlier run's (the same
+/// customers, and a group of new ones) keeps the four ids and gives the new
+/// group exactly one new id, the next after the earlier ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_planted_group_gets_exactly_one_new_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let four = planted_groups();
+    let mut five = planted_groups();
+    // new one-off buyers: bought once, two days ago, little
+    five.push(Group {
+        recency_days: 2.0,
+        orders: 1.0,
+        order_value: 30.0,
+    });
+    let (log4, log5) = (dir.path().join("four.csv"), dir.path().join("five.csv"));
+    write_planted_log_of(&log4, &four, 150, 3, 0);
+    let truth = write_planted_log_of(&log5, &five, 150, 3, 0);
+    let cluster = Cluster::start(2).await;
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    let status = run_job(&cluster.url, &planted_spec(&log4, &first, 4)).await;
+    assert!(succeeded(&status), "{status:?}");
+    let mut spec = planted_spec(&log5, &second, 5);
+    spec.segments.previous = first.display().to_string();
+    let status = run_job(&cluster.url, &spec).await;
+    assert!(succeeded(&status), "{status:?}");
+    cluster.stop().await;
+
+    let report = read_report(&second);
+    let drift = report["migration"]["drift"].as_array().unwrap();
+    let new: Vec<u64> = drift
+        .iter()
+        .filter(|d| d["previous"].is_null())
+        .map(|d| d["segment"].as_u64().unwrap())
+        .collect();
+    assert_eq!(new, vec![4], "exactly one new id, after 0..=3: {drift:?}");
+    let kept: Vec<u64> = drift
+        .iter()
+        .filter_map(|d| d["previous"].as_u64())
+        .collect();
+    assert_eq!(kept, vec![0, 1, 2, 3]);
+    let (a, b) = (read_assignments(&first), read_assignments(&second));
+    assert_eq!(reported_moves(&report), recount(&a, &b));
+    // the new id holds the added group, and the others their customers
+    let in_new: Vec<&String> = b
+        .iter()
+        .filter(|(_, x)| x.segment == 4)
+        .map(|(u, _)| u)
+        .collect();
+    let added = in_new.iter().filter(|u| truth[u.as_str()] == 4).count();
+    assert!(
+        added * 100 >= in_new.len() * 95 && added >= 140,
+        "{added} of {}",
+        in_new.len()
+    );
+    let new_customers: u64 = report["migration"]["new_customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(new_customers, 150, "the added group's customers are new");
+}
+
+/// An earlier run that segmented on other features is refused, naming the first
+/// difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_run_on_other_features_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log.csv");
+    write_planted_log(&log, 40, 5, 0);
+    let cluster = Cluster::start(1).await;
+    let first = dir.path().join("first");
+    let status = run_job(&cluster.url, &planted_spec(&log, &first, 3)).await;
+    assert!(succeeded(&status), "{status:?}");
+    let mut spec = planted_spec(&log, &dir.path().join("second"), 3);
+    spec.features.als = true;
+    spec.als.factors = 4;
+    spec.segments.previous = first.display().to_string();
+    let status = run_job(&cluster.url, &spec).await;
+    cluster.stop().await;
+    assert!(!succeeded(&status));
+    for needle in [
+        "segments.previous",
+        "it segmented on 3 features and this job on 7",
+        "feature 1 is `recency_days` there and `als_0` here",
+    ] {
+        assert!(status.error.contains(needle), "{needle}: {}", status.error);
+    }
+}

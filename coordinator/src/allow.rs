@@ -48,6 +48,7 @@ impl AllowList {
             ("output.path", spec.output.path.as_str()),
             ("features.extra", spec.features.extra.as_str()),
             ("recommend.users", spec.recommend.users.as_str()),
+            ("segments.previous", spec.segments.previous.as_str()),
         ];
         if let Some(staging) = &spec.cluster.staging {
             places.push(("cluster.staging", staging));

@@ -139,6 +139,8 @@ pub enum CoordinatorError {
     State { object: String, reason: String },
     #[error("model {url} cannot be used: {reason}")]
     Model { url: String, reason: String },
+    #[error("segments.previous {url} cannot be used: {reason}")]
+    Previous { url: String, reason: String },
     #[error("features.extra: {reason}")]
     ExtraTable { reason: String },
 }
@@ -175,6 +177,7 @@ impl CoordinatorError {
             | CoordinatorError::ParquetFooter { .. }
             | CoordinatorError::UnknownFormat { .. }
             | CoordinatorError::Model { .. }
+            | CoordinatorError::Previous { .. }
             | CoordinatorError::ExtraTable { .. } => Code::InvalidArgument,
             CoordinatorError::Store(StoreError::Io { .. }) => Code::Unavailable,
             CoordinatorError::Store(_) => Code::InvalidArgument,

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod pca;
+pub mod previous;
 pub mod probe;
 pub mod rows;
 

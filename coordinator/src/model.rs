@@ -20,8 +20,9 @@ pub struct Model {
     /// Feature dimensions (ALS factors, then recency, frequency, monetary, then
     /// a `features.extra` table's).
     pub dims: usize,
-    /// Row-major `k x dims`, in the model's segment order.
+    /// Row-major `k x dims`, in the model's segment order, and their segment ids.
     pub centroids: Vec<f32>,
+    pub ids: Vec<u32>,
     /// Mean and scale of the three (log-scaled) RFM features.
     pub rfm_mean: Vec<f64>,
     pub rfm_scale: Vec<f64>,
@@ -250,9 +251,15 @@ impl Model {
             .and_then(|b| b.build())
             .map_err(|e| bad(&folder, format!("centroids.parquet: {e}")))?;
         let mut centroids = Vec::new();
+        let mut ids = Vec::new();
         let mut k = 0;
         for batch in reader {
             let batch = batch.map_err(|e| bad(&folder, format!("centroids.parquet: {e}")))?;
+            let segments = batch
+                .column_by_name("segment")
+                .and_then(|c| c.as_primitive_opt::<arrow::datatypes::UInt32Type>())
+                .ok_or_else(|| bad(&folder, "centroids.parquet has no uint32 column `segment`"))?;
+            ids.extend(segments.values().iter().copied());
             let list = batch
                 .column_by_name("centroid")
                 .and_then(|c| c.as_list_opt::<i32>())
@@ -307,6 +314,7 @@ impl Model {
             k,
             dims,
             centroids,
+            ids,
         })
     }
 }

@@ -209,6 +209,23 @@ impl Location {
         Ok(all)
     }
 
+    /// The folders directly below this location (their names), sorted. A missing
+    /// local folder has none.
+    pub async fn folders(&self) -> Result<Vec<String>, StoreError> {
+        let listed = match self.store.list_with_delimiter(Some(&self.path)).await {
+            Ok(listed) => listed,
+            Err(e) if !self.is_s3() && Self::is_absent(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io(self.url(), e)),
+        };
+        let mut names: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(String::from))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Deletes every object below this location, and the object here, if any.
     pub async fn delete_all(&self) -> Result<(), StoreError> {
         for meta in self.list().await? {

@@ -400,6 +400,18 @@ pub fn write_planted_log(
     seed: u64,
     bad_rows: usize,
 ) -> HashMap<String, usize> {
+    write_planted_log_of(path, &planted_groups(), per_group, seed, bad_rows)
+}
+
+/// [`write_planted_log`] of the groups `groups` (the same seed gives the same
+/// customers and rows for the groups two lists share at their start).
+pub fn write_planted_log_of(
+    path: &Path,
+    groups: &[Group],
+    per_group: usize,
+    seed: u64,
+    bad_rows: usize,
+) -> HashMap<String, usize> {
     let mut rng = Rng::new(seed);
     let mut truth = HashMap::new();
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
@@ -407,7 +419,6 @@ pub fn write_planted_log(
     // 2024-06-30T12:00:00Z; every group has users active up to about then
     let end = chrono_free_epoch_days(2024, 6, 30) as f64 + 0.5;
     let mut order_no = 100_000u64;
-    let groups = planted_groups();
     for (g, group) in groups.iter().enumerate() {
         for u in 0..per_group {
             let user = format!("c{g}{u:05}");

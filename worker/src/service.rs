@@ -13,6 +13,7 @@ use crate::steps::catalog::{self, Source};
 use crate::steps::finalize::{self, Part};
 use crate::steps::kmeans::{self, check_dims};
 use crate::steps::load::{self, DIMS};
+use crate::steps::previous;
 use crate::{WorkerError, extra, ingest};
 use futures::{StreamExt, TryStreamExt};
 use shoal_kernels::{Backend, CpuBackend};
@@ -751,6 +752,55 @@ impl WorkerService for WorkerServiceImpl {
             })
             .await?;
         Ok(Response::new(pb::SamplePointsResponse { points }))
+    }
+
+    async fn previous_overlap(
+        &self,
+        req: Request<pb::PreviousRequest>,
+    ) -> Result<Response<pb::PreviousResponse>, Status> {
+        let req = req.into_inner();
+        let attempt = req.attempt;
+        let job = req.job_id.clone();
+        let span = info_span!("previous", job = %job, attempt, phase = "finalize");
+        async move {
+            let folder = store::resolve(&req.folder).map_err(WorkerError::from)?;
+            // every owned shard's ids (key -> row), to find the earlier customers
+            let (shards, owned) = self
+                .with_job(&job, attempt, |state, _| {
+                    let owned: BTreeMap<u32, crate::ids::IdTable> = state
+                        .shards
+                        .iter()
+                        .map(|(&s, shard)| (s, shard.ids.clone()))
+                        .collect();
+                    Ok((state.spec.cluster.shards, owned))
+                })
+                .await?;
+            let req = Arc::new(req);
+            let earlier = self
+                .tracked(&job, attempt, {
+                    let req = req.clone();
+                    move |_| async move {
+                        let list: Vec<u32> = owned.keys().copied().collect();
+                        previous::read_earlier(&folder, &req, (&list, shards), |s, key, id| {
+                            let ids = owned.get(&s)?;
+                            ids.position(key).filter(|&p| ids.id(p as usize) == id)
+                        })
+                        .await
+                    }
+                })
+                .await?;
+            let job2 = job.clone();
+            let shards = self
+                .with_job(&job, attempt, move |state, backend| {
+                    previous::overlap(state, &job2, &req, &earlier, backend)
+                })
+                .await?;
+            Ok(pb::PreviousResponse { shards })
+        }
+        .instrument(span)
+        .await
+        .map(Response::new)
+        .map_err(|e: WorkerError| e.into())
     }
 
     async fn finalize(

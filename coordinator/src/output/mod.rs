@@ -253,9 +253,8 @@ fn segments_batch(segments: &[SegmentSummary]) -> Result<RecordBatch, arrow::err
 fn centroids_batch(
     centroids: &[f32],
     dims: usize,
-    sizes: &[u64],
+    (ids, sizes): (&[u32], &[u64]),
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let k = centroids.len() / dims;
     let mut list = ListBuilder::new(Float32Builder::new()).with_field(Arc::new(Field::new(
         "item",
         DataType::Float32,
@@ -274,7 +273,7 @@ fn centroids_batch(
     RecordBatch::try_new(
         schema,
         vec![
-            Arc::new(UInt32Array::from_iter_values(0..k as u32)),
+            Arc::new(UInt32Array::from_iter_values(ids.iter().copied())),
             Arc::new(UInt64Array::from_iter_values(sizes.iter().copied())),
             Arc::new(list),
         ],
@@ -353,6 +352,7 @@ pub async fn write_all(
         })
         .collect();
     let sizes: Vec<u64> = summary.segments.iter().map(|s| s.size).collect();
+    let ids: Vec<u32> = summary.segments.iter().map(|s| s.segment).collect();
     files.push(
         put_parquet(
             output,
@@ -376,7 +376,7 @@ pub async fn write_all(
         put_parquet(
             output,
             "centroids.parquet",
-            centroids_batch(centroids, dims, &sizes)
+            centroids_batch(centroids, dims, (&ids, &sizes))
                 .map_err(|e| write_err("centroids.parquet", e))?,
         )
         .await?,

@@ -3,7 +3,7 @@
 
 use super::{Report, Summary};
 use crate::pca;
-use shoal_report::{GridCell, ItemView, KChoice, KRow, MapView, Page, Rfm, SegmentView};
+use shoal_report::{GridCell, ItemView, KChoice, KRow, MapView, Migration, Page, Rfm, SegmentView};
 
 /// Customers drawn on the map: the first of the seeded sample (smallest
 /// `hash(seed, user)`), so the same customers every run.
@@ -88,7 +88,13 @@ pub fn page(report: &Report, summary: &Summary) -> Page {
             .unwrap_or_default(),
         inertia: report.kmeans.inertia_per_iteration.clone(),
         quality: quality(report),
-        migration: None,
+        migration: report.migration.as_ref().map(|m| Migration {
+            from: m.from.clone(),
+            to: m.to.clone(),
+            counts: m.counts.clone(),
+            drift: m.drift.iter().map(|d| (d.segment, d.distance)).collect(),
+            previous: m.previous.clone(),
+        }),
         k_choice: report.k_choice.as_ref().map(|c| KChoice {
             rows: c
                 .candidates

@@ -152,6 +152,10 @@ pub struct Report {
     /// candidate's figures, the rule and the chosen k.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub k_choice: Option<crate::kchoice::KChoiceFacts>,
+    /// With `segments.previous`: customers from each earlier segment id to each
+    /// of this run's, and each centroid's drift.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::previous::Migration>,
     /// RFM scores: the quintile cuts and customers per cell of the map.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rfm_scores: Option<RfmFacts>,
@@ -213,6 +217,7 @@ impl Report {
             extra: None,
             kmeans,
             k_choice: None,
+            migration: None,
             rfm_scores: None,
             quality: Quality {
                 silhouette: summary.silhouette,

@@ -73,6 +73,7 @@ pub fn finalize(
     job.check_dims(req.dims as usize, "centroids")?;
     let d = job.dims;
     let scoring = scoring(req)?;
+    let ids = segment_ids(req, k)?;
     let catalog_items = match &catalog {
         Some(c) if !c.is_empty() => Some(backend.upload(&c.factors, job.als(job_id)?.f)?),
         _ => None,
@@ -195,7 +196,7 @@ pub fn finalize(
                     shard.ids.ids(),
                     (&shard.rfm, &[]),
                     &[],
-                    k,
+                    &ids,
                     &cold_users,
                     &cold,
                 )?;
@@ -242,7 +243,7 @@ pub fn finalize(
             shard.ids.ids(),
             (&shard.rfm, &scores),
             &shard.nearest,
-            k,
+            &ids,
             &cold_users,
             &cold,
         )?;
@@ -454,6 +455,21 @@ fn segment_partials(
             score_sums: score_sums[s].to_vec(),
         })
         .collect()
+}
+
+/// The segment id of each centroid: the request's (segments.previous), else its
+/// index.
+fn segment_ids(req: &pb::FinalizeRequest, k: usize) -> Result<Vec<u32>, WorkerError> {
+    if req.segment_ids.is_empty() {
+        return Ok((0..k as u32).collect());
+    }
+    if req.segment_ids.len() != k {
+        return Err(WorkerError::InvalidRequest(format!(
+            "{} segment ids for {k} centroids",
+            req.segment_ids.len()
+        )));
+    }
+    Ok(req.segment_ids.clone())
 }
 
 /// The RFM quintiles of a finalize request (`None` per metric it does not score).

@@ -11,3 +11,4 @@ pub mod finalize;
 pub mod kmeans;
 pub mod load;
 pub mod outputs;
+pub mod previous;

@@ -143,17 +143,19 @@ pub fn assignments_schema() -> Arc<Schema> {
 
 /// The assignments part of a shard: its users (ids `users`, RFM from `rfm`, their
 /// scores `scores`, results `nearest`), then its cold-start users (`cold_users`,
-/// results `cold`).
+/// results `cold`); segment `c` is written as `ids[c]`.
 pub fn assignments_part(
     users: &StringArray,
     (rfm, scores): (&Rfm, &[Scores]),
     nearest: &[Nearest],
-    k: usize,
+    ids: &[u32],
     cold_users: &[&str],
     cold: &[Nearest],
 ) -> Result<Vec<u8>, WorkerError> {
     let file = "assignments.parquet";
-    let second = |n: &Nearest| (k > 1 && n.second != NO_SECOND).then_some(n.second);
+    let k = ids.len();
+    let id = |c: u32| ids.get(c as usize).copied().unwrap_or(c);
+    let second = |n: &Nearest| (k > 1 && n.second != NO_SECOND).then(|| id(n.second));
     let all = || nearest.iter().chain(cold);
     fn none<T>(n: usize) -> impl Iterator<Item = Option<T>> {
         std::iter::repeat_with(|| None).take(n)
@@ -167,7 +169,7 @@ pub fn assignments_part(
     };
     let columns: Vec<ArrayRef> = vec![
         ids,
-        Arc::new(UInt32Array::from_iter_values(all().map(|n| n.best))),
+        Arc::new(UInt32Array::from_iter_values(all().map(|n| id(n.best)))),
         Arc::new(Float32Array::from_iter_values(
             all().map(|n| n.best_dist.sqrt()),
         )),

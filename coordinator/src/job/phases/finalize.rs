@@ -9,6 +9,7 @@ use crate::CoordinatorError;
 use crate::job::Phase;
 use crate::job::driver::Driver;
 use crate::output::{self, Summary};
+use crate::previous::{self, Migration, Overlap, Previous};
 use shoal_proto::pb;
 use shoal_spec::rfm::Quintiles;
 use shoal_spec::spec::RFM_DIMS;
@@ -25,6 +26,8 @@ pub struct Finalized {
     pub item_files: Vec<pb::WrittenFile>,
     pub summary: Summary,
     pub audience: Option<output::AudienceFacts>,
+    /// segments.previous: how customers moved.
+    pub migration: Option<Migration>,
 }
 
 pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, CoordinatorError> {
@@ -34,22 +37,8 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
     let spec = &ctx.spec;
     let scaled = facts.scaled();
     let (dims, factors) = (scaled.dims, scaled.factors);
-    let (k, fitted) = match &facts.plan.model {
-        // frozen centroids: nothing was fitted
-        Some(model) => (model.k, &model.centroids),
-        None => (facts.chosen().k, &facts.chosen().fit.centroids),
-    };
-    let money = factors + RFM_DIMS - 1;
-    let mut order: Vec<usize> = (0..k).collect();
-    order.sort_by(|&a, &b| {
-        fitted[b * dims + money]
-            .total_cmp(&fitted[a * dims + money])
-            .then(a.cmp(&b))
-    });
-    let centroids: Vec<f32> = order
-        .iter()
-        .flat_map(|&c| fitted[c * dims..(c + 1) * dims].to_vec())
-        .collect();
+    let (centroids, ids, migration) = segments(d, facts).await?;
+    let k = ids.len();
     let output = &facts.plan.output;
     let scoring = &facts.loaded().scoring;
     let quintiles: Vec<pb::QuintileCuts> =
@@ -70,6 +59,7 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
                 sample_size: SILHOUETTE_SAMPLE,
                 seed: spec.segments.seed,
                 rfm_quintiles: quintiles.clone(),
+                segment_ids: ids.clone(),
             };
             async move { c.finalize(req).await }
         })
@@ -112,6 +102,9 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
         SILHOUETTE_SAMPLE as usize,
     );
     summary.add_top_items(&item_counts);
+    for (s, &id) in summary.segments.iter_mut().zip(&ids) {
+        s.segment = id;
+    }
     d.times.add("finalize", t);
     Ok(Finalized {
         centroids,
@@ -119,7 +112,109 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
         item_files,
         summary,
         audience,
+        migration,
     })
+}
+
+/// The centroids in segment order and their ids: a fit's ordered by the
+/// monetary value of their centroid, highest first (without RFM: as fitted),
+/// numbered from 0, or with `segments.previous` numbered after the earlier run's
+/// segments they match (in id order), with the migration; a model's as the
+/// model numbered them.
+async fn segments(
+    d: &mut Driver<'_>,
+    facts: &Facts,
+) -> Result<(Vec<f32>, Vec<u32>, Option<Migration>), CoordinatorError> {
+    let scaled = facts.scaled();
+    let (dims, factors) = (scaled.dims, scaled.factors);
+    let (fitted, fitted_ids) = match &facts.plan.model {
+        // frozen centroids: nothing was fitted
+        Some(model) => (&model.centroids, Some(&model.ids)),
+        None => (&facts.chosen().fit.centroids, None),
+    };
+    let k = fitted.len() / dims;
+    let mut order: Vec<usize> = (0..k).collect();
+    if d.ctx.spec.features.rfm {
+        let money = factors + RFM_DIMS - 1;
+        order.sort_by(|&a, &b| {
+            fitted[b * dims + money]
+                .total_cmp(&fitted[a * dims + money])
+                .then(a.cmp(&b))
+        });
+    }
+    let centroids: Vec<f32> = order
+        .iter()
+        .flat_map(|&c| fitted[c * dims..(c + 1) * dims].to_vec())
+        .collect();
+    if let Some(ids) = fitted_ids {
+        let ids = order
+            .iter()
+            .map(|&c| ids.get(c).copied().unwrap_or(c as u32))
+            .collect();
+        return Ok((centroids, ids, None));
+    }
+    let Some(previous) = &facts.plan.previous else {
+        return Ok((centroids, (0..k as u32).collect(), None));
+    };
+    let overlap = overlap(d, previous, &centroids, dims).await?;
+    let matched = previous::match_segments(previous, &overlap, &centroids, dims);
+    // segment order is id order
+    let mut by_id: Vec<(u32, usize)> = matched.ids.iter().copied().zip(0..).collect();
+    by_id.sort_unstable();
+    let centroids = by_id
+        .iter()
+        .flat_map(|&(_, c)| centroids[c * dims..(c + 1) * dims].to_vec())
+        .collect();
+    let ids = by_id.iter().map(|&(id, _)| id).collect();
+    Ok((centroids, ids, Some(matched.migration)))
+}
+
+/// Where this job's customers were in the earlier run, from every shard (merged
+/// in shard order).
+async fn overlap(
+    d: &Driver<'_>,
+    previous: &Previous,
+    centroids: &[f32],
+    dims: usize,
+) -> Result<Overlap, CoordinatorError> {
+    let k = centroids.len() / dims;
+    let old: Vec<u32> = previous.segments.iter().map(|s| s.0).collect();
+    let answers = d
+        .all(|_, mut c| {
+            let req = pb::PreviousRequest {
+                job_id: d.job_id(),
+                attempt: d.attempt.0,
+                folder: previous.folder.url(),
+                parts: previous.parts.clone(),
+                shards: previous.shards,
+                previous_ids: old.clone(),
+                k: k as u32,
+                dims: dims as u32,
+                centroids: centroids.to_vec(),
+            };
+            async move { c.previous_overlap(req).await }
+        })
+        .await?;
+    let shards = in_shard_order(
+        answers.into_iter().flat_map(|a| a.shards),
+        d.shards,
+        "previous",
+        |s| s.shard,
+    )?;
+    let mut o = Overlap {
+        counts: vec![0; old.len()],
+        sums: vec![0.0; old.len() * dims],
+        moves: vec![0; old.len() * k],
+        new_users: vec![0; k],
+    };
+    for s in &shards {
+        let add = |a: &mut [u64], b: &[u64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        add(&mut o.counts, &s.counts);
+        add(&mut o.moves, &s.moves);
+        add(&mut o.new_users, &s.new_users);
+        o.sums.iter_mut().zip(&s.sums).for_each(|(x, y)| *x += y);
+    }
+    Ok(o)
 }
 
 /// One metric's quintile cuts on the wire (none: empty).

@@ -6,6 +6,7 @@ use crate::CoordinatorError;
 use crate::job::JobContext;
 use crate::model::Model;
 use crate::output;
+use crate::previous::Previous;
 use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
 use shoal_proto::pb;
 use shoal_spec::spec::Format;
@@ -23,6 +24,8 @@ pub struct Planned {
     pub inputs: Vec<InputObject>,
     pub splits: Vec<pb::Split>,
     pub extra_splits: Vec<pb::Split>,
+    /// segments.previous: the earlier run whose segment ids this one keeps.
+    pub previous: Option<Previous>,
 }
 
 pub async fn run(ctx: &JobContext) -> Result<Planned, CoordinatorError> {
@@ -36,6 +39,24 @@ pub async fn run(ctx: &JobContext) -> Result<Planned, CoordinatorError> {
     if output.head().await?.is_some() {
         return Err(CoordinatorError::OutputIsFile { url: output.url() });
     }
+    // Read before the output folder is cleared (it must not be this job's).
+    let previous = match spec.segments.previous.as_str() {
+        "" => None,
+        url => {
+            let p = Previous::load(url).await?;
+            let (a, b) = (
+                p.folder.url().trim_end_matches('/').to_string(),
+                output.url().trim_end_matches('/').to_string(),
+            );
+            if a == b {
+                return Err(CoordinatorError::Previous {
+                    url: a,
+                    reason: "it is this job's output.path, which the job clears before it writes: write each run to a folder of its own".into(),
+                });
+            }
+            Some(p)
+        }
+    };
     // The folder must not look complete while this job writes into it.
     output::clear_previous(&output).await?;
     let staging = store::resolve(&spec.staging_for(&ctx.id))?;
@@ -88,6 +109,7 @@ pub async fn run(ctx: &JobContext) -> Result<Planned, CoordinatorError> {
         inputs,
         splits,
         extra_splits,
+        previous,
     })
 }
 

@@ -96,6 +96,7 @@ pub async fn run(
             .map(|grid| output::RfmFacts::new(&loaded.scoring, grid));
     }
     report.k_choice = facts.chosen.as_ref().and_then(|c| c.choice.clone());
+    report.migration = fin.migration.clone();
     report.als = facts.als.facts.clone().map(|mut als| {
         als.recommend_users = fin.audience.clone();
         if spec.evaluate.holdout > 0.0 {
