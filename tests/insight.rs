@@ -454,3 +454,137 @@ async fn an_earlier_run_on_other_features_is_refused() {
         assert!(status.error.contains(needle), "{needle}: {}", status.error);
     }
 }
+
+/// A log of plays, without price or amount (user, item, time): with
+/// `features.rfm = false` the job segments on the ALS factors alone, and finds
+/// the planted groups; customers still get R and F scores and names (M is not
+/// scored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_without_money_segments_on_als_factors_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shoal_synth::generate(&shoal_synth::SynthConfig {
+        users: 2_000,
+        items: 400,
+        interactions: 40_000,
+        groups: 4,
+        files: 1,
+        output: dir.path().join("synth"),
+        ..shoal_synth::SynthConfig::default()
+    })
+    .unwrap();
+    // the synth log as plays: who, what, when; no order, quantity or price
+    let plays = dir.path().join("plays.csv");
+    let mut csv = String::from("user,track,played_at\n");
+    for part in &s.log {
+        let file = std::fs::File::open(&part.path).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in reader {
+            let b = b.unwrap();
+            let col = |n: &str| b.column_by_name(n).unwrap().clone();
+            let (users, items, times) = (col("user_id"), col("item_id"), col("time"));
+            let users = users
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap();
+            let items = items
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap();
+            let times = times
+                .as_any()
+                .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+                .unwrap();
+            for i in 0..b.num_rows() {
+                let t = chrono_free_iso(times.value(i));
+                csv.push_str(&format!("{},{},{t}\n", users.value(i), items.value(i)));
+            }
+        }
+    }
+    std::fs::write(&plays, csv).unwrap();
+    let out = dir.path().join("out");
+    let spec = shoal_spec::JobSpec::parse(&format!(
+        r#"name = "plays"
+[input]
+interactions = "{}"
+[input.columns]
+user = "user"
+item = "track"
+time = "played_at"
+[output]
+path = "{}"
+[features]
+rfm = false
+als = true
+[als]
+factors = 16
+iterations = 10
+[segments]
+k = 4
+[cluster]
+shards = 4
+"#,
+        plays.display(),
+        out.display()
+    ))
+    .unwrap();
+    let cluster = Cluster::start(2).await;
+    let status = run_job(&cluster.url, &spec).await;
+    cluster.stop().await;
+    assert!(succeeded(&status), "{status:?}");
+    let report = read_report(&out);
+    let features: Vec<&str> = report["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..16).map(|i| format!("als_{i}")).collect();
+    assert_eq!(features, want, "the ALS factors alone");
+    let truth = read_truth(&s.truth.path);
+    let a = read_assignments(&out);
+    let got: Vec<usize> = a.values().map(|x| x.segment as usize).collect();
+    let planted: Vec<usize> = a.keys().map(|u| truth[u]).collect();
+    let ari = adjusted_rand_index(&got, &planted);
+    assert!(
+        ari > 0.8,
+        "adjusted Rand index {ari:.3} against the planted groups"
+    );
+    // recency and plays are scored, money is not
+    assert!(
+        a.values()
+            .all(|x| x.scores[0].is_some() && x.scores[1].is_some())
+    );
+    assert!(
+        a.values()
+            .all(|x| x.scores[2].is_none() && x.monetary == 0.0)
+    );
+    let segments = report["segments"].as_array().unwrap();
+    assert!(segments.iter().all(|s| s["name"].is_string()));
+    assert!(segments.iter().all(|s| s.get("m_score_mean").is_none()));
+    assert!(out.join("report.html").exists());
+}
+
+/// Milliseconds since the epoch as an ISO-8601 UTC date-time.
+fn chrono_free_iso(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // civil date from days since 1970-01-01 (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

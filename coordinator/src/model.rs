@@ -8,7 +8,6 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use shoal_proto::pb;
 use shoal_spec::JobSpec;
 use shoal_spec::manifest::{MANIFEST, Manifest};
-use shoal_spec::spec::RFM_DIMS;
 use shoal_store::{self as store, Location};
 
 /// What scoring against a model needs from it.
@@ -23,7 +22,7 @@ pub struct Model {
     /// Row-major `k x dims`, in the model's segment order, and their segment ids.
     pub centroids: Vec<f32>,
     pub ids: Vec<u32>,
-    /// Mean and scale of the three (log-scaled) RFM features.
+    /// Mean and scale of the three (log-scaled) RFM features (none without RFM).
     pub rfm_mean: Vec<f64>,
     pub rfm_scale: Vec<f64>,
     /// The model's `features.extra` columns (empty without a table), and the
@@ -237,12 +236,13 @@ impl Model {
             0
         };
         let extra_dims = shoal_proto::extra::dims(&extra_columns);
-        if rfm_at + RFM_DIMS + extra_dims != dims {
+        let rfm_dims = trained.rfm_dims();
+        if rfm_at + rfm_dims + extra_dims != dims {
             return Err(bad(
                 &folder,
                 format!(
                     "report.json lists {dims} features, its ALS, RFM and features.extra blocks make {}",
-                    rfm_at + RFM_DIMS + extra_dims
+                    rfm_at + rfm_dims + extra_dims
                 ),
             ));
         }
@@ -302,7 +302,7 @@ impl Model {
             Ok(v)
         };
         let (mean, scale) = (numbers("mean")?, numbers("scale")?);
-        let rfm = rfm_at..rfm_at + RFM_DIMS;
+        let rfm = rfm_at..rfm_at + rfm_dims;
         Ok(Model {
             rfm_mean: mean[rfm.clone()].to_vec(),
             rfm_scale: scale[rfm.clone()].to_vec(),

@@ -214,9 +214,10 @@ fn segments_batch(segments: &[SegmentSummary]) -> Result<RecordBatch, arrow::err
         Field::new("r_score_mean", DataType::Float64, true),
         Field::new("f_score_mean", DataType::Float64, true),
         Field::new("m_score_mean", DataType::Float64, true),
-        Field::new("centroid_recency_days", DataType::Float64, false),
-        Field::new("centroid_frequency", DataType::Float64, false),
-        Field::new("centroid_monetary", DataType::Float64, false),
+        // null without an RFM block
+        Field::new("centroid_recency_days", DataType::Float64, true),
+        Field::new("centroid_frequency", DataType::Float64, true),
+        Field::new("centroid_monetary", DataType::Float64, true),
     ]));
     RecordBatch::try_new(
         schema,
@@ -243,9 +244,9 @@ fn segments_batch(segments: &[SegmentSummary]) -> Result<RecordBatch, arrow::err
             opt64(|s| s.r_score_mean),
             opt64(|s| s.f_score_mean),
             opt64(|s| s.m_score_mean),
-            f64col(|s| s.centroid_recency_days),
-            f64col(|s| s.centroid_frequency),
-            f64col(|s| s.centroid_monetary),
+            opt64(|s| s.centroid_recency_days),
+            opt64(|s| s.centroid_frequency),
+            opt64(|s| s.centroid_monetary),
         ],
     )
 }

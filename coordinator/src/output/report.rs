@@ -123,7 +123,7 @@ pub struct Quality {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Scaling {
-    pub transform: &'static str,
+    pub transform: String,
     pub mean: Vec<f64>,
     pub scale: Vec<f64>,
 }
@@ -198,18 +198,7 @@ impl Report {
             reference_time,
             features: features.to_vec(),
             scaling: Scaling {
-                transform: match (ctx.spec.features.als, extra) {
-                    (true, false) => {
-                        "als_*: L2-normalised user factors times features.als_weight (mean 0, scale 1 here); RFM: log1p, then (x - mean) / scale"
-                    }
-                    (true, true) => {
-                        "als_*: L2-normalised user factors times features.als_weight (mean 0, scale 1 here); RFM: log1p, then (x - mean) / scale; features.extra: (x - mean) / scale times features.extra_weight, 0 where missing"
-                    }
-                    (false, false) => "log1p, then (x - mean) / scale",
-                    (false, true) => {
-                        "RFM: log1p, then (x - mean) / scale; features.extra: (x - mean) / scale times features.extra_weight, 0 where missing"
-                    }
-                },
+                transform: transform(ctx.spec, extra),
                 mean: mean.to_vec(),
                 scale: scale.to_vec(),
             },
@@ -231,6 +220,21 @@ impl Report {
             seconds,
         }
     }
+}
+
+/// How the feature blocks of `spec` are scaled, in words.
+fn transform(spec: &shoal_spec::JobSpec, extra: bool) -> String {
+    let f = &spec.features;
+    let blocks = [
+        f.als.then_some(
+            "als_*: L2-normalised user factors times features.als_weight (mean 0, scale 1 here)",
+        ),
+        f.rfm.then_some("RFM: log1p, then (x - mean) / scale"),
+        extra.then_some(
+            "features.extra: (x - mean) / scale times features.extra_weight, 0 where missing",
+        ),
+    ];
+    blocks.into_iter().flatten().collect::<Vec<_>>().join("; ")
 }
 
 /// How customers were scored and where they fell on the RFM map.

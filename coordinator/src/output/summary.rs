@@ -40,10 +40,14 @@ pub struct SegmentSummary {
     pub f_score_mean: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub m_score_mean: Option<f64>,
-    /// The centroid mapped back to original units (recency days, orders, money).
-    pub centroid_recency_days: f64,
-    pub centroid_frequency: f64,
-    pub centroid_monetary: f64,
+    /// The centroid mapped back to original units (recency days, orders, money;
+    /// absent without an RFM block).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub centroid_recency_days: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub centroid_frequency: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub centroid_monetary: Option<f64>,
     /// With ALS: the items most of the segment's users bought.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub top_items: Vec<TopItem>,
@@ -195,8 +199,8 @@ pub struct Summary {
 #[derive(Debug, Clone, Copy)]
 pub struct Layout<'a> {
     pub dims: usize,
-    /// The first of the three RFM features.
-    pub rfm_at: usize,
+    /// The first of the three RFM features (none: the job has no RFM block).
+    pub rfm_at: Option<usize>,
     /// Every feature's name.
     pub names: &'a [String],
     /// A `features.extra` block: where it starts (it runs to the end) and its
@@ -279,10 +283,10 @@ pub fn summarize(
     let revenue: f64 = m.rfm_sum.iter().map(|s| s[2]).sum();
     let rfm = layout.rfm_at;
     let original = |c: usize, j: usize| {
-        let j = rfm + j;
+        let j = rfm? + j;
         let y = f64::from(centroids[c * dims + j]) * scale[j] + mean[j];
         // features are log1p (sign-preserving for money): undo it
-        y.signum() * y.abs().exp_m1()
+        Some(y.signum() * y.abs().exp_m1())
     };
     // A segment's mean of an extra feature: its members' mean in the scaled
     // space, mapped back.

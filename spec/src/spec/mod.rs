@@ -811,6 +811,11 @@ impl JobSpec {
         names
     }
 
+    /// Features of the RFM block: 3 with `features.rfm`, else 0.
+    pub fn rfm_dims(&self) -> usize {
+        if self.features.rfm { RFM_DIMS } else { 0 }
+    }
+
     /// The user column of the `features.extra` table.
     pub fn extra_user_column(&self) -> &str {
         if self.features.extra_user.is_empty() {

@@ -46,6 +46,22 @@ fn demo_spec_parses_with_its_values() {
 }
 
 #[test]
+fn any_non_empty_combination_of_feature_blocks() {
+    // ALS alone on a log without money
+    let als_only = with("rfm = true", "rfm = false")
+        .replace("price = \"UnitPrice\"\n", "")
+        .replace("min_price = 0.0\n", "");
+    let s = JobSpec::parse(&als_only).unwrap();
+    assert_eq!(s.feature_names().len(), 32);
+    assert_eq!(s.rfm_dims(), 0);
+    // every log needs event times; RFM needs money too
+    let err = err_of(&als_only.replace("time = \"InvoiceDate\"\n", ""));
+    assert!(err.contains("input.columns.time"), "{err}");
+    let err = err_of(&with("price = \"UnitPrice\"\n", "").replace("min_price = 0.0\n", ""));
+    assert!(err.contains("features.rfm needs a monetary value"), "{err}");
+}
+
+#[test]
 fn k_is_a_number_a_range_or_a_list() {
     let range = JobSpec::parse(&with("k = 6", "k = { min = 3, max = 12 }\nstarts = 8")).unwrap();
     assert_eq!(range.segments.k, SegmentCount::Range { min: 3, max: 12 });
@@ -176,7 +192,10 @@ fn every_bad_field_is_named() {
             with("path = \"out/online-retail\"", "path = \"\""),
             "output.path",
         ),
-        (with("rfm = true", "rfm = false"), "features.rfm"),
+        (
+            with("rfm = true\nals = true", "rfm = false\nals = false"),
+            "segments on nothing",
+        ),
         (with("k = 6", "k = 0"), "segments.k"),
         (with("k = 6", "k = 100000"), "segments.k"),
         (with("k = 6", "k = -1"), "k"),

@@ -54,25 +54,23 @@ impl JobSpec {
                 ));
             }
         }
-        if !self.features.rfm {
+        if !self.features.rfm && !self.features.als && self.features.extra().is_none() {
             return Err(invalid(
-                "features.rfm",
-                "must be true: RFM is the only feature block in this version",
+                "features",
+                "segments on nothing: set features.rfm = true, features.als = true or a features.extra table (any combination)",
             ));
         }
-        if self.features.rfm {
-            if cols.time().is_none() {
-                return Err(invalid(
-                    "input.columns.time",
-                    "is required when features.rfm = true (recency needs event times)",
-                ));
-            }
-            if cols.amount().is_none() && cols.price().is_none() {
-                return Err(invalid(
-                    "input.columns.price",
-                    "features.rfm needs a monetary value: set input.columns.price (monetary = sum(quantity * price)) or input.columns.amount (monetary = sum(amount))",
-                ));
-            }
+        if cols.time().is_none() {
+            return Err(invalid(
+                "input.columns.time",
+                "is required: every row needs an event time (recency, the latest event the report measures from)",
+            ));
+        }
+        if self.features.rfm && cols.amount().is_none() && cols.price().is_none() {
+            return Err(invalid(
+                "input.columns.price",
+                "features.rfm needs a monetary value: set input.columns.price (monetary = sum(quantity * price)) or input.columns.amount (monetary = sum(amount))",
+            ));
         }
         if cols.amount().is_some() && cols.price().is_some() {
             return Err(invalid(

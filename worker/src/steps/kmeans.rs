@@ -33,9 +33,11 @@ pub fn standardize(
     req: &pb::StandardizeRequest,
     backend: &dyn Backend,
 ) -> Result<(Vec<pb::ShardStats>, usize), WorkerError> {
-    if req.mean.len() != DIMS || req.scale.len() != DIMS {
+    // without an RFM block (features.rfm = false) the request has no RFM scaling
+    let rfm = if req.mean.is_empty() { 0 } else { DIMS };
+    if req.mean.len() != rfm || req.scale.len() != rfm {
         return Err(WorkerError::InvalidRequest(format!(
-            "scaling needs {DIMS} means and scales"
+            "scaling needs {DIMS} means and scales (or none, without RFM)"
         )));
     }
     let f = job.als.as_ref().map_or(0, |a| a.f);
@@ -47,7 +49,7 @@ pub fn standardize(
             req.extra_scale.len()
         )));
     }
-    let dims = f + DIMS + e;
+    let dims = f + rfm + e;
     if let Some(a) = job.als.as_mut() {
         a.end_training(backend)?;
     }
@@ -62,12 +64,14 @@ pub fn standardize(
         let mut features = Vec::with_capacity(n * dims);
         for u in 0..n {
             features.extend_from_slice(&factors[u * f..(u + 1) * f]);
-            let row = shard.rfm.log_features(u);
-            features.extend(
-                row.iter()
-                    .enumerate()
-                    .map(|(j, x)| ((x - req.mean[j]) / req.scale[j]) as f32),
-            );
+            if rfm > 0 {
+                let row = shard.rfm.log_features(u);
+                features.extend(
+                    row.iter()
+                        .enumerate()
+                        .map(|(j, x)| ((x - req.mean[j]) / req.scale[j]) as f32),
+                );
+            }
             features.extend(extra::scaled(
                 &shard.extra[u * e..(u + 1) * e],
                 &req.extra_mean,

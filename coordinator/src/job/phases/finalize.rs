@@ -91,10 +91,10 @@ pub async fn run(d: &mut Driver<'_>, facts: &Facts) -> Result<Finalized, Coordin
         &centroids,
         output::Layout {
             dims,
-            rfm_at: factors,
+            rfm_at: spec.features.rfm.then_some(factors),
             names: &scaled.names,
             extra_at: (scaled.extra_dims > 0)
-                .then_some((factors + RFM_DIMS, spec.features.extra_weight)),
+                .then_some((factors + spec.rfm_dims(), spec.features.extra_weight)),
         },
         k,
         (&scaled.mean, &scaled.scale),

@@ -33,7 +33,8 @@ pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordinato
     let spec = &ctx.spec;
     let loaded = facts.loaded();
     let extra_columns = &facts.ingested().extra_columns;
-    let dims = loaded.dims;
+    // the RFM block: the load's three features, or none (features.rfm = false)
+    let dims = if spec.features.rfm { loaded.dims } else { 0 };
     let moments: Vec<Vec<pb::Moments>> = loaded.stats.values().map(|s| s.moments.clone()).collect();
     let extra_dims = extra::dims(extra_columns);
     let extra_moments: Vec<Vec<pb::Moments>> = loaded
