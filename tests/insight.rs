@@ -84,6 +84,43 @@ async fn demo_customers_are_scored_and_segments_named() {
             );
         }
     }
+    // The thresholds in report.json bound every customer's score: recency in
+    // whole days at most the cut where its score begins, at least the next cut;
+    // frequency the other way round.
+    let report = read_report(&out);
+    let cut = |metric: &str| -> Vec<f64> {
+        report["rfm_scores"]["thresholds"][metric]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    let (days, orders) = (cut("recency_days"), cut("frequency"));
+    for (u, x) in &a {
+        let (r, f) = (
+            usize::from(x.scores[0].unwrap()),
+            usize::from(x.scores[1].unwrap()),
+        );
+        let d = x.recency_days.floor();
+        assert!(
+            r == 1 || d <= days[r - 2],
+            "{u}: R {r}, {d} days, cuts {days:?}"
+        );
+        assert!(
+            r == 5 || d >= days[r - 1],
+            "{u}: R {r}, {d} days, cuts {days:?}"
+        );
+        let n = x.frequency as f64;
+        assert!(
+            f == 1 || n >= orders[f - 2],
+            "{u}: F {f}, {n} orders, cuts {orders:?}"
+        );
+        assert!(
+            f == 5 || n <= orders[f - 1],
+            "{u}: F {f}, {n} orders, cuts {orders:?}"
+        );
+    }
     // Every customer's cell is the map's name of its (R, F) scores.
     for (u, x) in &a {
         let [r, f, _] = x.scores.map(Option::unwrap);
@@ -92,7 +129,6 @@ async fn demo_customers_are_scored_and_segments_named() {
 
     // Segments are named after the name most of their customers carry, with that
     // share: recounted from the assignments.
-    let report = read_report(&out);
     let segments = report["segments"].as_array().unwrap();
     for s in segments {
         let id = s["segment"].as_u64().unwrap() as u32;

@@ -33,6 +33,8 @@ tr.chosen td { font-weight: 700; }
 .share { color: var(--muted); font-size: 13px; white-space: nowrap; }
 figure.chart { margin: 16px 0 24px; break-inside: avoid; page-break-inside: avoid; }
 figure.chart figcaption { color: var(--muted); font-size: 14px; margin: 0 0 6px; max-width: 900px; }
+table.scores { margin-top: 16px; }
+table.scores caption { text-align: left; color: var(--muted); font-size: 14px; padding-bottom: 6px; }
 figure.chart svg { display: block; max-width: 100%; height: auto; }
 figure.chart svg text { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
 .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 20px; }
@@ -383,5 +385,25 @@ pub(crate) fn run_tables(page: &Page) -> String {
         out.push_str("</tbody></table>");
     }
     out.push_str("</div>\n</div>\n");
+    out
+}
+
+/// What the RFM scores mean: one row per metric, its ranges for scores 1 to 5.
+pub fn score_table(page: &Page) -> String {
+    let mut out = String::from(
+        "<table class=\"scores\">\n<caption>What the scores mean: each score holds a fifth of the customers (customers exactly at a boundary are split between the two scores)</caption>\n<thead><tr><th>Metric</th>",
+    );
+    for score in 1..=5 {
+        out.push_str(&format!("<th class=\"num\">Score {score}</th>"));
+    }
+    out.push_str("</tr></thead>\n<tbody>\n");
+    for row in &page.scores {
+        out.push_str(&format!("<tr><td>{}</td>", esc(&row.metric)));
+        for band in row.bands.iter().take(5) {
+            out.push_str(&format!("<td class=\"num\">{}</td>", esc(band)));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</tbody>\n</table>\n");
     out
 }

@@ -17,7 +17,9 @@ mod grids;
 mod html;
 pub mod model;
 
-pub use model::{GridCell, ItemView, KChoice, KRow, MapView, Migration, Page, Rfm, SegmentView};
+pub use model::{
+    GridCell, ItemView, KChoice, KRow, MapView, Migration, Page, Rfm, ScoreRow, SegmentView,
+};
 
 use charts::DrawErr;
 use format::{esc, int};
@@ -189,6 +191,9 @@ fn behaviour_section(doc: &mut Doc, page: &Page) -> Result<(), ReportError> {
         let caption = "Customers by recency score (rows, most recent at the top) and frequency score (columns, most orders on the right). Each cell is coloured by the segment that holds most of its customers, paler when the cell holds fewer customers.";
         let legend = html::legend(page);
         doc.chart("rf-grid", caption, grids::rf_grid(page, cells), &legend)?;
+    }
+    if !page.scores.is_empty() {
+        doc.push(&html::score_table(page));
     }
     doc.push("</section>\n");
     Ok(())

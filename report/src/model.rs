@@ -32,6 +32,18 @@ pub struct Page {
     pub quality: Vec<(String, String)>,
     pub migration: Option<Migration>,
     pub k_choice: Option<KChoice>,
+    /// What each RFM score means in the metric's units, one row per scored metric
+    /// (empty: no scores).
+    pub scores: Vec<ScoreRow>,
+}
+
+/// The ranges of one RFM metric behind scores 1 to 5.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreRow {
+    /// The metric, in words (e.g. "Recency: days since the last order").
+    pub metric: String,
+    /// Five ranges, for scores 1 to 5, already formatted.
+    pub bands: Vec<String>,
 }
 
 /// Recency, frequency and monetary means.

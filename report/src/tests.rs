@@ -173,6 +173,20 @@ fn full_page() -> Page {
         ]),
         migration: Some(migration()),
         k_choice: Some(k_choice()),
+        scores: vec![
+            crate::ScoreRow {
+                metric: "Recency: days since the last order".into(),
+                bands: ["120+", "60–120", "30–60", "8–30", "0–8"]
+                    .map(String::from)
+                    .to_vec(),
+            },
+            crate::ScoreRow {
+                metric: "Spend <&>".into(),
+                bands: ["up to 10", "10–50", "50–200", "200–900", "900+"]
+                    .map(String::from)
+                    .to_vec(),
+            },
+        ],
     }
 }
 
@@ -248,6 +262,11 @@ fn text_from_the_data_is_escaped() {
     assert!(!html.contains("<prev>"));
     assert!(html.contains("Mugs &lt;&amp;&quot;&gt; &#39;Co&#39;"));
     assert!(html.contains("&lt;prev&gt;"));
+    assert!(
+        html.contains("Spend &lt;&amp;&gt;"),
+        "the score table, escaped"
+    );
+    assert!(html.contains("<td class=\"num\">900+</td>"));
 }
 
 #[test]
@@ -367,6 +386,7 @@ fn odd_data_does_not_panic() {
     };
     let html = try_render(&empty).expect("renders");
     assert!(!html.contains("<figure"));
+
     assert!(html.contains("No customers were segmented"));
 }
 

@@ -142,6 +142,20 @@ pub fn monetary_key(money: f64) -> i64 {
     if money > 0.0 { bucket } else { -bucket }
 }
 
+/// The value a metric's key stands for, in the metric's units: recency days,
+/// orders, or the lower end of a monetary bucket (`metric` indexes [`METRICS`]).
+pub fn key_value(metric: usize, key: i64) -> f64 {
+    match metric {
+        0 => -(key as f64),
+        1 => key as f64,
+        _ if key == 0 => 0.0,
+        _ => {
+            let lower = MONEY_ZERO * (MONEY_BUCKET.ln_1p() * (key.unsigned_abs() - 1) as f64).exp();
+            if key > 0 { lower } else { -lower }
+        }
+    }
+}
+
 /// The tie-break of a customer with user key `key`: a uniform number in [0, 1)
 /// that orders customers with equal metric keys.
 pub fn tie(key: u64) -> f64 {
@@ -410,6 +424,22 @@ mod tests {
             differ < 300,
             "{differ} customers scored off the exact ranks"
         );
+    }
+
+    #[test]
+    fn keys_map_back_to_their_units() {
+        assert_eq!(key_value(0, recency_key(12.7)), 12.0);
+        assert_eq!(key_value(1, frequency_key(7)), 7.0);
+        for money in [0.5, 3.0, 250.0, 77_183.6] {
+            let lower = key_value(2, monetary_key(money));
+            assert!(
+                lower <= money * (1.0 + 1e-9) && lower > money / 1.011,
+                "{money} {lower}"
+            );
+            let negative = key_value(2, monetary_key(-money));
+            assert!((negative + lower).abs() < 1e-9 * money);
+        }
+        assert_eq!(key_value(2, monetary_key(0.0)), 0.0);
     }
 
     #[test]

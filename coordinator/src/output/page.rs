@@ -3,7 +3,9 @@
 
 use super::{Report, Summary};
 use crate::pca;
-use shoal_report::{GridCell, ItemView, KChoice, KRow, MapView, Migration, Page, Rfm, SegmentView};
+use shoal_report::{
+    GridCell, ItemView, KChoice, KRow, MapView, Migration, Page, Rfm, ScoreRow, SegmentView,
+};
 
 /// Customers drawn on the map: the first of the seeded sample (smallest
 /// `hash(seed, user)`), so the same customers every run.
@@ -95,6 +97,7 @@ pub fn page(report: &Report, summary: &Summary) -> Page {
             drift: m.drift.iter().map(|d| (d.segment, d.distance)).collect(),
             previous: m.previous.clone(),
         }),
+        scores: report.rfm_scores.as_ref().map(score_rows).unwrap_or_default(),
         k_choice: report.k_choice.as_ref().map(|c| KChoice {
             rows: c
                 .candidates
@@ -115,6 +118,51 @@ pub fn page(report: &Report, summary: &Summary) -> Page {
             ),
         }),
     }
+}
+
+/// What each RFM score means, from the cuts in the metrics' units.
+fn score_rows(rfm: &super::RfmFacts) -> Vec<ScoreRow> {
+    let row = |name: &str, metric: &str, band: &dyn Fn(f64, f64) -> String| {
+        let t = rfm.thresholds.get(name)?;
+        let mut bands = vec![String::new(); 5];
+        for (score, b) in bands.iter_mut().enumerate() {
+            let lower = if score == 0 { f64::NAN } else { t[score - 1] };
+            let upper = t.get(score).copied().unwrap_or(f64::NAN);
+            *b = band(lower, upper);
+        }
+        Some(ScoreRow {
+            metric: metric.to_string(),
+            bands,
+        })
+    };
+    let days = |from: f64, to: f64| match (from.is_nan(), to.is_nan()) {
+        // recency falls as the score rises: `from` is the larger number of days
+        (true, _) => format!("{to:.0}+ days"),
+        (_, true) => format!("0–{from:.0} days"),
+        _ => format!("{to:.0}–{from:.0} days"),
+    };
+    let orders = |from: f64, to: f64| match (from.is_nan(), to.is_nan()) {
+        (true, _) => format!("up to {to:.0}"),
+        (_, true) => format!("{from:.0}+"),
+        _ => format!("{from:.0}–{to:.0}"),
+    };
+    let money = |from: f64, to: f64| match (from.is_nan(), to.is_nan()) {
+        (true, _) => format!("up to {to:.2}"),
+        (_, true) => format!("{from:.2}+"),
+        _ => format!("{from:.2}–{to:.2}"),
+    };
+    [
+        row(
+            "recency_days",
+            "Recency (R): days since the last order",
+            &days,
+        ),
+        row("frequency", "Frequency (F): orders", &orders),
+        row("monetary", "Monetary (M): money spent", &money),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// The sample of customers on their first two principal components.

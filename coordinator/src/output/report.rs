@@ -243,6 +243,11 @@ pub struct RfmFacts {
     /// The cuts between quintiles, as keys (`shoal_spec::rfm`: recency minus
     /// whole days, frequency orders, monetary 1% log buckets) and tie-break shares.
     pub quintiles: Scoring,
+    /// The same cuts in the metrics' units: where scores 2, 3, 4 and 5 begin
+    /// (recency: at most so many days; frequency: at least so many orders;
+    /// monetary: at least so much). Customers with exactly a cut's value are split
+    /// between the two scores by the tie-break.
+    pub thresholds: BTreeMap<&'static str, Vec<f64>>,
     /// The 25 cells of the map, R from 5 down, F from 1 up.
     pub cells: Vec<RfmCell>,
 }
@@ -279,8 +284,26 @@ impl RfmFacts {
                 }
             })
             .collect();
+        let metrics = [
+            &quintiles.recency,
+            &quintiles.frequency,
+            &quintiles.monetary,
+        ];
+        let thresholds = metrics
+            .iter()
+            .enumerate()
+            .filter_map(|(m, q)| {
+                let q = q.as_ref()?;
+                let name = ["recency_days", "frequency", "monetary"][m];
+                Some((
+                    name,
+                    q.cuts.iter().map(|c| rfm::key_value(m, c.key)).collect(),
+                ))
+            })
+            .collect();
         RfmFacts {
             quintiles: quintiles.clone(),
+            thresholds,
             cells,
         }
     }
