@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+use shoal_kernels::CpuKernels;
 use shoal_kernels::device::{DeviceChoice, select};
 use shoal_kernels_bench::als::{self, AlsProblem, AlsSettings};
 use shoal_kernels_bench::{Blobs, Labelling, in_thread_pool, lloyd, write_npy_f32};
@@ -100,10 +101,12 @@ struct KmeansArgs {
     write_centroids_npy: Option<PathBuf>,
 }
 
-pub fn run(args: BenchArgs) -> Result<ExitCode, BoxError> {
+/// Runs the benchmark `args` names; the CPU backend with the ALS kernel set
+/// `kernels` (`--cpu-kernels`).
+pub fn run(args: BenchArgs, kernels: CpuKernels) -> Result<ExitCode, BoxError> {
     match args.what {
-        BenchCommand::Kmeans(a) => kmeans(a),
-        BenchCommand::Als(a) => als(a),
+        BenchCommand::Kmeans(a) => kmeans(a, kernels),
+        BenchCommand::Als(a) => als(a, kernels),
     }
 }
 
@@ -116,7 +119,7 @@ fn threads_of(threads: Option<usize>) -> Result<usize, BoxError> {
     }
 }
 
-fn als(a: AlsArgs) -> Result<ExitCode, BoxError> {
+fn als(a: AlsArgs, kernels: CpuKernels) -> Result<ExitCode, BoxError> {
     if a.iters == 0 {
         return Err("--iters must be at least 1".into());
     }
@@ -124,7 +127,7 @@ fn als(a: AlsArgs) -> Result<ExitCode, BoxError> {
         return Err(format!("--factors must be in 1..=1024, not {}", a.factors).into());
     }
     let threads = threads_of(a.threads)?;
-    let (backend, _why) = select(a.device, shoal_kernels::CpuKernels::Auto)?;
+    let (backend, _why) = select(a.device, kernels)?;
     let device = backend.name();
     in_thread_pool(threads, || -> Result<ExitCode, BoxError> {
         tracing::info!(
@@ -165,12 +168,12 @@ fn als(a: AlsArgs) -> Result<ExitCode, BoxError> {
     .map_err(|e| format!("cannot start {threads} threads: {e}"))?
 }
 
-fn kmeans(a: KmeansArgs) -> Result<ExitCode, BoxError> {
+fn kmeans(a: KmeansArgs, kernels: CpuKernels) -> Result<ExitCode, BoxError> {
     if a.iters == 0 {
         return Err("--iters must be at least 1".into());
     }
     let threads = threads_of(a.threads)?;
-    let (backend, _why) = select(a.device, shoal_kernels::CpuKernels::Auto)?;
+    let (backend, _why) = select(a.device, kernels)?;
     let device = backend.name();
 
     in_thread_pool(threads, || -> Result<ExitCode, BoxError> {

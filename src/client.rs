@@ -487,7 +487,14 @@ fn print_segments(report: &serde_json::Value) {
             );
         }
     }
-    for s in report["segments"].as_array().into_iter().flatten() {
+    let segments = report["segments"].as_array().into_iter().flatten();
+    if segments
+        .clone()
+        .any(|s| s["top_items"].as_array().is_some_and(|t| !t.is_empty()))
+    {
+        println!("\ntop items per segment (share of the segment's users, lift):");
+    }
+    for s in segments {
         let items = s["top_items"].as_array().into_iter().flatten().take(5);
         let names: Vec<String> = items
             .map(|t| {
@@ -500,9 +507,6 @@ fn print_segments(report: &serde_json::Value) {
             })
             .collect();
         if !names.is_empty() {
-            if s["segment"].as_u64() == Some(0) {
-                println!("\ntop items per segment (share of the segment's users, lift):");
-            }
             println!(
                 "{:>7}  {}",
                 s["segment"].as_u64().unwrap_or(0),

@@ -575,7 +575,7 @@ async fn run(command: Command, kernels: CpuKernels) -> Result<ExitCode, BoxError
             let status = client.watch(&job).await?;
             client::finish(&status).await
         }
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(args, kernels),
         Command::Synth(args) => synth(args),
         Command::Status {
             job,

@@ -11,11 +11,11 @@ use std::collections::BTreeMap;
 
 /// Quintile scores by brute force: every customer sorted by (metric, tie-break of
 /// its id), ranks cut into fifths (rank r scores 1 + #{j in 1..=4 : r >= ceil(j n / 5)}).
-fn brute_scores(users: &[(&String, f64)]) -> BTreeMap<String, u8> {
+fn brute_scores(users: &[(&String, f64)], metric: usize) -> BTreeMap<String, u8> {
     let n = users.len() as u64;
     let mut order: Vec<(f64, f64, &String)> = users
         .iter()
-        .map(|&(u, v)| (v, rfm::tie(id_key(u)), u))
+        .map(|&(u, v)| (v, rfm::tie(id_key(u), metric), u))
         .collect();
     order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
     order
@@ -48,9 +48,9 @@ async fn demo_customers_are_scored_and_segments_named() {
         a.iter().map(|(u, x)| (u, f(x))).collect()
     };
     let wanted = [
-        brute_scores(&metric(&|x| -x.recency_days.floor())),
-        brute_scores(&metric(&|x| x.frequency as f64)),
-        brute_scores(&metric(&|x| x.monetary)),
+        brute_scores(&metric(&|x| -x.recency_days.floor()), 0),
+        brute_scores(&metric(&|x| x.frequency as f64), 1),
+        brute_scores(&metric(&|x| x.monetary), 2),
     ];
     for (j, want) in wanted.iter().enumerate() {
         let mut per_score = [0usize; 5];

@@ -38,7 +38,9 @@ pub enum CoordinatorError {
         path: String,
         allowed: String,
     },
-    #[error("segments.k = {k} but the input has only {users} users: lower k or add data")]
+    #[error(
+        "segments.k asks for {k} segments (its largest candidate) but the input has only {users} users: lower k or add data"
+    )]
     TooFewUsers { k: u32, users: u64 },
     #[error("output.path `{url}` is a file; it must be a folder (or a prefix in an object store)")]
     OutputIsFile { url: String },

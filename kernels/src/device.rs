@@ -157,17 +157,19 @@ pub fn select(
     choice: DeviceChoice,
     kernels: CpuKernels,
 ) -> Result<(Arc<dyn Backend>, String), KernelError> {
-    let forced = CpuBackend::with_kernels(kernels)?;
-    let cpu = || -> Arc<dyn Backend> { Arc::new(forced) };
+    // the kernel set is checked only where the CPU backend runs
+    let cpu = || -> Result<Arc<dyn Backend>, KernelError> {
+        Ok(Arc::new(CpuBackend::with_kernels(kernels)?))
+    };
     let picked = match choice {
-        DeviceChoice::Cpu => (cpu(), "cpu backend (--device cpu)".to_string()),
+        DeviceChoice::Cpu => (cpu()?, "cpu backend (--device cpu)".to_string()),
         DeviceChoice::Cuda => {
             let backend = CudaBackend::new(0)?;
             let why = format!("cuda backend on {} (--device cuda)", backend.info());
             (Arc::new(backend) as Arc<dyn Backend>, why)
         }
         DeviceChoice::Auto => match cuda_devices() {
-            Err(e) => (cpu(), format!("cpu backend (--device auto): {e}")),
+            Err(e) => (cpu()?, format!("cpu backend (--device auto): {e}")),
             Ok(devices) => match CudaBackend::new(0) {
                 Ok(backend) => {
                     let why = format!(
@@ -178,7 +180,7 @@ pub fn select(
                     (Arc::new(backend) as Arc<dyn Backend>, why)
                 }
                 Err(e) => (
-                    cpu(),
+                    cpu()?,
                     format!(
                         "cpu backend (--device auto): {} was found but the cuda backend could \
                          not start: {e}",

@@ -16,7 +16,8 @@ pub mod pb {
 /// Version of the coordinator <-> worker protocol. A worker that registers with
 /// another version is refused. (2: the `features.extra` table; 3: ids as keys,
 /// staged partials per split, memory limits, segment items as counts; 4: attempts,
-/// checkpoints, running jobs in heartbeats; 5: RFM scores.)
+/// checkpoints, running jobs in heartbeats; 5: RFM scores, several k-means fits
+/// per Lloyd round, the seeded sample, an earlier run's segments, segment ids.)
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The columns of a `features.extra` table as features, the same on every side.

@@ -156,10 +156,15 @@ pub fn key_value(metric: usize, key: i64) -> f64 {
     }
 }
 
-/// The tie-break of a customer with user key `key`: a uniform number in [0, 1)
-/// that orders customers with equal metric keys.
-pub fn tie(key: u64) -> f64 {
-    crate::hash::unit(crate::hash::key(0x7f4a_0005_c0de_0001, &[key]))
+/// The tie-break of a customer with user key `key` on metric `metric` (indexes
+/// [`METRICS`]): a uniform number in [0, 1) that orders customers with equal
+/// metric keys, drawn anew per metric (a customer first among equals on one
+/// metric is not first on the others).
+pub fn tie(key: u64, metric: usize) -> f64 {
+    crate::hash::unit(crate::hash::key(
+        0x7f4a_0005_c0de_0001,
+        &[key, metric as u64],
+    ))
 }
 
 /// One cut between two quintiles: customers with a key above `key`, or equal to
@@ -267,20 +272,19 @@ impl Scoring {
 
     /// The scores of a customer with user key `user` and these metrics.
     pub fn score(&self, user: u64, recency_days: f64, orders: u64, money: f64) -> Scores {
-        let t = tie(user);
         Scores {
             r: self
                 .recency
                 .as_ref()
-                .map(|q| q.score(recency_key(recency_days), t)),
+                .map(|q| q.score(recency_key(recency_days), tie(user, 0))),
             f: self
                 .frequency
                 .as_ref()
-                .map(|q| q.score(frequency_key(orders), t)),
+                .map(|q| q.score(frequency_key(orders), tie(user, 1))),
             m: self
                 .monetary
                 .as_ref()
-                .map(|q| q.score(monetary_key(money), t)),
+                .map(|q| q.score(monetary_key(money), tie(user, 2))),
         }
     }
 }
@@ -402,7 +406,7 @@ mod tests {
         let q = Quintiles::from_histogram(&hist).unwrap();
         let mut per = [0usize; 5];
         for (&u, &o) in users.iter().zip(&orders) {
-            per[usize::from(q.score(frequency_key(o), tie(u)) - 1)] += 1;
+            per[usize::from(q.score(frequency_key(o), tie(u, 1)) - 1)] += 1;
         }
         for (s, &c) in per.iter().enumerate() {
             assert!(
@@ -415,7 +419,7 @@ mod tests {
         let keys: Vec<(i64, f64)> = users
             .iter()
             .zip(&orders)
-            .map(|(&u, &o)| (frequency_key(o), tie(u)))
+            .map(|(&u, &o)| (frequency_key(o), tie(u, 1)))
             .collect();
         let want = brute(&keys);
         let got: Vec<u8> = keys.iter().map(|&(k, t)| q.score(k, t)).collect();

@@ -77,22 +77,51 @@ impl Phase {
 }
 
 /// A unit of work that is tried (and retried) as one: a phase, and within ALS
-/// the iteration, within Lloyd the round.
+/// the iteration, within Lloyd the round of one candidate k (or the choosing of
+/// k, after the rounds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Step {
     pub phase: Phase,
     pub index: Option<u32>,
+    /// Lloyd: the k the round fits ([`CHOOSING`]: the choosing of k).
+    pub k: Option<u32>,
 }
+
+/// [`Step::k`] of the choosing of k.
+const CHOOSING: u32 = u32::MAX;
 
 impl Step {
     pub fn of(phase: Phase) -> Step {
-        Step { phase, index: None }
+        Step {
+            phase,
+            index: None,
+            k: None,
+        }
     }
 
     pub fn at(phase: Phase, index: u32) -> Step {
         Step {
             phase,
             index: Some(index),
+            k: None,
+        }
+    }
+
+    /// Lloyd round `round` of the starts of `k`.
+    pub fn round_of(k: usize, round: u32) -> Step {
+        Step {
+            phase: Phase::Lloyd,
+            index: Some(round),
+            k: Some(k as u32),
+        }
+    }
+
+    /// Measuring the candidates of k and choosing one.
+    pub fn choosing() -> Step {
+        Step {
+            phase: Phase::Lloyd,
+            index: None,
+            k: Some(CHOOSING),
         }
     }
 }
@@ -101,7 +130,11 @@ impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.phase, self.index) {
             (Phase::Als, Some(i)) => write!(f, "als iteration {}", i + 1),
-            (Phase::Lloyd, Some(i)) => write!(f, "lloyd round {}", i + 1),
+            (Phase::Lloyd, None) if self.k == Some(CHOOSING) => f.write_str("choosing k"),
+            (Phase::Lloyd, Some(i)) => match self.k {
+                Some(k) => write!(f, "lloyd round {} (k = {k})", i + 1),
+                None => write!(f, "lloyd round {}", i + 1),
+            },
             (p, Some(i)) => write!(f, "{} {}", p.as_str(), i + 1),
             (p, None) => f.write_str(p.as_str()),
         }

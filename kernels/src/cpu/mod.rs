@@ -121,7 +121,9 @@ impl CpuBackend {
             Some(isa) if Isa::available(d).contains(&isa) => Ok(isa),
             Some(isa) => Err(KernelError::Unsupported {
                 backend: NAME,
-                what: format!("rows of {d} factors with the forced {isa:?} kernel set"),
+                what: format!(
+                    "rows of {d} factors with the forced {isa:?} kernel set (the AVX-512 kernels take at most 128): lower als.factors, or use --cpu-kernels avx2 or auto"
+                ),
             }),
         }
     }

@@ -213,6 +213,16 @@ fn every_bad_field_is_named() {
         (with("k = 6", "k = [3, 0]"), "segments.k"),
         (with("k = 6", "k = { min = 2, max = 40 }"), "at most 32"),
         (
+            with("k = 6", "k = { min = 2, max = 4000000000 }"),
+            "k is at most 4096",
+        ),
+        (with("k = 6", "k = 4096\nstarts = 8"), "32768 centroids"),
+        (
+            with("[cluster]", "[model]\npath = \"m\"\n[cluster]")
+                .replace("k = 6", "k = 6\nprevious = \"earlier\""),
+            "keeps the model's segment ids",
+        ),
+        (
             with("k = 6", "k = \"six\""),
             "a range (k = { min = 3, max = 12 })",
         ),
@@ -634,9 +644,11 @@ fn relative_paths_resolve_against_base() {
     let mut u = demo();
     u.output.path = "file:///tmp/x".into();
     u.features.extra = "profiles/*.parquet".into();
+    u.segments.previous = "runs/yesterday".into();
     u.resolve_paths(Path::new("/srv"));
     assert_eq!(u.output.path, "file:///tmp/x");
     assert_eq!(u.features.extra, "/srv/profiles/*.parquet");
+    assert_eq!(u.segments.previous, "/srv/runs/yesterday");
     // `.` and `..` are taken out (object stores refuse them), globs kept.
     let mut r = demo();
     r.input.interactions = "../logs/./2024/**/*.csv".into();

@@ -220,13 +220,22 @@ impl JobSpec {
     /// Checks `[segments]`.
     fn check_segments(&self) -> Result<(), SpecError> {
         let seg = &self.segments;
-        if let SegmentCount::Range { min, max } = seg.k
-            && min > max
-        {
-            return Err(invalid(
-                "segments.k",
-                format!("the range's min ({min}) is above its max ({max})"),
-            ));
+        if let SegmentCount::Range { min, max } = seg.k {
+            // checked before the range is expanded into its candidates
+            if min > max {
+                return Err(invalid(
+                    "segments.k",
+                    format!("the range's min ({min}) is above its max ({max})"),
+                ));
+            }
+            if max > MAX_K || (max - min) as usize >= MAX_K_CANDIDATES {
+                return Err(invalid(
+                    "segments.k",
+                    format!(
+                        "{{ min = {min}, max = {max} }}: k is at most {MAX_K}, and a range holds at most {MAX_K_CANDIDATES} candidates (each is fitted in full)"
+                    ),
+                ));
+            }
         }
         let candidates = seg.k.candidates();
         if candidates.is_empty() {
@@ -257,6 +266,23 @@ impl JobSpec {
             return Err(invalid(
                 "segments.starts",
                 format!("must be between 1 and {MAX_STARTS}, got {}", seg.starts),
+            ));
+        }
+        let centroids = u64::from(seg.starts) * u64::from(seg.k.max());
+        if centroids > MAX_ROUND_CENTROIDS {
+            return Err(invalid(
+                "segments.starts",
+                format!(
+                    "{} starts of k = {} are {centroids} centroids in every Lloyd round; at most {MAX_ROUND_CENTROIDS}: lower segments.starts",
+                    seg.starts,
+                    seg.k.max()
+                ),
+            ));
+        }
+        if !seg.previous.trim().is_empty() && self.model.is_some() {
+            return Err(invalid(
+                "segments.previous",
+                "a fold-in ([model]) keeps the model's segment ids: leave segments.previous out",
             ));
         }
         if seg.max_iter == 0 {

@@ -143,18 +143,18 @@ pub fn assignments_schema() -> Arc<Schema> {
 
 /// The assignments part of a shard: its users (ids `users`, RFM from `rfm`, their
 /// scores `scores`, results `nearest`), then its cold-start users (`cold_users`,
-/// results `cold`); segment `c` is written as `ids[c]`.
+/// results `cold`); segment `c` is written as `segment_ids[c]`.
 pub fn assignments_part(
     users: &StringArray,
     (rfm, scores): (&Rfm, &[Scores]),
     nearest: &[Nearest],
-    ids: &[u32],
+    segment_ids: &[u32],
     cold_users: &[&str],
     cold: &[Nearest],
 ) -> Result<Vec<u8>, WorkerError> {
     let file = "assignments.parquet";
-    let k = ids.len();
-    let id = |c: u32| ids.get(c as usize).copied().unwrap_or(c);
+    let k = segment_ids.len();
+    let id = |c: u32| segment_ids.get(c as usize).copied().unwrap_or(c);
     let second = |n: &Nearest| (k > 1 && n.second != NO_SECOND).then(|| id(n.second));
     let all = || nearest.iter().chain(cold);
     fn none<T>(n: usize) -> impl Iterator<Item = Option<T>> {

@@ -216,7 +216,7 @@ async fn fit_group(
             return Ok(());
         };
         let round = facts.lloyd.fits[first].rounds;
-        d.step = Step::at(Phase::Lloyd, round);
+        d.step = Step::round_of(k, round);
         let fits: Vec<pb::Fit> = active
             .iter()
             .map(|&i| {
@@ -325,6 +325,7 @@ pub async fn choose(d: &mut Driver<'_>, facts: &Facts) -> Result<Chosen, Coordin
         return Ok(chosen(ks[0], None));
     }
     let t = Instant::now();
+    d.step = Step::choosing();
     let seed = d.ctx.spec.segments.seed;
     let sample = sample(d, CHOICE_SAMPLE, hash::key(seed, &[0xc40c])).await?;
     let rows: Vec<KMetrics> = ks

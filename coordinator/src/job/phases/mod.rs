@@ -78,14 +78,36 @@ impl Facts {
         self.als.checkpoint = p.als_checkpoint;
         self.als.losses = p.als_losses.clone();
         self.als.seconds = p.als_seconds.clone();
-        if p.init_done {
+        let kmeans_usable = kmeans_resumable(p);
+        if p.init_done && kmeans_usable {
             self.init = Some(kmeans::Init {
                 candidates: p.init_centroids.clone(),
                 weights: p.init_weights.clone(),
                 count: p.init_candidates as usize,
             });
         }
-        self.lloyd = kmeans::Lloyd {
+        self.lloyd = if !kmeans_usable {
+            kmeans::Lloyd::default()
+        } else {
+            Self::restored_lloyd(p)
+        };
+        let last = self.lloyd.fits.iter().rfind(|f| f.rounds > 0);
+        if let Some(f) = last {
+            format!("from Lloyd round {} (k = {})", f.rounds + 1, f.k)
+        } else if self.init.is_some() {
+            "from the Lloyd rounds".into()
+        } else if p.als_checkpoint > 0 {
+            format!("from the ALS checkpoint of iteration {}", p.als_checkpoint)
+        } else if resume.ingest.is_some() {
+            "after ingest".into()
+        } else {
+            "from the start".into()
+        }
+    }
+
+    /// The Lloyd fits a stored progress holds.
+    fn restored_lloyd(p: &pb::StoredProgress) -> kmeans::Lloyd {
+        kmeans::Lloyd {
             fits: p
                 .fits
                 .iter()
@@ -101,18 +123,6 @@ impl Facts {
                 .collect(),
             group: p.fit_group as usize,
             done: p.lloyd_done,
-        };
-        let last = self.lloyd.fits.iter().rfind(|f| f.rounds > 0);
-        if let Some(f) = last {
-            format!("from Lloyd round {} (k = {})", f.rounds + 1, f.k)
-        } else if p.init_done {
-            "from the Lloyd rounds".into()
-        } else if p.als_checkpoint > 0 {
-            format!("from the ALS checkpoint of iteration {}", p.als_checkpoint)
-        } else if resume.ingest.is_some() {
-            "after ingest".into()
-        } else {
-            "from the start".into()
         }
     }
 
@@ -149,6 +159,13 @@ impl Facts {
     }
 }
 
+/// Whether stored k-means progress can be resumed: progress of an older
+/// coordinator (candidates without weights, finished rounds without fits) cannot,
+/// and k-means starts over from its initialisation.
+fn kmeans_resumable(p: &pb::StoredProgress) -> bool {
+    p.init_weights.len() as u64 == p.init_candidates && (!p.lloyd_done || !p.fits.is_empty())
+}
+
 /// Runs the phases from where the job is: each skips what is already done.
 pub(super) async fn advance(
     d: &mut Driver<'_>,
@@ -158,6 +175,12 @@ pub(super) async fn advance(
     if facts.ingested.is_none() {
         ingest::run(d, facts).await?;
         d.save(facts);
+    }
+    if let Some(previous) = &facts.plan.previous {
+        // the features are known once ingest has found the extra table's columns
+        let mut names = d.ctx.spec.feature_names();
+        names.extend(crate::extra::feature_names(&facts.ingested().extra_columns));
+        previous.check_features(&names)?;
     }
     if d.placement.is_none() {
         ingest::place(d, facts)?;
@@ -213,4 +236,36 @@ pub fn in_shard_order<T>(
         });
     }
     Ok(by.into_values().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kmeans_progress_of_an_older_coordinator_is_not_resumed() {
+        // an older record: the k initial centroids in init_centroids, no weights
+        let older = pb::StoredProgress {
+            init_done: true,
+            init_centroids: vec![0.0; 12],
+            init_candidates: 61,
+            lloyd_done: true,
+            ..Default::default()
+        };
+        assert!(!kmeans_resumable(&older));
+        let current = pb::StoredProgress {
+            init_done: true,
+            init_centroids: vec![0.0; 6],
+            init_candidates: 3,
+            init_weights: vec![1.0, 2.0, 3.0],
+            fits: vec![pb::StoredFit::default()],
+            lloyd_done: true,
+            ..Default::default()
+        };
+        assert!(kmeans_resumable(&current));
+        assert!(
+            kmeans_resumable(&pb::StoredProgress::default()),
+            "nothing yet"
+        );
+    }
 }

@@ -105,9 +105,6 @@ pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordinato
         .collect();
     let mut names = spec.feature_names();
     names.extend(extra::feature_names(extra_columns));
-    if let Some(previous) = &facts.plan.previous {
-        previous.check_features(&names)?;
-    }
     facts.scaled = Some(Scaled {
         dims,
         factors,

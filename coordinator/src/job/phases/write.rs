@@ -26,35 +26,7 @@ pub async fn run(
     let spec = &ctx.spec;
     ctx.state.config.metrics.phases(&d.times);
     let (ingested, loaded, scaled) = (facts.ingested(), facts.loaded(), facts.scaled());
-    let kmeans = match (&facts.plan.model, &facts.init, &facts.chosen) {
-        (None, Some(init), Some(chosen)) => output::KmeansFacts {
-            k: chosen.k,
-            iterations: chosen.fit.inertia.len() as u32,
-            converged: chosen.fit.converged,
-            inertia: fin.summary.inertia,
-            inertia_per_iteration: chosen.fit.inertia.clone(),
-            candidates: init.count,
-            init_rounds: INIT_ROUNDS,
-            reseeded_clusters: chosen.fit.reseeds,
-            starts: chosen.start_inertia.len() as u32,
-            chosen_start: chosen.fit.start,
-            start_inertia: chosen.start_inertia.clone(),
-        },
-        // a fold-in: the model's centroids, nothing fitted
-        _ => output::KmeansFacts {
-            k: fin.summary.segments.len(),
-            iterations: 0,
-            converged: true,
-            inertia: fin.summary.inertia,
-            inertia_per_iteration: Vec::new(),
-            candidates: 0,
-            init_rounds: INIT_ROUNDS,
-            reseeded_clusters: 0,
-            starts: 0,
-            chosen_start: 0,
-            start_inertia: Vec::new(),
-        },
-    };
+    let kmeans = kmeans_facts(facts, fin.summary.inertia, fin.summary.segments.len());
     let mut report = Report::new(
         ctx.output_job(),
         &ingested.rows,
@@ -124,4 +96,37 @@ pub async fn run(
     .await?;
     info!(output = %output.url(), seconds = d.started.elapsed().as_secs_f64(), "outputs written");
     Ok(())
+}
+
+/// The k-means figures of the report: the chosen fit's, or (a fold-in) none.
+fn kmeans_facts(facts: &Facts, inertia: f64, segments: usize) -> output::KmeansFacts {
+    match (&facts.plan.model, &facts.init, &facts.chosen) {
+        (None, Some(init), Some(chosen)) => output::KmeansFacts {
+            k: chosen.k,
+            iterations: chosen.fit.inertia.len() as u32,
+            converged: chosen.fit.converged,
+            inertia,
+            inertia_per_iteration: chosen.fit.inertia.clone(),
+            candidates: init.count,
+            init_rounds: INIT_ROUNDS,
+            reseeded_clusters: chosen.fit.reseeds,
+            starts: chosen.start_inertia.len() as u32,
+            chosen_start: chosen.fit.start,
+            start_inertia: chosen.start_inertia.clone(),
+        },
+        // a fold-in: the model's centroids, nothing fitted
+        _ => output::KmeansFacts {
+            k: segments,
+            iterations: 0,
+            converged: true,
+            inertia,
+            inertia_per_iteration: Vec::new(),
+            candidates: 0,
+            init_rounds: INIT_ROUNDS,
+            reseeded_clusters: 0,
+            starts: 0,
+            chosen_start: 0,
+            start_inertia: Vec::new(),
+        },
+    }
 }
