@@ -39,9 +39,9 @@ pub enum CoordinatorError {
         allowed: String,
     },
     #[error(
-        "segments.k asks for {k} segments (its largest candidate) but the input has only {users} users: lower k or add data"
+        "segments.k = {k} asks for up to {largest} segments but the input has only {users} users: lower k or add data"
     )]
-    TooFewUsers { k: u32, users: u64 },
+    TooFewUsers { k: String, largest: u32, users: u64 },
     #[error("output.path `{url}` is a file; it must be a folder (or a prefix in an object store)")]
     OutputIsFile { url: String },
     #[error("{object}: cannot read the Parquet footer: {source}")]

@@ -110,7 +110,8 @@ pub async fn run(d: &mut Driver<'_>, facts: &mut Facts) -> Result<(), Coordinato
     let k = model.map_or(spec.segments.k.max() as usize, |m| m.k);
     if model.is_none() && users < k as u64 {
         return Err(CoordinatorError::TooFewUsers {
-            k: spec.segments.k.max(),
+            k: spec.segments.k.to_string(),
+            largest: spec.segments.k.max(),
             users,
         });
     }
