@@ -352,19 +352,40 @@ fn init_tracing(format: LogFormat, filter: &str) {
 }
 
 /// A command whose output is piped into another that stops reading (`shoal jobs |
-/// head -1`) ends quietly, as other command-line tools do, rather than failing
-/// on its next line of output. The servers keep Rust's default (a closed pipe is
-/// an error they log past).
+/// head -1`) ends quietly, as other command-line tools do (killed by SIGPIPE),
+/// rather than failing on its next line of output. Only a write to the closed
+/// standard output or error does that: SIGPIPE itself stays ignored (Rust's
+/// default), so a write to any other closed pipe or socket (the in-process
+/// workers' connections while they shut down) is an error the code handles, not
+/// the end of the process. The servers keep the default panic.
 #[cfg(unix)]
 fn end_quietly_on_a_closed_pipe(command: &Command) {
-    if !matches!(
+    if matches!(
         command,
         Command::Coordinator { .. } | Command::Worker { .. }
     ) {
-        // SAFETY: restoring a signal's default disposition, before any thread
-        // runs; sockets write with MSG_NOSIGNAL and never raise it.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        return;
     }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        let printing = message.starts_with("failed printing to std");
+        if printing && message.contains("Broken pipe") {
+            // SAFETY: setting SIGPIPE's default disposition and raising it ends
+            // the process as a closed pipe ends other tools; no Rust state is
+            // touched, and nothing runs after it.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+        default(info);
+    }));
 }
 
 fn main() -> ExitCode {
