@@ -4,6 +4,7 @@
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shoal_proto::pb::{JobState, JobStatus, PhaseTiming};
+use shoal_report::int;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -37,19 +38,6 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// `1234567` -> `1,234,567`
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// A duration for people: `850 ms`, `12.3 s`, `4 min 05 s`, `2 h 07 min`.
@@ -117,7 +105,7 @@ pub fn phase_detail(s: &JobStatus, t: &PhaseTiming) -> String {
     let running = t.finished_unix_ms == 0;
     match t.phase.as_str() {
         "ingest" => {
-            let mut text = format!("{} rows", thousands(t.rows));
+            let mut text = format!("{} rows", int(t.rows));
             if running && s.bytes_total > 0 {
                 text.push_str(&format!(
                     " · {} / {} MB",
@@ -139,9 +127,9 @@ pub fn phase_detail(s: &JobStatus, t: &PhaseTiming) -> String {
             text
         }
         "als" if running && s.iteration > 0 => {
-            format!("iteration {} · {} users", s.iteration, thousands(t.rows))
+            format!("iteration {} · {} users", s.iteration, int(t.rows))
         }
-        _ if t.rows > 0 => format!("{} users", thousands(t.rows)),
+        _ if t.rows > 0 => format!("{} users", int(t.rows)),
         _ => String::new(),
     }
 }
@@ -493,11 +481,11 @@ mod tests {
 
     #[test]
     fn numbers_durations_and_dates_for_people() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(541_909), "541,909");
-        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(int(0), "0");
+        assert_eq!(int(999), "999");
+        assert_eq!(int(1000), "1,000");
+        assert_eq!(int(541_909), "541,909");
+        assert_eq!(int(1_234_567), "1,234,567");
         assert_eq!(duration(-5), "0 ms");
         assert_eq!(duration(850), "850 ms");
         assert_eq!(duration(12_345), "12.3 s");

@@ -534,7 +534,7 @@ async fn a_log_without_money_segments_on_als_factors_alone() {
                 .downcast_ref::<arrow::array::TimestampMillisecondArray>()
                 .unwrap();
             for i in 0..b.num_rows() {
-                let t = chrono_free_iso(times.value(i));
+                let t = iso(times.value(i) as f64 / 86_400_000.0);
                 csv.push_str(&format!("{},{},{t}\n", users.value(i), items.value(i)));
             }
         }
@@ -601,26 +601,4 @@ shards = 4
     assert!(segments.iter().all(|s| s["name"].is_string()));
     assert!(segments.iter().all(|s| s.get("m_score_mean").is_none()));
     assert!(out.join("report.html").exists());
-}
-
-/// Milliseconds since the epoch as an ISO-8601 UTC date-time.
-fn chrono_free_iso(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // civil date from days since 1970-01-01 (Howard Hinnant's algorithm)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }

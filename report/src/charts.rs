@@ -309,11 +309,15 @@ pub(crate) fn sizes(page: &Page) -> Result<String, DrawErr> {
             note: format!("{} ({})", int(s.size), pct(s.share)),
         })
         .collect();
-    let h = bars_height(bars.len());
-    svg(HALF, h, "Customers per segment", |root| {
+    half_bars("Customers", "Customers per segment", &bars)
+}
+
+/// A half-width chart of one bar per segment, titled `title` (`alt` for the svg).
+fn half_bars(title: &'static str, alt: &str, bars: &[Bar]) -> Result<String, DrawErr> {
+    svg(HALF, bars_height(bars.len()), alt, |root| {
         let spec = Bars {
-            title: "Customers",
-            bars: &bars,
+            title,
+            bars,
             label_px: 182,
             reference: None,
             x_desc: "",
@@ -340,19 +344,7 @@ pub(crate) fn revenue(page: &Page) -> Result<String, DrawErr> {
             },
         })
         .collect();
-    let h = bars_height(bars.len());
-    svg(HALF, h, "Revenue per segment", |root| {
-        let spec = Bars {
-            title: "Revenue",
-            bars: &bars,
-            label_px: 182,
-            reference: None,
-            x_desc: "",
-            tick: &short,
-            headroom: 1.55,
-        };
-        draw_bars(root, &spec)
-    })
+    half_bars("Revenue", "Revenue per segment", &bars)
 }
 
 /// Each segment's recency, frequency and monetary mean as a multiple of the mean

@@ -21,8 +21,12 @@ pub use model::{
     GridCell, ItemView, KChoice, KRow, MapView, Migration, Page, Rfm, ScoreRow, SegmentView,
 };
 
+/// A count with thousands separators (1234567 -> "1,234,567"), as the page and
+/// the CLI write counts.
+pub use format::int;
+
 use charts::DrawErr;
-use format::{esc, int};
+use format::esc;
 
 /// A report that could not be produced.
 #[derive(Debug, thiserror::Error)]

@@ -477,7 +477,7 @@ fn chrono_free_epoch_days(y: i64, m: i64, d: i64) -> i64 {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` of fractional days since the epoch.
-fn iso(days: f64) -> String {
+pub fn iso(days: f64) -> String {
     let secs = (days * 86_400.0).round() as i64;
     let day = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
